@@ -1,0 +1,1 @@
+"""Triton kernels behind the CUDA paths of the packkv ops, each beside its launcher."""

@@ -1,0 +1,207 @@
+"""The ``packkv`` torch.library ops: schemas, fake implementations and device dispatch, in one place.
+
+Public ops (``torch.ops.packkv.*``):
+
+* ``append_``    add tokens to a layer's storage, compressing ``n_flush`` blocks (mutates the storage);
+* ``decompress`` K/V of the stored tokens in original order, ``out_len`` long;
+* ``attention``  ``scaled_dot_product_attention`` of queries over the stored tokens, never materialising K/V.
+
+Each is a ``triton_op``: on CUDA tensors the body launches Triton kernels through ``wrap_triton`` (so Inductor
+sees and inlines them); on CPU tensors it calls an opaque reference op (``packkv::_*_reference``) whose body is
+``reference.py``. Storage tensors come first, in ``storage.STORAGE_FIELDS`` order, then the static layout
+parameters ``(k_rel, k_grouping, v_rel, v_grouping, pack_size, repack)``; block size, window, heads and
+head_dim are read off the tensor shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.library import custom_op, triton_op
+
+from . import reference
+from .layout import Layout, StreamLayout
+from .storage import STORAGE_FIELDS, PackedLayer
+
+MUTATED_BY_APPEND = tuple(f for f in STORAGE_FIELDS)
+
+
+def layout_of(ring_k: Tensor, perm: Tensor, k_rel: float, k_grouping: int, v_rel: float, v_grouping: int,
+              pack_size: int, repack: int) -> Layout:  # fmt: skip
+    block = perm.shape[-1]
+    return Layout(
+        num_heads=ring_k.shape[1],
+        head_dim=ring_k.shape[3],
+        block_size=block,
+        pack_size=pack_size,
+        window=ring_k.shape[2] - block,
+        repack=repack,
+        k=StreamLayout(k_rel, k_grouping),
+        v=StreamLayout(v_rel, v_grouping),
+    )
+
+
+def _storage(args: tuple[Tensor, ...], spec: tuple) -> PackedLayer:
+    d = dict(zip(STORAGE_FIELDS, args))
+    return PackedLayer(layout=layout_of(d["ring_k"], d["perm"], *spec), **d)
+
+
+def _is_cuda(t: Tensor) -> bool:
+    return t.device.type == "cuda"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# append_
+# ---------------------------------------------------------------------------------------------------------------
+@custom_op("packkv::_append_reference_", mutates_args=MUTATED_BY_APPEND, device_types="cpu")
+def _append_reference_(
+    pool: Tensor, cursor: Tensor,
+    k_meta: Tensor, k_offsets: Tensor, k_scale: Tensor, k_zero: Tensor,
+    v_meta: Tensor, v_offsets: Tensor, v_scale: Tensor, v_zero: Tensor,
+    perm: Tensor, ring_k: Tensor, ring_v: Tensor, n_blocks: Tensor, n_win: Tensor,
+    new_k: Tensor, new_v: Tensor, n_flush: int,
+    k_rel: float, k_grouping: int, v_rel: float, v_grouping: int, pack_size: int, repack: int,
+) -> None:  # fmt: skip
+    args = (pool, cursor, k_meta, k_offsets, k_scale, k_zero, v_meta, v_offsets, v_scale, v_zero, perm,
+            ring_k, ring_v, n_blocks, n_win)  # fmt: skip
+    spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack)
+    reference.append_(_storage(args, spec), new_k, new_v, n_flush)
+
+
+@_append_reference_.register_fake
+def _(*args, **kwargs) -> None:
+    return None
+
+
+@triton_op("packkv::append_", mutates_args=MUTATED_BY_APPEND)
+def append_(
+    pool: Tensor, cursor: Tensor,
+    k_meta: Tensor, k_offsets: Tensor, k_scale: Tensor, k_zero: Tensor,
+    v_meta: Tensor, v_offsets: Tensor, v_scale: Tensor, v_zero: Tensor,
+    perm: Tensor, ring_k: Tensor, ring_v: Tensor, n_blocks: Tensor, n_win: Tensor,
+    new_k: Tensor, new_v: Tensor, n_flush: int,
+    k_rel: float, k_grouping: int, v_rel: float, v_grouping: int, pack_size: int, repack: int,
+) -> None:  # fmt: skip
+    args = (pool, cursor, k_meta, k_offsets, k_scale, k_zero, v_meta, v_offsets, v_scale, v_zero, perm,
+            ring_k, ring_v, n_blocks, n_win)  # fmt: skip
+    spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack)
+    _check_new(ring_k, new_k, new_v)
+    if _is_cuda(pool):
+        from .kernels import gpu
+
+        gpu.append_(_storage(args, spec), new_k, new_v, n_flush)
+    else:
+        torch.ops.packkv._append_reference_(*args, new_k, new_v, n_flush, *spec)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decompress
+# ---------------------------------------------------------------------------------------------------------------
+@custom_op("packkv::_decompress_reference", mutates_args=(), device_types="cpu")
+def _decompress_reference(
+    pool: Tensor, cursor: Tensor,
+    k_meta: Tensor, k_offsets: Tensor, k_scale: Tensor, k_zero: Tensor,
+    v_meta: Tensor, v_offsets: Tensor, v_scale: Tensor, v_zero: Tensor,
+    perm: Tensor, ring_k: Tensor, ring_v: Tensor, n_blocks: Tensor, n_win: Tensor,
+    out_len: int,
+    k_rel: float, k_grouping: int, v_rel: float, v_grouping: int, pack_size: int, repack: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    args = (pool, cursor, k_meta, k_offsets, k_scale, k_zero, v_meta, v_offsets, v_scale, v_zero, perm,
+            ring_k, ring_v, n_blocks, n_win)  # fmt: skip
+    spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack)
+    return reference.decompress(_storage(args, spec), out_len)
+
+
+@_decompress_reference.register_fake
+def _(pool, cursor, k_meta, k_offsets, k_scale, k_zero, v_meta, v_offsets, v_scale, v_zero, perm, ring_k, ring_v,
+      n_blocks, n_win, out_len, *spec):  # fmt: skip
+    B, H, _, D = ring_k.shape
+    return ring_k.new_empty(B, H, out_len, D), ring_v.new_empty(B, H, out_len, D)
+
+
+@triton_op("packkv::decompress", mutates_args=())
+def decompress(
+    pool: Tensor, cursor: Tensor,
+    k_meta: Tensor, k_offsets: Tensor, k_scale: Tensor, k_zero: Tensor,
+    v_meta: Tensor, v_offsets: Tensor, v_scale: Tensor, v_zero: Tensor,
+    perm: Tensor, ring_k: Tensor, ring_v: Tensor, n_blocks: Tensor, n_win: Tensor,
+    out_len: int,
+    k_rel: float, k_grouping: int, v_rel: float, v_grouping: int, pack_size: int, repack: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    args = (pool, cursor, k_meta, k_offsets, k_scale, k_zero, v_meta, v_offsets, v_scale, v_zero, perm,
+            ring_k, ring_v, n_blocks, n_win)  # fmt: skip
+    spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack)
+    if _is_cuda(pool):
+        from .kernels import gpu
+
+        return gpu.decompress(_storage(args, spec), out_len)
+    return torch.ops.packkv._decompress_reference(*args, out_len, *spec)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------------------------
+@custom_op("packkv::_attention_reference", mutates_args=(), device_types="cpu")
+def _attention_reference(
+    q: Tensor,
+    pool: Tensor, cursor: Tensor,
+    k_meta: Tensor, k_offsets: Tensor, k_scale: Tensor, k_zero: Tensor,
+    v_meta: Tensor, v_offsets: Tensor, v_scale: Tensor, v_zero: Tensor,
+    perm: Tensor, ring_k: Tensor, ring_v: Tensor, n_blocks: Tensor, n_win: Tensor,
+    out_len: int, mask: Tensor | None, is_causal: bool, scale: float | None,
+    k_rel: float, k_grouping: int, v_rel: float, v_grouping: int, pack_size: int, repack: int,
+) -> Tensor:  # fmt: skip
+    args = (pool, cursor, k_meta, k_offsets, k_scale, k_zero, v_meta, v_offsets, v_scale, v_zero, perm,
+            ring_k, ring_v, n_blocks, n_win)  # fmt: skip
+    spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack)
+    return reference.attention(q, _storage(args, spec), out_len, mask, is_causal, scale).contiguous()
+
+
+@_attention_reference.register_fake
+def _(q, *args, **kwargs):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@triton_op("packkv::attention", mutates_args=())
+def attention(
+    q: Tensor,
+    pool: Tensor, cursor: Tensor,
+    k_meta: Tensor, k_offsets: Tensor, k_scale: Tensor, k_zero: Tensor,
+    v_meta: Tensor, v_offsets: Tensor, v_scale: Tensor, v_zero: Tensor,
+    perm: Tensor, ring_k: Tensor, ring_v: Tensor, n_blocks: Tensor, n_win: Tensor,
+    out_len: int, mask: Tensor | None, is_causal: bool, scale: float | None,
+    k_rel: float, k_grouping: int, v_rel: float, v_grouping: int, pack_size: int, repack: int,
+) -> Tensor:  # fmt: skip
+    args = (pool, cursor, k_meta, k_offsets, k_scale, k_zero, v_meta, v_offsets, v_scale, v_zero, perm,
+            ring_k, ring_v, n_blocks, n_win)  # fmt: skip
+    spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack)
+    _check_query(q, ring_k)
+    if _is_cuda(pool):
+        from .kernels import gpu
+
+        return gpu.attention(q, _storage(args, spec), out_len, mask, is_causal, scale)
+    return torch.ops.packkv._attention_reference(q, *args, out_len, mask, is_causal, scale, *spec)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# argument checks (shapes only: they cost nothing inside a compiled graph)
+# ---------------------------------------------------------------------------------------------------------------
+def _check_new(ring_k: Tensor, new_k: Tensor, new_v: Tensor) -> None:
+    B, H, _, D = ring_k.shape
+    for name, t in (("new keys", new_k), ("new values", new_v)):
+        if t.dim() != 4 or t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
+            raise ValueError(f"{name} have shape {tuple(t.shape)}; this layer stores [batch={B}, heads={H}, *, head_dim={D}]")
+        if t.dtype != ring_k.dtype:
+            raise ValueError(f"{name} have dtype {t.dtype}; this layer stores {ring_k.dtype}")
+        if t.device != ring_k.device:
+            raise ValueError(f"{name} are on {t.device}; this layer lives on {ring_k.device}")
+    if new_k.shape != new_v.shape:
+        raise ValueError(f"new keys {tuple(new_k.shape)} and values {tuple(new_v.shape)} differ in shape")
+
+
+def _check_query(q: Tensor, ring_k: Tensor) -> None:
+    B, H, _, D = ring_k.shape
+    if q.dim() != 4 or q.shape[0] != B or q.shape[3] != D or q.shape[1] % H:
+        raise ValueError(
+            f"query of shape {tuple(q.shape)} does not fit a layer of batch {B}, {H} KV heads, head_dim {D}"
+        )
