@@ -41,8 +41,8 @@ def read_fields(words: torch.Tensor, pos: torch.Tensor, width: torch.Tensor) -> 
     read as zero).
     """
     w64 = words.reshape(-1).to(torch.int64) & MASK32
-    w64 = torch.cat([w64, w64.new_zeros(1)])
-    pos = pos.to(torch.int64)
+    w64 = torch.cat([w64, w64.new_zeros(2)])
+    pos = torch.where(width > 0, pos.to(torch.int64), 0)  # zero-width fields read nothing
     widx = pos >> 5
     sh = pos & 31
     lo = w64[widx]

@@ -1,0 +1,128 @@
+"""The packkv ops: registered schemas that pass opcheck, SDPA semantics, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import fill, n_tokens, spec
+
+from packkv.ops import Layout, PackedLayer, PackKVConfig
+from packkv.ops.reference import decompress_fp32
+
+CFG = PackKVConfig(block_size=32, window=64)
+
+
+def layer_with(tokens: int, batch: int = 2, heads: int = 2, dim: int = 64, dtype=torch.bfloat16, cfg=CFG):
+    k = torch.randn(batch, heads, tokens, dim).to(dtype)
+    v = torch.randn(batch, heads, tokens, dim).to(dtype)
+    return fill(cfg, k, v, block_capacity=tokens // cfg.block_size + 2), k, v
+
+
+# ---- opcheck ---------------------------------------------------------------------------------------------------
+def test_opcheck_append_without_and_with_a_flush():
+    layer, _, _ = layer_with(40, cfg=CFG)  # 40 exact tokens: room for more before a flush
+    new = torch.randn(2, 2, 1, 64).bfloat16()
+    torch.library.opcheck(torch.ops.packkv.append_, (*layer.tensors(), new, new.clone(), 0, *spec(layer.layout)))
+    # A full ring: each opcheck sub-test must run on its own fresh copy, since the op checks n_flush.
+    layer, _, _ = layer_with(CFG.window + CFG.block_size - 1)
+    state = [t.clone() for t in layer.tensors()]
+    for test in ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic", "test_autograd_registration"):
+        args = (*[t.clone() for t in state], new, new.clone(), 1, *spec(layer.layout))
+        torch.library.opcheck(torch.ops.packkv.append_, args, test_utils=test)
+
+
+def test_opcheck_decompress_and_attention():
+    layer, _, _ = layer_with(150)
+    n = n_tokens(layer)
+    torch.library.opcheck(torch.ops.packkv.decompress, (*layer.tensors(), n + 5, *spec(layer.layout)))
+    q = torch.randn(2, 4, 1, 64).bfloat16()
+    mask = torch.rand(2, 1, 1, n) > 0.2
+    for m in (None, mask):
+        args = (q, *layer.tensors(), n, m, False, None, *spec(layer.layout))
+        torch.library.opcheck(torch.ops.packkv.attention, args)
+
+
+# ---- semantics -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_rep", [1, 4, 8])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_equals_sdpa_over_the_dequantized_cache(n_rep, masked):
+    layer, _, _ = layer_with(200, heads=2, dtype=torch.float16)
+    # Ragged batch: the second sequence is one block and a few tokens shorter.
+    layer.n_blocks[1] -= 1
+    layer.n_win[1] -= 5
+    out_len = n_tokens(layer) + 7  # positions past a sequence's end are zero keys, as decompress returns them
+    q = torch.randn(2, 2 * n_rep, 3, 64, dtype=torch.float16)
+    mask = (torch.rand(2, 1, 3, out_len) > 0.3) if masked else None
+    out = torch.ops.packkv.attention(q, *layer.tensors(), out_len, mask, False, 0.3, *spec(layer.layout))
+    k, v = decompress_fp32(layer, out_len)
+    ref = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-3, atol=2e-3)
+    assert out.dtype == q.dtype and out.shape == q.shape
+
+
+def test_attention_is_causal_follows_sdpa_top_left_alignment():
+    layer, _, _ = layer_with(100, heads=1)
+    n = n_tokens(layer)
+    q = torch.randn(2, 1, 5, 64).bfloat16()
+    out = torch.ops.packkv.attention(q, *layer.tensors(), n, None, True, None, *spec(layer.layout))
+    k, v = decompress_fp32(layer, n)
+    ref = F.scaled_dot_product_attention(q.float(), k, v, is_causal=True)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_decompress_returns_the_window_exactly_and_zeros_past_the_end():
+    layer, k, v = layer_with(130)
+    n = n_tokens(layer)
+    dk, dv = torch.ops.packkv.decompress(*layer.tensors(), n + 4, *spec(layer.layout))
+    ncomp = int(layer.n_blocks[0]) * CFG.block_size
+    assert torch.equal(dk[:, :, ncomp:n], k[:, :, ncomp:]) and torch.equal(dv[:, :, ncomp:n], v[:, :, ncomp:])
+    assert torch.all(dk[:, :, n:] == 0) and dk.dtype == k.dtype
+    with pytest.raises(ValueError, match="shorter"):
+        torch.ops.packkv.decompress(*layer.tensors(), n - 1, *spec(layer.layout))
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("which", ["k", "v"])
+def test_non_finite_input_is_rejected_before_anything_is_stored(bad, which):
+    layer, _, _ = layer_with(CFG.window + CFG.block_size - 1)  # the next token triggers a compression
+    before = [t.clone() for t in layer.tensors()]
+    new_k, new_v = torch.randn(2, 2, 1, 64).bfloat16(), torch.randn(2, 2, 1, 64).bfloat16()
+    (new_k if which == "k" else new_v)[1, 0, 0, 3] = bad
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        torch.ops.packkv.append_(*layer.tensors(), new_k, new_v, 1, *spec(layer.layout))
+    for a, b in zip(before, layer.tensors()):
+        assert torch.equal(a, b)
+
+
+def test_unsupported_head_dim_and_dtype_are_named():
+    with pytest.raises(ValueError, match="head_dim 96"):
+        Layout.from_config(CFG, 2, 96)
+    lay = Layout.from_config(CFG, 2, 64)
+    with pytest.raises(ValueError, match="dtype torch.int8"):
+        PackedLayer.empty(lay, 1, torch.int8, "cpu", 2, 100)
+
+
+def test_mismatched_shapes_are_named():
+    layer, _, _ = layer_with(10)
+    sp = spec(layer.layout)
+    good = torch.randn(2, 2, 1, 64).bfloat16()
+    for bad, what in (
+        (torch.randn(2, 3, 1, 64).bfloat16(), "shape"),
+        (torch.randn(2, 2, 1, 128).bfloat16(), "shape"),
+        (torch.randn(2, 2, 1, 64).half(), "dtype"),
+    ):
+        with pytest.raises(ValueError, match=what):
+            torch.ops.packkv.append_(*layer.tensors(), bad, good, 0, *sp)
+    with pytest.raises(ValueError, match="differ in shape"):
+        torch.ops.packkv.append_(*layer.tensors(), good, torch.randn(2, 2, 2, 64).bfloat16(), 0, *sp)
+    with pytest.raises(ValueError, match="query"):
+        torch.ops.packkv.attention(torch.randn(2, 3, 1, 64).bfloat16(), *layer.tensors(), 10, None, False, None, *sp)
+
+
+def test_wrong_flush_count_is_refused():
+    layer, _, _ = layer_with(10)
+    new = torch.randn(2, 2, 1, 64).bfloat16()
+    with pytest.raises(ValueError, match="n_flush"):
+        torch.ops.packkv.append_(*layer.tensors(), new, new, 1, *spec(layer.layout))
