@@ -1,5 +1,11 @@
-"""PackKV: a lossy, error-bounded, bit-packed KV cache with fused decode attention on the packed bytes."""
+"""PackKV: a lossy, error-bounded, bit-packed KV cache with fused decode attention on the packed bytes.
 
+    import packkv
+    cfg = packkv.PackKVConfig(k_rel=0.1, v_rel=0.2)
+    out = model.generate(ids, past_key_values=packkv.PackKVCache(cfg))
+"""
+
+from packkv.models import PackKVCache
 from packkv.ops.config import PackKVConfig
 
-__all__ = ["PackKVConfig"]
+__all__ = ["PackKVConfig", "PackKVCache"]

@@ -1,0 +1,308 @@
+"""PackKVCache: a transformers ``Cache`` whose layers hold a packed K/V store.
+
+Each ``PackKVLayer`` owns one ``PackedLayer`` (``packkv.ops.storage``): the exact ring of recent tokens and the
+compressed blocks. ``update`` appends through ``torch.ops.packkv.append_`` and hands K/V back through
+``torch.ops.packkv.decompress``, so every attention implementation is correct in eager mode; under
+``packkv.compile`` the FX rewrite turns attention over those outputs into ``torch.ops.packkv.attention``.
+
+Host bookkeeping: every sequence of a batch holds the same number of tokens (left padding is masked by
+position, like any cache), so the layer mirrors its token counts as Python ints. That tells it, without
+reading the GPU, how many blocks each call compresses and how much storage may be needed. Storage grows
+geometrically, outside compiled steps; the only host sync is reading the pool cursor when its worst-case
+bound would overflow.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from packkv.ops import Layout, PackedLayer, PackKVConfig
+from packkv.ops.accounting import exact_bytes
+from packkv.ops.quantize import check_finite
+from packkv.ops.reference import flush_count
+
+log = logging.getLogger(__name__)
+
+BLOCK_GROWTH = 2.0  # block capacity doubles: few reallocations, and few recompiles of a compiled step
+POOL_GROWTH = 1.5
+MIN_BLOCKS = 4
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class PackKVLayer(CacheLayerMixin):
+    """One layer: exact ring + packed blocks, grown on demand."""
+
+    is_sliding = False
+    is_croppable = True
+    is_compileable = False  # set by packkv.compile, which also drives `prepare_step` around compiled steps
+
+    def __init__(self, config: PackKVConfig | None = None, **kwargs):
+        super().__init__()
+        self.config = config or PackKVConfig()
+        self.storage: PackedLayer | None = None
+        self.n_blocks = 0  # host mirrors of the storage's per-sequence counters (equal for every sequence)
+        self.n_win = 0
+        self.n_flush = 0  # blocks the next append compresses (set by plan_step)
+        self._pool_bound = 0  # an upper bound of the pool words in use, without reading the GPU
+
+    # ---- Cache layer contract ---------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        layout = Layout.from_config(self.config, H, D)
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.storage = PackedLayer.empty(
+            layout, B, key_states.dtype, key_states.device, MIN_BLOCKS, self._worst_words(layout, B, MIN_BLOCKS)
+        )
+        self.is_initialized = True
+        self._mark_static()
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            if _is_compiling():
+                raise RuntimeError("a PackKV layer must be initialized (by an eager prefill) before a compiled step")
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        compiling = _is_compiling()
+        if compiling:
+            # prepare_step ran outside the graph: n_flush and the capacity are constants of this graph.
+            out_len = self.token_capacity
+        else:
+            check_finite("new keys", key_states)
+            check_finite("new values", value_states)
+            self.plan_step(new, key_states.shape[0])
+            out_len = self.tokens + new
+        st = self.storage
+        lay = st.layout
+        spec = _spec(lay)
+        torch.ops.packkv.append_(*st.tensors(), key_states, value_states, self.n_flush, *spec)
+        if not compiling:
+            self.commit_step(new)
+        keys, values = torch.ops.packkv.decompress(*st.tensors(), out_len, *spec)
+        if new > lay.window:  # a prefill whose own tokens were compressed: its attention sees them exact
+            keys[:, :, out_len - new : out_len] = key_states
+            values[:, :, out_len - new : out_len] = value_states
+        return keys, values
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per sequence."""
+        return self.n_blocks * self.config.block_size + self.n_win
+
+    def plan_step(self, new_tokens: int, batch: int | None = None) -> None:
+        """Before an update of ``new_tokens`` tokens: how many blocks it compresses, and room for them."""
+        st = self.storage
+        if batch is not None and batch != st.batch:
+            raise ValueError(f"this cache holds {st.batch} sequences but {batch} were passed")
+        self.n_flush = flush_count(self.n_win, new_tokens, st.layout)
+        self._ensure_capacity(self.n_blocks + self.n_flush, self.n_flush)
+
+    def commit_step(self, new_tokens: int) -> None:
+        """After the update: advance the host mirrors as the op advanced the device counters."""
+        self.n_blocks += self.n_flush
+        self.n_win += new_tokens - self.n_flush * self.config.block_size
+
+    def prepare_step(self, new_tokens: int) -> None:
+        """Host bookkeeping for a compiled step (which cannot do it itself): plan and commit."""
+        self.plan_step(new_tokens)
+        self.commit_step(new_tokens)
+
+    def get_seq_length(self) -> int | torch.Tensor:
+        if not self.is_initialized:
+            return 0
+        if _is_compiling():  # a device value: a Python int here would recompile the graph every step
+            st = self.storage
+            return st.n_blocks[0] * st.layout.block_size + st.n_win[0]
+        return self.tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if _is_compiling():
+            return self.token_capacity, 0
+        return self.tokens + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.storage.n_blocks.zero_()
+            self.storage.n_win.zero_()
+            self.storage.cursor.zero_()
+        self.n_blocks = self.n_win = self.n_flush = self._pool_bound = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select(torch.arange(self.storage.batch, device=self.device).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the newest tokens: ``-n`` removes n tokens; a positive value is the length to keep (legacy)."""
+        if not self.is_initialized:
+            return
+        tokens_to_remove = int(tokens_to_remove)  # assisted decoding passes a 0-d tensor
+        keep = tokens_to_remove if tokens_to_remove > 0 else self.tokens + tokens_to_remove
+        keep = max(0, min(keep, self.tokens))
+        if keep == self.tokens:
+            return
+        st = self.storage
+        T, S = st.layout.block_size, st.layout.ring_size
+        if keep >= self.n_blocks * T:
+            st.n_win.fill_(keep - self.n_blocks * T)
+            self.n_win = keep - self.n_blocks * T
+        else:
+            # Blocks past `keep` are dropped; the kept part of the last one returns to the ring (its values
+            # are the decompressed ones: they were already quantized).
+            kb = keep // T
+            if keep > kb * T:
+                k, v = torch.ops.packkv.decompress(*st.tensors(), self.tokens, *_spec(st.layout))
+                pos = torch.arange(kb * T, keep, device=self.device)
+                st.ring_k[:, :, pos % S] = k[:, :, kb * T : keep]
+                st.ring_v[:, :, pos % S] = v[:, :, kb * T : keep]
+            st.n_blocks.fill_(kb)
+            st.n_win.fill_(keep - kb * T)
+            self.n_blocks, self.n_win = kb, keep - kb * T
+
+    @property
+    def keys(self) -> torch.Tensor | None:  # transformers helpers read .keys for device/dtype/batch
+        return self.storage.ring_k if self.storage is not None else None
+
+    @keys.setter
+    def keys(self, value) -> None:
+        pass
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self.storage.ring_v if self.storage is not None else None
+
+    @values.setter
+    def values(self, value) -> None:
+        pass
+
+    # ---- capacity -------------------------------------------------------------------------------------------
+    @property
+    def token_capacity(self) -> int:
+        """Length of the K/V handed back in compiled steps: every position the storage can hold."""
+        return self.storage.block_capacity * self.storage.layout.block_size + self.storage.layout.ring_size
+
+    @staticmethod
+    def _worst_words(layout: Layout, batch: int, blocks: int) -> int:
+        per_block = layout.num_heads * (layout.max_chunk_words(layout.k) + layout.max_chunk_words(layout.v))
+        return batch * blocks * per_block
+
+    def _ensure_capacity(self, blocks_needed: int, new_blocks: int) -> None:
+        st = self.storage
+        grow_blocks = blocks_needed > st.block_capacity
+        step_worst = self._worst_words(st.layout, st.batch, new_blocks)
+        if self._pool_bound + step_worst > st.pool_capacity:
+            self._pool_bound = int(st.cursor.item())  # the only host sync: a bound is about to overflow
+        grow_pool = self._pool_bound + step_worst > st.pool_capacity
+        if not (grow_blocks or grow_pool):
+            self._pool_bound += step_worst
+            return
+        if _is_compiling():
+            raise RuntimeError("PackKV storage must grow outside compiled steps (call prepare_step first)")
+        nb = st.block_capacity
+        if grow_blocks:
+            nb = max(blocks_needed, math.ceil(nb * BLOCK_GROWTH), MIN_BLOCKS)
+        pw = st.pool_capacity
+        if grow_pool:
+            pw = max(self._pool_bound + step_worst, math.ceil(pw * POOL_GROWTH))
+        self.storage = st.with_capacity(nb, pw)
+        self._pool_bound += step_worst
+        self._mark_static()
+
+    def _mark_static(self) -> None:
+        # Compiled steps mutate these tensors in place: static addresses let CUDA graphs capture them.
+        if not _is_compiling():
+            for t in self.storage.tensors():
+                torch._dynamo.mark_static_address(t)
+
+    def _select(self, index: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.storage = self.storage.select(index)
+            self._mark_static()
+
+    # ---- accounting -----------------------------------------------------------------------------------------
+    def nbytes(self) -> dict[str, int]:
+        return dict(exact_bytes(self.storage)) if self.is_initialized else {}
+
+
+def _spec(lay: Layout) -> tuple:
+    return (lay.k.rel, lay.k.grouping, lay.v.rel, lay.v.grouping, lay.pack_size, lay.repack)
+
+
+class PackKVCache(Cache):
+    """A transformers ``Cache`` storing K/V compressed and bit-packed by PackKV.
+
+    ``model.generate(ids, past_key_values=PackKVCache(PackKVConfig(k_rel=0.1, v_rel=0.2)))``
+    """
+
+    def __init__(self, config: PackKVConfig | None = None):
+        self.packkv_config = config or PackKVConfig()
+        super().__init__(layer_class_to_replicate=functools.partial(PackKVLayer, self.packkv_config))
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if not _is_compiling():
+            self._check_layers(layer_idx)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _check_layers(self, layer_idx: int) -> None:
+        """Refuse a cache filled by a model with another number of layers."""
+        if layer_idx == 0:
+            held = [layer.tokens for layer in self.layers if layer.is_initialized]
+            if len(set(held)) > 1:
+                raise ValueError(
+                    f"the last forward updated only some of this PackKV cache's {len(held)} layers (token "
+                    f"counts {sorted(set(held))}): it was filled by a model with more layers than this one"
+                )
+            self._tokens_before = held[0] if held else 0
+        elif layer_idx >= len(self.layers) and getattr(self, "_tokens_before", 0) > 0:
+            raise ValueError(
+                f"this PackKV cache holds {len(self.layers)} layers of {self._tokens_before} tokens, but the model "
+                f"updates layer {layer_idx}: it was filled by a model with fewer layers"
+            )
+
+    def prepare_step(self, new_tokens: int) -> None:
+        """Host bookkeeping before a compiled step that adds ``new_tokens`` tokens per sequence."""
+        for layer in self.layers:
+            layer.prepare_step(new_tokens)
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held, summed over layers: ``compressed`` (every byte of the packed blocks), ``window`` (the exact
+        ring's live tokens), their fp16 equivalents, components and token counts (see accounting.exact_bytes)."""
+        total: dict[str, int] = {}
+        for layer in self.layers:
+            for k, v in layer.nbytes().items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    @property
+    def config(self) -> PackKVConfig:
+        return self.packkv_config
+
+    def __repr__(self) -> str:
+        return f"PackKVCache({self.packkv_config}, layers={len(self.layers)})"
+
+
+def cache_storages(cache: PackKVCache) -> list[PackedLayer]:
+    return [layer.storage for layer in cache.layers]
+
+
+__all__ = ["PackKVCache", "PackKVLayer", "cache_storages"]

@@ -1,0 +1,186 @@
+"""PackKVCache in transformers generate(): the whole Cache contract on five architectures."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    DynamicCache,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from packkv import PackKVCache, PackKVConfig
+
+EXACT = PackKVConfig(k_rel=1e-4, v_rel=1e-4)  # fine enough that quantization changes no greedy token here
+SMALL = dict(vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=0, eos_token_id=1, bos_token_id=2)  # fmt: skip
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**SMALL),
+    "mistral": lambda: MistralConfig(**SMALL, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**SMALL),
+    "qwen3": lambda: Qwen3Config(**SMALL, head_dim=64),
+    "phi3": lambda: Phi3Config(**SMALL),
+}
+PROMPT = 250  # more than window + block: the prefill compresses, and decoding compresses again
+
+
+def tiny(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(CONFIGS[arch](), attn_implementation="sdpa").eval()
+
+
+def prompts(batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts, left-padded to a common length (lengths PROMPT, PROMPT-37, PROMPT-90)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 256, (batch, PROMPT), generator=g)
+    mask = torch.ones_like(ids)
+    for b, pad in enumerate([0, 37, 90][:batch]):
+        ids[b, :pad], mask[b, :pad] = 0, 0
+    return ids, mask
+
+
+def generate(model, ids, mask, cache, **kw):
+    return model.generate(
+        input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=False, max_new_tokens=70,
+        min_new_tokens=70, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_tokens_equal_dynamic_cache_when_quantization_is_exact(arch, batch):
+    model = tiny(arch)
+    ids, mask = prompts(batch)
+    ref = generate(model, ids, mask, DynamicCache(config=model.config))
+    cache = PackKVCache(EXACT)
+    out = generate(model, ids, mask, cache)
+    assert torch.equal(out, ref)
+    layer = cache.layers[0]
+    assert layer.n_blocks > 0 and cache.get_seq_length() == PROMPT + 70 - 1
+
+
+@torch.no_grad()
+def teacher_forced_logits(model, ids, cache, prompt):
+    """Logits of every position after `prompt`, decoding one token at a time through `cache`."""
+    model(ids[:, :prompt], past_key_values=cache)
+    out = [model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1] for t in range(prompt, ids.shape[1])]
+    return torch.stack(out, 1)
+
+
+def test_logit_error_is_controlled_by_the_bound():
+    """At the default bounds logits stay close, and the error shrinks in proportion to the bound."""
+    model = tiny("llama")
+    ids = torch.randint(3, 256, (1, PROMPT + 60))
+    exact = teacher_forced_logits(model, ids, DynamicCache(config=model.config), PROMPT)
+    errs = {}
+    for scale in (1.0, 0.25):
+        cfg = PackKVConfig(k_rel=0.1 * scale, v_rel=0.2 * scale)
+        errs[scale] = (teacher_forced_logits(model, ids, PackKVCache(cfg), PROMPT) - exact).abs().max().item()
+    spread = exact.std().item()
+    assert errs[1.0] < 0.25 * spread
+    assert errs[0.25] < 0.5 * errs[1.0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_beam_search_matches_dynamic_cache(arch):
+    model = tiny(arch)
+    ids, mask = prompts(2)
+    kw = dict(num_beams=3, num_return_sequences=2)
+    ref = generate(model, ids, mask, DynamicCache(config=model.config), **kw)
+    assert torch.equal(generate(model, ids, mask, PackKVCache(EXACT), **kw), ref)
+
+
+def test_assisted_decoding_crops_and_matches_dynamic_cache():
+    model, assistant = tiny("llama"), tiny("llama", seed=7)
+    ids, mask = prompts(1)
+    ref = generate(model, ids, mask, DynamicCache(config=model.config), assistant_model=assistant)
+    out = generate(model, ids, mask, PackKVCache(EXACT), assistant_model=assistant)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("remove", [-3, -70, -150])
+def test_crop_then_decode_matches_dynamic_cache(remove):
+    """Cropping inside the window, and back into compressed blocks (their tokens return to the ring)."""
+    model = tiny("llama")
+    ids = torch.randint(3, 256, (1, PROMPT + 40))
+    caches = [DynamicCache(config=model.config), PackKVCache(EXACT)]
+    for c in caches:
+        model(ids, past_key_values=c)
+        c.crop(remove)
+    assert caches[1].get_seq_length() == ids.shape[1] + remove
+    nxt = ids[:, remove : remove + 5] if remove + 5 < 0 else ids[:, remove:]
+    logits = [model(nxt, past_key_values=c).logits for c in caches]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-3, atol=1e-3)
+
+
+def test_batch_select_and_repeat_interleave_match_dynamic_cache():
+    model = tiny("llama")
+    ids, mask = prompts(3)
+    caches = [DynamicCache(config=model.config), PackKVCache(EXACT)]
+    for c in caches:
+        model(ids, attention_mask=mask, past_key_values=c)
+        c.batch_select_indices(torch.tensor([2, 0]))
+        c.batch_repeat_interleave(2)
+    nxt = torch.randint(3, 256, (4, 1))
+    m = torch.cat([mask[[2, 2, 0, 0]], torch.ones(4, 1, dtype=mask.dtype)], 1)
+    logits = [model(nxt, attention_mask=m, past_key_values=c).logits for c in caches]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-3, atol=1e-3)
+
+
+def test_reset_and_deepcopy():
+    model = tiny("llama")
+    ids = torch.randint(3, 256, (1, PROMPT))
+    cache = PackKVCache(EXACT)
+    model(ids, past_key_values=cache)
+    twin = copy.deepcopy(cache)
+    nxt = torch.randint(3, 256, (1, 1))
+    a = model(nxt, past_key_values=cache).logits
+    b = model(nxt, past_key_values=twin).logits
+    assert torch.equal(a, b) and cache.get_seq_length() == twin.get_seq_length() == PROMPT + 1
+    cache.reset()
+    assert cache.get_seq_length() == 0
+    fresh = model(ids, past_key_values=cache).logits
+    torch.testing.assert_close(fresh, model(ids, past_key_values=DynamicCache(config=model.config)).logits,
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+def test_memory_is_the_packed_bytes_plus_bounded_headroom():
+    model = tiny("llama")
+    cache = PackKVCache()
+    model(torch.randint(3, 256, (1, 64 * 40 + 100)), past_key_values=cache)
+    n = cache.nbytes()
+    assert n["compressed_tokens"] == 2 * 64 * 39 and n["window_tokens"] == 2 * (64 * 40 + 100 - 64 * 39)
+    assert n["fp16_compressed"] / n["compressed"] > 3.0
+    # Allocated: packed bytes + the exact ring + growth headroom, far below the fp16 size of the cache.
+    assert n["allocated"] < 0.6 * (n["fp16_compressed"] + n["fp16_window"])
+
+
+def test_cache_of_another_model_is_refused():
+    model = tiny("llama")
+    ids = torch.randint(3, 256, (1, 20))
+
+    def filled():
+        cache = PackKVCache()
+        model(ids, past_key_values=cache)
+        return cache
+
+    def other(**change):
+        return AutoModelForCausalLM.from_config(LlamaConfig(**{**SMALL, **change})).eval()
+
+    with pytest.raises(ValueError, match="heads=2"):
+        other(num_key_value_heads=4)(ids[:, :1], past_key_values=filled())
+    with pytest.raises(ValueError, match="head_dim=64"):
+        other(head_dim=128)(ids[:, :1], past_key_values=filled())
+    with pytest.raises(ValueError, match="fewer layers"):
+        other(num_hidden_layers=3)(ids[:, :1], past_key_values=filled())
+    cache, shallower = filled(), other(num_hidden_layers=1)
+    shallower(ids[:, :1], past_key_values=cache)
+    with pytest.raises(ValueError, match="more layers"):
+        shallower(ids[:, :1], past_key_values=cache)
