@@ -254,8 +254,11 @@ class PackKVCache(Cache):
     ``model.generate(ids, past_key_values=PackKVCache(PackKVConfig(k_rel=0.1, v_rel=0.2)))``
     """
 
-    def __init__(self, config: PackKVConfig | None = None):
+    def __init__(self, config: PackKVConfig | None = None, model=None):
         self.packkv_config = config or PackKVConfig()
+        # Identity of the model that fills the cache (architecture + a hash of its attention-relevant
+        # config), recorded when known so a saved cache can refuse another model.
+        self.model_identity: dict | None = model_identity(model) if model is not None else None
         super().__init__(layer_class_to_replicate=functools.partial(PackKVLayer, self.packkv_config))
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -301,8 +304,29 @@ class PackKVCache(Cache):
         return f"PackKVCache({self.packkv_config}, layers={len(self.layers)})"
 
 
+ATTENTION_CONFIG_KEYS = (
+    "model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
+    "rope_parameters", "rope_theta", "rope_scaling", "partial_rotary_factor", "sliding_window", "vocab_size",
+)  # fmt: skip
+
+
+def model_identity(model) -> dict:
+    """Architecture and a hash of the config fields that shape K/V (so a cache can refuse another model)."""
+    import hashlib
+    import json
+
+    cfg = model.config.to_dict()
+    relevant = {k: cfg.get(k) for k in ATTENTION_CONFIG_KEYS}
+    blob = json.dumps(relevant, sort_keys=True, default=str).encode()
+    return {
+        "architecture": (cfg.get("architectures") or [type(model).__name__])[0],
+        "model_type": cfg.get("model_type"),
+        "config_sha256": hashlib.sha256(blob).hexdigest(),
+    }
+
+
 def cache_storages(cache: PackKVCache) -> list[PackedLayer]:
     return [layer.storage for layer in cache.layers]
 
 
-__all__ = ["PackKVCache", "PackKVLayer", "cache_storages"]
+__all__ = ["PackKVCache", "PackKVLayer", "cache_storages", "model_identity"]

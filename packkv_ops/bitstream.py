@@ -38,18 +38,16 @@ def read_fields(words: torch.Tensor, pos: torch.Tensor, width: torch.Tensor) -> 
     """Fields of ``width`` bits at bit positions ``pos`` of int32 ``words`` (int64 result, same shape as pos).
 
     Positions are indices into the flat ``words``; a field may end in the last word (the word after it is
-    read as zero).
+    read as zero). Zero-width fields read as 0 wherever they point inside the stream.
     """
-    w64 = words.reshape(-1).to(torch.int64) & MASK32
-    w64 = torch.cat([w64, w64.new_zeros(2)])
-    pos = torch.where(width > 0, pos.to(torch.int64), 0)  # zero-width fields read nothing
-    widx = pos >> 5
-    sh = pos & 31
-    lo = w64[widx]
-    hi = w64[widx + 1]
-    both = lo | (hi << 32)
-    mask = (torch.ones_like(pos) << width.to(torch.int64)) - 1
-    return (both >> sh) & mask
+    w = words.reshape(-1).to(torch.int64) & MASK32
+    w = torch.cat([w, w.new_zeros(2)])
+    pairs = w[:-1] | (w[1:] << 32)  # pairs[i]: words i and i+1, so any field is one shift away
+    pos = pos.to(torch.int64)
+    return (pairs[pos >> 5] >> (pos & 31)) & _MASKS.to(pos.device)[width.to(torch.int64)]
+
+
+_MASKS = torch.tensor([(1 << b) - 1 for b in range(33)], dtype=torch.int64)
 
 
 def to_int32(words64: torch.Tensor) -> torch.Tensor:
