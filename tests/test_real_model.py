@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from packkv import PackKVCache, PackKVConfig, real_model
+from packkv.evaluate import teacher_forced_logits
 
 pytestmark = pytest.mark.slow
 CONTEXT, FOLLOW = 1000, 256
@@ -15,17 +16,12 @@ CONTEXT, FOLLOW = 1000, 256
 @pytest.fixture(scope="module")
 def book_ids(smollm):
     _, tok = smollm
-    return tok(real_model.text("sensesensibility.txt"), return_tensors="pt").input_ids[:, : CONTEXT + FOLLOW]
+    return tok(real_model.text("sensesensibility.txt"), return_tensors="pt").input_ids[:, : CONTEXT + FOLLOW + 1]
 
 
-@torch.no_grad()
 def next_token_predictions(model, ids, cache):
-    """Top-1 predictions for positions CONTEXT..CONTEXT+FOLLOW-1, teacher-forced one token at a time."""
-    model(ids[:, :CONTEXT], past_key_values=cache)
-    preds = []
-    for t in range(CONTEXT, CONTEXT + FOLLOW):
-        preds.append(model(ids[:, t : t + 1], past_key_values=cache).logits[0, -1].argmax())
-    return torch.stack(preds)
+    """Top-1 predictions of the FOLLOW tokens after CONTEXT, teacher-forced as decoding would see them."""
+    return teacher_forced_logits(model, ids, CONTEXT, cache)[0].argmax(-1)
 
 
 def test_teacher_forced_top1_agrees_with_the_exact_cache(smollm, book_ids):
