@@ -1,0 +1,126 @@
+"""The CUDA paths (Triton kernels + device-side glue) against the reference, under the Triton interpreter on
+CPU (and natively on a GPU: the same tests run there with -m cuda)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from packkv.ops import Layout, PackedLayer, PackKVConfig, reference
+from packkv.ops.kernels import gpu
+from packkv.ops.reference import flush_count
+
+from conftest import HAS_CUDA
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+LIVE_FIELDS = ("k_meta", "k_offsets", "k_scale", "k_zero", "v_meta", "v_offsets", "v_scale", "v_zero", "perm")
+
+
+def build(cfg: PackKVConfig, steps: list[int], heads=2, dim=64, batch=2, dtype=torch.bfloat16, seed=0):
+    """The same tokens appended through the reference and through the CUDA path: (reference, kernel, k, v)."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(steps)
+    k = (torch.randn(batch, heads, n, dim, generator=g) * 2).to(dtype).to(DEV)
+    v = torch.randn(batch, heads, n, dim, generator=g).to(dtype).to(DEV)
+    lay = Layout.from_config(cfg, heads, dim)
+    nb = n // cfg.block_size + 1
+    pw = batch * nb * heads * (lay.max_chunk_words(lay.k) + lay.max_chunk_words(lay.v))
+    out = []
+    for append in (reference.append_, gpu.append_):
+        st = PackedLayer.empty(lay, batch, dtype, DEV, nb, pw)
+        pos = 0
+        for p in steps:
+            append(st, k[:, :, pos : pos + p], v[:, :, pos : pos + p], flush_count(int(st.n_win[0]), p, lay))
+            pos += p
+        out.append(st)
+    return out[0], out[1], k, v
+
+
+def assert_same_storage(ref: PackedLayer, ker: PackedLayer) -> None:
+    assert torch.equal(ref.n_blocks, ker.n_blocks) and torch.equal(ref.n_win, ker.n_win)
+    assert torch.equal(ref.cursor, ker.cursor)
+    cur, nb = int(ref.cursor), int(ref.n_blocks[0])
+    assert torch.equal(ref.pool[:cur], ker.pool[:cur])
+    for f in LIVE_FIELDS:
+        assert torch.equal(getattr(ref, f)[:, :nb], getattr(ker, f)[:, :nb]), f
+    T, S = ref.layout.block_size, ref.layout.ring_size
+    live = (nb * T + torch.arange(int(ref.n_win[0]), device=ref.device)) % S
+    assert torch.equal(ref.ring_k[:, :, live], ker.ring_k[:, :, live])
+    assert torch.equal(ref.ring_v[:, :, live], ker.ring_v[:, :, live])
+
+
+CASES = {
+    "default": (PackKVConfig(block_size=32, window=64), [150, 1, 1, 30]),
+    "token_head_greedy": (PackKVConfig(block_size=32, window=64, k_grouping="token_head", repack="greedy"), [97, 40]),
+    "channel_keys_p8": (PackKVConfig(block_size=32, window=32, k_grouping="channel", pack_size=8), [70, 1, 5]),
+    "p32_fine_bounds": (PackKVConfig(block_size=64, window=64, k_rel=0.003, v_rel=0.02, pack_size=32), [200, 1]),
+    "sixteen_bits_no_repack": (PackKVConfig(block_size=32, window=32, k_rel=1e-4, v_rel=1.0, repack="none"), [80]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_append_matches_the_reference_bit_for_bit(case):
+    cfg, steps = CASES[case]
+    ref, ker, _, _ = build(cfg, steps)
+    assert int(ref.n_blocks[0]) > 0
+    assert_same_storage(ref, ker)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_append_and_decompress_across_head_dims_and_dtypes(dim, dtype):
+    ref, ker, _, _ = build(PackKVConfig(block_size=32, window=32), [70, 1], dim=dim, dtype=dtype, heads=1)
+    assert_same_storage(ref, ker)
+    n = int(ref.n_blocks[0]) * 32 + int(ref.n_win[0]) + 5
+    kr, vr = reference.decompress_fp32(ref, n)
+    kk, vk = gpu.decompress(ker, n)
+    # The kernel rounds to the model dtype once (the interpreter may round bf16 towards zero: one ulp).
+    ulp = {torch.float32: 0.0, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
+    for ref_x, x in ((kr, kk), (vr, vk)):
+        assert x.dtype == dtype
+        torch.testing.assert_close(x.float(), ref_x, rtol=ulp, atol=1e-30)
+
+
+def test_non_finite_tokens_leave_the_cache_unchanged():
+    cfg = PackKVConfig(block_size=32, window=32)
+    _, ker, _, _ = build(cfg, [63])  # the ring is full: the next token triggers a compression
+    before = ker.clone()
+    bad = torch.randn(2, 2, 1, 64, device=DEV).bfloat16()
+    bad[0, 1, 0, 5] = float("nan")
+    gpu.append_(ker, bad, bad.clone(), 1)
+    assert torch.equal(ker.n_blocks, before.n_blocks) and torch.equal(ker.n_win, before.n_win)
+    assert torch.equal(ker.cursor, before.cursor)
+    n = 63
+    for a, b in zip(reference.decompress(before, n), reference.decompress(ker, n)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n_rep", [1, 4, 8])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float", "causal"])
+def test_attention_matches_the_reference(n_rep, mask_kind):
+    ref, ker, _, _ = build(PackKVConfig(block_size=32, window=32, k_grouping="channel"), [110, 1, 1], heads=2)
+    ker.n_blocks[1] -= 1  # ragged: the second sequence is shorter
+    ker.n_win[1] -= 7
+    ref.n_blocks[1] -= 1
+    ref.n_win[1] -= 7
+    tq = 1 if mask_kind is None else 3
+    out_len = 112 + 20  # positions past each sequence's end are zero keys, as in decompress
+    q = torch.randn(2, 2 * n_rep, tq, 64, device=DEV)
+    mask, causal = None, mask_kind == "causal"
+    if mask_kind == "bool":
+        mask = torch.rand(2, 1, tq, out_len, device=DEV) > 0.3
+    elif mask_kind == "float":
+        mask = torch.randn(1, 2 * n_rep, tq, out_len, device=DEV)
+    want = reference.attention(q, ref, out_len, mask, causal, 0.17)
+    for splits in (1, 3):
+        got = gpu.attention(q, ker, out_len, mask, causal, 0.17, splits=splits)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_attention_in_the_model_dtype_is_within_its_rounding():
+    ref, ker, _, _ = build(PackKVConfig(block_size=32, window=32), [100], heads=2, dtype=torch.float16)
+    q = torch.randn(2, 8, 1, 64, device=DEV, dtype=torch.float16)
+    want = reference.attention(q.float(), ref, 100, None, False, None)
+    got = gpu.attention(q, ker, 100, None, False, None)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want, rtol=1e-3, atol=1e-3)
