@@ -124,3 +124,14 @@ def test_attention_in_the_model_dtype_is_within_its_rounding():
     got = gpu.attention(q, ker, 100, None, False, None)
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.float(), want, rtol=1e-3, atol=1e-3)
+
+
+def test_paper_matvec_kernels_match_the_dequantized_cache():
+    from packkv.ops.kernels.matvec import k_matvec, reference_k_matvec, reference_v_matvec, v_matvec
+
+    _, ker, _, _ = build(PackKVConfig(block_size=32, window=32), [100], heads=2)
+    nb = int(ker.n_blocks[0])
+    q = torch.randn(2, 2, 64, device=DEV)
+    w = torch.softmax(torch.randn(2, 2, nb * 32, device=DEV), -1)
+    torch.testing.assert_close(k_matvec(q, ker, nb), reference_k_matvec(q, ker, nb), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v_matvec(w, ker, nb), reference_v_matvec(w, ker, nb), rtol=1e-5, atol=1e-5)

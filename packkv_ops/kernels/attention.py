@@ -102,6 +102,8 @@ def attention(
     is_causal: bool,
     scale: float | None,
     splits: int | None = None,
+    num_warps: int = 4,
+    precision: str = DOT_PRECISION,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(q, *decompress(st, out_len), attn_mask=mask, ...)`` without materialising K/V."""
     lay = st.layout
@@ -134,7 +136,7 @@ def attention(
         T=T, D=D, P=lay.pack_size, M_PAD=max(16, next_pow2(n_rep * TQ)),
         K_QBITS=lay.k.qbits, K_MBITS=lay.k.mbits, K_MW=lay.meta_words(lay.k), K_GROUP=lay.k.grouping,
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
-        HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=DOT_PRECISION,
+        HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=precision, num_warps=num_warps,
     )  # fmt: skip
     return merge_splits(acc, m, l).to(q.dtype)
 

@@ -45,7 +45,7 @@ def _pack_payload_kernel(
     byte_idx = tl.arange(0, 4 * NW)
     wb = tl.reshape(tl.broadcast_to(words[:, :, None], (D, NW, 4)), (D, 4 * NW))
     byte = (wb >> ((byte_idx % 4) * 8).to(tl.uint32)[None, :]) & 0xFF
-    dst = pool_ptr.to(tl.pointer_type(tl.uint8)) + tl.load(chunk_off_ptr + chunk) * 4 + start
+    dst = pool_ptr.to(tl.pointer_type(tl.uint8)) + tl.load(chunk_off_ptr + chunk).to(tl.int64) * 4 + start
     tl.store(dst[:, None] + byte_idx[None, :], byte.to(tl.uint8), mask=byte_idx[None, :] < nbytes[:, None])
 
 

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# On the GPU machine (no network): install PackKV against the machine's torch/triton/transformers, run the
+# cuda tests (and the kernel tests natively), compute-sanitizer on a subset, then the kernel benchmark.
+# Usage: bash scripts/gpu_check.sh [tests|sanitize|bench|all] ; logs and results go to ${OUT:-/tmp/packkv-out}.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/packkv-out}"; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PACKKV_HOME=/tmp/packkv-home
+what="${1:-all}"
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+if [[ $what == tests || $what == all ]]; then
+  timeout 420 python3 -m pytest -q -x -p no:cacheprovider -m "cuda or not cuda" tests/test_cuda.py tests/test_kernels.py \
+    ${PACKKV_EXTRA_TESTS:-} 2>&1 | tee "$OUT/tests.log" | tail -25
+fi
+if [[ $what == sanitize || $what == all ]]; then
+  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \
+    -m "cuda or not cuda" tests/test_kernels.py -k "append_matches or attention_matches_the_reference or matvec" \
+    2>&1 | tee "$OUT/sanitizer.log" | tail -8
+fi
+if [[ $what == bench || $what == all ]]; then
+  timeout 540 python3 benchmarks/kernels.py --variants --out "$OUT" ${PACKKV_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -30
+fi

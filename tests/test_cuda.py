@@ -1,0 +1,135 @@
+"""GPU tests (H100): the packkv ops through their CUDA paths at real sizes and on real K/V.
+
+Run on the GPU machine with ``python -m pytest -m cuda``; CPU machines deselect them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import spec
+
+from packkv.ops import Layout, PackedLayer, PackKVConfig, reference
+from packkv.ops.reference import decompress_fp32, flush_count
+
+pytestmark = pytest.mark.cuda
+REAL_KV = Path(__file__).parent / "data" / "smollm2_kv.safetensors"
+
+
+def to(st: PackedLayer, device) -> PackedLayer:
+    import dataclasses
+
+    from packkv.ops.storage import STORAGE_FIELDS
+
+    return dataclasses.replace(st, **{f: getattr(st, f).to(device) for f in STORAGE_FIELDS})
+
+
+def fill_cuda(cfg, k, v, steps):
+    """Append k/v [B, H, L, D] (on CUDA) through torch.ops.packkv.append_ in `steps`."""
+    B, H, L, D = k.shape
+    lay = Layout.from_config(cfg, H, D)
+    nb = L // cfg.block_size + 2
+    st = PackedLayer.empty(lay, B, k.dtype, k.device, nb, B * nb * H * (lay.max_chunk_words(lay.k) + lay.max_chunk_words(lay.v)))
+    pos = 0
+    for p in steps:
+        nf = flush_count(int(st.n_win[0]), p, lay)
+        torch.ops.packkv.append_(*st.tensors(), k[:, :, pos : pos + p], v[:, :, pos : pos + p], nf, *spec(lay))
+        pos += p
+    return st
+
+
+@pytest.mark.parametrize("grouping", ["token", "channel"])
+def test_real_size_append_equals_the_cpu_reference(grouping):
+    cfg = PackKVConfig(k_grouping=grouping)
+    B, H, L, D = 3, 8, 4096 + 37, 128
+    k = (torch.randn(B, H, L, D) * 3).bfloat16()
+    v = torch.randn(B, H, L, D).bfloat16()
+    gpu = fill_cuda(cfg, k.cuda(), v.cuda(), [L - 40, 1, 1, 38])
+    torch.cuda.synchronize()
+    cpu = PackedLayer.empty(gpu.layout, B, k.dtype, "cpu", gpu.block_capacity, gpu.pool_capacity)
+    pos = 0
+    for p in [L - 40, 1, 1, 38]:
+        reference.append_(cpu, k[:, :, pos : pos + p], v[:, :, pos : pos + p], flush_count(int(cpu.n_win[0]), p, cpu.layout))
+        pos += p
+    back = to(gpu, "cpu")
+    assert torch.equal(back.n_blocks, cpu.n_blocks) and torch.equal(back.n_win, cpu.n_win)
+    # Quantization runs the same torch ops on both devices (IEEE division, exact rounding): bit-exact.
+    cur = int(cpu.cursor)
+    same = (back.pool[:cur] == cpu.pool[:cur]).float().mean().item()
+    assert int(back.cursor) == cur and same == 1.0, same
+    for a, b in zip(decompress_fp32(back, L), decompress_fp32(cpu, L)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n_rep", [1, 4])
+@pytest.mark.parametrize("mask_kind", [None, "padding", "causal"])
+def test_real_size_attention_matches_the_reference(n_rep, mask_kind):
+    B, H, L, D = 3, 8, 8192 + 11, 128
+    k = (torch.randn(B, H, L, D) * 3).bfloat16().cuda()
+    v = torch.randn(B, H, L, D).bfloat16().cuda()
+    st = fill_cuda(PackKVConfig(), k, v, [L - 1, 1])
+    st.n_blocks[2] -= 5  # ragged batch
+    st.n_win[2] -= 3
+    out_len = L + 70  # zero keys past each sequence's end, as decompress returns them
+    tq = 1 if mask_kind != "causal" else 4
+    q = torch.randn(B, H * n_rep, tq, D, device="cuda")
+    mask = None
+    if mask_kind == "padding":
+        mask = torch.ones(B, 1, tq, out_len, dtype=torch.bool, device="cuda")
+        mask[1, :, :, :300] = False  # left padding of a shorter sequence
+        mask[:, :, :, L:] = False
+    got = torch.ops.packkv.attention(q, *st.tensors(), out_len, mask, mask_kind == "causal", None, *spec(st.layout))
+    want = reference.attention(q, st, out_len, mask, mask_kind == "causal", None)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # bf16 queries: the model dtype's rounding only.
+    got16 = torch.ops.packkv.attention(q.bfloat16(), *st.tensors(), out_len, mask, mask_kind == "causal", None, *spec(st.layout))
+    torch.testing.assert_close(got16.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_real_kv_error_bound_and_attention():
+    from safetensors.torch import load_file
+
+    t = load_file(REAL_KV)
+    for layer in ("layer0", "layer14", "layer29"):
+        k, v = t[f"{layer}.k"][None].cuda(), t[f"{layer}.v"][None].cuda()  # [1, 3, 1024, 64]
+        st = fill_cuda(PackKVConfig(), k, v, [1000, 1, 23])
+        kd, vd = decompress_fp32(st, 1024)
+        ncomp = int(st.n_blocks[0]) * 64
+        for x, xd, rel in ((k, kd, 0.1), (v, vd, 0.2)):
+            xc = x[:, :, :ncomp].float()
+            rng = (xc.amax((1, 3), keepdim=True) - xc.amin((1, 3), keepdim=True))
+            amax = xc.abs().amax((1, 3), keepdim=True)
+            assert torch.all((xd[:, :, :ncomp] - xc).abs() <= rel / 2 * rng * (1 + 2**-7) + amax * 2**-15 + 1e-6)
+        q = torch.randn(1, 9, 1, 64, device="cuda")
+        got = torch.ops.packkv.attention(q, *st.tensors(), 1024, None, False, None, *spec(st.layout))
+        want = F.scaled_dot_product_attention(q, kd, vd, enable_gqa=True)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_opcheck_on_cuda():
+    k = torch.randn(2, 2, 300, 64, device="cuda").bfloat16()
+    st = fill_cuda(PackKVConfig(), k, k.clone(), [300])
+    new = torch.randn(2, 2, 1, 64, device="cuda").bfloat16()
+    state = [t.clone() for t in st.tensors()]
+    for test in ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"):
+        args = (*[t.clone() for t in state], new, new.clone(), 0, *spec(st.layout))
+        torch.library.opcheck(torch.ops.packkv.append_, args, test_utils=test)
+    torch.library.opcheck(torch.ops.packkv.decompress, (*st.tensors(), 310, *spec(st.layout)))
+    q = torch.randn(2, 8, 1, 64, device="cuda").bfloat16()
+    torch.library.opcheck(torch.ops.packkv.attention, (q, *st.tensors(), 310, None, False, None, *spec(st.layout)))
+
+
+def test_generate_on_cuda_equals_dynamic_cache():
+    from test_cache import EXACT, generate, prompts, tiny
+    from transformers import DynamicCache
+
+    from packkv import PackKVCache
+
+    model = tiny("llama").cuda()
+    ids, mask = prompts(3)
+    ids, mask = ids.cuda(), mask.cuda()
+    ref = generate(model, ids, mask, DynamicCache(config=model.config))
+    assert torch.equal(generate(model, ids, mask, PackKVCache(EXACT)), ref)
