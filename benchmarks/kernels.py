@@ -152,22 +152,43 @@ def run_case(cfg, batch, length, heads, q_heads, dim, data, device, paper: bool)
 
 
 def variants(cfg, batch, length, heads, q_heads, dim, data, device) -> list[dict]:
-    """Kernel launch variants at one size (num_warps, splits, dot precision), to pick defaults."""
+    """Kernel launch variants at one size (warps, pipeline stages, register cap, splits), to pick defaults."""
     k, v = make_kv(batch, length, heads, dim, data, device)
     st, _ = compress(cfg, k, v)
     q = torch.randn(batch, q_heads, 1, dim, device=device, dtype=torch.bfloat16)
     rows = []
-    for warps in (4, 8):
-        for splits in (None, 64, 256):
-            for prec in ("tf32x3", "tf32"):
-                try:
-                    t = bench_ms(lambda: attention_kernel(q, st, length, None, False, None, splits=splits,
-                                                          num_warps=warps, precision=prec))  # fmt: skip
-                except Exception as e:  # a variant that does not compile is reported, not fatal
-                    t = float("nan")
-                    print(f"variant warps={warps} splits={splits} {prec}: {type(e).__name__}: {e}")
-                rows.append(dict(batch=batch, context=length, num_warps=warps, splits=splits or 0, precision=prec, t_ms=t))
+    for name, fn in [
+        (f"rows{ts}/w{w}/st{s}", lambda ts=ts, w=w, s=s: attention_kernel(q, st, length, None, False, None, num_warps=w,
+                                                                             sub_tile=ts, num_stages=s))
+        for ts in (16, 32, 64) for w in (4, 8) for s in (1, 2)
+    ]:  # fmt: skip
+        try:
+            t = bench_ms(fn)
+        except Exception as e:  # a variant that does not compile is reported, not fatal
+            t = float("nan")
+            print(f"variant {name}: {type(e).__name__}: {e}")
+        rows.append(dict(batch=batch, context=length, variant=name, t_ms=t))
     return rows
+
+
+def profile(cfg, batch, length, heads, q_heads, dim, data) -> None:
+    """torch.profiler tables of one compression (prefill append) and one fused attention call."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    k, v = make_kv(batch, length, heads, dim, data, "cuda")
+    compress(cfg, k, v)  # warm up kernels
+    st, _ = compress(cfg, k, v)
+    lay = st.layout
+    spec = (lay.k.rel, lay.k.grouping, lay.v.rel, lay.v.grouping, lay.pack_size, lay.repack)
+    q = torch.randn(batch, q_heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+    with prof(activities=[ProfilerActivity.CUDA]) as p1:
+        compress(cfg, k, v)
+    print(p1.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+    with prof(activities=[ProfilerActivity.CUDA]) as p2:
+        for _ in range(10):
+            torch.ops.packkv.attention(q, *st.tensors(), length, None, False, None, *spec)
+        sync()
+    print(p2.key_averages().table(sort_by="cuda_time_total", row_limit=6, max_name_column_width=60))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -208,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--v-rel", type=float, default=0.2)
     p.add_argument("--data", choices=("real", "random"), default="real")
     p.add_argument("--variants", action="store_true", help="also sweep launch variants at 32K")
+    p.add_argument("--profile", action="store_true", help="print where compression and attention spend GPU time")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -220,15 +242,19 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()}), flush=True)
             torch.cuda.empty_cache() if device == "cuda" else None
-    var = variants(cfg, 1, 32768, args.heads, args.q_heads, args.head_dim, args.data, device) if args.variants else []
+    if args.profile and device == "cuda":
+        profile(cfg, 8, 32768, args.heads, args.q_heads, args.head_dim, args.data)
+    var = []
+    if args.variants:
+        var = variants(cfg, 8, 32768, args.heads, args.q_heads, args.head_dim, args.data, device)
+        var += variants(cfg, 1, 131072, args.heads, args.q_heads, args.head_dim, args.data, device)
     result = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", config=json.loads(cfg.to_json()),
                   torch=torch.__version__, rows=rows, variants=var)  # fmt: skip
     (args.out / "kernels.json").write_text(json.dumps(result, indent=1))
     plot(rows, args.out / "kernels.png")
     print(table(rows))
     if var:
-        print("\nlaunch variants (batch 1, 32K): " + ", ".join(
-            f"w{r['num_warps']}/s{r['splits']}/{r['precision']}={r['t_ms']:.3f}ms" for r in var))  # fmt: skip
+        print("\nlaunch variants: " + ", ".join(f"B{r['batch']}/{r['context'] // 1024}K/{r['variant']}={r['t_ms']:.3f}ms" for r in var))
     return 0
 
 

@@ -97,3 +97,41 @@ def fixed_width_bytes(st: PackedLayer) -> int:
 
 def ratio(numer: float, denom: float) -> float:
     return numer / denom if denom else float("nan")
+
+
+def stream_bytes(st: PackedLayer) -> Counter:
+    """``exact_bytes`` split by stream: every byte held for the live compressed blocks of K and of V.
+
+    Keys ``k_<part>`` / ``v_<part>`` for ``payload``, ``meta``, ``scale_zero``, ``offsets``, ``perm`` and their
+    sum ``compressed``, with ``k_fp16`` / ``v_fp16`` the fp16 bytes of the same tokens. The block permutation
+    is shared by K and V (one byte per token): half of it is charged to each, so
+    ``k_compressed + v_compressed == exact_bytes(st)["compressed"]``. The exact ring is not included
+    (``exact_bytes`` reports it).
+    """
+    lay = st.layout
+    H, D, T = lay.num_heads, lay.head_dim, lay.block_size
+    n_live = int(_live(st).sum())
+    c = Counter()
+    for name, words, s in zip("kv", st.chunk_words(), (lay.k, lay.v)):
+        c[f"{name}_payload"] = 4 * int(words.sum())
+        c[f"{name}_meta"] = 4 * n_live * H * lay.meta_words(s)
+        c[f"{name}_scale_zero"] = n_live * math.prod(lay.group_shape(s)) * (SCALE_DTYPE.itemsize + ZERO_DTYPE.itemsize)
+        c[f"{name}_offsets"] = n_live * H * 4
+        c[f"{name}_perm"] = n_live * T / 2
+        c[f"{name}_compressed"] = sum(c[f"{name}_{p}"] for p in ("payload", "meta", "scale_zero", "offsets", "perm"))
+        c[f"{name}_fp16"] = n_live * T * H * D * FP16_BYTES
+    return c
+
+
+def fixed_width_stream_bytes(st: PackedLayer) -> Counter:
+    """``fixed_width_bytes`` split by stream (``k`` and ``v``): the live ints at the fixed width ``qbits`` plus
+    that stream's scales and zeros (no pack metadata, no permutation, no offsets)."""
+    lay = st.layout
+    n_live = int(_live(st).sum())
+    elems = n_live * lay.block_size * lay.num_heads * lay.head_dim
+    c = Counter()
+    for name, s in zip("kv", (lay.k, lay.v)):
+        c[name] = elems * s.qbits / 8 + n_live * math.prod(lay.group_shape(s)) * (
+            SCALE_DTYPE.itemsize + ZERO_DTYPE.itemsize
+        )
+    return c

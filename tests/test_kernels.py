@@ -135,3 +135,13 @@ def test_paper_matvec_kernels_match_the_dequantized_cache():
     w = torch.softmax(torch.randn(2, 2, nb * 32, device=DEV), -1)
     torch.testing.assert_close(k_matvec(q, ker, nb), reference_k_matvec(q, ker, nb), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(v_matvec(w, ker, nb), reference_v_matvec(w, ker, nb), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k_rel,v_rel", [(0.0005, 0.3), (0.3, 0.0005)])
+def test_attention_with_wide_integers_matches_the_reference(k_rel, v_rel):
+    """More than 10-bit integers do not fit the fp16 fast path: the kernel switches to fp32 products."""
+    cfg = PackKVConfig(block_size=32, window=32, k_rel=k_rel, v_rel=v_rel)
+    ref, ker, _, _ = build(cfg, [100], heads=2)
+    q = torch.randn(2, 4, 1, 64, device=DEV)
+    torch.testing.assert_close(gpu.attention(q, ker, 100, None, False, None), reference.attention(q, ref, 100, None, False, None),
+                               rtol=2e-5, atol=2e-5)  # fmt: skip

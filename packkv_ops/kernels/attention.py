@@ -18,11 +18,71 @@ import triton.language as tl
 
 from ..storage import PackedLayer
 from ._launch import INTERPRET, launch, next_pow2, num_sms
-from .tiles import chunk_positions, decode_chunk, exact_tile
+from .tiles import decode_rows, exact_rows, group_scale_rows, ints_to_f16
 
 LOG2E = 1.4426950408889634
 # tf32x3 keeps fp32 accuracy on tensor cores; the interpreter computes in fp32 whatever is asked.
 DOT_PRECISION = "ieee" if INTERPRET else "tf32x3"
+
+
+@triton.jit
+def _dot_split(a, b16):
+    """``a @ b16`` for fp32 ``a`` (|a| <= 1) and exact fp16 ``b16``: two fp16 tensor-core products (a = hi + lo)
+    give fp32-level accuracy."""
+    hi = a.to(tl.float16)
+    lo = (a - hi.to(tl.float32)).to(tl.float16)
+    return tl.dot(hi, b16) + tl.dot(lo, b16)
+
+
+@triton.jit
+def _split(a):
+    hi = a.to(tl.float16)
+    return hi, (a - hi.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
+def _exact_operand(ints, QBITS: tl.constexpr):
+    if QBITS <= 10:
+        return ints_to_f16(ints)
+    else:
+        return ints.to(tl.float32)
+
+
+@triton.jit
+def _dot_ints(a, ints_t, QBITS: tl.constexpr, DOT: tl.constexpr):
+    """``a @ ints_t`` for |a| <= 1 and integer operand ``ints_t`` (fp16-exact below 1024, else fp32)."""
+    if QBITS <= 10:
+        return _dot_split(a, ints_t)
+    else:
+        return tl.dot(a, ints_t, input_precision=DOT)
+
+
+@triton.jit
+def _online_update(s, ok, m_i, l_i):
+    """One step of the online softmax (log2 units): probabilities p, rescale alpha, new max and sum."""
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
+             HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr):  # fmt: skip
+    """Which (row, token) pairs attend, and the additive mask (log2 units) for float masks."""
+    ok = row_ok[:, None] & (pos < out_len)[None, :]  # a split's blocks past the end fall out here
+    if IS_CAUSAL:  # scaled_dot_product_attention's is_causal: top-left aligned
+        ok = ok & (pos[None, :] <= qi[:, None])
+    add = tl.zeros(ok.shape, tl.float32)
+    if HAS_MASK:
+        mv = tl.load(mask_ptr + b * smb + hq[:, None] * smh + qi[:, None] * smq + pos[None, :] * sml, mask=ok, other=0)
+        if MASK_BOOL:
+            ok = ok & (mv != 0)
+        else:
+            add = mv.to(tl.float32) * 1.4426950408889634
+    return ok, add
 
 
 @triton.jit
@@ -32,10 +92,11 @@ def _attention_kernel(
     perm_ptr, ring_k_ptr, ring_v_ptr, n_blocks_ptr, n_win_ptr,
     mask_ptr, smb, smh, smq, sml,
     out_len, NB, S, H, HQ, TQ, N_REP, blocks_per_split, NS, qk_scale,
-    T: tl.constexpr, D: tl.constexpr, P: tl.constexpr, M_PAD: tl.constexpr,
+    T: tl.constexpr, D: tl.constexpr, P: tl.constexpr, TS: tl.constexpr, M_PAD: tl.constexpr,
     K_QBITS: tl.constexpr, K_MBITS: tl.constexpr, K_MW: tl.constexpr, K_GROUP: tl.constexpr,
     V_QBITS: tl.constexpr, V_MBITS: tl.constexpr, V_MW: tl.constexpr, V_GROUP: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT: tl.constexpr,
+    USE_ASM: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -49,44 +110,69 @@ def _attention_kernel(
     cc = tl.arange(0, D)
     q = tl.load(q_ptr + ((b * HQ + hq) * TQ + qi)[:, None] * D + cc[None, :], mask=row_ok[:, None], other=0.0)
     q = q.to(tl.float32)
+    # Compressed tokens multiply the raw ints by a normalized query (fp16 tensor cores), then apply the
+    # group's scale and zero to the scores: q . (Q + z) s = s (q . Q + z sum(q)) for token groups.
+    qnorm = tl.maximum(tl.max(tl.abs(q), 1), 1e-30)
+    qn = q / qnorm[:, None]
+    qsum = tl.sum(qn, 1)
+    score_scale = (qnorm * qk_scale)[:, None]
+    q_hi, q_lo = _split(qn)  # once: the fp16 halves of the query are the A operand of every block
 
     nb = tl.load(n_blocks_ptr + b)
     total = nb * T + tl.load(n_win_ptr + b)
-    n_virtual = tl.cdiv(out_len, T)
-
     m_i = tl.full((M_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((M_PAD,), tl.float32)
     acc = tl.zeros((M_PAD, D), tl.float32)
     for i in range(0, blocks_per_split):
         v = split * blocks_per_split + i
         if v < nb:
-            k = decode_chunk(pool_ptr, k_meta_ptr, k_off_ptr, k_scale_ptr, k_zero_ptr, b, v, kvh, NB, H,
-                             T, D, P, K_QBITS, K_MBITS, K_MW, K_GROUP)  # fmt: skip
-            val = decode_chunk(pool_ptr, v_meta_ptr, v_off_ptr, v_scale_ptr, v_zero_ptr, b, v, kvh, NB, H,
-                               T, D, P, V_QBITS, V_MBITS, V_MW, V_GROUP)  # fmt: skip
-            pos = chunk_positions(perm_ptr, b, v, NB, T)
+            chunk = (b * NB + v) * H + kvh
+            k_base = pool_ptr + tl.load(k_off_ptr + chunk)
+            v_base = pool_ptr + tl.load(v_off_ptr + chunk)
+            k_bits = tl.zeros((), tl.int32)
+            v_bits = tl.zeros((), tl.int32)
+            for r in range(0, T // TS):  # a runtime loop: unrolling it would keep four tiles live
+                kq, k_bits = decode_rows(k_base, k_meta_ptr + chunk * K_MW, r * (TS // P), k_bits,
+                                         TS, D, P, K_QBITS, K_MBITS, USE_ASM)  # fmt: skip
+                ks, kz = group_scale_rows(k_scale_ptr, k_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, K_GROUP)
+                kt = tl.trans(_exact_operand(kq, K_QBITS))
+                if K_GROUP == 2:  # per-channel scales fold into the query
+                    smax = tl.max(ks, 0)
+                    qs = qn * (ks / smax)[None, :]
+                    s = (_dot_ints(qs, kt, K_QBITS, DOT) + tl.sum(qs * kz[None, :], 1)[:, None]) * smax
+                else:
+                    if K_QBITS <= 10:
+                        raw = tl.dot(q_hi, kt) + tl.dot(q_lo, kt)
+                    else:
+                        raw = tl.dot(qn, kt, input_precision=DOT)
+                    s = (raw + kz[None, :] * qsum[:, None]) * ks[None, :]
+                pos = v * T + tl.load(perm_ptr + (b * NB + v) * T + r * TS + tl.arange(0, TS)).to(tl.int32)
+                ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
+                                   HAS_MASK, MASK_BOOL, IS_CAUSAL)  # fmt: skip
+                p, alpha, m_i, l_i = _online_update(s * score_scale + add, ok, m_i, l_i)
+                vq, v_bits = decode_rows(v_base, v_meta_ptr + chunk * V_MW, r * (TS // P), v_bits,
+                                         TS, D, P, V_QBITS, V_MBITS, USE_ASM)  # fmt: skip
+                vs, vz = group_scale_rows(v_scale_ptr, v_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, V_GROUP)
+                vt = _exact_operand(vq, V_QBITS)
+                if V_GROUP == 2:  # sum_t p (Q + z_c) s_c
+                    blk = (_dot_ints(p, vt, V_QBITS, DOT) + tl.sum(p, 1)[:, None] * vz[None, :]) * vs[None, :]
+                else:  # sum_t (p s_t) (Q + z_t), weights normalized by the tile's largest scale
+                    smax = tl.max(vs, 0)
+                    w = p * (vs / smax)[None, :]
+                    blk = (_dot_ints(w, vt, V_QBITS, DOT) + tl.sum(w * vz[None, :], 1)[:, None]) * smax
+                acc = acc * alpha[:, None] + blk
         else:
-            k, pos = exact_tile(ring_k_ptr, b, kvh, v, total, H, S, T, D)
-            val, pos = exact_tile(ring_v_ptr, b, kvh, v, total, H, S, T, D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale  # log2 units
-        ok = row_ok[:, None] & (pos < out_len)[None, :]  # a split's blocks past the end fall out here
-        if IS_CAUSAL:  # scaled_dot_product_attention's is_causal: top-left aligned
-            ok = ok & (pos[None, :] <= qi[:, None])
-        if HAS_MASK:
-            mp = mask_ptr + b * smb + hq[:, None] * smh + qi[:, None] * smq + pos[None, :] * sml
-            mv = tl.load(mp, mask=ok, other=0)
-            if MASK_BOOL:
-                ok = ok & (mv != 0)
-            else:
-                s = s + mv.to(tl.float32) * 1.4426950408889634
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, val, input_precision=DOT)
-        m_i = m_new
+            for r in range(0, T // TS):
+                k, pos = exact_rows(ring_k_ptr, b, kvh, v * T + r * TS, total, H, S, TS, D)
+                ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
+                                   HAS_MASK, MASK_BOOL, IS_CAUSAL)  # fmt: skip
+                k_hi, k_lo = _split(tl.trans(k))
+                s = tl.dot(q_hi, k_hi) + tl.dot(q_hi, k_lo) + tl.dot(q_lo, k_hi)  # fp32-level accuracy
+                p, alpha, m_i, l_i = _online_update(s * score_scale + add, ok, m_i, l_i)
+                val, pos = exact_rows(ring_v_ptr, b, kvh, v * T + r * TS, total, H, S, TS, D)
+                p_hi, p_lo = _split(p)
+                v_hi, v_lo = _split(val)
+                acc = acc * alpha[:, None] + tl.dot(p_hi, v_hi) + tl.dot(p_hi, v_lo) + tl.dot(p_lo, v_hi)
 
     part = ((b * HQ + hq) * TQ + qi) * NS + split
     tl.store(acc_ptr + part[:, None] * D + cc[None, :], acc, mask=row_ok[:, None])
@@ -103,7 +189,10 @@ def attention(
     scale: float | None,
     splits: int | None = None,
     num_warps: int = 4,
+    num_stages: int = 1,
     precision: str = DOT_PRECISION,
+    maxnreg: int | None = None,
+    sub_tile: int | None = None,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(q, *decompress(st, out_len), attn_mask=mask, ...)`` without materialising K/V."""
     lay = st.layout
@@ -133,10 +222,11 @@ def attention(
         st.perm, st.ring_k, st.ring_v, st.n_blocks, st.n_win,
         mask if mask is not None else st.n_win, *strides,
         out_len, st.block_capacity, lay.ring_size, H, HQ, TQ, n_rep, per_split, ns, sm_scale * LOG2E,
-        T=T, D=D, P=lay.pack_size, M_PAD=max(16, next_pow2(n_rep * TQ)),
+        T=T, D=D, P=lay.pack_size, TS=sub_tile or max(32, lay.pack_size), M_PAD=max(16, next_pow2(n_rep * TQ)),
         K_QBITS=lay.k.qbits, K_MBITS=lay.k.mbits, K_MW=lay.meta_words(lay.k), K_GROUP=lay.k.grouping,
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
-        HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=precision, num_warps=num_warps,
+        HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=precision, USE_ASM=not INTERPRET,
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )  # fmt: skip
     return merge_splits(acc, m, l).to(q.dtype)
 

@@ -68,3 +68,124 @@ def exact_tile(ring_ptr, b, kvh, v, total, H, S, T: tl.constexpr, D: tl.constexp
     slot = pos % S
     x = tl.load(ring_ptr + ((b * H + kvh) * S + slot)[:, None] * D + cc[None, :], mask=live[:, None], other=0.0)
     return x.to(tl.float32), pos
+
+
+@triton.jit
+def funnel_shift(lo, hi, sh, USE_ASM: tl.constexpr):
+    """Low 32 bits of (hi:lo) >> sh (sh < 32): one SHF instruction on the GPU."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            "shf.r.wrap.b32 $0, $1, $2, $3;", "=r,r,r,r", [lo, hi, sh], dtype=tl.uint32, is_pure=True, pack=1
+        )
+    else:
+        return (lo >> sh) | ((hi << 1) << (31 - sh))
+
+
+@triton.jit
+def decode_ints(
+    pool_ptr, meta_ptr, off_ptr, b, n, kvh, NB, H,
+    T: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr, MBITS: tl.constexpr,
+    MW: tl.constexpr, USE_ASM: tl.constexpr,
+):  # fmt: skip
+    """Quantized ints ``[T, D]`` (int32) of chunk (b, n, kvh), repacked order: the fast path of ``decode_chunk``
+    (payload words read unconditionally: the pool keeps a spare word after the last chunk)."""
+    R: tl.constexpr = T // P
+    chunk = (b * NB + n) * H + kvh
+    rr = tl.arange(0, R)
+    cc = tl.arange(0, D)
+    f = read_bits(meta_ptr + chunk * MW, (rr[:, None] * D + cc[None, :]) * MBITS, MBITS)
+    w = f >> QBITS
+    bits = tl.reshape(w * P, (R * D,))
+    pbase = tl.reshape(tl.cumsum(bits, 0) - bits, (R, D))
+    mu_t = tl.reshape(tl.broadcast_to((f & ((1 << QBITS) - 1))[:, None, :], (R, P, D)), (T, D))
+    w_t = tl.reshape(tl.broadcast_to(w[:, None, :], (R, P, D)), (T, D))
+    pb_t = tl.reshape(tl.broadcast_to(pbase[:, None, :], (R, P, D)), (T, D))
+    bitpos = pb_t + (tl.arange(0, T) % P)[:, None] * w_t
+    base = pool_ptr + tl.load(off_ptr + chunk)
+    widx = bitpos >> 5
+    lo = tl.load(base + widx).to(tl.uint32, bitcast=True)
+    hi = tl.load(base + widx + 1).to(tl.uint32, bitcast=True)
+    v = funnel_shift(lo, hi, (bitpos & 31).to(tl.uint32), USE_ASM)
+    return (v.to(tl.int32, bitcast=True) & ((1 << w_t) - 1)) + mu_t
+
+
+@triton.jit
+def ints_to_f16(q):
+    """Exact fp16 of ints in [0, 1024): 0x6400 | q is the half 1024 + q (no int->float conversion unit)."""
+    return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
+def group_scale(scale_ptr, zero_ptr, b, n, kvh, NB, H, T: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr):
+    """(scale, zero) of a block as fp32: ``[T]`` for token groupings, ``[D]`` for channel grouping."""
+    if GROUP == 2:
+        g = (b * NB + n) * H * D + kvh * D + tl.arange(0, D)
+    elif GROUP == 1:
+        g = (b * NB + n) * H * T + kvh * T + tl.arange(0, T)
+    else:
+        g = (b * NB + n) * T + tl.arange(0, T)
+    return tl.load(scale_ptr + g).to(tl.float32), tl.load(zero_ptr + g).to(tl.float32)
+
+
+@triton.jit
+def decode_rows(
+    base_ptr, meta_ptr, r0, bit0,
+    TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr, MBITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):  # fmt: skip
+    """Ints ``[TS, D]`` of the ``TS // P`` pack rows starting at row ``r0`` of one chunk (meta at ``meta_ptr``,
+    payload at ``base_ptr``), whose payload starts ``bit0`` bits into the chunk. Returns the ints and the bit
+    offset of the next row. Small tiles keep the decode in registers."""
+    RS: tl.constexpr = TS // P
+    cc = tl.arange(0, D)
+    tt = tl.arange(0, TS)
+    if RS == 1:
+        f = read_bits(meta_ptr, (r0 * D + cc) * MBITS, MBITS)
+        w = f >> QBITS
+        size = w * P
+        start = bit0 + tl.cumsum(size, 0) - size
+        bitpos = start[None, :] + tt[:, None] * w[None, :]
+        w_t = tl.broadcast_to(w[None, :], (TS, D))
+        mu_t = tl.broadcast_to((f & ((1 << QBITS) - 1))[None, :], (TS, D))
+        nxt = bit0 + tl.sum(size, 0)
+    else:  # pack_size 8: two rows per tile of 16 tokens
+        rr = tl.arange(0, RS)
+        f = read_bits(meta_ptr, ((r0 + rr)[:, None] * D + cc[None, :]) * MBITS, MBITS)
+        w = f >> QBITS
+        size = tl.reshape(w * P, (RS * D,))
+        start = tl.reshape(bit0 + tl.cumsum(size, 0) - size, (RS, D))
+        w_t = tl.reshape(tl.broadcast_to(w[:, None, :], (RS, P, D)), (TS, D))
+        mu_t = tl.reshape(tl.broadcast_to((f & ((1 << QBITS) - 1))[:, None, :], (RS, P, D)), (TS, D))
+        st_t = tl.reshape(tl.broadcast_to(start[:, None, :], (RS, P, D)), (TS, D))
+        bitpos = st_t + (tt % P)[:, None] * w_t
+        nxt = bit0 + tl.sum(size, 0)
+    widx = bitpos >> 5
+    lo = tl.load(base_ptr + widx).to(tl.uint32, bitcast=True)
+    hi = tl.load(base_ptr + widx + 1).to(tl.uint32, bitcast=True)  # the pool keeps a spare word at its end
+    v = funnel_shift(lo, hi, (bitpos & 31).to(tl.uint32), USE_ASM)
+    return (v.to(tl.int32, bitcast=True) & ((1 << w_t) - 1)) + mu_t, nxt
+
+
+@triton.jit
+def group_scale_rows(
+    scale_ptr, zero_ptr, b, n, kvh, NB, H, t0, T: tl.constexpr, TS: tl.constexpr, D: tl.constexpr,
+    GROUP: tl.constexpr,
+):  # fmt: skip
+    """(scale, zero) as fp32 for tokens ``t0 .. t0+TS`` of a block: ``[TS]``, or ``[D]`` for channel grouping."""
+    if GROUP == 2:
+        g = (b * NB + n) * H * D + kvh * D + tl.arange(0, D)
+    elif GROUP == 1:
+        g = (b * NB + n) * H * T + kvh * T + t0 + tl.arange(0, TS)
+    else:
+        g = (b * NB + n) * T + t0 + tl.arange(0, TS)
+    return tl.load(scale_ptr + g).to(tl.float32), tl.load(zero_ptr + g).to(tl.float32)
+
+
+@triton.jit
+def exact_rows(ring_ptr, b, kvh, p0, total, H, S, TS: tl.constexpr, D: tl.constexpr):
+    """Positions ``p0 .. p0+TS``: ring tokens below ``total``, zeros after (fp32 ``[TS, D]``)."""
+    pos = p0 + tl.arange(0, TS)
+    live = pos < total
+    x = tl.load(ring_ptr + ((b * H + kvh) * S + pos % S)[:, None] * D + tl.arange(0, D)[None, :],
+                mask=live[:, None], other=0.0)  # fmt: skip
+    return x.to(tl.float32), pos
