@@ -7,5 +7,6 @@
 
 from packkv.models import PackKVCache
 from packkv.ops.config import PackKVConfig
+from packkv.persistence import load_cache, save_cache
 
-__all__ = ["PackKVConfig", "PackKVCache"]
+__all__ = ["PackKVConfig", "PackKVCache", "load_cache", "save_cache"]

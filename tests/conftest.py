@@ -21,6 +21,7 @@ settings.register_profile("ci", deadline=None, print_blob=True)
 settings.load_profile("ci")
 
 
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected: only tests that will run count
 def pytest_collection_modifyitems(config, items):
     # `cuda` tests are deselected by default (pyproject: -m "not cuda"); asking for them without a GPU is an
     # error of the command line, reported as such rather than skipped.
