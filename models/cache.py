@@ -228,11 +228,18 @@ class PackKVLayer(CacheLayerMixin):
         self._pool_bound += step_worst
         self._mark_static()
 
+    def reserve(self, tokens: int) -> None:
+        """Block capacity for ``tokens`` tokens per sequence (and pool room at the worst-case width)."""
+        lay = self.storage.layout
+        self._ensure_capacity(max(0, (tokens - lay.window) // lay.block_size), 0)
+
     def _mark_static(self) -> None:
-        # Compiled steps mutate these tensors in place: static addresses let CUDA graphs capture them.
+        # Compiled steps mutate these tensors in place: static addresses let CUDA graphs capture them. The
+        # pool's length changes as it grows with the data: a dynamic dimension, so growth does not recompile.
         if not _is_compiling():
             for t in self.storage.tensors():
                 torch._dynamo.mark_static_address(t)
+            torch._dynamo.mark_dynamic(self.storage.pool, 0)
 
     def _select(self, index: torch.Tensor) -> None:
         if self.is_initialized:
@@ -282,10 +289,34 @@ class PackKVCache(Cache):
                 f"updates layer {layer_idx}: it was filled by a model with fewer layers"
             )
 
-    def prepare_step(self, new_tokens: int) -> None:
-        """Host bookkeeping before a compiled step that adds ``new_tokens`` tokens per sequence."""
+    def prepare_step(self, new_tokens: int) -> int:
+        """Host bookkeeping before a compiled step that adds ``new_tokens`` tokens per sequence (flush counts,
+        growth); returns the length of the K/V the compiled step hands to attention (the token capacity)."""
         for layer in self.layers:
             layer.prepare_step(new_tokens)
+        caps = {layer.token_capacity for layer in self.layers}
+        if len(caps) != 1:  # every layer grows the same way, so this is a bug, not a user error
+            raise RuntimeError(f"PackKV layers disagree on their token capacity: {sorted(caps)}")
+        return caps.pop()
+
+    def verify_step(self, new_tokens: int) -> None:
+        """After a compiled step: the device counters must have advanced as the host planned. They do not when
+        a layer received NaN/Inf keys or values (the op then stores nothing); report it, and undo the plan."""
+        counts = torch.stack([torch.stack([layer.storage.n_blocks[0], layer.storage.n_win[0]]).cpu() for layer in self.layers])
+        bad = [i for i, (layer, (nb, nw)) in enumerate(zip(self.layers, counts.tolist())) if (nb, nw) != (layer.n_blocks, layer.n_win)]
+        if bad:
+            for layer in self.layers:
+                layer.n_blocks, layer.n_win = layer.storage.n_blocks[0].item(), layer.storage.n_win[0].item()
+            raise ValueError(
+                f"non-finite (NaN/Inf) keys or values reached PackKV layers {bad} in a compiled step; those tokens "
+                "were not stored"
+            )
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for ``tokens`` tokens per sequence in every initialized layer (avoids growth later)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.reserve(tokens)
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held, summed over layers: ``compressed`` (every byte of the packed blocks), ``window`` (the exact

@@ -5,8 +5,9 @@
     out = model.generate(ids, past_key_values=packkv.PackKVCache(cfg))
 """
 
+from packkv.compile import compile
 from packkv.models import PackKVCache
 from packkv.ops.config import PackKVConfig
 from packkv.persistence import load_cache, save_cache
 
-__all__ = ["PackKVConfig", "PackKVCache", "load_cache", "save_cache"]
+__all__ = ["PackKVConfig", "PackKVCache", "compile", "load_cache", "save_cache"]

@@ -1,0 +1,119 @@
+"""FX rewrite: ``scaled_dot_product_attention`` over K/V from ``packkv.decompress`` becomes ``packkv.attention``.
+
+Works on Dynamo (torch-level) graphs. A match is an SDPA call whose key and value are the two outputs of one
+``decompress`` node, either directly (``enable_gqa=True`` or no GQA) or through transformers' ``repeat_kv``
+(``x[:, :, None, :, :].expand(b, h, n_rep, l, d).reshape(b, h * n_rep, l, d)``). The fused op computes exactly
+what the SDPA computed (same mask, ``is_causal``, scale; the decompressed tensors' zero tail included), so the
+rewrite never changes results beyond float rounding. Anything else is left untouched and logged at debug level.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+log = logging.getLogger(__name__)
+
+SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+N_STORAGE = 15  # storage tensors at the head of decompress/attention (packkv.ops.STORAGE_FIELDS)
+
+
+def _is_decompress(node) -> bool:
+    # Dynamo records the op packet (torch.ops.packkv.decompress), later stages the overload (.default).
+    op = torch.ops.packkv.decompress
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (op, op.default)
+
+
+def _is_method(node: fx.Node, *names: str) -> bool:
+    return node.op == "call_method" and node.target in names
+
+
+def _repeat_kv_source(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """If ``node`` is transformers' repeat_kv of some x, return (x, n_rep)."""
+    if not (_is_method(node, "reshape", "view") and isinstance(node.args[0], fx.Node)):
+        return None
+    expand = node.args[0]
+    if not (_is_method(expand, "expand") and isinstance(expand.args[0], fx.Node)):
+        return None
+    index = expand.args[0]
+    if not (index.op == "call_function" and index.target is operator.getitem):
+        return None
+    src, idx = index.args
+    full = slice(None, None, None)
+    if not (isinstance(idx, tuple) and len(idx) == 5 and idx[2] is None and all(i == full for i in idx[:2] + idx[3:])):
+        return None
+    x = src.meta.get("example_value")
+    y = node.meta.get("example_value")
+    sizes = expand.args[1:] if len(expand.args) > 2 else expand.args[1]
+    if x is None or y is None or x.dim() != 4 or len(sizes) != 5:
+        return None
+    b, h, length, d = x.shape
+    n_rep = sizes[2]
+    if not isinstance(n_rep, int) or tuple(y.shape) != (b, h * n_rep, length, d):
+        return None
+    return src, n_rep
+
+
+def _decompress_output(node: fx.Node) -> tuple[fx.Node, int, int] | None:
+    """(decompress node, output index 0/1, n_rep) that ``node`` is, possibly through repeat_kv / contiguous."""
+    n_rep = 1
+    while _is_method(node, "contiguous") and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    rep = _repeat_kv_source(node)
+    if rep is not None:
+        node, n_rep = rep
+    if node.op == "call_function" and node.target is operator.getitem:
+        src, i = node.args
+        if _is_decompress(src) and i in (0, 1):
+            return src, i, n_rep
+    return None
+
+
+def rewrite_attention(gm: fx.GraphModule) -> int:
+    """Replace every matching SDPA in ``gm`` by ``packkv.attention``; returns how many were replaced."""
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        if not (node.op == "call_function" and node.target in SDPA_TARGETS):
+            continue
+        a = dict(zip(SDPA_ARGS, node.args))
+        a.update(node.kwargs)
+        k = _decompress_output(a["key"]) if isinstance(a.get("key"), fx.Node) else None
+        v = _decompress_output(a["value"]) if isinstance(a.get("value"), fx.Node) else None
+        why = None
+        if k is None or v is None:
+            why = "key/value are not outputs of packkv.decompress"
+        elif k[0] is not v[0] or (k[1], v[1]) != (0, 1) or k[2] != v[2]:
+            why = "key and value come from different decompress calls or repeat differently"
+        elif a.get("dropout_p", 0.0) not in (0, 0.0):
+            why = "dropout"
+        elif not isinstance(a.get("is_causal", False), bool) or not isinstance(a.get("scale"), (float, int, type(None))):
+            why = "non-constant is_causal/scale"
+        if why is not None:
+            log.debug("packkv rewrite: leaving %s alone (%s)", node.format_node(), why)
+            continue
+        dec = k[0]
+        q = a["query"]
+        qv, kv = q.meta.get("example_value"), dec.meta.get("example_value")
+        if qv is None or kv is None or qv.shape[1] % kv[0].shape[1]:
+            log.debug("packkv rewrite: leaving %s alone (head counts)", node.format_node())
+            continue
+        storage, out_len, spec = dec.args[:N_STORAGE], dec.args[N_STORAGE], dec.args[N_STORAGE + 1 :]
+        scale = a.get("scale")
+        args = (q, *storage, out_len, a.get("attn_mask"), a.get("is_causal", False),
+                float(scale) if scale is not None else None, *spec)  # fmt: skip
+        with gm.graph.inserting_before(node):
+            fused = gm.graph.call_function(torch.ops.packkv.attention.default, args)
+        fused.meta.update(node.meta)
+        node.replace_all_uses_with(fused)
+        gm.graph.erase_node(node)
+        replaced += 1
+    if replaced:
+        gm.graph.eliminate_dead_code()  # decompress is pure: with no users left it disappears
+        gm.graph.lint()
+        gm.recompile()
+    return replaced

@@ -1,0 +1,118 @@
+"""torch.compile: the FX rewrite fuses attention over the packed cache, and packkv.compile drives generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import fill, n_tokens, spec
+from test_cache import EXACT, prompts, tiny
+
+import packkv
+from packkv.inductor import rewrite_attention, stats, with_inner
+from packkv.ops import PackKVConfig
+from transformers.integrations.sdpa_attention import repeat_kv
+
+NEW = 220  # decode steps: several block compressions, and one growth of the storage
+
+
+def capture(graphs: list):
+    def inner(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return with_inner(inner)
+
+
+def targets(gm) -> list[str]:
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_packkv_compile_fuses_attention_and_matches_eager():
+    ids, mask = prompts(2)
+    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW)
+    eager = tiny("llama").generate(**kw, past_key_values=packkv.PackKVCache(EXACT))
+    graphs: list = []
+    model = packkv.compile(tiny("llama"), config=EXACT, backend=capture(graphs))
+    before = dict(stats)
+    out = model.generate(**kw)
+    assert torch.equal(out, eager)
+    # Two graphs (a step with and one without a block compression) plus one for the storage's growth: no
+    # recompilation per token (fullgraph=True: a graph break would have raised).
+    assert 2 <= len(graphs) <= 3
+    for gm in graphs:
+        t = targets(gm)
+        assert t.count("packkv.attention.default") == 2  # one per layer
+        assert not any("scaled_dot_product_attention" in x or "decompress" in x for x in t)
+    assert stats["fused_attention"] - before.get("fused_attention", 0) == 2 * len(graphs)
+    # A second generation reuses the graphs.
+    assert torch.equal(model.generate(**kw), eager) and len(graphs) <= 3
+
+
+def test_packkv_compile_with_inductor_matches_eager():
+    ids, mask = prompts(1)
+    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=70, min_new_tokens=70)
+    eager = tiny("qwen3").generate(**kw, past_key_values=packkv.PackKVCache())
+    assert torch.equal(packkv.compile(tiny("qwen3")).generate(**kw), eager)
+
+
+class TinyAttention(torch.nn.Module):
+    """A plain module: SDPA over K/V handed back by the PackKV ops (the README's minimal example)."""
+
+    def __init__(self, layer, gqa: str):
+        super().__init__()
+        self.layer, self.gqa = layer, gqa
+        self.length = n_tokens(layer)  # a Python int read once: lengths inside the graph stay static
+
+    def forward(self, q):
+        st = self.layer
+        k, v = torch.ops.packkv.decompress(*st.tensors(), self.length, *spec(st.layout))
+        if self.gqa == "repeat_kv":
+            n_rep = q.shape[1] // k.shape[1]
+            return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep))
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, scale=0.2)
+
+
+@pytest.mark.parametrize("gqa", ["repeat_kv", "enable_gqa"])
+def test_rewrite_on_a_plain_module(gqa):
+    k = torch.randn(1, 2, 300, 64)
+    layer = fill(PackKVConfig(), k, torch.randn_like(k))
+    mod = TinyAttention(layer, gqa)
+    q = torch.randn(1, 8, 1, 64)
+    graphs: list = []
+    out = packkv.compile(mod, backend=capture(graphs))(q)
+    torch.testing.assert_close(out, mod(q), rtol=1e-5, atol=1e-5)
+    assert "packkv.attention.default" in targets(graphs[0]) and "decompress" not in str(targets(graphs[0]))
+
+
+def test_rewrite_leaves_other_attention_alone():
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    gm = torch.fx.symbolic_trace(f)
+    assert rewrite_attention(gm) == 0
+
+    layer = fill(PackKVConfig(), torch.randn(1, 2, 300, 64), torch.randn(1, 2, 300, 64))
+
+    class Dropout(TinyAttention):
+        def forward(self, q):
+            st = self.layer
+            k, v = torch.ops.packkv.decompress(*st.tensors(), self.length, *spec(st.layout))
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, enable_gqa=True)
+
+    graphs: list = []
+    torch.compile(Dropout(layer, ""), backend=capture(graphs), fullgraph=True)(torch.randn(1, 2, 1, 64))
+    assert "packkv.attention.default" not in targets(graphs[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_compiled_decode_on_cuda(mode):
+    ids, mask = prompts(2)
+    ids, mask = ids.cuda(), mask.cuda()
+    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW)
+    eager = tiny("llama").cuda().generate(**kw, past_key_values=packkv.PackKVCache(EXACT))
+    before = stats["graphs"]
+    model = packkv.compile(tiny("llama").cuda(), config=EXACT, mode=mode)
+    assert torch.equal(model.generate(**kw), eager)
+    assert stats["graphs"] - before <= 3
