@@ -11,11 +11,11 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 if [[ $what == tests || $what == all ]]; then
-  timeout 420 python3 -m pytest -q -x -p no:cacheprovider -m "cuda or not cuda" tests/test_cuda.py tests/test_kernels.py \
-    ${PACKKV_EXTRA_TESTS:-} 2>&1 | tee "$OUT/tests.log" | tail -25
+  timeout 480 python3 -m pytest -q -p no:cacheprovider -m "cuda or not cuda" tests/test_cuda.py tests/test_kernels.py \
+    tests/test_compile.py::test_compiled_decode_on_cuda ${PACKKV_EXTRA_TESTS:-} 2>&1 | tee "$OUT/tests.log" | tail -25
 fi
 if [[ $what == sanitize || $what == all ]]; then
-  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \
+  timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \
     -m "cuda or not cuda" tests/test_kernels.py -k "append_matches or attention_matches_the_reference or matvec" \
     2>&1 | tee "$OUT/sanitizer.log" | tail -8
 fi

@@ -102,6 +102,7 @@ def _attention_kernel(
     split = tl.program_id(1)
     b = pid // H
     kvh = pid % H
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor may pass Python floats as fp64
     # Rows: every query of every query head in this KV group.
     rows = tl.arange(0, M_PAD)
     row_ok = rows < N_REP * TQ
@@ -208,11 +209,11 @@ def attention(
     m = torch.empty(B, HQ, TQ, ns, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     if mask is not None:
-        mask = mask.expand(B, HQ, TQ, mask.shape[-1])  # broadcast dims get stride 0: nothing is copied
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+        # Broadcast dimensions read with stride 0; no expanded or converted copy (a bool mask is read as bool).
         mask_bool = mask.dtype == torch.bool
-        if mask_bool:
-            mask = mask.view(torch.uint8)
-        strides = mask.stride()
+        strides = tuple(mask.stride(i) if mask.shape[i] > 1 else 0 for i in range(4))
     else:
         mask_bool, strides = True, (0, 0, 0, 0)
     sm_scale = 1.0 / math.sqrt(D) if scale is None else scale

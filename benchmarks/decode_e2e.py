@@ -1,0 +1,191 @@
+"""End-to-end decode benchmark: ``packkv.compile(model)`` vs transformers' compiled static cache.
+
+    python benchmarks/decode_e2e.py                # Llama-3.1-8B shapes, random bf16 weights, one GPU
+
+A Llama-architecture model with random weights (32 layers, 32 query / 8 KV heads, head_dim 128, hidden 4096)
+decodes after a prompt of each context length, side by side in one run:
+
+* ``static``: transformers ``StaticCache`` (bf16), forward compiled with ``mode="reduce-overhead"`` (CUDA
+  graphs), SDPA attention: the path users have;
+* ``packkv``: ``packkv.compile(model)`` (packed cache, fused attention in the compiled step, CUDA graphs);
+* ``weights``: the static cache at a 1K context: the cost of reading the weights alone.
+
+Prompts are filled by chunked prefill; decode steps are timed with CUDA events after warm-up (medians over
+steps). Peak memory is ``torch.cuda.max_memory_allocated`` during decode. Writes ``decode_e2e.json`` and
+``decode_e2e.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import packkv
+from packkv.inductor import stats
+
+LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                max_position_embeddings=262144)  # fmt: skip
+
+
+def build_model(layers: int, small: bool, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(LLAMA_8B, num_hidden_layers=layers)
+    if small:  # CPU smoke test
+        shape.update(vocab_size=512, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=64)  # fmt: skip
+    cfg = LlamaConfig(**shape)
+    cfg._attn_implementation = "sdpa"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    return model.eval()
+
+
+def timer(device: str):
+    if device == "cuda":
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        return lambda: (e.record(), torch.cuda.synchronize(), s.elapsed_time(e))[-1]
+    t0 = time.perf_counter()
+    return lambda: (time.perf_counter() - t0) * 1e3
+
+
+@torch.no_grad()
+def prefill(model, ids: torch.Tensor, cache, chunk: int) -> None:
+    for i in range(0, ids.shape[1], chunk):
+        model(ids[:, i : i + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+
+@torch.no_grad()
+def decode(step, model, cache, batch: int, start: int, steps: int, warmup: int, device: str, pad_to: int = 0) -> list[float]:
+    """Per-step times (ms) of `steps` decode steps (random next tokens) after `warmup` steps. ``pad_to`` pads the
+    2-D mask to the static cache's length, as generate does for static caches (same shapes every step)."""
+    times = []
+    mask = torch.ones(batch, start, dtype=torch.long, device=device)
+    for t in range(warmup + steps):
+        tok = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], 1)
+        pos = torch.full((batch, 1), start + t, device=device, dtype=torch.long)
+        m = torch.nn.functional.pad(mask, (0, pad_to - mask.shape[1])) if pad_to else mask
+        stop = timer(device)
+        step(input_ids=tok, attention_mask=m, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        ms = stop()
+        if t >= warmup:
+            times.append(ms)
+    return times
+
+
+def run_static(model, batch, context, steps, warmup, device, chunk, compiled) -> dict:
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=context + warmup + steps + 8)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+    prefill(model, ids, cache, chunk)
+    reset_peak(device)
+    times = decode(compiled, model, cache, batch, context, steps, warmup, device, pad_to=cache.get_max_length())
+    return result("static", batch, context, times, device)
+
+
+def run_packkv(model, batch, context, steps, warmup, device, chunk, cfg) -> dict:
+    cache = packkv.PackKVCache(cfg, model=model)
+    cache.compiled = True
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+    prefill(model, ids, cache, chunk)
+    cache.reserve(context + warmup + steps + 8)  # no storage growth (and no recompile) while timing
+    reset_peak(device)
+    graphs = stats["graphs"]
+    times = decode(model.__call__, model, cache, batch, context, steps, warmup, device)
+    row = result("packkv", batch, context, times, device)
+    n = cache.nbytes()
+    row.update(cache_bytes=n["compressed"] + n["window"], cache_fp16_bytes=n["fp16_compressed"] + n["fp16_window"],
+               graphs_compiled=stats["graphs"] - graphs)  # fmt: skip
+    return row
+
+
+def reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def result(name, batch, context, times, device) -> dict:
+    med = statistics.median(times)
+    return dict(path=name, batch=batch, context=context, step_ms=med, tokens_per_s=batch * 1e3 / med,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"))  # fmt: skip
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in ("static", "packkv"):
+        rs = [r for r in rows if r["path"] == name and r["batch"] == 1]
+        ax.plot([r["context"] // 1024 for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=name)
+    w = [r for r in rows if r["path"] == "weights"]
+    if w:
+        ax.axhline(w[0]["tokens_per_s"], ls=":", color="gray", label="1K context (weights only)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (K tokens)")
+    ax.set_ylabel("decode tokens/s (batch 1)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Llama-3.1-8B shapes, random bf16 weights, compiled decode")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--chunk", type=int, default=8192, help="prefill chunk (tokens)")
+    p.add_argument("--small", action="store_true", help="tiny model (CPU smoke test)")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_e2e")
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = build_model(args.layers, args.small, device)
+    mode = "reduce-overhead" if device == "cuda" else None
+    static_step = torch.compile(model, mode=mode, fullgraph=True)
+    rows = []
+
+    def record(row):
+        rows.append(row)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        (args.out / "decode_e2e.json").write_text(json.dumps(dict(device=str(device), rows=rows), indent=1))
+
+    record(dict(run_static(model, args.batch, 1024, args.steps, args.warmup, device, args.chunk, static_step), path="weights"))
+    for ctx in args.contexts:
+        record(run_static(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, static_step))
+        torch.cuda.empty_cache() if device == "cuda" else None
+    packkv.compile(model, mode=mode)  # from here on, generate-style steps on a PackKV cache run compiled
+    for ctx in args.contexts:
+        record(run_packkv(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, model.packkv_config))
+        torch.cuda.empty_cache() if device == "cuda" else None
+    plot(rows, args.out / "decode_e2e.png")
+    by = {(r["path"], r["context"]): r for r in rows}
+    print("| context | static tok/s | PackKV tok/s | ratio | PackKV step / 1K step | static peak GiB | PackKV peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    w = rows[0]["step_ms"]
+    for ctx in args.contexts:
+        s, k = by[("static", ctx)], by[("packkv", ctx)]
+        print(f"| {ctx // 1024}K | {s['tokens_per_s']:.1f} | {k['tokens_per_s']:.1f} | {k['tokens_per_s'] / s['tokens_per_s']:.2f}x | "
+              f"{k['step_ms'] / w:.2f} | {s['peak_gib']:.1f} | {k['peak_gib']:.1f} |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
