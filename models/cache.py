@@ -303,13 +303,16 @@ class PackKVCache(Cache):
         """After a compiled step: the device counters must have advanced as the host planned. They do not when
         a layer received NaN/Inf keys or values (the op then stores nothing); report it, and undo the plan."""
         counts = torch.stack([torch.stack([layer.storage.n_blocks[0], layer.storage.n_win[0]]).cpu() for layer in self.layers])
-        bad = [i for i, (layer, (nb, nw)) in enumerate(zip(self.layers, counts.tolist())) if (nb, nw) != (layer.n_blocks, layer.n_win)]
+        counts = counts.tolist()
+        bad = [i for i, (layer, c) in enumerate(zip(self.layers, counts)) if tuple(c) != (layer.n_blocks, layer.n_win)]
         if bad:
-            for layer in self.layers:
-                layer.n_blocks, layer.n_win = layer.storage.n_blocks[0].item(), layer.storage.n_win[0].item()
+            want = [(self.layers[i].n_blocks, self.layers[i].n_win) for i in bad[:3]]
+            for layer, (nb, nw) in zip(self.layers, counts):
+                layer.n_blocks, layer.n_win = nb, nw
             raise ValueError(
                 f"non-finite (NaN/Inf) keys or values reached PackKV layers {bad} in a compiled step; those tokens "
-                "were not stored"
+                f"were not stored (device counters (blocks, window) {[tuple(counts[i]) for i in bad[:3]]}, "
+                f"expected {want})"
             )
 
     def reserve(self, tokens: int) -> None:

@@ -2,7 +2,8 @@
 
 Public ops (``torch.ops.packkv.*``):
 
-* ``append_``    add tokens to a layer's storage, compressing ``n_flush`` blocks (mutates the storage);
+* ``append_``    add tokens to a layer's storage, compressing ``n_flush`` blocks (mutates the storage; an opaque
+                 ``custom_op``, so compiled graphs call it in place);
 * ``decompress`` K/V of the stored tokens in original order, ``out_len`` long;
 * ``attention``  ``scaled_dot_product_attention`` of queries over the stored tokens, never materialising K/V.
 
@@ -53,27 +54,7 @@ def _is_cuda(t: Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # append_
 # ---------------------------------------------------------------------------------------------------------------
-@custom_op("packkv::_append_reference_", mutates_args=MUTATED_BY_APPEND, device_types="cpu")
-def _append_reference_(
-    pool: Tensor, cursor: Tensor,
-    k_meta: Tensor, k_offsets: Tensor, k_scale: Tensor, k_zero: Tensor,
-    v_meta: Tensor, v_offsets: Tensor, v_scale: Tensor, v_zero: Tensor,
-    perm: Tensor, ring_k: Tensor, ring_v: Tensor, n_blocks: Tensor, n_win: Tensor,
-    new_k: Tensor, new_v: Tensor, n_flush: int,
-    k_rel: float, k_grouping: int, v_rel: float, v_grouping: int, pack_size: int, repack: int,
-) -> None:  # fmt: skip
-    args = (pool, cursor, k_meta, k_offsets, k_scale, k_zero, v_meta, v_offsets, v_scale, v_zero, perm,
-            ring_k, ring_v, n_blocks, n_win)  # fmt: skip
-    spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack)
-    reference.append_(_storage(args, spec), new_k, new_v, n_flush)
-
-
-@_append_reference_.register_fake
-def _(*args, **kwargs) -> None:
-    return None
-
-
-@triton_op("packkv::append_", mutates_args=MUTATED_BY_APPEND)
+@custom_op("packkv::append_", mutates_args=MUTATED_BY_APPEND)
 def append_(
     pool: Tensor, cursor: Tensor,
     k_meta: Tensor, k_offsets: Tensor, k_scale: Tensor, k_zero: Tensor,
@@ -82,6 +63,8 @@ def append_(
     new_k: Tensor, new_v: Tensor, n_flush: int,
     k_rel: float, k_grouping: int, v_rel: float, v_grouping: int, pack_size: int, repack: int,
 ) -> None:  # fmt: skip
+    # An opaque op: compiled graphs call it in place on the storage (no functionalized copies of the pool),
+    # and on CUDA it launches its kernels directly.
     args = (pool, cursor, k_meta, k_offsets, k_scale, k_zero, v_meta, v_offsets, v_scale, v_zero, perm,
             ring_k, ring_v, n_blocks, n_win)  # fmt: skip
     spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack)
@@ -91,7 +74,12 @@ def append_(
 
         gpu.append_(_storage(args, spec), new_k, new_v, n_flush)
     else:
-        torch.ops.packkv._append_reference_(*args, new_k, new_v, n_flush, *spec)
+        reference.append_(_storage(args, spec), new_k, new_v, n_flush)
+
+
+@append_.register_fake
+def _(*args, **kwargs) -> None:
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
