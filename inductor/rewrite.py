@@ -77,6 +77,7 @@ def _decompress_output(node: fx.Node) -> tuple[fx.Node, int, int] | None:
 def rewrite_attention(gm: fx.GraphModule) -> int:
     """Replace every matching SDPA in ``gm`` by ``packkv.attention``; returns how many were replaced."""
     replaced = 0
+    orphans: list[fx.Node] = []
     for node in list(gm.graph.nodes):
         if not (node.op == "call_function" and node.target in SDPA_TARGETS):
             continue
@@ -110,10 +111,31 @@ def rewrite_attention(gm: fx.GraphModule) -> int:
             fused = gm.graph.call_function(torch.ops.packkv.attention.default, args)
         fused.meta.update(node.meta)
         node.replace_all_uses_with(fused)
+        orphans += [a["key"], a["value"]]
         gm.graph.erase_node(node)
         replaced += 1
     if replaced:
-        gm.graph.eliminate_dead_code()  # decompress is pure: with no users left it disappears
+        _erase_unused(gm.graph, orphans)
         gm.graph.lint()
         gm.recompile()
     return replaced
+
+
+def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    """Erase the now unused views of the decompressed K/V and the decompress calls themselves.
+
+    Only these: ``graph.eliminate_dead_code`` would also drop ``packkv.append_`` (it mutates the cache and
+    returns nothing), which torch 2.11 does not recognise as side-effecting when it is recorded as an op packet.
+    """
+    todo, gone = list(nodes), set()
+    while todo:
+        n = todo.pop()
+        if n in gone or n.users:
+            continue
+        view = n.op == "call_function" and n.target is operator.getitem
+        if not (view or _is_decompress(n) or _is_method(n, "expand", "reshape", "view", "contiguous")):
+            continue
+        parents = list(n.all_input_nodes)
+        graph.erase_node(n)
+        gone.add(n)
+        todo += parents
