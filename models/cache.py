@@ -356,7 +356,17 @@ def model_identity(model) -> dict:
         "architecture": (cfg.get("architectures") or [type(model).__name__])[0],
         "model_type": cfg.get("model_type"),
         "config_sha256": hashlib.sha256(blob).hexdigest(),
+        # Under tensor parallelism each rank's cache holds only its KV heads: "rank/size", or "none".
+        "tensor_parallel": _tensor_parallel(model),
     }
+
+
+def _tensor_parallel(model) -> str:
+    size = getattr(model, "tp_size", None)
+    if not size or size == 1:
+        return "none"
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return f"{rank}/{size}"
 
 
 def cache_storages(cache: PackKVCache) -> list[PackedLayer]:

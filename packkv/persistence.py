@@ -321,18 +321,25 @@ def _identity(path: str, ident: Any) -> dict | None:
 # ---- the model ----------------------------------------------------------------------------------------------
 def _check_model(path: str, header: CacheHeader, model) -> None:
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    tp = getattr(model, "tp_size", None) or 1  # a tensor-parallel rank holds heads / tp of them
+    heads = (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) // tp
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     lay = header.layout
     pairs = {
         "layers": (header.num_layers, cfg.num_hidden_layers),
-        "num_kv_heads": (lay.num_heads, heads),
+        "num_kv_heads per rank": (lay.num_heads, heads),
         "head_dim": (lay.head_dim, head_dim),
         "dtype": (header.dtype, getattr(model, "dtype", header.dtype)),
     }
     problems = [f"{k}: file {a}, model {b}" for k, (a, b) in pairs.items() if a != b]
     if header.model_identity is not None:
         mine = model_identity(model)
+        saved_tp = header.model_identity.get("tensor_parallel") or "none"
+        if saved_tp.split("/")[-1] != mine["tensor_parallel"].split("/")[-1]:
+            problems.append(
+                f"sharding: saved under tensor parallelism {saved_tp} (rank/size), the model runs with "
+                f"{mine['tensor_parallel']}; a cache loads only under the sharding it was saved with"
+            )
         if any(header.model_identity.get(k) != mine[k] for k in ("architecture", "config_sha256")):
             problems.append(
                 f"identity: file {header.model_identity.get('architecture')} "

@@ -261,7 +261,7 @@ def other(**change):
 @pytest.mark.parametrize(
     "change, problem",
     [
-        (dict(num_key_value_heads=4), "num_kv_heads: file 2, model 4"),
+        (dict(num_key_value_heads=4), "num_kv_heads per rank: file 2, model 4"),
         (dict(num_hidden_layers=3), "layers: file 2, model 3"),
         (dict(head_dim=128), "head_dim: file 64, model 128"),
         (dict(rope_theta=500.0), "identity: file LlamaForCausalLM"),  # same shapes, another model
@@ -275,7 +275,7 @@ def test_without_identity_only_shapes_are_compared(model, tmp_path):
     path = tmp_path / "anonymous.safetensors"
     save_cache(prefilled(model), path)  # neither model= nor PackKVCache(model=...): no identity
     assert load_cache(path, model=other(rope_theta=500.0)).model_identity is not None
-    assert_refused(path, "num_kv_heads: file 2, model 4", model=other(num_key_value_heads=4))
+    assert_refused(path, "num_kv_heads per rank: file 2, model 4", model=other(num_key_value_heads=4))
     assert_refused(path, "dtype: file torch.float32, model torch.bfloat16", model=tiny("llama").to(torch.bfloat16))
 
 
