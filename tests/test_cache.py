@@ -184,3 +184,13 @@ def test_cache_of_another_model_is_refused():
     shallower(ids[:, :1], past_key_values=cache)
     with pytest.raises(ValueError, match="more layers"):
         shallower(ids[:, :1], past_key_values=cache)
+
+
+def test_sliding_window_models_work_with_the_full_packed_cache():
+    """Sliding-window layers keep every token in the packed cache; the model's mask limits attention, so the
+    tokens equal DynamicCache's (which drops the old ones)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(MistralConfig(**SMALL, sliding_window=100), attn_implementation="sdpa").eval()
+    ids, mask = prompts(3)
+    ref = generate(model, ids, mask, DynamicCache(config=model.config))
+    assert torch.equal(generate(model, ids, mask, PackKVCache(EXACT)), ref)
