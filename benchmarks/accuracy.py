@@ -79,11 +79,19 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "accuracy"
 # V per token).
 FAMILIES = {"token": ("token", "token"), "token_head": ("token_head", "token_head"), "channel": ("channel", "token")}
 
-# (k_rel, v_rel) pairs: K and V tuned jointly, from near-lossless to lossy, per family.
+# (k_rel, v_rel) pairs: K and V tuned jointly, from near-lossless to lossy, per family. Each pair spends
+# its KL budget about evenly on K and V (K-only and V-only sweeps on SmolLM2: the KL of the two adds up), so the
+# pairs trace each family's frontier from KL ~0.004 to ~0.08 nats/token.
 GRID = {
-    "token": [(0.02, 0.05), (0.035, 0.075), (0.05, 0.1), (0.07, 0.15), (0.1, 0.2), (0.15, 0.3), (0.2, 0.4)],
-    "token_head": [(0.035, 0.075), (0.05, 0.1), (0.07, 0.15), (0.1, 0.2), (0.15, 0.3), (0.2, 0.4), (0.3, 0.6)],
-    "channel": [(0.05, 0.1), (0.1, 0.15), (0.15, 0.2), (0.2, 0.3), (0.3, 0.4)],
+    "token": [(0.03, 0.05), (0.04, 0.065), (0.05, 0.075), (0.06, 0.1), (0.07, 0.15), (0.1, 0.2), (0.1, 0.3)],
+    "token_head": [(0.05, 0.1), (0.07, 0.15), (0.1, 0.2), (0.12, 0.3), (0.15, 0.3), (0.15, 0.45)],
+    "channel": [(0.07, 0.05), (0.1, 0.075), (0.15, 0.1), (0.2, 0.2)],
+}
+# With the Hadamard rotation the same bounds cost less KL (less so for channel keys), so the grid moves up.
+HADAMARD_GRID = {
+    "token": [(0.05, 0.1), (0.07, 0.15), (0.1, 0.15), (0.1, 0.2), (0.12, 0.25), (0.15, 0.3)],
+    "token_head": [(0.07, 0.15), (0.1, 0.2), (0.12, 0.3), (0.15, 0.3), (0.2, 0.45)],
+    "channel": [(0.07, 0.1), (0.1, 0.15), (0.15, 0.2)],
 }
 QUICK_GRID = {"token": [(0.05, 0.1), (0.1, 0.2)], "token_head": [(0.1, 0.2)], "channel": [(0.2, 0.3)]}
 KIVI_BITS = [(4, 4), (4, 3), (4, 2), (3, 3), (2, 2)]
@@ -531,10 +539,10 @@ def parse_bits(s: str) -> list[tuple[int, int]]:
 
 
 def build_settings(args) -> list[Setting]:
-    grid = QUICK_GRID if args.quick else GRID
     settings = []
     rot_families = args.hadamard_families if args.hadamard else []
     for rotate, families in ((False, args.families), (True, rot_families)):
+        grid = QUICK_GRID if args.quick else (HADAMARD_GRID if rotate else GRID)
         for fam in families:
             pairs = parse_pairs(args.pairs) if args.pairs else grid[fam]
             settings += [Setting("packkv", fam, k, v, rotate=rotate) for k, v in pairs]
@@ -578,17 +586,20 @@ def run(args) -> dict:
     if args.context <= PackKVConfig().window + PackKVConfig().block_size:
         raise ValueError("--context must exceed window + block_size (192) so that the prefill compresses blocks")
 
-    per = {s: {"fid": [], "bytes": {}} for s in settings}
-    exact_nll = []
+    per = {s: {"fid": [], "bytes": {}, "seconds": 0.0, "greedy_seconds": 0.0} for s in settings}
+    exact_nll, t_exact = [], 0.0
     bar = tqdm(total=len(windows) * (len(settings) + 1), desc="fidelity + ratios", unit="run", dynamic_ncols=True)
     for wi, w in enumerate(windows):
         bar.set_postfix_str(f"{w.text}@{w.start} exact")
+        t_ref = time.time()
         ref = exact_reference(model, w, args.context)
+        t_exact += time.time() - t_ref
         exact_nll.append(ref.nll)
         bar.update(1)
         targets = w.ids[:, args.context :]
         for s in settings:
             bar.set_postfix_str(f"{w.text}@{w.start} {s.id}")
+            t_set = time.time()
             if s.method == "kivi":
                 cache = prefill_from(s.make_cache(), ref.kv)
                 stage_bytes = {"kivi": kivi_bytes_of(cache)}
@@ -599,11 +610,15 @@ def run(args) -> dict:
                 for stage in ("median", "greedy"):
                     if stage == "greedy" and wi not in greedy_windows:
                         continue
+                    t_stage = time.time()
                     stage_bytes[stage] = packkv_bytes(prefill_from(s.make_cache(repack=STAGE_REPACK[stage]), ref.kv))
+                    if stage == "greedy":
+                        per[s]["greedy_seconds"] += time.time() - t_stage
             for stage, b in stage_bytes.items():
                 per[s]["bytes"].setdefault(stage, []).append(b)
             logits = continue_logits(model, w.ids, args.context, cache, ref.logits[:, :1])
             per[s]["fid"].append(fidelity(ref, logits, targets))
+            per[s]["seconds"] += time.time() - t_set
             del cache
             bar.update(1)
     bar.close()
@@ -622,6 +637,7 @@ def run(args) -> dict:
         layers = model.config.num_hidden_layers
         results.append({
             **s.describe(), "fidelity": fid, "ratios": ratios,
+            "seconds": per[s]["seconds"], "greedy_seconds": per[s]["greedy_seconds"],
             "after_prefill": {  # per window, after the prefill of `context` tokens
                 "exact_tokens": spread([b["window_tokens"] / layers for b in first]),
                 "compressed_tokens": spread([b["compressed_tokens"] / layers for b in first]),
@@ -636,13 +652,15 @@ def run(args) -> dict:
         "windows": [{"text": w.text, "start": w.start} for w in windows], "greedy_windows": len(greedy_windows),
         "device": str(device), "dtype": args.dtype, "quick": args.quick, "hadamard": args.hadamard,
         "torch": torch.__version__, "python": platform.python_version(),
-        "exact_ppl": spread([math.exp(x) for x in exact_nll]),
+        "exact_ppl": spread([math.exp(x) for x in exact_nll]), "exact_seconds": t_exact,
         "kv_heads": model.config.num_key_value_heads, "layers": model.config.num_hidden_layers,
         "head_dim": _head_dim(model.config),
     }  # fmt: skip
     out["settings"] = results
     if args.gen_prompts > 0:
+        t_gen = time.time()
         out["generation"] = run_generation(model, tok, text_ids, out, args, device)
+        out["generation"]["seconds"] = time.time() - t_gen
     out["meta"]["runtime_s"] = time.time() - t0
     return out
 
@@ -675,6 +693,8 @@ def summarize(results: list[dict], args) -> dict:
             row["packkv_hadamard_frontier_interpolated"] = frontier_ratio_at(pareto(full_rot), thr)
         p, k = row["packkv"], row["kivi"]
         row["packkv_over_kivi"] = p["kv_ratio"] / k["kv_ratio"] if p and k else None
+        pi, ki = row["packkv_frontier_interpolated"], row["kivi_frontier_interpolated"]
+        row["packkv_over_kivi_interpolated"] = pi / ki if pi and ki else None
         matched[str(thr)] = row
 
     default = [p for p in full if p["id"] == DEFAULT_SETTING.id and p["stage"] == "median"]
@@ -796,8 +816,9 @@ def print_tables(out: dict) -> None:
     for r in out["settings"]:
         st = "kivi" if r["method"] == "kivi" else "median"
         rr = r["ratios"][st]
-        print(f"{r['id']:44s} K {rr['k']:6.2f}x ({rr['bits_per_element']['k']:.2f} b/elem)   "
-              f"V {rr['v']:6.2f}x ({rr['bits_per_element']['v']:.2f} b/elem)   incl. window {rr['kv_incl_window']:.2f}x")  # fmt: skip
+        bits = rr["bits_per_element"]
+        print(f"{r['id']:44s} K {rr['k']:6.2f}x ({bits['k']:.2f} b/elem)   V {rr['v']:6.2f}x ({bits['v']:.2f} b/elem)"
+              f"   incl. window {rr['kv_incl_window']:.2f}x")  # fmt: skip
     print("\n== Best K+V ratio at matched fidelity (mean KL over windows) ==")
     for thr, row in out["matched_fidelity"].items():
         print(f"KL <= {thr}:")
@@ -808,7 +829,8 @@ def print_tables(out: dict) -> None:
             print(f"   +Hadamard   {fmt_point(row['packkv_hadamard'])}  frontier-interpolated "
                   f"{_f(row['packkv_hadamard_frontier_interpolated'])}")  # fmt: skip
         print(f"   KIVI-style  {fmt_point(row['kivi'])}  frontier-interpolated {_f(row['kivi_frontier_interpolated'])}")
-        print(f"   PackKV / KIVI-style: {_f(row['packkv_over_kivi'])}")
+        print(f"   PackKV / KIVI-style: {_f(row['packkv_over_kivi'])} (grid points), "
+              f"{_f(row['packkv_over_kivi_interpolated'])} (interpolated frontiers)")  # fmt: skip
     print("\n== PackKV frontier (no rotation) ==")
     for p in out["frontier"]["packkv"]:
         print(f"   {p['kv_ratio']:6.2f}x  KL {p['kl']:.4f}  {p['id']} [{p['stage']}]")
@@ -851,6 +873,7 @@ def plot(out: dict, folder: Path) -> list[str]:
 
     written = []
     pts = out["points"]
+    m_greedy = out["meta"].get("greedy_windows", "?")
     fig, ax = plt.subplots(figsize=(9, 6))
     labels = sorted({p["label"] for p in pts}, key=lambda s: (s.startswith("KIVI"), s))
     colors = dict(zip(labels, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
@@ -867,11 +890,16 @@ def plot(out: dict, folder: Path) -> list[str]:
         med = sorted((p for p in pts if p["label"] == label and p["stage"] in ("median", "kivi")),
                      key=lambda p: p["kv_ratio"])  # fmt: skip
         ax.plot([p["kv_ratio"] for p in med], [max(p["kl"], 1e-6) for p in med], color=colors[label], lw=0.8)
-    for key, style in (("packkv", "k--"), ("kivi", "k:")):
-        f = out["frontier"][key]
+    names = {"packkv": "PackKV", "packkv_hadamard": "PackKV +Hadamard", "kivi": "KIVI-style"}
+    for key, style in (("packkv", "k--"), ("packkv_hadamard", "g--"), ("kivi", "k:")):
+        f = out["frontier"].get(key)
         if f:
             ax.plot([p["kv_ratio"] for p in f], [max(p["kl"], 1e-6) for p in f], style, lw=1.2,
-                    label=f"frontier {'PackKV' if key == 'packkv' else 'KIVI-style'}")  # fmt: skip
+                    label=f"frontier {names[key]} (all windows)")  # fmt: skip
+    for stage, mk in markers.items():  # marker legend for the stages
+        if stage != "kivi":
+            ax.scatter([], [], marker=mk, color="gray", facecolors="none" if stage == "greedy" else None,
+                       label=f"stage: {stage}" + (f" ({m_greedy} window)" if stage == "greedy" else ""))  # fmt: skip
     d = out.get("default_config")
     if d:
         ax.scatter([d["point"]["kv_ratio"]], [d["point"]["kl"]], s=160, facecolors="none", edgecolors="red",
@@ -906,8 +934,9 @@ def plot(out: dict, folder: Path) -> list[str]:
             vals = [chosen[n][1]["ratios"].get(stage, {}).get(stream, float("nan")) for n in names]
             ax.bar([i + j * width for i in range(len(names))], vals, width, label=stage)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))])
-        ax.set_xticklabels([f"{n}\nk{chosen[n][1]['k_rel']:g} v{chosen[n][1]['v_rel']:g}" for n in names], fontsize=7)
-        ax.set_title(f"{stream.upper()} ratio by stage (every byte counted)")
+        ax.set_xticklabels([f"{n.replace('PackKV ', '').replace(' +', chr(10) + '+')}\nk{chosen[n][1]['k_rel']:g} "
+                            f"v{chosen[n][1]['v_rel']:g}" for n in names], fontsize=7)  # fmt: skip
+        ax.set_title(f"{stream.upper()} ratio by stage, every byte counted (greedy: {m_greedy} window)", fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
     axes[0].set_ylabel("fp16 bytes / bytes held")
     axes[0].legend(fontsize=8)
@@ -920,10 +949,15 @@ def plot(out: dict, folder: Path) -> list[str]:
     if g and g["configs"]:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         names = list(g["configs"])
-        axes[0].boxplot([[p["len_change"] for p in g["configs"][n]["per_sample"]] for n in names])
-        axes[0].set_title("output length change vs exact cache (tokens)")
-        axes[1].boxplot([[p["identical_fraction"] for p in g["configs"][n]["per_sample"]] for n in names])
-        axes[1].set_title("per-sample fraction of identical tokens")
+        for ax, key, title in ((axes[0], "len_change", "output length change vs exact cache (tokens)"),
+                               (axes[1], "first_divergence", "first divergent token (None: identical = max)")):
+            vals = [[(p[key] if p[key] is not None else g["max_new_tokens"]) for p in g["configs"][n]["per_sample"]]
+                    for n in names]  # fmt: skip
+            ax.boxplot(vals)
+            for i, v in enumerate(vals):
+                jitter = [i + 1 + 0.08 * ((j % 5) - 2) for j in range(len(v))]
+                ax.scatter(jitter, v, s=12, alpha=0.6, color="C0")
+            ax.set_title(title, fontsize=10)
         for ax in axes:
             ax.set_xticks(range(1, len(names) + 1))
             ax.set_xticklabels([n.replace(" kl", "\nkl") for n in names], fontsize=7)
@@ -952,20 +986,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hadamard", action="store_true", help="also evaluate PackKV on Hadamard-rotated K/V")
     p.add_argument("--hadamard-families", nargs="+", default=["token", "token_head"], choices=list(FAMILIES))
     p.add_argument("--greedy-windows", type=int, default=1,
-                   help="windows on which the (slow, CPU reference) greedy repacking stage is measured (default 1)")  # fmt: skip
+                   help="windows on which the greedy repacking stage (slow on the CPU reference) is measured "
+                        "(default 1)")  # fmt: skip
     p.add_argument("--gen-prompts", type=int, default=8, help="generation prompts (0: skip generation; default 8)")
     p.add_argument("--gen-prompt-tokens", type=int, default=500, help="passage tokens per prompt (default 500)")
     p.add_argument("--gen-new-tokens", type=int, default=96, help="max new tokens, greedy (default 96)")
+    p.add_argument("--from-json", type=Path, default=None, help="re-render the tables and plots of an accuracy.json")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
-    out = run(args)
+    if args.from_json:  # re-render tables and plots of a finished run
+        out = json.loads(args.from_json.read_text())
+        out.update(summarize(out["settings"], args))
+    else:
+        out = run(args)
+        out["meta"]["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        out["meta"]["args"]["text"] = [str(t) for t in (args.text or [])]
     args.out.mkdir(parents=True, exist_ok=True)
     out["meta"]["plots"] = plot(out, args.out)
-    out["meta"]["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    out["meta"]["args"]["text"] = [str(t) for t in (args.text or [])]
     (args.out / "accuracy.json").write_text(json.dumps(out, indent=1, default=_json_default))
     print_tables(out)
     print(f"wrote {args.out / 'accuracy.json'} and {', '.join(out['meta']['plots'])}")
