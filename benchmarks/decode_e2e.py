@@ -67,7 +67,7 @@ def prefill(model, ids: torch.Tensor, cache, chunk: int) -> None:
 def decode(step, model, cache, batch: int, start: int, steps: int, warmup: int, device: str, pad_to: int = 0) -> list[float]:
     """Per-step times (ms) of `steps` decode steps (random next tokens) after `warmup` steps. ``pad_to`` pads the
     2-D mask to the static cache's length, as generate does for static caches (same shapes every step)."""
-    times = []
+    times, t0 = [], time.perf_counter()
     mask = torch.ones(batch, start, dtype=torch.long, device=device)
     for t in range(warmup + steps):
         tok = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
@@ -79,6 +79,8 @@ def decode(step, model, cache, batch: int, start: int, steps: int, warmup: int, 
         ms = stop()
         if t >= warmup:
             times.append(ms)
+        elif t == warmup - 1:
+            print(f"  warm-up (compile, CUDA graphs) {time.perf_counter() - t0:.1f} s", flush=True)
     return times
 
 
@@ -87,7 +89,9 @@ def run_static(model, batch, context, steps, warmup, device, chunk, compiled) ->
 
     cache = StaticCache(config=model.config, max_cache_len=context + warmup + steps + 8)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+    t0 = time.perf_counter()
     prefill(model, ids, cache, chunk)
+    print(f"static {context}: prefill {time.perf_counter() - t0:.1f} s", flush=True)
     reset_peak(device)
     times = decode(compiled, model, cache, batch, context, steps, warmup, device, pad_to=cache.get_max_length())
     return result("static", batch, context, times, device)
@@ -97,7 +101,9 @@ def run_packkv(model, batch, context, steps, warmup, device, chunk, cfg) -> dict
     cache = packkv.PackKVCache(cfg, model=model)
     cache.compiled = True
     ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+    t0 = time.perf_counter()
     prefill(model, ids, cache, chunk)
+    print(f"packkv {context}: prefill {time.perf_counter() - t0:.1f} s", flush=True)
     cache.reserve(context + warmup + steps + 8)  # no storage growth (and no recompile) while timing
     reset_peak(device)
     graphs = stats["graphs"]
@@ -153,8 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--chunk", type=int, default=8192, help="prefill chunk (tokens)")
     p.add_argument("--small", action="store_true", help="tiny model (CPU smoke test)")
+    p.add_argument("--paths", nargs="+", choices=["static", "packkv"], default=["static", "packkv"])
+    p.add_argument("--watchdog", type=float, default=0, help="dump Python stacks every N s (diagnosing stalls)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_e2e")
     args = p.parse_args(argv)
+    if args.watchdog:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.watchdog, repeat=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
     model = build_model(args.layers, args.small, device)
@@ -167,15 +179,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
         (args.out / "decode_e2e.json").write_text(json.dumps(dict(device=str(device), rows=rows), indent=1))
 
-    record(dict(run_static(model, args.batch, 1024, args.steps, args.warmup, device, args.chunk, static_step), path="weights"))
-    for ctx in args.contexts:
+    if "static" in args.paths:
+        record(dict(run_static(model, args.batch, 1024, args.steps, args.warmup, device, args.chunk, static_step), path="weights"))
+    for ctx in args.contexts if "static" in args.paths else []:
         record(run_static(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, static_step))
         torch.cuda.empty_cache() if device == "cuda" else None
+    torch._dynamo.reset()  # the static path's compiled frames and shape history must not shape PackKV's graph
     packkv.compile(model, mode=mode)  # from here on, generate-style steps on a PackKV cache run compiled
-    for ctx in args.contexts:
+    for ctx in args.contexts if "packkv" in args.paths else []:
         record(run_packkv(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, model.packkv_config))
         torch.cuda.empty_cache() if device == "cuda" else None
     plot(rows, args.out / "decode_e2e.png")
+    if args.paths != ["static", "packkv"]:
+        return 0
     by = {(r["path"], r["context"]): r for r in rows}
     print("| context | static tok/s | PackKV tok/s | ratio | PackKV step / 1K step | static peak GiB | PackKV peak GiB |")
     print("|---|---|---|---|---|---|---|")
