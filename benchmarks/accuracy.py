@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy.py                 # default real model (SmolLM2-135M-Instruct), the two novels
     python benchmarks/accuracy.py --quick         # tiny grid (CI / smoke test)
-    python benchmarks/accuracy.py --hadamard      # also PackKV on Hadamard-rotated K/V (an experiment)
+    python benchmarks/accuracy.py --hadamard      # also PackKVConfig(rotation="hadamard") settings
     python benchmarks/accuracy.py --model DIR --text a.txt b.txt --context 2048 --out results/
 
 Writes ``accuracy.json`` and PNG plots (``frontier.png``, ``stages.png``, ``generation.png``) into ``--out``
@@ -70,6 +70,7 @@ from benchmarks.kivi_cache import KIVICache, KIVIConfig  # noqa: E402
 from packkv import PackKVCache, PackKVConfig, real_model  # noqa: E402
 from packkv.evaluate import decode_chunks, kl_divergence, teacher_forced_logits  # noqa: E402
 from packkv.models.cache import PackKVLayer  # noqa: E402
+from packkv.ops.rotation import rotate  # noqa: E402
 from packkv.ops.accounting import fixed_width_stream_bytes, paper_bytes, stream_bytes  # noqa: E402
 from packkv.ops.reference import flush_count  # noqa: E402
 
@@ -111,45 +112,7 @@ QUESTIONS = (
 # Caches
 # ---------------------------------------------------------------------------------------------------------------
 def _spec(lay) -> tuple:
-    return (lay.k.rel, lay.k.grouping, lay.v.rel, lay.v.grouping, lay.pack_size, lay.repack)
-
-
-@functools.lru_cache(maxsize=8)
-def _hadamard_cpu(n: int) -> torch.Tensor:
-    if n & (n - 1):
-        raise ValueError(f"a Sylvester Hadamard matrix needs a power-of-two size, got head_dim={n}")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / math.sqrt(n)).float()
-
-
-def hadamard(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The normalized (orthonormal, symmetric) Sylvester Hadamard matrix of size ``n``, fp32."""
-    return _hadamard_cpu(n).to(device)
-
-
-class HadamardPackKVCache(PackKVCache):
-    """A PackKVCache that stores each head's K and V rotated by the orthonormal Hadamard matrix ``H``.
-
-    ``update`` hands ``K H`` and ``V H`` to the PackKV layer and returns ``K_hat H^T`` and ``V_hat H^T``. As
-    ``q . (k_hat H^T) = (q H) . k_hat`` and ``sum p v_hat H^T = (sum p v_hat) H^T``, this is identical to rotating
-    the query and un-rotating the attention output around a kernel that reads the rotated cache. An experiment
-    of this benchmark, not part of the codec. A prefill's own tokens are returned exact, as PackKVCache does.
-    """
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        h = hadamard(key_states.shape[-1], key_states.device)
-        dt = key_states.dtype
-        keys, values = super().update(
-            (key_states.float() @ h).to(dt), (value_states.float() @ h).to(dt), layer_idx, *args, **kwargs
-        )
-        keys, values = (keys.float() @ h.T).to(dt), (values.float() @ h.T).to(dt)
-        new = key_states.shape[-2]
-        if new > self.packkv_config.window:  # the prefill attends to its own tokens exact
-            keys[:, :, -new:] = key_states
-            values[:, :, -new:] = value_states
-        return keys, values
+    return lay.spec()
 
 
 class MemoPackKVLayer(PackKVLayer):
@@ -188,8 +151,8 @@ class MemoPackKVLayer(PackKVLayer):
         self.commit_step(new)
         nbt = self.n_blocks * st.layout.block_size
         slots = torch.arange(nbt, self.tokens, device=st.device) % st.layout.ring_size
-        keys = torch.cat([self._memo[0], st.ring_k[:, :, slots]], dim=2)
-        values = torch.cat([self._memo[1], st.ring_v[:, :, slots]], dim=2)
+        keys = torch.cat([self._memo[0], rotate(st.ring_k[:, :, slots], st.layout.rotation)], dim=2)
+        values = torch.cat([self._memo[1], rotate(st.ring_v[:, :, slots], st.layout.rotation)], dim=2)
         return keys, values
 
     def reset(self) -> None:
@@ -232,7 +195,8 @@ class Setting:
 
     def packkv_config(self, repack: str = "median") -> PackKVConfig:
         kg, vg = FAMILIES[self.family]
-        return PackKVConfig(k_rel=self.k_rel, v_rel=self.v_rel, k_grouping=kg, v_grouping=vg, repack=repack)
+        return PackKVConfig(k_rel=self.k_rel, v_rel=self.v_rel, k_grouping=kg, v_grouping=vg, repack=repack,
+                            rotation="hadamard" if self.rotate else "none")  # fmt: skip
 
     def kivi_config(self) -> KIVIConfig:
         return KIVIConfig(k_bits=self.k_bits, v_bits=self.v_bits)
@@ -241,7 +205,7 @@ class Setting:
         if self.method == "kivi":
             return KIVICache(self.kivi_config())
         cfg = self.packkv_config(repack)
-        cache = HadamardPackKVCache(cfg) if self.rotate else PackKVCache(cfg)
+        cache = PackKVCache(cfg)
         if memo:
             cache.layer_class_to_replicate = functools.partial(MemoPackKVLayer, cfg)
         return cache

@@ -83,7 +83,7 @@ def compress(cfg: PackKVConfig, k: torch.Tensor, v: torch.Tensor) -> tuple[Packe
     lay = Layout.from_config(cfg, H, D)
     nb = L // cfg.block_size + 1
     pw = B * nb * H * (lay.max_chunk_words(lay.k) + lay.max_chunk_words(lay.v))
-    spec = (lay.k.rel, lay.k.grouping, lay.v.rel, lay.v.grouping, lay.pack_size, lay.repack)
+    spec = lay.spec()
     times = []
     for _ in range(3):
         st = PackedLayer.empty(lay, B, k.dtype, k.device, nb, pw)
@@ -104,7 +104,7 @@ def run_case(cfg, batch, length, heads, q_heads, dim, data, device, paper: bool)
     k, v = make_kv(batch, length, heads, dim, data, device)
     st, t_compress = compress(cfg, k, v)
     lay = st.layout
-    spec = (lay.k.rel, lay.k.grouping, lay.v.rel, lay.v.grouping, lay.pack_size, lay.repack)
+    spec = lay.spec()
     q = torch.randn(batch, q_heads, 1, dim, device=device, dtype=torch.bfloat16)
     nbytes = exact_bytes(st)
     fp16 = batch * heads * length * dim * 2 * 2
@@ -179,7 +179,7 @@ def profile(cfg, batch, length, heads, q_heads, dim, data) -> None:
     compress(cfg, k, v)  # warm up kernels
     st, _ = compress(cfg, k, v)
     lay = st.layout
-    spec = (lay.k.rel, lay.k.grouping, lay.v.rel, lay.v.grouping, lay.pack_size, lay.repack)
+    spec = lay.spec()
     q = torch.randn(batch, q_heads, 1, dim, device="cuda", dtype=torch.bfloat16)
     with prof(activities=[ProfilerActivity.CUDA]) as p1:
         compress(cfg, k, v)

@@ -173,8 +173,9 @@ class PackKVLayer(CacheLayerMixin):
             if keep > kb * T:
                 k, v = torch.ops.packkv.decompress(*st.tensors(), self.tokens, *_spec(st.layout))
                 pos = torch.arange(kb * T, keep, device=self.device)
-                st.ring_k[:, :, pos % S] = k[:, :, kb * T : keep]
-                st.ring_v[:, :, pos % S] = v[:, :, kb * T : keep]
+                # The ring holds stored coordinates (rotated, if the layout rotates).
+                st.ring_k[:, :, pos % S] = rotate(k[:, :, kb * T : keep], st.layout.rotation)
+                st.ring_v[:, :, pos % S] = rotate(v[:, :, kb * T : keep], st.layout.rotation)
             st.n_blocks.fill_(kb)
             st.n_win.fill_(keep - kb * T)
             self.n_blocks, self.n_win = kb, keep - kb * T
@@ -252,7 +253,7 @@ class PackKVLayer(CacheLayerMixin):
 
 
 def _spec(lay: Layout) -> tuple:
-    return (lay.k.rel, lay.k.grouping, lay.v.rel, lay.v.grouping, lay.pack_size, lay.repack)
+    return lay.spec()
 
 
 class PackKVCache(Cache):

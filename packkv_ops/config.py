@@ -17,6 +17,9 @@ GROUPINGS = ("token", "token_head", "channel")
 """
 
 REPACKS = ("none", "median", "greedy")
+ROTATIONS = ("none", "hadamard")
+"""``hadamard``: each head's K and V are rotated by an orthonormal Hadamard matrix before quantization (the query
+and the attention output are rotated to match; see ``rotation.py``)."""
 PACK_SIZES = (8, 16, 32)
 MAX_QBITS = 16
 
@@ -50,6 +53,7 @@ class PackKVConfig:
     window: int = 128
     pack_size: int = 16
     repack: str = "median"
+    rotation: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("k_rel", "v_rel"):
@@ -68,6 +72,8 @@ class PackKVConfig:
                 raise ValueError(f"PackKVConfig.{name}={getattr(self, name)!r}; expected one of {GROUPINGS}")
         if self.repack not in REPACKS:
             raise ValueError(f"PackKVConfig.repack={self.repack!r}; expected one of {REPACKS}")
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"PackKVConfig.rotation={self.rotation!r}; expected one of {ROTATIONS}")
         if self.pack_size not in PACK_SIZES:
             raise ValueError(f"PackKVConfig.pack_size={self.pack_size!r}; expected one of {PACK_SIZES}")
         bs = self.block_size

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import PackKVConfig, qmax_for
+from .rotation import ROTATION_CODES
 
 GROUP_TOKEN, GROUP_TOKEN_HEAD, GROUP_CHANNEL = 0, 1, 2
 GROUP_CODES = {"token": GROUP_TOKEN, "token_head": GROUP_TOKEN_HEAD, "channel": GROUP_CHANNEL}
@@ -65,6 +66,7 @@ class Layout:
     repack: int
     k: StreamLayout
     v: StreamLayout
+    rotation: int = 0  # ROTATION_CODES: K/V stored as rotated by a Hadamard matrix (rotation.py)
 
     @classmethod
     def from_config(cls, cfg: PackKVConfig, num_heads: int, head_dim: int) -> Layout:
@@ -80,7 +82,12 @@ class Layout:
             repack=REPACK_CODES[cfg.repack],
             k=StreamLayout(float(cfg.k_rel), GROUP_CODES[cfg.k_grouping]),
             v=StreamLayout(float(cfg.v_rel), GROUP_CODES[cfg.v_grouping]),
+            rotation=ROTATION_CODES[cfg.rotation],
         )
+
+    def spec(self) -> tuple:
+        """The static parameters every ``torch.ops.packkv`` op takes after the storage tensors."""
+        return (self.k.rel, self.k.grouping, self.v.rel, self.v.grouping, self.pack_size, self.repack, self.rotation)
 
     # ---- geometry ----------------------------------------------------------------------------------------
     @property

@@ -10,8 +10,9 @@ Public ops (``torch.ops.packkv.*``):
 Each is a ``triton_op``: on CUDA tensors the body launches Triton kernels through ``wrap_triton`` (so Inductor
 sees and inlines them); on CPU tensors it calls an opaque reference op (``packkv::_*_reference``) whose body is
 ``reference.py``. Storage tensors come first, in ``storage.STORAGE_FIELDS`` order, then the static layout
-parameters ``(k_rel, k_grouping, v_rel, v_grouping, pack_size, repack)``; block size, window, heads and
-head_dim are read off the tensor shapes.
+parameters ``Layout.spec()`` = ``(k_rel, k_grouping, v_rel, v_grouping, pack_size, repack, rotation)``; block size,
+window, heads and head_dim are read off the tensor shapes. A rotation (``rotation.py``) is applied here, around
+the reference and the kernels, which only ever see the stored (rotated) coordinates.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor
 from torch.library import custom_op, triton_op
 
 from . import reference
+from .rotation import rotate
 from .layout import Layout, StreamLayout
 from .storage import STORAGE_FIELDS, PackedLayer
 
@@ -28,7 +30,7 @@ MUTATED_BY_APPEND = tuple(f for f in STORAGE_FIELDS)
 
 
 def layout_of(ring_k: Tensor, perm: Tensor, k_rel: float, k_grouping: int, v_rel: float, v_grouping: int,
-              pack_size: int, repack: int) -> Layout:  # fmt: skip
+              pack_size: int, repack: int, rotation: int = 0) -> Layout:  # fmt: skip
     block = perm.shape[-1]
     return Layout(
         num_heads=ring_k.shape[1],
@@ -39,6 +41,7 @@ def layout_of(ring_k: Tensor, perm: Tensor, k_rel: float, k_grouping: int, v_rel
         repack=repack,
         k=StreamLayout(k_rel, k_grouping),
         v=StreamLayout(v_rel, v_grouping),
+        rotation=rotation,
     )
 
 
@@ -62,13 +65,15 @@ def append_(
     perm: Tensor, ring_k: Tensor, ring_v: Tensor, n_blocks: Tensor, n_win: Tensor,
     new_k: Tensor, new_v: Tensor, n_flush: int,
     k_rel: float, k_grouping: int, v_rel: float, v_grouping: int, pack_size: int, repack: int,
+    rotation: int = 0,
 ) -> None:  # fmt: skip
     # An opaque op: compiled graphs call it in place on the storage (no functionalized copies of the pool),
     # and on CUDA it launches its kernels directly.
     args = (pool, cursor, k_meta, k_offsets, k_scale, k_zero, v_meta, v_offsets, v_scale, v_zero, perm,
             ring_k, ring_v, n_blocks, n_win)  # fmt: skip
-    spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack)
+    spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack, rotation)
     _check_new(ring_k, new_k, new_v)
+    new_k, new_v = rotate(new_k, rotation), rotate(new_v, rotation)
     if _is_cuda(pool):
         from .kernels import gpu
 
@@ -93,10 +98,11 @@ def _decompress_reference(
     perm: Tensor, ring_k: Tensor, ring_v: Tensor, n_blocks: Tensor, n_win: Tensor,
     out_len: int,
     k_rel: float, k_grouping: int, v_rel: float, v_grouping: int, pack_size: int, repack: int,
+    rotation: int = 0,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     args = (pool, cursor, k_meta, k_offsets, k_scale, k_zero, v_meta, v_offsets, v_scale, v_zero, perm,
             ring_k, ring_v, n_blocks, n_win)  # fmt: skip
-    spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack)
+    spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack, rotation)
     return reference.decompress(_storage(args, spec), out_len)
 
 
@@ -115,15 +121,18 @@ def decompress(
     perm: Tensor, ring_k: Tensor, ring_v: Tensor, n_blocks: Tensor, n_win: Tensor,
     out_len: int,
     k_rel: float, k_grouping: int, v_rel: float, v_grouping: int, pack_size: int, repack: int,
+    rotation: int = 0,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     args = (pool, cursor, k_meta, k_offsets, k_scale, k_zero, v_meta, v_offsets, v_scale, v_zero, perm,
             ring_k, ring_v, n_blocks, n_win)  # fmt: skip
-    spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack)
+    spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack, rotation)
     if _is_cuda(pool):
         from .kernels import gpu
 
-        return gpu.decompress(_storage(args, spec), out_len)
-    return torch.ops.packkv._decompress_reference(*args, out_len, *spec)
+        k, v = gpu.decompress(_storage(args, spec), out_len)
+    else:
+        k, v = torch.ops.packkv._decompress_reference(*args, out_len, *spec)
+    return rotate(k, rotation), rotate(v, rotation)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,10 +147,11 @@ def _attention_reference(
     perm: Tensor, ring_k: Tensor, ring_v: Tensor, n_blocks: Tensor, n_win: Tensor,
     out_len: int, mask: Tensor | None, is_causal: bool, scale: float | None,
     k_rel: float, k_grouping: int, v_rel: float, v_grouping: int, pack_size: int, repack: int,
+    rotation: int = 0,
 ) -> Tensor:  # fmt: skip
     args = (pool, cursor, k_meta, k_offsets, k_scale, k_zero, v_meta, v_offsets, v_scale, v_zero, perm,
             ring_k, ring_v, n_blocks, n_win)  # fmt: skip
-    spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack)
+    spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack, rotation)
     return reference.attention(q, _storage(args, spec), out_len, mask, is_causal, scale).contiguous()
 
 
@@ -159,16 +169,20 @@ def attention(
     perm: Tensor, ring_k: Tensor, ring_v: Tensor, n_blocks: Tensor, n_win: Tensor,
     out_len: int, mask: Tensor | None, is_causal: bool, scale: float | None,
     k_rel: float, k_grouping: int, v_rel: float, v_grouping: int, pack_size: int, repack: int,
+    rotation: int = 0,
 ) -> Tensor:  # fmt: skip
     args = (pool, cursor, k_meta, k_offsets, k_scale, k_zero, v_meta, v_offsets, v_scale, v_zero, perm,
             ring_k, ring_v, n_blocks, n_win)  # fmt: skip
-    spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack)
+    spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack, rotation)
     _check_query(q, ring_k)
+    q = rotate(q, rotation)
     if _is_cuda(pool):
         from .kernels import gpu
 
-        return gpu.attention(q, _storage(args, spec), out_len, mask, is_causal, scale)
-    return torch.ops.packkv._attention_reference(q, *args, out_len, mask, is_causal, scale, *spec)
+        out = gpu.attention(q, _storage(args, spec), out_len, mask, is_causal, scale)
+    else:
+        out = torch.ops.packkv._attention_reference(q, *args, out_len, mask, is_causal, scale, *spec)
+    return rotate(out, rotation)
 
 
 # ---------------------------------------------------------------------------------------------------------------

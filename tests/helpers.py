@@ -9,7 +9,7 @@ from packkv.ops.reference import flush_count
 
 
 def spec(lay: Layout) -> tuple:
-    return (lay.k.rel, lay.k.grouping, lay.v.rel, lay.v.grouping, lay.pack_size, lay.repack)
+    return lay.spec()
 
 
 def fill(

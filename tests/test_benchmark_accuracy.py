@@ -3,6 +3,7 @@ relies on: its shortcuts give bitwise what the slow paths give."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, PreTra
 
 from packkv import PackKVCache, PackKVConfig, real_model
 from packkv.evaluate import teacher_forced_logits
+from packkv.ops.rotation import hadamard
 from packkv.ops.accounting import exact_bytes, fixed_width_bytes, fixed_width_stream_bytes, stream_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,8 +208,27 @@ def test_stream_accounting_splits_exact_and_fixed_width_bytes(tiny):
             assert math.ceil(fw["k"] + fw["v"]) == fixed_width_bytes(st)
 
 
-def test_hadamard_is_orthonormal():
-    h = accuracy.hadamard(64)
-    torch.testing.assert_close(h @ h.T, torch.eye(64), rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="power-of-two"):
-        accuracy.hadamard(96)
+class RotateOutsideCache(PackKVCache):
+    """The specification of ``rotation="hadamard"``: a plain PackKVCache fed ``K H`` / ``V H``, its K/V rotated back."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        h = hadamard(key_states.shape[-1])
+        dt = key_states.dtype
+        keys, values = super().update((key_states.float() @ h).to(dt), (value_states.float() @ h).to(dt), layer_idx,
+                                      *args, **kwargs)  # fmt: skip
+        keys, values = (keys.float() @ h).to(dt), (values.float() @ h).to(dt)
+        new = key_states.shape[-2]
+        if new > self.packkv_config.window:  # the prefill attends to its own tokens exact
+            keys[:, :, -new:], values[:, :, -new:] = key_states, value_states
+        return keys, values
+
+
+def test_rotation_option_is_rotating_outside_the_cache(tiny):
+    """The benchmark's Hadamard settings use the codec's option; it equals rotating K/V around a plain cache."""
+    model, _, ids = tiny
+    s = accuracy.Setting("packkv", "token", 0.1, 0.2, rotate=True)
+    assert s.packkv_config().rotation == "hadamard"
+    outside = teacher_forced_logits(model, ids, CONTEXT, RotateOutsideCache(dataclasses.replace(s.packkv_config(),
+                                                                                                rotation="none")))
+    inside = teacher_forced_logits(model, ids, CONTEXT, s.make_cache())
+    torch.testing.assert_close(inside, outside, rtol=0, atol=1e-5)

@@ -133,3 +133,23 @@ def test_generate_on_cuda_equals_dynamic_cache():
     ids, mask = ids.cuda(), mask.cuda()
     ref = generate(model, ids, mask, DynamicCache(config=model.config))
     assert torch.equal(generate(model, ids, mask, PackKVCache(EXACT)), ref)
+
+
+def test_rotation_on_cuda_matches_the_cpu_ops():
+    from helpers import fill
+
+    k, v = torch.randn(2, 8, 1000, 128), torch.randn(2, 8, 1000, 128)
+    k[..., 5] *= 20  # an outlier channel
+    k, v = k.bfloat16(), v.bfloat16()
+    cfg = PackKVConfig(rotation="hadamard")
+    gpu = fill_cuda(cfg, k.cuda(), v.cuda(), [999, 1])
+    cpu = fill(cfg, k, v, steps=[999, 1])
+    for a, b in zip(torch.ops.packkv.decompress(*gpu.tensors(), 1000, *spec(gpu.layout)),
+                    torch.ops.packkv.decompress(*cpu.tensors(), 1000, *spec(cpu.layout))):  # fmt: skip
+        # The rotation's matmul may round differently on the GPU, moving a rare value by one quantization step.
+        a, b = a.cpu().float(), b.float()
+        assert ((a - b).abs() <= 1e-2 + 1e-2 * b.abs()).float().mean() > 0.99
+    q = torch.randn(2, 32, 1, 128)
+    got = torch.ops.packkv.attention(q.cuda(), *gpu.tensors(), 1000, None, False, None, *spec(gpu.layout))
+    want = torch.ops.packkv.attention(q, *cpu.tensors(), 1000, None, False, None, *spec(cpu.layout))
+    torch.testing.assert_close(got.cpu(), want, rtol=2e-2, atol=2e-2)
