@@ -45,15 +45,15 @@ class PackKVConfig:
     ``rel / 2`` of its quantization group's range (max - min). Smaller is more accurate and larger.
     """
 
-    k_rel: float = 0.1
-    v_rel: float = 0.2
+    k_rel: float = 0.07
+    v_rel: float = 0.15
     k_grouping: str = "token"
     v_grouping: str = "token"
     block_size: int = 64
     window: int = 128
     pack_size: int = 16
     repack: str = "median"
-    rotation: str = "none"
+    rotation: str = "hadamard"
 
     def __post_init__(self) -> None:
         for name in ("k_rel", "v_rel"):

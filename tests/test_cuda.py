@@ -17,6 +17,7 @@ from packkv.ops.reference import decompress_fp32, flush_count
 
 pytestmark = pytest.mark.cuda
 REAL_KV = Path(__file__).parent / "data" / "smollm2_kv.safetensors"
+PLAIN = PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none")  # checked in stored = original coordinates
 
 
 def to(st: PackedLayer, device) -> PackedLayer:
@@ -43,7 +44,7 @@ def fill_cuda(cfg, k, v, steps):
 
 @pytest.mark.parametrize("grouping", ["token", "channel"])
 def test_real_size_append_equals_the_cpu_reference(grouping):
-    cfg = PackKVConfig(k_grouping=grouping)
+    cfg = PackKVConfig(k_grouping=grouping, rotation="none")
     B, H, L, D = 3, 8, 4096 + 37, 128
     k = (torch.randn(B, H, L, D) * 3).bfloat16()
     v = torch.randn(B, H, L, D).bfloat16()
@@ -70,7 +71,7 @@ def test_real_size_attention_matches_the_reference(n_rep, mask_kind):
     B, H, L, D = 3, 8, 8192 + 11, 128
     k = (torch.randn(B, H, L, D) * 3).bfloat16().cuda()
     v = torch.randn(B, H, L, D).bfloat16().cuda()
-    st = fill_cuda(PackKVConfig(), k, v, [L - 1, 1])
+    st = fill_cuda(PLAIN, k, v, [L - 1, 1])
     st.n_blocks[2] -= 5  # ragged batch
     st.n_win[2] -= 3
     out_len = L + 70  # zero keys past each sequence's end, as decompress returns them
@@ -95,7 +96,7 @@ def test_real_kv_error_bound_and_attention():
     t = load_file(REAL_KV)
     for layer in ("layer0", "layer14", "layer29"):
         k, v = t[f"{layer}.k"][None].cuda(), t[f"{layer}.v"][None].cuda()  # [1, 3, 1024, 64]
-        st = fill_cuda(PackKVConfig(), k, v, [1000, 1, 23])
+        st = fill_cuda(PLAIN, k, v, [1000, 1, 23])
         kd, vd = decompress_fp32(st, 1024)
         ncomp = int(st.n_blocks[0]) * 64
         for x, xd, rel in ((k, kd, 0.1), (v, vd, 0.2)):
@@ -111,7 +112,7 @@ def test_real_kv_error_bound_and_attention():
 
 def test_opcheck_on_cuda():
     k = torch.randn(2, 2, 300, 64, device="cuda").bfloat16()
-    st = fill_cuda(PackKVConfig(), k, k.clone(), [300])
+    st = fill_cuda(PLAIN, k, k.clone(), [300])
     new = torch.randn(2, 2, 1, 64, device="cuda").bfloat16()
     state = [t.clone() for t in st.tensors()]
     for test in ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"):

@@ -10,7 +10,7 @@ from helpers import fill, n_tokens, spec
 from packkv.ops import Layout, PackedLayer, PackKVConfig
 from packkv.ops.reference import decompress_fp32
 
-CFG = PackKVConfig(block_size=32, window=64)
+CFG = PackKVConfig(block_size=32, window=64, rotation="none")  # rotation: test_rotation.py
 
 
 def layer_with(tokens: int, batch: int = 2, heads: int = 2, dim: int = 64, dtype=torch.bfloat16, cfg=CFG):

@@ -80,7 +80,8 @@ def model():
 @pytest.fixture(scope="module")
 def saved(model, tmp_path_factory) -> tuple[PackKVCache, Path]:
     """A prefilled batch-2 cache of the tiny model (its identity recorded) and its file."""
-    cache = prefilled(model, batch=2, identity=True)
+    # Bounds whose qmax (11, 6) is below 2**qbits - 1, so that a corrupt "minimum above qmax" is representable.
+    cache = prefilled(model, PackKVConfig(k_rel=0.1, v_rel=0.2), batch=2, identity=True)
     path = tmp_path_factory.mktemp("saved") / "cache.safetensors"
     save_cache(cache, path)
     return cache, path

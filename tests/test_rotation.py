@@ -39,7 +39,7 @@ def test_bad_rotations_are_named():
         PackKVConfig(rotation="random")
     with pytest.raises(ValueError, match="power-of-two"):
         hadamard(96)
-    assert Layout.from_config(ROT, 2, 64).spec()[-1] == 1 and Layout.from_config(PackKVConfig(), 2, 64).spec()[-1] == 0
+    assert Layout.from_config(ROT, 2, 64).spec()[-1] == 1 and Layout.from_config(PackKVConfig(rotation="none"), 2, 64).spec()[-1] == 0
 
 
 def test_the_error_bound_holds_in_the_stored_coordinates():
