@@ -19,6 +19,7 @@ the problem, and nothing partially loaded is returned.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -277,6 +278,12 @@ def _header_fields(path: str, meta: dict) -> CacheHeader:
 def _config(path: str, d: Any) -> PackKVConfig:
     if not isinstance(d, dict):
         raise CacheFileError(path, "metadata 'config' is not an object")
+    # Defaults may change between releases, so a file must spell out its whole config; the one exception is
+    # `rotation`, added later: files without it were written before it existed and hold unrotated K/V.
+    d = {"rotation": "none", **d}
+    missing = sorted({f.name for f in dataclasses.fields(PackKVConfig)} - set(d))
+    if missing:
+        raise CacheFileError(path, f"invalid PackKV config: fields {missing} are missing")
     try:
         return PackKVConfig.from_dict(d)
     except (TypeError, ValueError) as e:

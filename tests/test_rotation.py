@@ -114,3 +114,29 @@ def test_a_rotated_cache_saves_loads_and_crops(tmp_path):
     st = cache.layers[0].storage
     after, _ = torch.ops.packkv.decompress(*st.tensors(), 250, *spec(st.layout))
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+
+
+def test_files_written_before_the_rotation_option_load_unrotated(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cache = PackKVCache(PackKVConfig(rotation="none"))
+    k, v = outlier_kv(batch=1, tokens=300)
+    cache.update(k, v, 0)
+    save_cache(cache, tmp_path / "new.safetensors")
+    with safe_open(tmp_path / "new.safetensors", "pt") as f:
+        meta = json.loads(f.metadata()["packkv"])
+        tensors = {n: f.get_tensor(n) for n in f.keys()}
+    del meta["config"]["rotation"]  # as the files of earlier versions were written
+    save_file(tensors, tmp_path / "old.safetensors", metadata={"packkv": json.dumps(meta)})
+    old = load_cache(tmp_path / "old.safetensors")
+    assert old.config.rotation == "none"
+    a = cache.layers[0].update(k[:, :, :1], v[:, :, :1])
+    b = old.layers[0].update(k[:, :, :1], v[:, :, :1])
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    del meta["config"]["k_rel"]  # any other field must be there: its default may have changed
+    save_file(tensors, tmp_path / "bad.safetensors", metadata={"packkv": json.dumps(meta)})
+    with pytest.raises(ValueError, match=r"\['k_rel'\] are missing"):
+        load_cache(tmp_path / "bad.safetensors")
