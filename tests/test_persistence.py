@@ -410,3 +410,23 @@ def test_a_cache_saved_from_the_gpu_continues_on_the_cpu_and_on_the_gpu(tmp_path
                                                                      PackKVCache(cfg), 12).cpu())  # fmt: skip
     assert torch.equal(resumed(cpu_model, "cpu", gpu_model), reference)
     assert torch.equal(resumed(gpu_model, "cuda", cpu_model), reference)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_a_loaded_cache_continues_under_packkv_compile(device, tmp_path):
+    """Save after a few eager tokens, load, and let the compiled decode step (fused attention) continue: the tokens
+    are those of the uninterrupted eager run, across further block compressions."""
+    import packkv
+
+    ids, mask = (t.to(device) for t in prompts(2))
+    cfg = PackKVConfig(k_rel=1e-4, v_rel=1e-4)  # quantization changes no token: eager and compiled agree exactly
+    eager = tiny("llama").to(device)
+    uninterrupted = greedy(eager, ids, mask, PackKVCache(cfg), 75)
+    cache = PackKVCache(cfg, model=eager)
+    first = greedy(eager, ids, mask, cache, 5)
+    save_cache(cache, tmp_path / "c.safetensors")
+    compiled = packkv.compile(tiny("llama").to(device), config=cfg)
+    loaded = load_cache(tmp_path / "c.safetensors", model=compiled, device=device)
+    m = torch.cat([mask, mask.new_ones(2, 5)], 1)
+    assert torch.equal(greedy(compiled, first, m, loaded, 70), uninterrupted)
+    assert loaded.layers[0].n_blocks > cache.layers[0].n_blocks  # blocks were compressed inside compiled steps
