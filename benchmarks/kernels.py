@@ -227,13 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--k-rel", type=float, default=0.1)
     p.add_argument("--v-rel", type=float, default=0.2)
+    p.add_argument("--rotation", choices=("none", "hadamard"), default="none",
+                   help="the paper's setting has none; the library default is hadamard (two small matmuls per call)")
     p.add_argument("--data", choices=("real", "random"), default="real")
     p.add_argument("--variants", action="store_true", help="also sweep launch variants at 32K")
     p.add_argument("--profile", action="store_true", help="print where compression and attention spend GPU time")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = PackKVConfig(k_rel=args.k_rel, v_rel=args.v_rel)
+    cfg = PackKVConfig(k_rel=args.k_rel, v_rel=args.v_rel, rotation=args.rotation)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for b in args.batches:
