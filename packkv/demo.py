@@ -15,7 +15,7 @@ import torch
 
 from packkv import real_model
 from packkv.models import PackKVCache
-from packkv.ops.config import GROUPINGS, REPACKS, PackKVConfig
+from packkv.ops.config import GROUPINGS, REPACKS, ROTATIONS, PackKVConfig
 
 QUESTION = "In two sentences: who are the characters in this passage, and what do they talk about?"
 
@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=PackKVConfig.window, help="recent tokens kept exact (default %(default)s)")
     p.add_argument("--block-size", type=int, default=PackKVConfig.block_size, help="tokens compressed together")
     p.add_argument("--repack", choices=REPACKS, default=PackKVConfig.repack)
+    p.add_argument("--rotation", choices=ROTATIONS, default=PackKVConfig.rotation,
+                   help="Hadamard-rotate K/V before quantizing (default %(default)s)")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
@@ -68,7 +70,8 @@ def mib(n: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     cfg = PackKVConfig(k_rel=args.k_rel, v_rel=args.v_rel, k_grouping=args.k_grouping, v_grouping=args.v_grouping,
-                       window=args.window, block_size=args.block_size, repack=args.repack)  # fmt: skip
+                       window=args.window, block_size=args.block_size, repack=args.repack,
+                       rotation=args.rotation)  # fmt: skip
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     print(f"PackKV demo: {cfg}")
     t0 = time.perf_counter()
