@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from packkv.ops import Layout, PackedLayer, PackKVConfig
 from packkv.ops.accounting import exact_bytes
-from packkv.ops.kernels import matvec
+from packkv.ops.kernels import attention as attention_module, matvec
 from packkv.ops.kernels.attention import attention as attention_kernel
 from packkv.ops.reference import flush_count
 
@@ -151,23 +151,50 @@ def run_case(cfg, batch, length, heads, q_heads, dim, data, device, paper: bool)
     return row
 
 
-def variants(cfg, batch, length, heads, q_heads, dim, data, device) -> list[dict]:
-    """Kernel launch variants at one size (warps, pipeline stages, register cap, splits), to pick defaults."""
+VARIANTS = {  # name -> attention() keyword arguments; "tuned" is the autotuned default path
+    "v3 (per-value reads, fp32-exact products)": dict(packwise=False, exact=True, sub_tile=32, num_warps=4),
+    "pack-wise reads, exact": dict(packwise=True, exact=True, sub_tile=32, num_warps=4),
+    "pack-wise, fp16 operands": dict(sub_tile=32, num_warps=4),
+    "  tile 16": dict(sub_tile=16, num_warps=4),
+    "  tile 64": dict(sub_tile=64, num_warps=4),
+    "  8 warps": dict(sub_tile=32, num_warps=8),
+    "  maxnreg 128": dict(sub_tile=32, num_warps=4, maxnreg=128),
+    "  tile 16, maxnreg 128": dict(sub_tile=16, num_warps=4, maxnreg=128),
+    "  4 programs/SM": dict(sub_tile=32, num_warps=4, split_factor=4),
+    "  8 programs/SM": dict(sub_tile=32, num_warps=4, split_factor=8),
+    "  tile 16, 8 programs/SM": dict(sub_tile=16, num_warps=4, split_factor=8),
+    "tuned": dict(),
+}
+
+
+SWEEP = {  # launch parameters: tile height x register cap x programs per SM
+    f"tile {ts}, maxnreg {r or '-'}, {f}/SM": dict(sub_tile=ts, num_warps=4, maxnreg=r, split_factor=f)
+    for ts in (32, 64) for r in (None, 128, 96) for f in (2, 4, 8)
+} | {"tuned": {}}
+
+
+def variants(cfg, batch, length, heads, q_heads, dim, data, device, table: dict | None = None) -> list[dict]:
+    """Kernel variants at one size (value extraction, operand precision, tile, warps, register cap, splits),
+    side by side in one run, to pick defaults and show what each change buys."""
     k, v = make_kv(batch, length, heads, dim, data, device)
     st, _ = compress(cfg, k, v)
     q = torch.randn(batch, q_heads, 1, dim, device=device, dtype=torch.bfloat16)
-    rows = []
-    for name, fn in [
-        (f"rows{ts}/w{w}/st{s}", lambda ts=ts, w=w, s=s: attention_kernel(q, st, length, None, False, None, num_warps=w,
-                                                                             sub_tile=ts, num_stages=s))
-        for ts in (16, 32, 64) for w in (4, 8) for s in (1, 2)
-    ]:  # fmt: skip
+    want = F.scaled_dot_product_attention(q.float(), *[x.float() for x in torch.ops.packkv.decompress(
+        *st.tensors(), length, *st.layout.spec())], enable_gqa=True)  # fmt: skip
+    rows = [dict(batch=batch, context=length, variant="SDPA bf16 (uncompressed)",
+                 t_ms=bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)))]  # fmt: skip
+    for name, kw in (table or VARIANTS).items():
+        fn = lambda kw=kw: attention_kernel(q, st, length, None, False, None, **kw)  # noqa: E731
         try:
+            err = ((fn().float() - want).norm() / want.norm()).item()
             t = bench_ms(fn)
         except Exception as e:  # a variant that does not compile is reported, not fatal
-            t = float("nan")
+            t = err = float("nan")
             print(f"variant {name}: {type(e).__name__}: {e}")
-        rows.append(dict(batch=batch, context=length, variant=name, t_ms=t))
+        rows.append(dict(batch=batch, context=length, variant=name, t_ms=t, rel_err=err))
+        if not kw and hasattr(attention_module._attention_tuned, "best_config"):
+            rows[-1]["config"] = str(attention_module._attention_tuned.best_config)
+            print(f"B{batch}/{length // 1024}K tuned: {rows[-1]['config']}")
     return rows
 
 
@@ -230,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rotation", choices=("none", "hadamard"), default="none",
                    help="the paper's setting has none; the library default is hadamard (two small matmuls per call)")
     p.add_argument("--data", choices=("real", "random"), default="real")
-    p.add_argument("--variants", action="store_true", help="also sweep launch variants at 32K")
+    p.add_argument("--variants", action="store_true", help="also compare kernel variants (B8/32K, B1/128K)")
+    p.add_argument("--variants-only", action="store_true", help="only the variant comparison")
+    p.add_argument("--sweep", action="store_true", help="variants: the launch-parameter grid instead")
+    p.add_argument("--variant-sizes", default="8x32768,1x131072", help="batch x context list for variants")
     p.add_argument("--profile", action="store_true", help="print where compression and attention spend GPU time")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels")
     args = p.parse_args(argv)
@@ -238,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = PackKVConfig(k_rel=args.k_rel, v_rel=args.v_rel, rotation=args.rotation)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
+    if args.variants_only:
+        args.batches, args.variants = [], True
     for b in args.batches:
         for L in args.contexts:
             row = run_case(cfg, b, L, args.heads, args.q_heads, args.head_dim, args.data, device, paper=True)
@@ -248,15 +280,24 @@ def main(argv: list[str] | None = None) -> int:
         profile(cfg, 8, 32768, args.heads, args.q_heads, args.head_dim, args.data)
     var = []
     if args.variants:
-        var = variants(cfg, 8, 32768, args.heads, args.q_heads, args.head_dim, args.data, device)
-        var += variants(cfg, 1, 131072, args.heads, args.q_heads, args.head_dim, args.data, device)
+        for size in args.variant_sizes.split(","):
+            b, c = (int(x) for x in size.split("x"))
+            var += variants(cfg, b, c, args.heads, args.q_heads, args.head_dim, args.data, device,
+                            SWEEP if args.sweep else None)  # fmt: skip
+            torch.cuda.empty_cache() if device == "cuda" else None
     result = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", config=json.loads(cfg.to_json()),
                   torch=torch.__version__, rows=rows, variants=var)  # fmt: skip
-    (args.out / "kernels.json").write_text(json.dumps(result, indent=1))
-    plot(rows, args.out / "kernels.png")
+    if rows:
+        (args.out / "kernels.json").write_text(json.dumps(result, indent=1))
+        plot(rows, args.out / "kernels.png")
+    else:
+        (args.out / "variants.json").write_text(json.dumps(result, indent=1))
     print(table(rows))
     if var:
-        print("\nlaunch variants: " + ", ".join(f"B{r['batch']}/{r['context'] // 1024}K/{r['variant']}={r['t_ms']:.3f}ms" for r in var))
+        print("\n| variant | " + " | ".join(f"B{b}/{c // 1024}K ms (err)" for b, c in dict.fromkeys((r["batch"], r["context"]) for r in var)) + " |")
+        for name in dict.fromkeys(r["variant"] for r in var):
+            cells = [f"{r['t_ms']:.3f} ({r.get('rel_err', 0):.0e})" for r in var if r["variant"] == name]
+            print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 
 

@@ -145,3 +145,30 @@ def test_attention_with_wide_integers_matches_the_reference(k_rel, v_rel):
     q = torch.randn(2, 4, 1, 64, device=DEV)
     torch.testing.assert_close(gpu.attention(q, ker, 100, None, False, None), reference.attention(q, ref, 100, None, False, None),
                                rtol=2e-5, atol=2e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("pack_size,k_rel,v_rel", [(8, 0.1, 0.2), (16, 0.07, 0.15), (32, 0.3, 0.5), (32, 0.1, 0.2)])
+def test_packwise_and_per_value_extraction_agree(pack_size, k_rel, v_rel):
+    """Packs of at most 64 bits are decoded from their words at once; wider packs fall back to per-value reads.
+    Both give the same attention, for every pack size."""
+    cfg = PackKVConfig(block_size=32, window=32, pack_size=pack_size, k_rel=k_rel, v_rel=v_rel)
+    ref, ker, _, _ = build(cfg, [100], heads=2)
+    q = torch.randn(2, 4, 1, 64, device=DEV)
+    want = reference.attention(q, ref, 100, None, False, None)
+    fast = gpu.attention(q, ker, 100, None, False, None)
+    slow = gpu.attention(q, ker, 100, None, False, None, packwise=False)
+    torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast, want, rtol=2e-5, atol=2e-5)
+
+
+def test_bf16_queries_use_single_fp16_operands_within_bf16_rounding():
+    """Model-dtype queries take the fast path (one fp16 product per tile, ring in the cache dtype); the error
+    stays below the bf16 rounding of the output."""
+    ref, ker, _, _ = build(PackKVConfig(block_size=32, window=32), [100], heads=2)
+    q = torch.randn(2, 8, 1, 64, device=DEV).to(torch.bfloat16)
+    want = reference.attention(q.float(), ref, 100, None, False, None)
+    got = gpu.attention(q, ker, 100, None, False, None)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=8e-3, atol=8e-3)
+    exact = gpu.attention(q, ker, 100, None, False, None, exact=True)
+    assert (got.float() - want).abs().max() <= 2 * (exact.float() - want).abs().max() + 4e-3

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ..storage import PackedLayer
 from ._launch import INTERPRET, launch, next_pow2, num_sms
-from .tiles import decode_rows, exact_rows, group_scale_rows, ints_to_f16
+from .tiles import decode_tile, exact_rows, group_scale_rows, ints_to_f16
 
 LOG2E = 1.4426950408889634
 # tf32x3 keeps fp32 accuracy on tensor cores; the interpreter computes in fp32 whatever is asked.
@@ -49,12 +49,25 @@ def _exact_operand(ints, QBITS: tl.constexpr):
 
 
 @triton.jit
-def _dot_ints(a, ints_t, QBITS: tl.constexpr, DOT: tl.constexpr):
-    """``a @ ints_t`` for |a| <= 1 and integer operand ``ints_t`` (fp16-exact below 1024, else fp32)."""
+def _dot_ints(a, ints_t, QBITS: tl.constexpr, DOT: tl.constexpr, EXACT: tl.constexpr):
+    """``a @ ints_t`` for |a| <= 1 and integer operand ``ints_t`` (fp16-exact below 1024, else fp32). ``EXACT``
+    keeps fp32 accuracy (two fp16 products); otherwise ``a`` is rounded to fp16 once (2^-11 relative: finer than
+    the bf16/fp16 inputs and outputs it serves, as in flash attention's P @ V)."""
     if QBITS <= 10:
-        return _dot_split(a, ints_t)
+        if EXACT:
+            return _dot_split(a, ints_t)
+        else:
+            return tl.dot(a.to(tl.float16), ints_t)
     else:
         return tl.dot(a, ints_t, input_precision=DOT)
+
+
+@triton.jit
+def _pow2_normalizer(x):
+    """``2^-k`` with ``max|x| < 2^k`` per row: scaling by it is exact, so a bf16/fp16 query stays exact in fp16."""
+    e = tl.max(tl.abs(x), 1).to(tl.int32, bitcast=True) & 0x7F800000
+    e = tl.minimum(e, 252 << 23)
+    return (0x7E800000 - e).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -92,12 +105,14 @@ def _attention_kernel(
     perm_ptr, ring_k_ptr, ring_v_ptr, n_blocks_ptr, n_win_ptr,
     mask_ptr, smb, smh, smq, sml,
     out_len, NB, S, H, HQ, TQ, N_REP, blocks_per_split, NS, qk_scale,
-    T: tl.constexpr, D: tl.constexpr, P: tl.constexpr, TS: tl.constexpr, M_PAD: tl.constexpr,
+    T: tl.constexpr, D: tl.constexpr, P: tl.constexpr, TILE: tl.constexpr, M_PAD: tl.constexpr,
     K_QBITS: tl.constexpr, K_MBITS: tl.constexpr, K_MW: tl.constexpr, K_GROUP: tl.constexpr,
     V_QBITS: tl.constexpr, V_MBITS: tl.constexpr, V_MW: tl.constexpr, V_GROUP: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT: tl.constexpr,
-    USE_ASM: tl.constexpr,
+    USE_ASM: tl.constexpr, PACKWISE: tl.constexpr, EXACT: tl.constexpr,
 ):  # fmt: skip
+    # Tokens per tile: the requested TILE, clamped to whole pack rows within a block.
+    TS: tl.constexpr = T if TILE >= T else (P if TILE <= P else TILE)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // H
@@ -113,10 +128,10 @@ def _attention_kernel(
     q = q.to(tl.float32)
     # Compressed tokens multiply the raw ints by a normalized query (fp16 tensor cores), then apply the
     # group's scale and zero to the scores: q . (Q + z) s = s (q . Q + z sum(q)) for token groups.
-    qnorm = tl.maximum(tl.max(tl.abs(q), 1), 1e-30)
-    qn = q / qnorm[:, None]
+    inv = _pow2_normalizer(q)
+    qn = q * inv[:, None]
     qsum = tl.sum(qn, 1)
-    score_scale = (qnorm * qk_scale)[:, None]
+    score_scale = (qk_scale / inv)[:, None]
     q_hi, q_lo = _split(qn)  # once: the fp16 halves of the query are the A operand of every block
 
     nb = tl.load(n_blocks_ptr + b)
@@ -133,17 +148,19 @@ def _attention_kernel(
             k_bits = tl.zeros((), tl.int32)
             v_bits = tl.zeros((), tl.int32)
             for r in range(0, T // TS):  # a runtime loop: unrolling it would keep four tiles live
-                kq, k_bits = decode_rows(k_base, k_meta_ptr + chunk * K_MW, r * (TS // P), k_bits,
-                                         TS, D, P, K_QBITS, K_MBITS, USE_ASM)  # fmt: skip
+                kq, k_bits = decode_tile(k_base, k_meta_ptr + chunk * K_MW, r * (TS // P), k_bits,
+                                         TS, D, P, K_QBITS, K_MBITS, USE_ASM, PACKWISE)  # fmt: skip
                 ks, kz = group_scale_rows(k_scale_ptr, k_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, K_GROUP)
                 kt = tl.trans(_exact_operand(kq, K_QBITS))
                 if K_GROUP == 2:  # per-channel scales fold into the query
                     smax = tl.max(ks, 0)
                     qs = qn * (ks / smax)[None, :]
-                    s = (_dot_ints(qs, kt, K_QBITS, DOT) + tl.sum(qs * kz[None, :], 1)[:, None]) * smax
+                    s = (_dot_ints(qs, kt, K_QBITS, DOT, EXACT) + tl.sum(qs * kz[None, :], 1)[:, None]) * smax
                 else:
                     if K_QBITS <= 10:
-                        raw = tl.dot(q_hi, kt) + tl.dot(q_lo, kt)
+                        raw = tl.dot(q_hi, kt)
+                        if EXACT:
+                            raw += tl.dot(q_lo, kt)
                     else:
                         raw = tl.dot(qn, kt, input_precision=DOT)
                     s = (raw + kz[None, :] * qsum[:, None]) * ks[None, :]
@@ -151,34 +168,60 @@ def _attention_kernel(
                 ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
                                    HAS_MASK, MASK_BOOL, IS_CAUSAL)  # fmt: skip
                 p, alpha, m_i, l_i = _online_update(s * score_scale + add, ok, m_i, l_i)
-                vq, v_bits = decode_rows(v_base, v_meta_ptr + chunk * V_MW, r * (TS // P), v_bits,
-                                         TS, D, P, V_QBITS, V_MBITS, USE_ASM)  # fmt: skip
+                vq, v_bits = decode_tile(v_base, v_meta_ptr + chunk * V_MW, r * (TS // P), v_bits,
+                                         TS, D, P, V_QBITS, V_MBITS, USE_ASM, PACKWISE)  # fmt: skip
                 vs, vz = group_scale_rows(v_scale_ptr, v_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, V_GROUP)
                 vt = _exact_operand(vq, V_QBITS)
                 if V_GROUP == 2:  # sum_t p (Q + z_c) s_c
-                    blk = (_dot_ints(p, vt, V_QBITS, DOT) + tl.sum(p, 1)[:, None] * vz[None, :]) * vs[None, :]
+                    blk = (_dot_ints(p, vt, V_QBITS, DOT, EXACT) + tl.sum(p, 1)[:, None] * vz[None, :]) * vs[None, :]
                 else:  # sum_t (p s_t) (Q + z_t), weights normalized by the tile's largest scale
                     smax = tl.max(vs, 0)
                     w = p * (vs / smax)[None, :]
-                    blk = (_dot_ints(w, vt, V_QBITS, DOT) + tl.sum(w * vz[None, :], 1)[:, None]) * smax
+                    blk = (_dot_ints(w, vt, V_QBITS, DOT, EXACT) + tl.sum(w * vz[None, :], 1)[:, None]) * smax
                 acc = acc * alpha[:, None] + blk
         else:
             for r in range(0, T // TS):
                 k, pos = exact_rows(ring_k_ptr, b, kvh, v * T + r * TS, total, H, S, TS, D)
                 ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
                                    HAS_MASK, MASK_BOOL, IS_CAUSAL)  # fmt: skip
-                k_hi, k_lo = _split(tl.trans(k))
-                s = tl.dot(q_hi, k_hi) + tl.dot(q_hi, k_lo) + tl.dot(q_lo, k_hi)  # fp32-level accuracy
-                p, alpha, m_i, l_i = _online_update(s * score_scale + add, ok, m_i, l_i)
                 val, pos = exact_rows(ring_v_ptr, b, kvh, v * T + r * TS, total, H, S, TS, D)
-                p_hi, p_lo = _split(p)
-                v_hi, v_lo = _split(val)
-                acc = acc * alpha[:, None] + tl.dot(p_hi, v_hi) + tl.dot(p_hi, v_lo) + tl.dot(p_lo, v_hi)
+                if EXACT:  # fp32-level accuracy from fp16 halves
+                    k_hi, k_lo = _split(tl.trans(k))
+                    s = tl.dot(q_hi, k_hi) + tl.dot(q_hi, k_lo) + tl.dot(q_lo, k_hi)
+                    p, alpha, m_i, l_i = _online_update(s * score_scale + add, ok, m_i, l_i)
+                    p_hi, p_lo = _split(p)
+                    v_hi, v_lo = _split(val)
+                    acc = acc * alpha[:, None] + tl.dot(p_hi, v_hi) + tl.dot(p_hi, v_lo) + tl.dot(p_lo, v_hi)
+                else:  # in the cache's dtype, exact for its values (the query is scaled by a power of two)
+                    if USE_ASM:  # on the GPU (the interpreter has no bf16 products: fp32 there)
+                        kd = tl.trans(k).to(ring_k_ptr.dtype.element_ty)
+                        s = tl.dot(qn.to(kd.dtype), kd)
+                    else:
+                        s = tl.dot(qn, tl.trans(k), input_precision=DOT)
+                    p, alpha, m_i, l_i = _online_update(s * score_scale + add, ok, m_i, l_i)
+                    if USE_ASM:
+                        vd = val.to(ring_v_ptr.dtype.element_ty)
+                        acc = acc * alpha[:, None] + tl.dot(p.to(vd.dtype), vd)
+                    else:
+                        acc = acc * alpha[:, None] + tl.dot(p, val, input_precision=DOT)
 
     part = ((b * HQ + hq) * TQ + qi) * NS + split
     tl.store(acc_ptr + part[:, None] * D + cc[None, :], acc, mask=row_ok[:, None])
     tl.store(m_ptr + part, m_i, mask=row_ok)
     tl.store(l_ptr + part, l_i, mask=row_ok)
+
+
+# Tile height and warps are tuned per kernel specialisation (the key: layout and query shape, never a length).
+# Splits are not tuned: they shape the grid and the partial results, and follow the SM count.
+# A register cap trades spills for resident programs: it pays when the grid has several programs per SM.
+TUNED_CONFIGS = [
+    triton.Config({"TILE": ts}, num_warps=4, num_stages=1, maxnreg=r)
+    for ts, r in ((32, None), (64, None), (32, 128), (64, 128), (32, 96))
+]
+_attention_tuned = triton.autotune(
+    configs=TUNED_CONFIGS,
+    key=["NS", "H", "T", "D", "P", "M_PAD", "K_QBITS", "V_QBITS", "K_GROUP", "V_GROUP", "HAS_MASK", "IS_CAUSAL"],
+)(_attention_kernel)
 
 
 def attention(
@@ -189,20 +232,28 @@ def attention(
     is_causal: bool,
     scale: float | None,
     splits: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 1,
     precision: str = DOT_PRECISION,
     maxnreg: int | None = None,
     sub_tile: int | None = None,
+    packwise: bool = True,
+    split_factor: int = 2,
+    exact: bool | None = None,
 ) -> torch.Tensor:
-    """``scaled_dot_product_attention(q, *decompress(st, out_len), attn_mask=mask, ...)`` without materialising K/V."""
+    """``scaled_dot_product_attention(q, *decompress(st, out_len), attn_mask=mask, ...)`` without materialising K/V.
+
+    Tile height and warps are autotuned on the GPU unless ``sub_tile``/``num_warps`` pin them (benchmark
+    variants); the interpreter runs one fixed configuration. ``splits`` defaults to about ``split_factor``
+    programs per SM. fp32 queries get fp32-accurate products (``exact``); bf16/fp16 queries get fp16 tensor-core
+    operands, finer than their own rounding."""
     lay = st.layout
     B, HQ, TQ, D = q.shape
     H, T = lay.num_heads, lay.block_size
     n_rep = HQ // H
     n_virtual = max(1, -(-out_len // T))
     if splits is None:
-        splits = -(-2 * num_sms(q.device) // (B * H))  # about two programs per SM
+        splits = -(-split_factor * num_sms(q.device) // (B * H))
     per_split = -(-n_virtual // max(1, min(splits, n_virtual)))
     ns = -(-n_virtual // per_split)
     acc = torch.empty(B, HQ, TQ, ns, D, dtype=torch.float32, device=q.device)
@@ -217,17 +268,21 @@ def attention(
     else:
         mask_bool, strides = True, (0, 0, 0, 0)
     sm_scale = 1.0 / math.sqrt(D) if scale is None else scale
-    launch(_attention_kernel)[(B * H, ns)](
+    pinned = INTERPRET or sub_tile is not None or num_warps is not None or maxnreg is not None
+    meta = dict(TILE=sub_tile or 32, num_warps=num_warps or 4, num_stages=num_stages) if pinned else {}
+    if maxnreg:
+        meta["maxnreg"] = maxnreg
+    launch(_attention_kernel if pinned else _attention_tuned)[(B * H, ns)](
         q.contiguous(), acc, m, l,
         st.pool, st.k_meta, st.k_offsets, st.k_scale, st.k_zero, st.v_meta, st.v_offsets, st.v_scale, st.v_zero,
         st.perm, st.ring_k, st.ring_v, st.n_blocks, st.n_win,
         mask if mask is not None else st.n_win, *strides,
         out_len, st.block_capacity, lay.ring_size, H, HQ, TQ, n_rep, per_split, ns, sm_scale * LOG2E,
-        T=T, D=D, P=lay.pack_size, TS=sub_tile or max(32, lay.pack_size), M_PAD=max(16, next_pow2(n_rep * TQ)),
+        T=T, D=D, P=lay.pack_size, M_PAD=max(16, next_pow2(n_rep * TQ)),
         K_QBITS=lay.k.qbits, K_MBITS=lay.k.mbits, K_MW=lay.meta_words(lay.k), K_GROUP=lay.k.grouping,
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=precision, USE_ASM=not INTERPRET,
-        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
+        PACKWISE=packwise, EXACT=q.dtype == torch.float32 if exact is None else exact, **meta,
     )  # fmt: skip
     return merge_splits(acc, m, l).to(q.dtype)
 

@@ -189,3 +189,54 @@ def exact_rows(ring_ptr, b, kvh, p0, total, H, S, TS: tl.constexpr, D: tl.conste
     x = tl.load(ring_ptr + ((b * H + kvh) * S + pos % S)[:, None] * D + tl.arange(0, D)[None, :],
                 mask=live[:, None], other=0.0)  # fmt: skip
     return x.to(tl.float32), pos
+
+
+@triton.jit
+def decode_rows_packwise(
+    base_ptr, meta_ptr, r0, bit0,
+    TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr, MBITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):  # fmt: skip
+    """``decode_rows`` for packs of at most 64 bits (``P * QBITS <= 64``): the words of each pack are loaded once
+    and funnel-shifted into a 64-bit aligned pack (lo, hi); each value is then a shift of it. Per value this is a
+    handful of ALU instructions and no memory access, against two gathered loads in ``decode_rows``."""
+    RS: tl.constexpr = TS // P
+    rr = tl.arange(0, RS)
+    cc = tl.arange(0, D)
+    f = read_bits(meta_ptr, ((r0 + rr)[:, None] * D + cc[None, :]) * MBITS, MBITS)  # [RS, D]
+    w = f >> QBITS
+    size = tl.reshape(w * P, (RS * D,))
+    start = tl.reshape(bit0 + tl.cumsum(size, 0) - size, (RS, D))
+    nxt = bit0 + tl.sum(size, 0)
+    # The pack's bits [start, start + P*w) lie in words wi .. wi+2 (sh + 64 <= 95 bits); empty packs read nothing.
+    wi = start >> 5
+    sh = (start & 31).to(tl.uint32)
+    used = sh.to(tl.int32) + w * P
+    w0 = tl.load(base_ptr + wi, mask=used > 0, other=0).to(tl.uint32, bitcast=True)
+    w1 = tl.load(base_ptr + wi + 1, mask=used > 32, other=0).to(tl.uint32, bitcast=True)
+    w2 = tl.load(base_ptr + wi + 2, mask=used > 64, other=0).to(tl.uint32, bitcast=True)
+    lo = funnel_shift(w0, w1, sh, USE_ASM)  # bits [0, 32) of the pack
+    hi = funnel_shift(w1, w2, sh, USE_ASM)  # bits [32, 64)
+    j = tl.arange(0, P)
+    o = (j[None, :, None] * w[:, None, :]).to(tl.uint32)  # [RS, P, D]: the value's bit in the pack, < 64
+    lo3 = lo[:, None, :]
+    hi3 = hi[:, None, :]
+    in_lo = o < 32
+    # Below bit 32 a value may straddle into hi: funnel (hi:lo); above, it lies in hi alone.
+    val = tl.where(in_lo, funnel_shift(lo3, hi3, o & 31, USE_ASM), hi3 >> (o & 31))
+    q = (val.to(tl.int32, bitcast=True) & ((1 << w) - 1)[:, None, :]) + (f & ((1 << QBITS) - 1))[:, None, :]
+    return tl.reshape(q, (TS, D)), nxt
+
+
+@triton.jit
+def decode_tile(
+    base_ptr, meta_ptr, r0, bit0,
+    TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr, MBITS: tl.constexpr,
+    USE_ASM: tl.constexpr, PACKWISE: tl.constexpr,
+):  # fmt: skip
+    """Ints of ``TS // P`` pack rows: pack-wise when packs fit 64 bits (and ``PACKWISE``), else per value."""
+    if PACKWISE and P * QBITS <= 64:
+        q, nxt = decode_rows_packwise(base_ptr, meta_ptr, r0, bit0, TS, D, P, QBITS, MBITS, USE_ASM)
+    else:
+        q, nxt = decode_rows(base_ptr, meta_ptr, r0, bit0, TS, D, P, QBITS, MBITS, USE_ASM)
+    return q, nxt

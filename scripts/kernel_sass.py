@@ -1,0 +1,103 @@
+"""Compile a PackKV Triton kernel for sm_90 on a machine without a GPU and summarise its SASS.
+
+    python scripts/kernel_sass.py attention [--dump out.sass]
+
+Developer tool: instruction counts are the cheap proxy for the per-element cost that bounds these kernels
+(``packkv_ops/kernels/NOTES.md``); times only come from the GPU. Uses the ptxas/nvdisasm that ship with Triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource
+
+
+def attention_source(overrides: dict, d: int = 128, k_rel: float = 0.1, v_rel: float = 0.2) -> tuple[ASTSource, dict]:
+    from packkv.ops import Layout, PackKVConfig
+    from packkv.ops.kernels import attention as A
+
+    cfg = PackKVConfig(k_rel=k_rel, v_rel=v_rel, rotation="none")
+    lay = Layout.from_config(cfg, num_heads=8, head_dim=d)
+    kernel = A._attention_kernel
+    consts = dict(
+        T=lay.block_size, D=d, P=lay.pack_size, TILE=32, M_PAD=16,
+        K_QBITS=lay.k.qbits, K_MBITS=lay.k.mbits, K_MW=lay.meta_words(lay.k), K_GROUP=lay.k.grouping,
+        V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
+        HAS_MASK=False, MASK_BOOL=True, IS_CAUSAL=False, DOT=A.DOT_PRECISION, USE_ASM=True, PACKWISE=True, EXACT=False,
+    )
+    consts.update(overrides)
+    sig = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32" if name in ("acc_ptr", "m_ptr", "l_ptr") else "*i32"
+        elif name == "qk_scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    for name in ("q_ptr", "ring_k_ptr", "ring_v_ptr", "k_scale_ptr", "v_scale_ptr"):
+        sig[name] = "*bf16"
+    for name in ("k_zero_ptr", "v_zero_ptr"):
+        sig[name] = "*i16"
+    sig["perm_ptr"] = "*u8"
+    return ASTSource(kernel, sig, constexprs=consts), {}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("overrides", nargs="*", help="constexpr overrides, NAME=int")
+    ap.add_argument("--dump")
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--maxnreg", type=int)
+    args = ap.parse_args()
+    overrides = {k: int(v) for k, v in (o.split("=") for o in args.overrides)}
+    src, _ = attention_source(overrides)
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": args.warps, "num_stages": 1, **({"maxnreg": args.maxnreg} if args.maxnreg else {})})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        open(cubin, "wb").write(ck.asm["cubin"])
+        nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+        sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+        ptx = os.path.join(tmp, "k.ptx")
+        open(ptx, "w").write(ck.asm["ptx"])
+        ptxas = os.path.join(os.path.dirname(nvdisasm), "ptxas")
+        info = subprocess.run([ptxas, "-v", "-arch=sm_90a", ptx, "-o", os.path.join(tmp, "x.cubin")],
+                              capture_output=True, text=True).stderr
+        regs = " ".join(re.findall(r"Used \d+ registers|\d+ bytes spill stores", info))
+    if args.dump:
+        open(args.dump, "w").write(sass)
+        open(args.dump + ".ttgir", "w").write(ck.asm["ttgir"])
+    lines = sass.splitlines()
+    ops = opcodes(lines)
+    print(f"{overrides or 'default'}: {sum(ops.values())} SASS instructions, {regs}")
+    print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(24)))
+    # Loops are the backward branches; the innermost one over compressed tiles is the cost per element.
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and labels[m.group(1)] < i:
+            body = opcodes(lines[labels[m.group(1)] : i + 1])
+            print(f"loop {m.group(1)}: {sum(body.values())} instructions")
+            print("  " + ", ".join(f"{k} {v}" for k, v in body.most_common(16)))
+
+
+def opcodes(lines: list[str]) -> collections.Counter:
+    ops = collections.Counter()
+    for line in lines:
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if m:
+            ops[m.group(1).split(".")[0]] += 1
+    return ops
+
+
+if __name__ == "__main__":
+    main()
