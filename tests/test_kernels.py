@@ -172,3 +172,25 @@ def test_bf16_queries_use_single_fp16_operands_within_bf16_rounding():
     torch.testing.assert_close(got.float(), want, rtol=8e-3, atol=8e-3)
     exact = gpu.attention(q, ker, 100, None, False, None, exact=True)
     assert (got.float() - want).abs().max() <= 2 * (exact.float() - want).abs().max() + 4e-3
+
+
+def test_split_merge_kernel_matches_its_reference():
+    """Partial softmax results merge by log-sum-exp in one launch; splits that saw no visible token (max -inf,
+    sum 0) weigh nothing, and more splits than one merge chunk (32) are folded in chunks."""
+    from packkv.ops.kernels.attention import _merge_kernel, merge_splits
+    from packkv.ops.kernels._launch import launch
+
+    g = torch.Generator().manual_seed(0)
+    ns, d = 70, 64
+    acc = torch.randn(2, 3, 1, ns, d, generator=g).to(DEV)
+    m = (torch.randn(2, 3, 1, ns, generator=g) * 4).to(DEV)
+    l = (torch.rand(2, 3, 1, ns, generator=g) + 0.5).to(DEV)
+    m[..., 5:40] = float("-inf")  # splits without visible tokens
+    l[..., 5:40] = 0.0
+    acc[..., 5:40, :] = 0.0
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.empty(2, 3, 1, d, dtype=dtype, device=DEV)
+        launch(_merge_kernel)[(6,)](acc, m, l, out, ns, D=d, BS=32)
+        want = merge_splits(acc, m, l)
+        tol = 1e-5 if dtype == torch.float32 else 8e-3
+        torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol)

@@ -11,12 +11,40 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+class _Launcher:
+    """``kernel[grid](...)`` that goes through ``wrap_triton`` only while something traces the call.
+
+    In plain eager mode ``wrap_triton``'s higher-order op (dispatch, side-table registration) costs more host time
+    than a decode kernel runs; there the raw kernel is launched. Under Dynamo, a dispatch mode (FakeTensor,
+    functionalization, proxy tracing: how AOT and opcheck see a ``triton_op`` body) or tensor subclasses, the
+    wrapped launch is what Inductor must see."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.wrapped = torch.library.wrap_triton(kernel)
+
+    def __getitem__(self, grid):
+        direct, wrapped = self.kernel[grid], self.wrapped[grid]
+
+        def run(*args, **kwargs):
+            return (direct if _plain_eager(args) else wrapped)(*args, **kwargs)
+
+        return run
+
+
+def _plain_eager(args) -> bool:
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    return all(type(a) is torch.Tensor for a in args if isinstance(a, torch.Tensor))
+
+
 def launch(kernel):
-    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
+    return kernel if INTERPRET else _Launcher(kernel)
 
 
 def num_sms(device: torch.device) -> int:

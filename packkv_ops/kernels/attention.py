@@ -10,6 +10,7 @@ capacity (``out_len``), fixed between growths.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -109,7 +110,7 @@ def _attention_kernel(
     K_QBITS: tl.constexpr, K_MBITS: tl.constexpr, K_MW: tl.constexpr, K_GROUP: tl.constexpr,
     V_QBITS: tl.constexpr, V_MBITS: tl.constexpr, V_MW: tl.constexpr, V_GROUP: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT: tl.constexpr,
-    USE_ASM: tl.constexpr, PACKWISE: tl.constexpr, EXACT: tl.constexpr,
+    USE_ASM: tl.constexpr, PACKWISE: tl.constexpr, EXACT: tl.constexpr, SKIP_DECODE: tl.constexpr = False,
 ):  # fmt: skip
     # Tokens per tile: the requested TILE, clamped to whole pack rows within a block.
     TS: tl.constexpr = T if TILE >= T else (P if TILE <= P else TILE)
@@ -148,8 +149,11 @@ def _attention_kernel(
             k_bits = tl.zeros((), tl.int32)
             v_bits = tl.zeros((), tl.int32)
             for r in range(0, T // TS):  # a runtime loop: unrolling it would keep four tiles live
-                kq, k_bits = decode_tile(k_base, k_meta_ptr + chunk * K_MW, r * (TS // P), k_bits,
-                                         TS, D, P, K_QBITS, K_MBITS, USE_ASM, PACKWISE)  # fmt: skip
+                if SKIP_DECODE:  # benchmark only: the rest of the kernel without value extraction
+                    kq = tl.zeros((TS, D), tl.int32) + (tl.load(k_base + r) & 7)
+                else:
+                    kq, k_bits = decode_tile(k_base, k_meta_ptr + chunk * K_MW, r * (TS // P), k_bits,
+                                             TS, D, P, K_QBITS, K_MBITS, USE_ASM, PACKWISE)  # fmt: skip
                 ks, kz = group_scale_rows(k_scale_ptr, k_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, K_GROUP)
                 kt = tl.trans(_exact_operand(kq, K_QBITS))
                 if K_GROUP == 2:  # per-channel scales fold into the query
@@ -168,8 +172,11 @@ def _attention_kernel(
                 ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
                                    HAS_MASK, MASK_BOOL, IS_CAUSAL)  # fmt: skip
                 p, alpha, m_i, l_i = _online_update(s * score_scale + add, ok, m_i, l_i)
-                vq, v_bits = decode_tile(v_base, v_meta_ptr + chunk * V_MW, r * (TS // P), v_bits,
-                                         TS, D, P, V_QBITS, V_MBITS, USE_ASM, PACKWISE)  # fmt: skip
+                if SKIP_DECODE:
+                    vq = tl.zeros((TS, D), tl.int32) + (tl.load(v_base + r) & 7)
+                else:
+                    vq, v_bits = decode_tile(v_base, v_meta_ptr + chunk * V_MW, r * (TS // P), v_bits,
+                                             TS, D, P, V_QBITS, V_MBITS, USE_ASM, PACKWISE)  # fmt: skip
                 vs, vz = group_scale_rows(v_scale_ptr, v_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, V_GROUP)
                 vt = _exact_operand(vq, V_QBITS)
                 if V_GROUP == 2:  # sum_t p (Q + z_c) s_c
@@ -181,29 +188,39 @@ def _attention_kernel(
                 acc = acc * alpha[:, None] + blk
         else:
             for r in range(0, T // TS):
-                k, pos = exact_rows(ring_k_ptr, b, kvh, v * T + r * TS, total, H, S, TS, D)
-                ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
-                                   HAS_MASK, MASK_BOOL, IS_CAUSAL)  # fmt: skip
-                val, pos = exact_rows(ring_v_ptr, b, kvh, v * T + r * TS, total, H, S, TS, D)
-                if EXACT:  # fp32-level accuracy from fp16 halves
-                    k_hi, k_lo = _split(tl.trans(k))
-                    s = tl.dot(q_hi, k_hi) + tl.dot(q_hi, k_lo) + tl.dot(q_lo, k_hi)
-                    p, alpha, m_i, l_i = _online_update(s * score_scale + add, ok, m_i, l_i)
-                    p_hi, p_lo = _split(p)
-                    v_hi, v_lo = _split(val)
-                    acc = acc * alpha[:, None] + tl.dot(p_hi, v_hi) + tl.dot(p_hi, v_lo) + tl.dot(p_lo, v_hi)
-                else:  # in the cache's dtype, exact for its values (the query is scaled by a power of two)
-                    if USE_ASM:  # on the GPU (the interpreter has no bf16 products: fp32 there)
-                        kd = tl.trans(k).to(ring_k_ptr.dtype.element_ty)
-                        s = tl.dot(qn.to(kd.dtype), kd)
-                    else:
-                        s = tl.dot(qn, tl.trans(k), input_precision=DOT)
-                    p, alpha, m_i, l_i = _online_update(s * score_scale + add, ok, m_i, l_i)
-                    if USE_ASM:
-                        vd = val.to(ring_v_ptr.dtype.element_ty)
-                        acc = acc * alpha[:, None] + tl.dot(p.to(vd.dtype), vd)
-                    else:
-                        acc = acc * alpha[:, None] + tl.dot(p, val, input_precision=DOT)
+                if v * T + r * TS >= total:
+                    # Past the sequence's end, up to out_len (the storage's capacity in compiled steps, up to 2x the
+                    # length): zero keys and values, as decompress gives. Scores are 0 (+ mask): softmax bookkeeping
+                    # only, no loads, no products.
+                    pos = v * T + r * TS + tl.arange(0, TS)
+                    ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
+                                       HAS_MASK, MASK_BOOL, IS_CAUSAL)  # fmt: skip
+                    p, alpha, m_i, l_i = _online_update(add, ok, m_i, l_i)
+                    acc = acc * alpha[:, None]
+                else:
+                    k, pos = exact_rows(ring_k_ptr, b, kvh, v * T + r * TS, total, H, S, TS, D)
+                    ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
+                                       HAS_MASK, MASK_BOOL, IS_CAUSAL)  # fmt: skip
+                    val, pos = exact_rows(ring_v_ptr, b, kvh, v * T + r * TS, total, H, S, TS, D)
+                    if EXACT:  # fp32-level accuracy from fp16 halves
+                        k_hi, k_lo = _split(tl.trans(k))
+                        s = tl.dot(q_hi, k_hi) + tl.dot(q_hi, k_lo) + tl.dot(q_lo, k_hi)
+                        p, alpha, m_i, l_i = _online_update(s * score_scale + add, ok, m_i, l_i)
+                        p_hi, p_lo = _split(p)
+                        v_hi, v_lo = _split(val)
+                        acc = acc * alpha[:, None] + tl.dot(p_hi, v_hi) + tl.dot(p_hi, v_lo) + tl.dot(p_lo, v_hi)
+                    else:  # in the cache's dtype, exact for its values (the query is scaled by a power of two)
+                        if USE_ASM:  # on the GPU (the interpreter has no bf16 products: fp32 there)
+                            kd = tl.trans(k).to(ring_k_ptr.dtype.element_ty)
+                            s = tl.dot(qn.to(kd.dtype), kd)
+                        else:
+                            s = tl.dot(qn, tl.trans(k), input_precision=DOT)
+                        p, alpha, m_i, l_i = _online_update(s * score_scale + add, ok, m_i, l_i)
+                        if USE_ASM:
+                            vd = val.to(ring_v_ptr.dtype.element_ty)
+                            acc = acc * alpha[:, None] + tl.dot(p.to(vd.dtype), vd)
+                        else:
+                            acc = acc * alpha[:, None] + tl.dot(p, val, input_precision=DOT)
 
     part = ((b * HQ + hq) * TQ + qi) * NS + split
     tl.store(acc_ptr + part[:, None] * D + cc[None, :], acc, mask=row_ok[:, None])
@@ -211,17 +228,21 @@ def _attention_kernel(
     tl.store(l_ptr + part, l_i, mask=row_ok)
 
 
-# Tile height and warps are tuned per kernel specialisation (the key: layout and query shape, never a length).
-# Splits are not tuned: they shape the grid and the partial results, and follow the SM count.
-# A register cap trades spills for resident programs: it pays when the grid has several programs per SM.
-TUNED_CONFIGS = [
-    triton.Config({"TILE": ts}, num_warps=4, num_stages=1, maxnreg=r)
-    for ts, r in ((32, None), (64, None), (32, 128), (64, 128), (32, 96))
-]
-_attention_tuned = triton.autotune(
-    configs=TUNED_CONFIGS,
-    key=["NS", "H", "T", "D", "P", "M_PAD", "K_QBITS", "V_QBITS", "K_GROUP", "V_GROUP", "HAS_MASK", "IS_CAUSAL"],
-)(_attention_kernel)
+# Launch defaults, from the graph-timed sweep in benchmarks/kernels.py (--sweep; H200, Llama-3.1-8B shapes, batch
+# 1 and 8, 8K-128K): 64-token tiles, a 128-register cap and about 8 programs per SM were best or within 5% of the
+# best at every size; a register cap only pays with several resident programs per SM. They are fixed rather than
+# chosen by triton.autotune: the autotuner picked the same tile and cap at every size, and its wrapper adds more
+# host time per eager call than the kernel runs at short contexts.
+TILE, MAXNREG, SPLIT_FACTOR, NUM_WARPS = 64, 128, 8, 4
+
+
+@functools.cache
+def _configured(num_warps: int, num_stages: int, maxnreg: int | None):
+    """The kernel with its launch options as a one-config ``triton.autotune``: the form in which Inductor
+    (``wrap_triton``) carries a register cap into compiled code; one config means no benchmarking."""
+    return triton.autotune([triton.Config({}, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)], key=[])(
+        _attention_kernel
+    )
 
 
 def attention(
@@ -232,20 +253,22 @@ def attention(
     is_causal: bool,
     scale: float | None,
     splits: int | None = None,
-    num_warps: int | None = None,
+    num_warps: int = NUM_WARPS,
     num_stages: int = 1,
     precision: str = DOT_PRECISION,
-    maxnreg: int | None = None,
-    sub_tile: int | None = None,
+    maxnreg: int | None = MAXNREG,
+    sub_tile: int = TILE,
     packwise: bool = True,
-    split_factor: int = 2,
+    split_factor: int = SPLIT_FACTOR,
     exact: bool | None = None,
+    skip_decode: bool = False,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(q, *decompress(st, out_len), attn_mask=mask, ...)`` without materialising K/V.
 
-    Tile height and warps are autotuned on the GPU unless ``sub_tile``/``num_warps`` pin them (benchmark
-    variants); the interpreter runs one fixed configuration. ``splits`` defaults to about ``split_factor``
-    programs per SM. fp32 queries get fp32-accurate products (``exact``); bf16/fp16 queries get fp16 tensor-core
+    ``sub_tile`` (tokens per tile), ``num_warps``, ``maxnreg`` (register cap; None: uncapped) and
+    ``split_factor`` (programs per SM, unless ``splits`` fixes the split count) default to the measured best
+    (see ``TILE``); benchmarks vary them. ``skip_decode`` (benchmarks only, wrong results) replaces value
+    extraction by a constant to show what the rest of the kernel costs. fp32 queries get fp32-accurate products (``exact``); bf16/fp16 queries get fp16 tensor-core
     operands, finer than their own rounding."""
     lay = st.layout
     B, HQ, TQ, D = q.shape
@@ -268,11 +291,11 @@ def attention(
     else:
         mask_bool, strides = True, (0, 0, 0, 0)
     sm_scale = 1.0 / math.sqrt(D) if scale is None else scale
-    pinned = INTERPRET or sub_tile is not None or num_warps is not None or maxnreg is not None
-    meta = dict(TILE=sub_tile or 32, num_warps=num_warps or 4, num_stages=num_stages) if pinned else {}
-    if maxnreg:
-        meta["maxnreg"] = maxnreg
-    launch(_attention_kernel if pinned else _attention_tuned)[(B * H, ns)](
+    if INTERPRET:
+        kernel, meta = _attention_kernel, dict(TILE=sub_tile, num_warps=num_warps, num_stages=num_stages)
+    else:
+        kernel, meta = _configured(num_warps, num_stages, maxnreg), dict(TILE=sub_tile)
+    launch(kernel)[(B * H, ns)](
         q.contiguous(), acc, m, l,
         st.pool, st.k_meta, st.k_offsets, st.k_scale, st.k_zero, st.v_meta, st.v_offsets, st.v_scale, st.v_zero,
         st.perm, st.ring_k, st.ring_v, st.n_blocks, st.n_win,
@@ -282,13 +305,39 @@ def attention(
         K_QBITS=lay.k.qbits, K_MBITS=lay.k.mbits, K_MW=lay.meta_words(lay.k), K_GROUP=lay.k.grouping,
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=precision, USE_ASM=not INTERPRET,
-        PACKWISE=packwise, EXACT=q.dtype == torch.float32 if exact is None else exact, **meta,
+        PACKWISE=packwise, EXACT=q.dtype == torch.float32 if exact is None else exact, SKIP_DECODE=skip_decode, **meta,
     )  # fmt: skip
-    return merge_splits(acc, m, l).to(q.dtype)
+    out = torch.empty(B, HQ, TQ, D, dtype=q.dtype, device=q.device)
+    launch(_merge_kernel)[(B * HQ * TQ,)](acc, m, l, out, ns, D=D, BS=32)
+    return out
+
+
+@triton.jit
+def _merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, NS, D: tl.constexpr, BS: tl.constexpr):
+    """One output row from its ``NS`` partial (acc, max, sum): one launch instead of a chain of small torch ops
+    (eager decode is bound by launches). Twin of ``merge_splits``."""
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, BS)
+    cc = tl.arange(0, D)
+    top = tl.full((BS,), float("-inf"), tl.float32)
+    for s0 in range(0, NS, BS):
+        top = tl.maximum(top, tl.load(m_ptr + row * NS + s0 + s, mask=s0 + s < NS, other=float("-inf")))
+    top_all = tl.max(top, 0)
+    top_all = tl.where(top_all == float("-inf"), 0.0, top_all)
+    num = tl.zeros((D,), tl.float32)
+    den = tl.zeros((BS,), tl.float32)
+    for s0 in range(0, NS, BS):
+        ok = s0 + s < NS
+        w = tl.exp2(tl.load(m_ptr + row * NS + s0 + s, mask=ok, other=float("-inf")) - top_all)
+        den += w * tl.load(l_ptr + row * NS + s0 + s, mask=ok, other=0.0)
+        a = tl.load(acc_ptr + (row * NS + s0 + s)[:, None] * D + cc[None, :], mask=ok[:, None], other=0.0)
+        num += tl.sum(a * w[:, None], 0)
+    tl.store(out_ptr + row * D + cc, (num / tl.sum(den, 0)).to(out_ptr.dtype.element_ty))
 
 
 def merge_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """Combine per-split (acc, max, sum) of an online softmax (log2 units) into the attention output."""
+    """Combine per-split (acc, max, sum) of an online softmax (log2 units) into the attention output (reference
+    of ``_merge_kernel``)."""
     top = m.amax(-1, keepdim=True)
     w = torch.exp2(m - torch.where(top == float("-inf"), 0.0, top))
     return (acc * w[..., None]).sum(-2) / (l * w).sum(-1)[..., None]
