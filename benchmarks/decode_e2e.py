@@ -97,7 +97,7 @@ def run_static(model, batch, context, steps, warmup, device, chunk, compiled) ->
     return result("static", batch, context, times, device)
 
 
-def run_packkv(model, batch, context, steps, warmup, device, chunk, cfg) -> dict:
+def run_packkv(model, batch, context, steps, warmup, device, chunk, cfg, profile: bool = False) -> dict:
     cache = packkv.PackKVCache(cfg, model=model)
     cache.compiled = True
     ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
@@ -109,6 +109,12 @@ def run_packkv(model, batch, context, steps, warmup, device, chunk, cfg) -> dict
     graphs = stats["graphs"]
     times = decode(model.__call__, model, cache, batch, context, steps, warmup, device)
     row = result("packkv", batch, context, times, device)
+    if profile and device == "cuda":  # where a compiled step spends GPU time, by kernel
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            decode(model.__call__, model, cache, batch, context + warmup + steps, 3, 0, device)
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70), flush=True)
     n = cache.nbytes()
     row.update(cache_bytes=n["compressed"] + n["window"], cache_fp16_bytes=n["fp16_compressed"] + n["fp16_window"],
                graphs_compiled=stats["graphs"] - graphs)  # fmt: skip
@@ -160,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=8192, help="prefill chunk (tokens)")
     p.add_argument("--small", action="store_true", help="tiny model (CPU smoke test)")
     p.add_argument("--paths", nargs="+", choices=["static", "packkv"], default=["static", "packkv"])
+    p.add_argument("--profile", action="store_true", help="print the GPU kernels of three PackKV decode steps")
     p.add_argument("--watchdog", type=float, default=0, help="dump Python stacks every N s (diagnosing stalls)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_e2e")
     args = p.parse_args(argv)
@@ -187,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     torch._dynamo.reset()  # the static path's compiled frames and shape history must not shape PackKV's graph
     packkv.compile(model, mode=mode)  # from here on, generate-style steps on a PackKV cache run compiled
     for ctx in args.contexts if "packkv" in args.paths else []:
-        record(run_packkv(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, model.packkv_config))
+        record(run_packkv(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, model.packkv_config,
+                          args.profile))
         torch.cuda.empty_cache() if device == "cuda" else None
     plot(rows, args.out / "decode_e2e.png")
     if args.paths != ["static", "packkv"]:
