@@ -16,18 +16,41 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 ROTATION_CODES = {"none": 0, "hadamard": 1}
 
 
 def hadamard(n: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """The ``n x n`` orthonormal Sylvester Hadamard matrix (fp32), built from torch ops so graphs can trace it."""
+    """The ``n x n`` orthonormal Sylvester Hadamard matrix (fp32), built from torch ops so graphs can trace it.
+
+    Outside tracing and CUDA-graph capture the matrix is built once per (n, device) and reused: in the opaque
+    ``append_`` op of a compiled step the build would otherwise replay ~28 tiny kernels per call. Never cached
+    while tracing (graphs trace the build) or while a CUDA graph captures (the tensor would live in its pool)."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, got {n}")
+    if _tracing_or_capturing(device):
+        return _build(n, device)
+    key = (n, torch.device(device) if device is not None else torch.device("cpu"))
+    if key not in _MATRICES:
+        _MATRICES[key] = _build(n, device)
+    return _MATRICES[key]
+
+
+_MATRICES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _build(n: int, device: torch.device | str | None) -> torch.Tensor:
     h = torch.ones(1, 1, device=device)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h * (1.0 / math.sqrt(n))
+
+
+def _tracing_or_capturing(device: torch.device | str | None) -> bool:
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return True
+    return torch.device(device or "cpu").type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def rotate(x: torch.Tensor, rotation: int) -> torch.Tensor:

@@ -34,6 +34,18 @@ def test_the_rotation_is_orthonormal_and_its_own_inverse(n):
     assert rotate(x, 0) is x
 
 
+def test_the_matrix_is_built_once_in_eager_mode_and_traced_under_fake_tensors():
+    """Eager calls reuse one matrix per (size, device) (a compiled step's opaque append would otherwise replay
+    its build every call); under tracing the build itself is traced, never a cached real tensor."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    assert hadamard(64) is hadamard(64, "cpu")
+    with FakeTensorMode():
+        h = hadamard(64)
+    assert isinstance(h, FakeTensor)
+    assert not isinstance(hadamard(64), FakeTensor)
+
+
 def test_bad_rotations_are_named():
     with pytest.raises(ValueError, match="rotation"):
         PackKVConfig(rotation="random")
