@@ -10,6 +10,10 @@ decodes after a prompt of each context length, side by side in one run:
 * ``packkv``: ``packkv.compile(model)`` (packed cache, fused attention in the compiled step, CUDA graphs);
 * ``weights``: the static cache at a 1K context: the cost of reading the weights alone.
 
+With ``--budget-gib G`` each path also runs at the largest batch whose cache (allocated capacity, scaled from its
+batch-1 row) fits G GiB beside the weights and ``--budget-headroom-gib`` of activations, at ``--budget-contexts``:
+context x batch and total tokens/s at a fixed memory budget.
+
 Prompts are filled by chunked prefill; decode steps are timed with CUDA events after warm-up (medians over
 steps). Peak memory is ``torch.cuda.max_memory_allocated`` during decode. Writes ``decode_e2e.json`` and
 ``decode_e2e.png``.
@@ -94,7 +98,7 @@ def run_static(model, batch, context, steps, warmup, device, chunk, compiled) ->
     print(f"static {context}: prefill {time.perf_counter() - t0:.1f} s", flush=True)
     reset_peak(device)
     times = decode(compiled, model, cache, batch, context, steps, warmup, device, pad_to=cache.get_max_length())
-    return result("static", batch, context, times, device)
+    return dict(result("static", batch, context, times, device), cache_alloc_bytes=allocated_bytes(cache))
 
 
 def run_packkv(model, batch, context, steps, warmup, device, chunk, cfg, profile: bool = False) -> dict:
@@ -116,9 +120,28 @@ def run_packkv(model, batch, context, steps, warmup, device, chunk, cfg, profile
             decode(model.__call__, model, cache, batch, context + warmup + steps, 3, 0, device)
         print(p.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70), flush=True)
     n = cache.nbytes()
-    row.update(cache_bytes=n["compressed"] + n["window"], cache_fp16_bytes=n["fp16_compressed"] + n["fp16_window"],
+    row.update(cache_bytes=n["compressed"] + n["window"], cache_alloc_bytes=allocated_bytes(cache), cache_fp16_bytes=n["fp16_compressed"] + n["fp16_window"],
                graphs_compiled=stats["graphs"] - graphs)  # fmt: skip
     return row
+
+
+def allocated_bytes(cache) -> int:
+    """Bytes of the tensors a cache holds (its capacity, not only what is filled): what a memory budget pays."""
+    total = 0
+    for layer in cache.layers:
+        if hasattr(layer, "storage"):  # PackKV: the packed storage at its current capacity
+            ts = layer.storage.tensors() if layer.is_initialized else ()
+        else:  # StaticCache: the preallocated K/V buffers
+            ts = [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if torch.is_tensor(t)]
+        total += sum(t.numel() * t.element_size() for t in ts)
+    return total
+
+
+def budget_batch(row: dict, budget_gib: float, headroom_gib: float, weights_bytes: int) -> int:
+    """The largest batch whose caches fit ``budget_gib`` beside the weights and ``headroom_gib`` of activations,
+    scaling the batch-1 run's allocated cache bytes (capacity included) linearly."""
+    room = (budget_gib - headroom_gib) * 2**30 - weights_bytes
+    return max(1, int(room // row["cache_alloc_bytes"]))
 
 
 def reset_peak(device: str) -> None:
@@ -166,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=8192, help="prefill chunk (tokens)")
     p.add_argument("--small", action="store_true", help="tiny model (CPU smoke test)")
     p.add_argument("--paths", nargs="+", choices=["static", "packkv"], default=["static", "packkv"])
+    p.add_argument("--budget-gib", type=float, default=0,
+                   help="also run each path at the largest batch this GPU-memory budget fits (e.g. 80)")
+    p.add_argument("--budget-contexts", type=int, nargs="+", default=[32768],
+                   help="contexts of the budget rows (each must be in --contexts: its batch-1 row sizes the batch)")
+    p.add_argument("--budget-headroom-gib", type=float, default=6, help="activations and workspace inside the budget")
     p.add_argument("--profile", action="store_true", help="print the GPU kernels of three PackKV decode steps")
     p.add_argument("--watchdog", type=float, default=0, help="dump Python stacks every N s (diagnosing stalls)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_e2e")
@@ -191,12 +219,29 @@ def main(argv: list[str] | None = None) -> int:
     for ctx in args.contexts if "static" in args.paths else []:
         record(run_static(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, static_step))
         torch.cuda.empty_cache() if device == "cuda" else None
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def budget_rows(name: str, run) -> None:  # same budget, each path at the batch that fits it
+        for ctx in args.budget_contexts if args.budget_gib else []:
+            one = next(r for r in rows if r["path"] == name and r["context"] == ctx and r["batch"] == args.batch)
+            b = budget_batch(one, args.budget_gib, args.budget_headroom_gib, weights)
+            print(f"{name} budget {args.budget_gib} GiB at {ctx}: batch {b}", flush=True)
+            row = run(b, ctx, max(256, args.chunk // b))
+            record(dict(row, path=f"{name}_budget", budget_gib=args.budget_gib))
+            torch.cuda.empty_cache() if device == "cuda" else None
+
+    if "static" in args.paths:
+        budget_rows("static", lambda b, ctx, chunk: run_static(model, b, ctx, args.steps, args.warmup, device, chunk,
+                                                               static_step))  # fmt: skip
     torch._dynamo.reset()  # the static path's compiled frames and shape history must not shape PackKV's graph
     packkv.compile(model, mode=mode)  # from here on, generate-style steps on a PackKV cache run compiled
     for ctx in args.contexts if "packkv" in args.paths else []:
         record(run_packkv(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, model.packkv_config,
                           args.profile))
         torch.cuda.empty_cache() if device == "cuda" else None
+    if "packkv" in args.paths:
+        budget_rows("packkv", lambda b, ctx, chunk: run_packkv(model, b, ctx, args.steps, args.warmup, device, chunk,
+                                                               model.packkv_config))  # fmt: skip
     plot(rows, args.out / "decode_e2e.png")
     if args.paths != ["static", "packkv"]:
         return 0
@@ -208,6 +253,15 @@ def main(argv: list[str] | None = None) -> int:
         s, k = by[("static", ctx)], by[("packkv", ctx)]
         print(f"| {ctx // 1024}K | {s['tokens_per_s']:.1f} | {k['tokens_per_s']:.1f} | {k['tokens_per_s'] / s['tokens_per_s']:.2f}x | "
               f"{k['step_ms'] / w:.2f} | {s['peak_gib']:.1f} | {k['peak_gib']:.1f} |")  # fmt: skip
+    if args.budget_gib:
+        print(f"\n| {args.budget_gib:g} GiB budget | static batch | PackKV batch | context x batch ratio | static tok/s | "
+              "PackKV tok/s | ratio | static peak GiB | PackKV peak GiB |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for ctx in args.budget_contexts:
+            s, k = by[("static_budget", ctx)], by[("packkv_budget", ctx)]
+            print(f"| {ctx // 1024}K | {s['batch']} | {k['batch']} | {k['batch'] / s['batch']:.2f}x | {s['tokens_per_s']:.1f} | "
+                  f"{k['tokens_per_s']:.1f} | {k['tokens_per_s'] / s['tokens_per_s']:.2f}x | {s['peak_gib']:.1f} | "
+                  f"{k['peak_gib']:.1f} |")  # fmt: skip
     return 0
 
 
