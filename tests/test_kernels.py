@@ -194,3 +194,18 @@ def test_split_merge_kernel_matches_its_reference():
         want = merge_splits(acc, m, l)
         tol = 1e-5 if dtype == torch.float32 else 8e-3
         torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol)
+
+
+def test_eager_launches_bypass_wrap_triton_only_when_nothing_traces():
+    """On the GPU, plain eager calls launch the raw kernel (wrap_triton's op costs ~1 ms of host time per call);
+    under a dispatch mode (FakeTensor, functionalization, proxy tracing) or with tensor subclasses, the launch
+    goes through wrap_triton so Inductor sees it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from packkv.ops.kernels._launch import _plain_eager
+
+    x = torch.zeros(2)
+    assert _plain_eager((x, 3, None))
+    with FakeTensorMode() as mode:
+        assert not _plain_eager((mode.from_tensor(x),))
+    assert not _plain_eager((torch.nn.Parameter(x),))  # a subclass: not a plain tensor
