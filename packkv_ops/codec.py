@@ -33,7 +33,7 @@ def quantize_blocks(k: torch.Tensor, v: torch.Tensor, layout: Layout) -> Quantiz
     """Quantize K and V blocks ``[N, H, T, D]``, then repack tokens (K, V, scales, zeros together)."""
     kq, ks, kz = quantize(k, layout.k)
     vq, vs, vz = quantize(v, layout.v)
-    perm = repack_perm(layout.repack, kq, vq, layout.pack_size)
+    perm = repack_perm(layout.repack, kq, vq, layout.pack_size, layout.v.qmax + 1)
     return QuantizedBlocks(
         kq=apply_perm(kq, perm, 2),
         vq=apply_perm(vq, perm, 2),

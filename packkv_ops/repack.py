@@ -17,11 +17,35 @@ def identity_perm(n: int, t: int, device: torch.device) -> torch.Tensor:
     return torch.arange(t, device=device).expand(n, t).clone()
 
 
-def median_perm(vq: torch.Tensor) -> torch.Tensor:
-    """Sort tokens by the (lower) median of their V integers, descending; ties keep token order."""
+def median_perm(vq: torch.Tensor, levels: int | None = None) -> torch.Tensor:
+    """Sort tokens by the (lower) median of their V integers, descending; ties keep token order.
+
+    On the GPU, with ``levels`` (ints known to lie in ``[0, levels)``) up to ``COUNT_LEVELS``, the median is
+    found by counting (``counting_median``) instead of a sort per token, which took 28% of GPU compression; the
+    values are the same. On the CPU the sort is faster."""
     n, h, t, d = vq.shape
-    key = vq.permute(0, 2, 1, 3).reshape(n, t, h * d).median(dim=-1).values
+    x = vq.permute(0, 2, 1, 3).reshape(n, t, h * d)
+    if vq.is_cuda and levels is not None and levels <= COUNT_LEVELS:
+        key = counting_median(x, levels)
+    else:
+        key = x.median(dim=-1).values
     return torch.sort(key, dim=-1, descending=True, stable=True).indices
+
+
+def counting_median(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """Lower median over the last dimension of ints in ``[0, levels)``: ``levels - 1`` compare-and-count passes.
+
+    The lower median is sorted element ``k = (m - 1) // 2``: the smallest ``l`` with ``#(x <= l) > k``. Counts grow
+    with ``l``, so it is the number of levels ``l < levels - 1`` whose count is still ``<= k``."""
+    k = (x.shape[-1] - 1) // 2
+    x = x.to(torch.uint8)  # a quarter of the bytes per pass
+    key = torch.zeros(x.shape[:-1], dtype=torch.int32, device=x.device)
+    for lvl in range(levels - 1):
+        key += ((x <= lvl).sum(-1) <= k).to(torch.int32)
+    return key
+
+
+COUNT_LEVELS = 16
 
 
 def greedy_perm(kq: torch.Tensor, vq: torch.Tensor, pack_size: int) -> torch.Tensor:
@@ -58,12 +82,15 @@ def greedy_perm(kq: torch.Tensor, vq: torch.Tensor, pack_size: int) -> torch.Ten
     return torch.stack(order, dim=-1)
 
 
-def repack_perm(mode: int, kq: torch.Tensor, vq: torch.Tensor, pack_size: int) -> torch.Tensor:
-    """Permutation ``[N, T]`` (int64) for repacking ``mode`` (see ``REPACK_CODES``)."""
+def repack_perm(
+    mode: int, kq: torch.Tensor, vq: torch.Tensor, pack_size: int, v_levels: int | None = None
+) -> torch.Tensor:
+    """Permutation ``[N, T]`` (int64) for repacking ``mode`` (see ``REPACK_CODES``); ``v_levels`` bounds the V
+    ints (``qmax + 1``) when known."""
     if mode == REPACK_CODES["none"]:
         return identity_perm(kq.shape[0], kq.shape[2], kq.device)
     if mode == REPACK_CODES["median"]:
-        return median_perm(vq)
+        return median_perm(vq, v_levels)
     if mode == REPACK_CODES["greedy"]:
         return greedy_perm(kq, vq, pack_size)
     raise ValueError(f"unknown repack mode {mode}")

@@ -10,6 +10,7 @@ from packkv.ops import Layout, PackKVConfig
 from packkv.ops.accounting import exact_bytes
 from packkv.ops.codec import pack_chunks, quantize_blocks
 from packkv.ops.reference import decompress_fp32
+from packkv.ops.repack import counting_median, median_perm
 
 
 def clustered(n_seq: int, heads: int, length: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -56,3 +57,16 @@ def test_repacking_changes_neither_decompressed_tokens_nor_attention(grouping):
         assert torch.equal(outs[r][0], outs["none"][0]) and torch.equal(outs[r][1], outs["none"][1])
         torch.testing.assert_close(attn[r], attn["none"], rtol=1e-6, atol=1e-6)
     assert exact_bytes(layers["median"])["payload"] < exact_bytes(layers["none"])["payload"]
+
+
+@pytest.mark.parametrize("levels", [2, 3, 8, 16])
+@pytest.mark.parametrize("heads,dim", [(1, 1), (3, 2), (1, 7), (3, 64)])
+def test_median_by_counting_equals_the_sorted_median(levels, heads, dim):
+    """Small integer ranges take the counting median on the GPU; it gives torch.median's lower median exactly
+    (even and odd counts, heavy ties)."""
+    g = torch.Generator().manual_seed(levels * 1000 + heads * dim)
+    vq = torch.randint(0, levels, (5, heads, 32, dim), generator=g, dtype=torch.int32)
+    vq[1] = vq[1] // 2  # ties
+    x = vq.permute(0, 2, 1, 3).reshape(5, 32, heads * dim)
+    assert torch.equal(counting_median(x, levels), x.median(dim=-1).values.to(torch.int32))
+    assert torch.equal(median_perm(vq, levels), median_perm(vq))
