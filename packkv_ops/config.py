@@ -79,10 +79,8 @@ class PackKVConfig:
         bs = self.block_size
         if isinstance(bs, bool) or not isinstance(bs, int) or not (self.pack_size <= bs <= 256):
             raise ValueError(f"PackKVConfig.block_size={bs!r} must be an int in [pack_size, 256]")
-        if bs % self.pack_size:
-            raise ValueError(
-                f"PackKVConfig.block_size={bs} must be a multiple of pack_size={self.pack_size}"
-            )
+        if bs & (bs - 1):  # the kernels tile a block with power-of-two shapes (tl.arange)
+            raise ValueError(f"PackKVConfig.block_size={bs} must be a power of two")
         w = self.window
         if isinstance(w, bool) or not isinstance(w, int) or w < bs or w % bs:
             raise ValueError(

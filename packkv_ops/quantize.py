@@ -36,7 +36,9 @@ def quantize(x: torch.Tensor, s: StreamLayout) -> tuple[torch.Tensor, torch.Tens
     mn = xf.amin(dim=dims, keepdim=True)
     mx = xf.amax(dim=dims, keepdim=True)
     amax = torch.maximum(mn.abs(), mx.abs())
-    step = torch.maximum((mx - mn) * s.rel, amax / ZERO_LIMIT)
+    # Times the fp32 reciprocal, not a division: torch's CUDA division by a scalar is a reciprocal product and
+    # its CPU one is not; a product is the same on both devices and in the Triton kernel.
+    step = torch.maximum((mx - mn) * s.rel, amax * (1.0 / ZERO_LIMIT))
     step = torch.where(step > 0, step, torch.ones_like(step))  # all-zero group: any scale is exact
     scale = round_up_bf16(step)
     sf = scale.float()
