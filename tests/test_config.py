@@ -22,7 +22,7 @@ def test_defaults_are_valid_and_frozen():
         ("k_rel", 0.0), ("k_rel", -0.1), ("k_rel", 1.5), ("k_rel", float("nan")), ("k_rel", "0.1"),
         ("v_rel", 1e-9), ("v_rel", True),
         ("k_grouping", "head"), ("v_grouping", None),
-        ("block_size", 40), ("block_size", 512), ("block_size", 8),
+        ("block_size", 40), ("block_size", 48), ("block_size", 512), ("block_size", 8),
         ("window", 100), ("window", 0),
         ("pack_size", 4), ("pack_size", 24),
         ("repack", "sorted"),
