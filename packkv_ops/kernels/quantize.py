@@ -15,13 +15,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import GROUP_CHANNEL, GROUP_TOKEN, GROUP_TOKEN_HEAD, REPACK_CODES, ZERO_LIMIT, Layout
+from ..layout import GROUP_TOKEN, GROUP_TOKEN_HEAD, ZERO_LIMIT, Layout
 from ..storage import PackedLayer
 from ._launch import launch, next_pow2
 
-_MEDIAN = REPACK_CODES["median"]
-_INV_ZERO_LIMIT: tl.constexpr = 1.0 / ZERO_LIMIT
-_RINT_MAGIC: tl.constexpr = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds |x| < 2**22 half-to-even
+_TOKEN = tl.constexpr(GROUP_TOKEN)
+_TOKEN_HEAD = tl.constexpr(GROUP_TOKEN_HEAD)
+_INV_ZERO_LIMIT = tl.constexpr(1.0 / ZERO_LIMIT)
+_RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds |x| < 2**22 half-to-even
 
 
 @triton.jit
@@ -53,7 +54,7 @@ def _scale_zero(mn, mx, REL: tl.constexpr):
     step = tl.maximum((mx - mn) * REL, amax * _INV_ZERO_LIMIT)
     step = tl.where(step > 0, step, 1.0)
     u = step.to(tl.uint32, bitcast=True)
-    u = tl.where((u & 0xFFFF) != 0, (u & 0xFFFF0000) + 0x10000, u)  # smallest bf16 >= step (positive, finite)
+    u = tl.where((u & 0xFFFF) != 0, ((u >> 16) + 1) << 16, u)  # smallest bf16 >= step (positive, finite)
     sf = u.to(tl.float32, bitcast=True)
     return sf, _rint(tl.math.div_rn(mn, sf))
 
@@ -84,7 +85,7 @@ def _quantize_stream(
     c = tl.arange(0, D)
     lv = tl.arange(0, LVP)
     cnt = tl.zeros((T, LVP), tl.int32)
-    if GROUP == GROUP_TOKEN:
+    if GROUP == _TOKEN:
         mn, mx = _token_range(new_ptr, ring_ptr, b, k, nb, nw, P, snb, snh, snp, H, S, T, D)
         sf, z = _scale_zero(mn, mx, REL)
         if not COUNT:
@@ -93,9 +94,9 @@ def _quantize_stream(
             tl.store(zero_ptr + base + rank, z.to(tl.int16))
     for h in range(H):
         x = _load_tokens(new_ptr, ring_ptr, b, h, k, nb, nw, P, snb, snh, snp, H, S, T, D)
-        if GROUP == GROUP_TOKEN:
+        if GROUP == _TOKEN:
             s2, z2 = sf[:, None], z[:, None]
-        elif GROUP == GROUP_TOKEN_HEAD:
+        elif GROUP == _TOKEN_HEAD:
             sh, zh = _scale_zero(tl.min(x, 1), tl.max(x, 1), REL)
             s2, z2 = sh[:, None], zh[:, None]
             if not COUNT:
