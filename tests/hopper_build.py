@@ -50,11 +50,10 @@ def compression_kernels(name: str) -> None:
         return
     for s in (lay.k, lay.v):
         mw = lay.meta_words(s)
-        compile_for_hopper(pack._pack_stats_kernel, dict(T=T, D=D, P=P, R=lay.rows, QBITS=s.qbits, MBITS=s.mbits,
-                           MW=mw, MWP=next_pow2(mw), J=next_pow2(32 // s.mbits + 2)), ints)  # fmt: skip
-        compile_for_hopper(pack._pack_payload_kernel, dict(T=T, D=D, P=P, R=lay.rows, QBITS=s.qbits,
-                           NW=pack._payload_words(s, lay)), ints)  # fmt: skip
-
+        compile_for_hopper(pack._pack_chunk_kernel, dict(T=T, D=D, P=P, R=lay.rows, QBITS=s.qbits, MBITS=s.mbits,
+                           MW=mw, MWP=next_pow2(mw), J=next_pow2(32 // s.mbits + 2), NW=pack._payload_words(s, lay)),
+                           ints)  # fmt: skip
+    compile_for_hopper(pack._compact_kernel, dict(BLOCK=256), {})
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or sorted(CONFIGS):

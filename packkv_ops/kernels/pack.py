@@ -1,11 +1,11 @@
 """Bit-pack quantized blocks into chunks (twin of ``codec.pack_chunks``), in two kernels per stream.
 
-``_pack_stats_kernel`` (one program per chunk) reads the chunk's integers through the block's permutation,
-finds each pack's minimum and width, writes the metadata words into the storage, each pack's byte offset inside
-the chunk and the chunk's payload size. The chunks' pool offsets are a prefix sum over all chunks of the call
-(torch, a few hundred elements); ``_pack_payload_kernel`` (one program per pack row of a chunk) then writes the
-payload bytes and the chunk offsets. Packs are byte-aligned (P * width bits with P a multiple of 8), so each
-program assembles its packs in registers and writes their bytes with plain stores: no two packs share a byte.
+``_pack_chunk_kernel`` (one program per chunk) reads the chunk's integers once, through the block's
+permutation; finds each pack's minimum and width; writes the metadata words into the storage; and assembles the
+whole payload in registers, written to a fixed-size staging slot of the chunk (packs are byte-aligned: P * width
+bits with P a multiple of 8, so no two packs share a byte). The chunks' pool offsets are a prefix sum over all
+chunks of the call (torch, a few hundred elements); ``_compact_kernel`` then copies each payload, whole words,
+to its offset in the pool and records the offset.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ def _chunk_place(chunk, n_blocks_ptr, NF, H):
 
 
 @triton.jit
-def _pack_stats_kernel(
-    q_ptr, perm_ptr, n_blocks_ptr, fields_ptr, starts_ptr, words_ptr, meta_ptr, NF, NB, H,
+def _pack_chunk_kernel(
+    q_ptr, perm_ptr, n_blocks_ptr, fields_ptr, words_ptr, meta_ptr, stage_ptr, NF, NB, H, STAGE_WORDS,
     T: tl.constexpr, D: tl.constexpr, P: tl.constexpr, R: tl.constexpr,
     QBITS: tl.constexpr, MBITS: tl.constexpr, MW: tl.constexpr, MWP: tl.constexpr, J: tl.constexpr,
+    NW: tl.constexpr,
 ):  # fmt: skip
     chunk = tl.program_id(0)
     b, blk, h = _chunk_place(chunk, n_blocks_ptr, NF, H)
@@ -46,16 +47,37 @@ def _pack_stats_kernel(
     w = tl.zeros((R, D), tl.int32)
     for bit in tl.static_range(QBITS):  # bit length
         w += (span >= (1 << bit)).to(tl.int32)
-    # Pack (r, c) is field r*D + c: min in the low QBITS, width above; payload packs in the same order.
+
+    # Payload: pack (r, c) is the P deltas of w bits, LSB first, at byte `start` of the chunk (packs in row-major
+    # (r, c) order, back to back). Word kk of a pack ORs every delta overlapping its 32 bits.
+    nbytes = w * (P // 8)
+    flat = tl.reshape(nbytes, (R * D,))
+    ends = tl.cumsum(flat, 0)
+    start = tl.reshape(ends - flat, (R, D))
+    total = tl.sum(flat, 0)
+    stage = stage_ptr.to(tl.pointer_type(tl.uint8)) + chunk.to(tl.int64) * STAGE_WORDS * 4
+    d = (q3 - mn[:, None, :]).to(tl.uint32)
+    bp = tl.arange(0, P)[None, :, None] * w[:, None, :]  # bit position of each delta inside its pack
+    e = tl.arange(0, 4)
+    for kk in tl.static_range(NW):
+        sh = bp - 32 * kk
+        left = tl.minimum(tl.maximum(sh, 0), 31).to(tl.uint32)
+        right = tl.minimum(tl.maximum(-sh, 0), 31).to(tl.uint32)
+        part = tl.where(sh >= 0, tl.where(sh < 32, d << left, 0), tl.where(sh > -32, d >> right, 0))
+        word = tl.sum(part.to(tl.int32, bitcast=True), 1).to(tl.uint32, bitcast=True)  # disjoint bits: an OR
+        byte = (word[:, :, None] >> (8 * e).to(tl.uint32)[None, None, :]) & 0xFF
+        bi = 4 * kk + e[None, None, :]
+        tl.store(stage + (start[:, :, None] + bi), byte.to(tl.uint8), mask=bi < nbytes[:, :, None])
+    pad = total + e  # the last word's bytes past the payload are zero
+    tl.store(stage + pad, tl.zeros((4,), tl.uint8), mask=pad < (total + 3) // 4 * 4)
+    tl.store(words_ptr + chunk, (total + 3) // 4)
+
+    # Metadata: field r*D + c = min | width << QBITS at bit (r*D + c) * MBITS. Word kk ORs the (at most J)
+    # fixed-width fields overlapping its 32 bits; they are read back from scratch (a register gather otherwise).
     i = tl.arange(0, R * D)
     base = chunk.to(tl.int64) * (R * D)
     tl.store(fields_ptr + base + i, tl.reshape(mn | (w << QBITS), (R * D,)))
-    nbytes = tl.reshape(w * (P // 8), (R * D,))
-    ends = tl.cumsum(nbytes, 0)
-    tl.store(starts_ptr + base + i, ends - nbytes)
-    tl.store(words_ptr + chunk, (tl.sum(nbytes, 0) + 3) // 4)
-    tl.debug_barrier()  # the fields just stored are read back by other threads of this program
-    # Metadata word kk ORs the (at most J) fixed-width fields overlapping its 32 bits.
+    tl.debug_barrier()  # the fields just stored are read by other threads of this program
     kk = tl.arange(0, MWP)
     fi = (32 * kk)[:, None] // MBITS + tl.arange(0, J)[None, :]
     shift = fi * MBITS - 32 * kk[:, None]
@@ -64,47 +86,24 @@ def _pack_stats_kernel(
     left = tl.minimum(tl.maximum(shift, 0), 31).to(tl.uint32)
     right = tl.minimum(tl.maximum(-shift, 0), 31).to(tl.uint32)
     part = tl.where(use, tl.where(shift >= 0, f << left, f >> right), 0).to(tl.int32, bitcast=True)
-    word = tl.sum(part, 1)  # disjoint bits: the sum is their OR
-    tl.store(meta_ptr + ((b * NB + blk) * H + h).to(tl.int64) * MW + kk, word, mask=kk < MW)
+    tl.store(meta_ptr + ((b * NB + blk) * H + h).to(tl.int64) * MW + kk, tl.sum(part, 1), mask=kk < MW)
 
 
 @triton.jit
-def _pack_payload_kernel(
-    q_ptr, perm_ptr, n_blocks_ptr, fields_ptr, starts_ptr, chunk_off_ptr, offsets_ptr, pool_ptr, NF, NB, H,
-    T: tl.constexpr, D: tl.constexpr, P: tl.constexpr, R: tl.constexpr, QBITS: tl.constexpr, NW: tl.constexpr,
+def _compact_kernel(
+    stage_ptr, words_ptr, chunk_off_ptr, n_blocks_ptr, offsets_ptr, pool_ptr, NF, NB, H, STAGE_WORDS,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     chunk = tl.program_id(0)
-    r = tl.program_id(1)
     b, blk, h = _chunk_place(chunk, n_blocks_ptr, NF, H)
-    cc = tl.arange(0, D)
-    meta = chunk.to(tl.int64) * (R * D) + r * D + cc
-    f = tl.load(fields_ptr + meta)
-    mu = f & ((1 << QBITS) - 1)
-    w = f >> QBITS
-    start = tl.load(starts_ptr + meta)  # byte offset of the pack inside its chunk
+    n = tl.load(words_ptr + chunk)
     off = tl.load(chunk_off_ptr + chunk)
-    if r == 0:
-        tl.store(offsets_ptr + (b * NB + blk) * H + h, off)
-    slot = (b * NB + blk).to(tl.int64) * T + r * P
-    kk = tl.arange(0, NW)
-    words = tl.zeros((D, NW), tl.uint32)  # the pack's bits, LSB first, as NW little-endian words
-    for j in tl.static_range(P):
-        src = tl.load(perm_ptr + slot + j).to(tl.int64)
-        d = (tl.load(q_ptr + (chunk.to(tl.int64) * T + src) * D + cc).to(tl.int32) - mu).to(tl.uint32)
-        bp = j * w
-        wi = bp >> 5
-        sh = (bp & 31).to(tl.uint32)
-        lo = d << sh
-        hi = (d >> 1) >> (31 - sh)  # the part spilling into the next word (d >> (32 - sh), defined at sh = 0)
-        words = words | tl.where(kk[None, :] == wi[:, None], lo[:, None], 0)
-        words = words | tl.where(kk[None, :] == wi[:, None] + 1, hi[:, None], 0)
-    # Bytes of each pack: (P / 8) * width of them, from its words.
-    nbytes = (P // 8) * w
-    byte_idx = tl.arange(0, 4 * NW)
-    wb = tl.reshape(tl.broadcast_to(words[:, :, None], (D, NW, 4)), (D, 4 * NW))
-    byte = (wb >> ((byte_idx % 4) * 8).to(tl.uint32)[None, :]) & 0xFF
-    dst = pool_ptr.to(tl.pointer_type(tl.uint8)) + off.to(tl.int64) * 4 + start
-    tl.store(dst[:, None] + byte_idx[None, :], byte.to(tl.uint8), mask=byte_idx[None, :] < nbytes[:, None])
+    tl.store(offsets_ptr + (b * NB + blk) * H + h, off)
+    i = tl.arange(0, BLOCK)
+    src = stage_ptr + chunk.to(tl.int64) * STAGE_WORDS
+    for s in range(0, n, BLOCK):
+        m = s + i < n
+        tl.store(pool_ptr + off.to(tl.int64) + s + i, tl.load(src + s + i, mask=m), mask=m)
 
 
 def pack_flushed(st: PackedLayer, kq: torch.Tensor, vq: torch.Tensor, n_flush: int) -> torch.Tensor:
@@ -116,27 +115,27 @@ def pack_flushed(st: PackedLayer, kq: torch.Tensor, vq: torch.Tensor, n_flush: i
     R, P, NB = lay.rows, lay.pack_size, st.block_capacity
     streams = ((kq, lay.k, st.k_meta, st.k_offsets), (vq, lay.v, st.v_meta, st.v_offsets))
     words = torch.empty(2, n * H, dtype=torch.int32, device=kq.device)
-    scratch = []
+    fields = torch.empty(n * H, R * D, dtype=torch.int32, device=kq.device)  # scratch, reused by both streams
+    stages = []
     for i, (q, s, meta, _) in enumerate(streams):
-        fields = torch.empty(n * H, R * D, dtype=torch.int32, device=kq.device)
-        starts = torch.empty_like(fields)
-        mw = lay.meta_words(s)
-        launch(_pack_stats_kernel)[(n * H,)](
-            q, st.perm, st.n_blocks, fields, starts, words[i], meta, n_flush, NB, H,
+        mw, sw = lay.meta_words(s), lay.max_chunk_words(s)
+        stage = torch.empty(n * H, sw, dtype=torch.int32, device=kq.device)
+        launch(_pack_chunk_kernel)[(n * H,)](
+            q, st.perm, st.n_blocks, fields, words[i], meta, stage, n_flush, NB, H, sw,
             T=T, D=D, P=P, R=R, QBITS=s.qbits, MBITS=s.mbits, MW=mw, MWP=next_pow2(mw), J=next_pow2(32 // s.mbits + 2),
+            NW=_payload_words(s, lay),
         )  # fmt: skip
-        scratch.append((fields, starts))
+        stages.append((stage, sw))
     flat = words.flatten().long()
     ends = flat.cumsum(0)
     chunk_off = (st.cursor + ends - flat).to(torch.int32)
-    for i, ((q, s, _, offsets), (fields, starts)) in enumerate(zip(streams, scratch)):
-        launch(_pack_payload_kernel)[(n * H, R)](
-            q, st.perm, st.n_blocks, fields, starts, chunk_off[i * n * H :], offsets, st.pool, n_flush, NB, H,
-            T=T, D=D, P=P, R=R, QBITS=s.qbits, NW=_payload_words(s, lay),
+    for i, ((_, _, _, offsets), (stage, sw)) in enumerate(zip(streams, stages)):
+        launch(_compact_kernel)[(n * H,)](
+            stage, words[i], chunk_off[i * n * H :], st.n_blocks, offsets, st.pool, n_flush, NB, H, sw, BLOCK=256,
         )  # fmt: skip
     return ends[-1]
 
 
 def _payload_words(s: StreamLayout, lay: Layout) -> int:
-    """int32 words of the widest pack (packs are byte-aligned), as a power of two."""
-    return next_pow2(-(-lay.pack_size * s.qbits // 32))
+    """int32 words of the widest pack."""
+    return -(-lay.pack_size * s.qbits // 32)
