@@ -8,7 +8,11 @@ decodes after a prompt of each context length, side by side in one run:
 * ``static``: transformers ``StaticCache`` (bf16), forward compiled with ``mode="reduce-overhead"`` (CUDA
   graphs), SDPA attention: the path users have;
 * ``packkv``: ``packkv.compile(model)`` (packed cache, fused attention in the compiled step, CUDA graphs);
-* ``weights``: the static cache at a 1K context: the cost of reading the weights alone.
+* ``weights``: the static cache at a 1K context: the cost of reading the weights alone;
+* ``quantized`` (with ``--paths ... quantized``): transformers' ``QuantizedCache`` (``optimum-quanto`` backend,
+  ``--quantized-nbits``, residual window 128), eager: it re-quantizes and dequantizes in Python every step and is
+  not compilable with ``fullgraph``. Needs ``pip install optimum-quanto`` (not a project dependency; on a machine
+  without network, carry its wheel and ninja's).
 
 With ``--budget-gib G`` each path also runs at the largest batch whose cache (allocated capacity, scaled from its
 batch-1 row) fits G GiB beside the weights and ``--budget-headroom-gib`` of activations, at ``--budget-contexts``:
@@ -101,6 +105,19 @@ def run_static(model, batch, context, steps, warmup, device, chunk, compiled) ->
     return dict(result("static", batch, context, times, device), cache_alloc_bytes=allocated_bytes(cache))
 
 
+def run_quantized(model, batch, context, steps, warmup, device, chunk, nbits) -> dict:
+    from transformers import QuantizedCache
+
+    cache = QuantizedCache(backend="quanto", config=model.config, nbits=nbits, residual_length=128)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+    t0 = time.perf_counter()
+    prefill(model, ids, cache, chunk)
+    print(f"quantized {context}: prefill {time.perf_counter() - t0:.1f} s", flush=True)
+    reset_peak(device)
+    times = decode(model.__call__, model, cache, batch, context, steps, warmup, device)
+    return dict(result("quantized", batch, context, times, device), nbits=nbits)
+
+
 def run_packkv(model, batch, context, steps, warmup, device, chunk, cfg, profile: bool = False) -> dict:
     cache = packkv.PackKVCache(cfg, model=model)
     cache.compiled = True
@@ -163,7 +180,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in ("static", "packkv"):
+    for name in ("static", "packkv", "quantized"):
         rs = [r for r in rows if r["path"] == name and r["batch"] == 1]
         ax.plot([r["context"] // 1024 for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=name)
     w = [r for r in rows if r["path"] == "weights"]
@@ -188,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--chunk", type=int, default=8192, help="prefill chunk (tokens)")
     p.add_argument("--small", action="store_true", help="tiny model (CPU smoke test)")
-    p.add_argument("--paths", nargs="+", choices=["static", "packkv"], default=["static", "packkv"])
+    p.add_argument("--paths", nargs="+", choices=["static", "packkv", "quantized"], default=["static", "packkv"])
+    p.add_argument("--quantized-nbits", type=int, choices=[2, 4], default=4, help="QuantizedCache bits (quanto)")
     p.add_argument("--budget-gib", type=float, default=0,
                    help="also run each path at the largest batch this GPU-memory budget fits (e.g. 80)")
     p.add_argument("--budget-contexts", type=int, nargs="+", default=[32768],
@@ -233,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     if "static" in args.paths:
         budget_rows("static", lambda b, ctx, chunk: run_static(model, b, ctx, args.steps, args.warmup, device, chunk,
                                                                static_step))  # fmt: skip
+    for ctx in args.contexts if "quantized" in args.paths else []:  # eager model: before packkv.compile
+        record(run_quantized(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, args.quantized_nbits))
+        torch.cuda.empty_cache() if device == "cuda" else None
     torch._dynamo.reset()  # the static path's compiled frames and shape history must not shape PackKV's graph
     packkv.compile(model, mode=mode)  # from here on, generate-style steps on a PackKV cache run compiled
     for ctx in args.contexts if "packkv" in args.paths else []:
@@ -243,16 +264,19 @@ def main(argv: list[str] | None = None) -> int:
         budget_rows("packkv", lambda b, ctx, chunk: run_packkv(model, b, ctx, args.steps, args.warmup, device, chunk,
                                                                model.packkv_config))  # fmt: skip
     plot(rows, args.out / "decode_e2e.png")
-    if args.paths != ["static", "packkv"]:
+    if not {"static", "packkv"} <= set(args.paths):
         return 0
     by = {(r["path"], r["context"]): r for r in rows}
-    print("| context | static tok/s | PackKV tok/s | ratio | PackKV step / 1K step | static peak GiB | PackKV peak GiB |")
-    print("|---|---|---|---|---|---|---|")
+    quant = "quantized" in args.paths
+    print("| context | static tok/s | PackKV tok/s | ratio | PackKV step / 1K step | static peak GiB | PackKV peak GiB |"
+          + (" QuantizedCache tok/s | its peak GiB |" if quant else ""))  # fmt: skip
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if quant else ""))
     w = rows[0]["step_ms"]
     for ctx in args.contexts:
         s, k = by[("static", ctx)], by[("packkv", ctx)]
+        q = f" {by[('quantized', ctx)]['tokens_per_s']:.1f} | {by[('quantized', ctx)]['peak_gib']:.1f} |" if quant else ""
         print(f"| {ctx // 1024}K | {s['tokens_per_s']:.1f} | {k['tokens_per_s']:.1f} | {k['tokens_per_s'] / s['tokens_per_s']:.2f}x | "
-              f"{k['step_ms'] / w:.2f} | {s['peak_gib']:.1f} | {k['peak_gib']:.1f} |")  # fmt: skip
+              f"{k['step_ms'] / w:.2f} | {s['peak_gib']:.1f} | {k['peak_gib']:.1f} |{q}")  # fmt: skip
     if args.budget_gib:
         print(f"\n| {args.budget_gib:g} GiB budget | static batch | PackKV batch | context x batch ratio | static tok/s | "
               "PackKV tok/s | ratio | static peak GiB | PackKV peak GiB |")
