@@ -55,7 +55,7 @@ def append_(st: PackedLayer, new_k: torch.Tensor, new_v: torch.Tensor, n_flush: 
         )
         kq, vq = quantize_flushed(st, new_k, new_v, n_flush, median=lay.repack == REPACK_CODES["median"] and in_kernel)
         if not in_kernel:
-            _repack_in_storage(st, kq, vq, n_flush)
+            kq, vq = _repack_in_storage(st, kq, vq, n_flush)
         written = pack_flushed(st, kq, vq, n_flush)
         st.cursor.add_(torch.where(ok, written, 0))
     _write_ring(st, st.ring_k, new_k, n_flush, ok)
@@ -65,9 +65,11 @@ def append_(st: PackedLayer, new_k: torch.Tensor, new_v: torch.Tensor, n_flush: 
     st.n_blocks.add_(step * n_flush)
 
 
-def _repack_in_storage(st: PackedLayer, kq: torch.Tensor, vq: torch.Tensor, n_flush: int) -> None:
-    """Permute the just-quantized blocks (stored in token order) by ``repack_perm``: greedy, or a median over
-    too many levels to count in the kernel."""
+def _repack_in_storage(
+    st: PackedLayer, kq: torch.Tensor, vq: torch.Tensor, n_flush: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Permute the just-quantized blocks (in token order) by ``repack_perm``: greedy, or a median over too many
+    levels to count in the kernel. Writes perm and moves scales/zeros in the storage; returns the permuted ints."""
     lay = st.layout
     B = st.batch
     perm = repack_perm(lay.repack, kq.int(), vq.int(), lay.pack_size, lay.v.qmax + 1)
@@ -77,3 +79,4 @@ def _repack_in_storage(st: PackedLayer, kq: torch.Tensor, vq: torch.Tensor, n_fl
     for name in ("k_scale", "k_zero", "v_scale", "v_zero"):
         x = getattr(st, name)
         x[b_idx, blk] = apply_perm(x[b_idx, blk], perm, 2)
+    return apply_perm(kq, perm, 2), apply_perm(vq, perm, 2)

@@ -1,7 +1,7 @@
 """Bit-pack quantized blocks into chunks (twin of ``codec.pack_chunks``), in two kernels per stream.
 
-``_pack_chunk_kernel`` (one program per chunk) reads the chunk's integers once, through the block's
-permutation; finds each pack's minimum and width; writes the metadata words into the storage; and assembles the
+``_pack_chunk_kernel`` (one program per chunk) reads the chunk's integers once (already in repacked order,
+contiguous); finds each pack's minimum and width; writes the metadata words into the storage; and assembles the
 whole payload in registers, written to a fixed-size staging slot of the chunk (packs are byte-aligned: P * width
 bits with P a multiple of 8, so no two packs share a byte). The chunks' pool offsets are a prefix sum over all
 chunks of the call (torch, a few hundred elements); ``_compact_kernel`` then copies each payload, whole words,
@@ -30,7 +30,7 @@ def _chunk_place(chunk, n_blocks_ptr, NF, H):
 
 @triton.jit
 def _pack_chunk_kernel(
-    q_ptr, perm_ptr, n_blocks_ptr, fields_ptr, words_ptr, meta_ptr, stage_ptr, NF, NB, H, STAGE_WORDS,
+    q_ptr, n_blocks_ptr, fields_ptr, words_ptr, meta_ptr, stage_ptr, NF, NB, H, STAGE_WORDS,
     T: tl.constexpr, D: tl.constexpr, P: tl.constexpr, R: tl.constexpr,
     QBITS: tl.constexpr, MBITS: tl.constexpr, MW: tl.constexpr, MWP: tl.constexpr, J: tl.constexpr,
     NW: tl.constexpr,
@@ -39,8 +39,7 @@ def _pack_chunk_kernel(
     b, blk, h = _chunk_place(chunk, n_blocks_ptr, NF, H)
     t = tl.arange(0, T)
     c = tl.arange(0, D)
-    src = tl.load(perm_ptr + (b * NB + blk).to(tl.int64) * T + t).to(tl.int32)  # token at each repacked slot
-    q = tl.load(q_ptr + (chunk.to(tl.int64) * T + src)[:, None] * D + c[None, :]).to(tl.int32)
+    q = tl.load(q_ptr + chunk.to(tl.int64) * (T * D) + t[:, None] * D + c[None, :]).to(tl.int32)  # contiguous
     q3 = tl.reshape(q, (R, P, D))
     mn = tl.min(q3, 1)
     span = tl.max(q3, 1) - mn
@@ -107,8 +106,8 @@ def _compact_kernel(
 
 
 def pack_flushed(st: PackedLayer, kq: torch.Tensor, vq: torch.Tensor, n_flush: int) -> torch.Tensor:
-    """Pack this call's blocks (integers ``[B * n_flush, H, T, D]`` in original token order, moved by the
-    block permutations already in the storage) into storage blocks ``n_blocks[b] + k``: metadata, offsets and
+    """Pack this call's blocks (integers ``[B * n_flush, H, T, D]`` in repacked order) into storage blocks
+    ``n_blocks[b] + k``: metadata, offsets and
     payload at the pool's cursor (K chunks, then V chunks). Returns the payload words written (a device int64)."""
     lay: Layout = st.layout
     n, H, T, D = kq.shape
@@ -121,7 +120,7 @@ def pack_flushed(st: PackedLayer, kq: torch.Tensor, vq: torch.Tensor, n_flush: i
         mw, sw = lay.meta_words(s), lay.max_chunk_words(s)
         stage = torch.empty(n * H, sw, dtype=torch.int32, device=kq.device)
         launch(_pack_chunk_kernel)[(n * H,)](
-            q, st.perm, st.n_blocks, fields, words[i], meta, stage, n_flush, NB, H, sw,
+            q, st.n_blocks, fields, words[i], meta, stage, n_flush, NB, H, sw,
             T=T, D=D, P=P, R=R, QBITS=s.qbits, MBITS=s.mbits, MW=mw, MWP=next_pow2(mw), J=next_pow2(32 // s.mbits + 2),
             NW=_payload_words(s, lay),
         )  # fmt: skip

@@ -2,8 +2,9 @@
 (twin of ``codec.quantize_blocks``: ``quantize.quantize`` + ``repack.median_perm``).
 
 One program per block of one sequence: it reads the block's tokens where they are (the oldest ring slots, then
-the new tokens; no gathered copy), writes the integers in original token order to a scratch tensor (the packing
-kernels read them through the permutation), and writes the permutation, scales and zeros into the storage.
+the new tokens; no gathered copy), writes the integers in repacked order to a scratch tensor (each token's row at
+its rank, so the packing kernel reads a chunk contiguously), and writes the permutation, scales and zeros into the
+storage.
 Token-grouped streams take two passes over the heads (min/max across heads, then quantize; the second pass
 reads from L2). The median repacking counts, per token, the integers at or below each level (<= 16 levels),
 then ranks the tokens with a T x T comparison: the same permutation as a stable descending sort.
@@ -117,7 +118,7 @@ def _quantize_stream(
                 below = tl.sum((q <= lvl).to(tl.int32), 1)
                 cnt += tl.where(lv[None, :] == lvl, below[:, None], 0)
         else:
-            dst = q_ptr + ((n * H + h) * T + t).to(tl.int64)[:, None] * D + c[None, :]
+            dst = q_ptr + ((n * H + h) * T + rank).to(tl.int64)[:, None] * D + c[None, :]  # repacked order
             tl.store(dst, q.to(q_ptr.dtype.element_ty))
     return cnt
 
@@ -165,7 +166,7 @@ def quantize_flushed(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize the ``n_flush`` oldest blocks of every sequence (ring window ++ new tokens) into storage block
     ``n_blocks[b] + k``: writes perm (identity unless ``median``), scales and zeros there, and returns the
-    integers ``[B * n_flush, H, T, D]`` in original token order (uint8, or int32 above 8 bits)."""
+    integers ``[B * n_flush, H, T, D]`` in the order of that perm (uint8, or int32 above 8 bits)."""
     lay: Layout = st.layout
     B, H, P, D = new_k.shape
     T = lay.block_size
