@@ -222,6 +222,31 @@ def variants(cfg, batch, length, heads, q_heads, dim, data, device, table: dict 
     return rows
 
 
+COMPRESS_VARIANTS = ((4, 4), (8, 4), (16, 4), (4, 8), (8, 8), (16, 16))  # (quantize, packing) warps per program
+
+
+def compress_variants(cfg, batch, length, heads, dim, data, device) -> list[dict]:
+    """Compression time with other launch widths of the quantize and per-chunk packing kernels (same bytes out)."""
+    from packkv.ops.kernels import pack, quantize
+
+    k, v = make_kv(batch, length, heads, dim, data, device)
+    want, _ = compress(cfg, k, v)
+    saved = quantize.WARPS, pack.WARPS
+    rows = []
+    try:
+        for qw, pw in COMPRESS_VARIANTS:
+            quantize.WARPS, pack.WARPS = qw, pw
+            compress(cfg, k, v)  # compile this width
+            st, t = compress(cfg, k, v)
+            same = torch.equal(st.pool, want.pool) and torch.equal(st.k_meta, want.k_meta)
+            rows.append(dict(batch=batch, context=length, quantize_warps=qw, pack_warps=pw, t_compress_ms=t,
+                             compress_gbps=2 * k.numel() * 2 / t / 1e6, same_bytes=same))  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        quantize.WARPS, pack.WARPS = saved
+    return rows
+
+
 def profile(cfg, batch, length, heads, q_heads, dim, data) -> None:
     """torch.profiler tables of one compression (prefill append) and one fused attention call."""
     from torch.profiler import ProfilerActivity, profile as prof
@@ -286,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true", help="variants: add the launch-parameter grid")
     p.add_argument("--variant-sizes", default="8x32768,1x131072", help="batch x context list for variants")
     p.add_argument("--profile", action="store_true", help="print where compression and attention spend GPU time")
+    p.add_argument("--compress-variants", action="store_true",
+                   help="also time compression at other kernel launch widths (at --variant-sizes)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -312,6 +339,17 @@ def main(argv: list[str] | None = None) -> int:
         print(table(rows), flush=True)
     if args.profile and device == "cuda":
         profile(cfg, 8, 32768, args.heads, args.q_heads, args.head_dim, args.data)
+    if args.compress_variants:
+        cvar = []
+        for size in args.variant_sizes.split(","):
+            b, c = (int(x) for x in size.split("x"))
+            cvar += compress_variants(cfg, b, c, args.heads, args.head_dim, args.data, device)
+        (args.out / "compress_variants.json").write_text(json.dumps(cvar, indent=1))
+        print("\n| batch x context | quantize warps | packing warps | compress ms | GB/s | same bytes |")
+        print("|---|---|---|---|---|---|")
+        for r in cvar:
+            print(f"| {r['batch']} x {r['context'] // 1024}K | {r['quantize_warps']} | {r['pack_warps']} | "
+                  f"{r['t_compress_ms']:.2f} | {r['compress_gbps']:.0f} | {r['same_bytes']} |")  # fmt: skip
     var = []
     if args.variants:
         for size in args.variant_sizes.split(","):

@@ -19,6 +19,9 @@ from ..storage import PackedLayer
 from ._launch import launch, next_pow2
 
 
+WARPS = 4  # launch width of the per-chunk kernel; benchmarks/kernels.py --compress-variants times others
+
+
 @triton.jit
 def _chunk_place(chunk, n_blocks_ptr, NF, H):
     """(sequence, storage block, head) of chunk ``chunk`` = (block n of this call) * H + head."""
@@ -122,7 +125,7 @@ def pack_flushed(st: PackedLayer, kq: torch.Tensor, vq: torch.Tensor, n_flush: i
         launch(_pack_chunk_kernel)[(n * H,)](
             q, st.n_blocks, fields, words[i], meta, stage, n_flush, NB, H, sw,
             T=T, D=D, P=P, R=R, QBITS=s.qbits, MBITS=s.mbits, MW=mw, MWP=next_pow2(mw), J=next_pow2(32 // s.mbits + 2),
-            NW=_payload_words(s, lay),
+            NW=_payload_words(s, lay), num_warps=WARPS,
         )  # fmt: skip
         stages.append((stage, sw))
     flat = words.flatten().long()

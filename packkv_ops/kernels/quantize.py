@@ -20,6 +20,8 @@ from ..layout import GROUP_TOKEN, GROUP_TOKEN_HEAD, ZERO_LIMIT, Layout
 from ..storage import PackedLayer
 from ._launch import launch, next_pow2
 
+WARPS = 4  # launch width; benchmarks/kernels.py --compress-variants times others
+
 _TOKEN = tl.constexpr(GROUP_TOKEN)
 _TOKEN_HEAD = tl.constexpr(GROUP_TOKEN_HEAD)
 _INV_ZERO_LIMIT = tl.constexpr(1.0 / ZERO_LIMIT)
@@ -183,6 +185,6 @@ def quantize_flushed(
         T=T, D=D,
         K_REL=lay.k.rel, K_QMAX=lay.k.qmax, K_GROUP=lay.k.grouping,
         V_REL=lay.v.rel, V_QMAX=lay.v.qmax, V_GROUP=lay.v.grouping,
-        MEDIAN=median, LVP=next_pow2(lay.v.qmax + 1),
+        MEDIAN=median, LVP=next_pow2(lay.v.qmax + 1), num_warps=WARPS,
     )  # fmt: skip
     return kq, vq
