@@ -70,8 +70,13 @@ def rotate(x: torch.Tensor, rotation: int) -> torch.Tensor:
     if rotation != ROTATION_CODES["hadamard"]:
         raise ValueError(f"unknown rotation code {rotation}; expected one of {sorted(ROTATION_CODES.values())}")
     h = hadamard(x.shape[-1], x.device)
-    if _tracing():
-        # A broadcast product and a sum (the same fp32 products): Inductor fuses it with the matrix's build into
-        # one kernel, where a tiny fp32 GEMM went to a cuBLAS kernel taking ~53 us per layer per decode step.
+    n = x.numel()
+    if _tracing() and isinstance(n, int) and n <= FUSED_ROTATION_MAX:
+        # Decode-sized x (queries, attention outputs): a broadcast product and a sum (the same fp32 products) that
+        # Inductor fuses with the matrix's build into one kernel, where the tiny fp32 GEMM went to a cuBLAS kernel
+        # taking ~53 us per layer per decode step. Bounded: an eager-run graph (aot_eager) materialises x x D.
         return (x.float()[..., :, None] * h).sum(-2).to(x.dtype)
     return (x.float() @ h).to(x.dtype)
+
+
+FUSED_ROTATION_MAX = 1 << 20
