@@ -46,6 +46,26 @@ def test_the_matrix_is_built_once_in_eager_mode_and_traced_under_fake_tensors():
     assert not isinstance(hadamard(64), FakeTensor)
 
 
+def test_traced_rotation_of_decode_sized_tensors_is_a_fused_product_sum_and_large_ones_a_matmul():
+    """In a traced graph a tiny fp32 GEMM (queries, attention outputs) became a slow one-CTA cuBLAS kernel; a
+    broadcast product-sum fuses instead. Large tensors (a decompressed cache) keep the GEMM: run eagerly (aot_eager),
+    the product would materialise x times head_dim. Both equal the eager rotation up to fp32 summation order."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from packkv.ops.rotation import FUSED_ROTATION_MAX
+
+    def ops(x):
+        g = make_fx(lambda t: rotate(t, 1))(x)
+        return {str(n.target) for n in g.graph.nodes if n.op == "call_function"}
+
+    small = torch.randn(2, 32, 1, 128)
+    large = torch.randn(FUSED_ROTATION_MAX // 128 + 1, 128)
+    assert "aten.mm.default" not in ops(small) and "aten.sum.dim_IntList" in ops(small)
+    assert "aten.mm.default" in ops(large)
+    traced = make_fx(lambda t: rotate(t, 1))(small)
+    torch.testing.assert_close(traced(small), rotate(small, 1), rtol=0, atol=1e-5)
+
+
 def test_bad_rotations_are_named():
     with pytest.raises(ValueError, match="rotation"):
         PackKVConfig(rotation="random")
