@@ -81,12 +81,13 @@ def test_append_and_decompress_across_head_dims_and_dtypes(dim, dtype):
         torch.testing.assert_close(x.float(), ref_x, rtol=ulp, atol=1e-30)
 
 
-def test_non_finite_tokens_leave_the_cache_unchanged():
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_tokens_leave_the_cache_unchanged(value):
     cfg = PackKVConfig(block_size=32, window=32)
     _, ker, _, _ = build(cfg, [63])  # the ring is full: the next token triggers a compression
     before = ker.clone()
     bad = torch.randn(2, 2, 1, 64, device=DEV).bfloat16()
-    bad[0, 1, 0, 5] = float("nan")
+    bad[0, 1, 0, 5] = value
     gpu.append_(ker, bad, bad.clone(), 1)
     assert torch.equal(ker.n_blocks, before.n_blocks) and torch.equal(ker.n_win, before.n_win)
     assert torch.equal(ker.cursor, before.cursor)

@@ -47,7 +47,7 @@ def _write_ring(st: PackedLayer, ring: torch.Tensor, new: torch.Tensor, n_flush:
 def append_(st: PackedLayer, new_k: torch.Tensor, new_v: torch.Tensor, n_flush: int) -> None:
     lay = st.layout
     B, H, P, D = new_k.shape
-    ok = torch.isfinite(new_k).all() & torch.isfinite(new_v).all()
+    ok = _all_finite(new_k) & _all_finite(new_v)
     if n_flush:
         # Counting medians need few levels; other permutations are found by torch on the quantized ints.
         in_kernel = lay.repack == REPACK_CODES["none"] or (
@@ -63,6 +63,14 @@ def append_(st: PackedLayer, new_k: torch.Tensor, new_v: torch.Tensor, n_flush: 
     step = ok.to(torch.int32)
     st.n_win.add_(step * (P - n_flush * lay.block_size))
     st.n_blocks.add_(step * n_flush)
+
+
+def _all_finite(x: torch.Tensor) -> torch.Tensor:
+    """Device bool: no NaN/Inf in ``x``. min/max propagate NaN and expose +-Inf: one reduction pass, without the
+    bool tensor of ``isfinite`` (a prefill's size in memory)."""
+    if x.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=x.device)
+    return torch.isfinite(torch.stack(torch.aminmax(x))).all()
 
 
 def _repack_in_storage(
