@@ -43,15 +43,15 @@ def compression_kernels(name: str) -> None:
     ptx = compile_for_hopper(quantize._quantize_kernel, dict(
         T=T, D=D, K_REL=lay.k.rel, K_QMAX=lay.k.qmax, K_GROUP=lay.k.grouping,
         V_REL=lay.v.rel, V_QMAX=lay.v.qmax, V_GROUP=lay.v.grouping,
-        MEDIAN=cfg.repack == "median", LVP=next_pow2(lay.v.qmax + 1)), floats | ints)  # fmt: skip
+        MEDIAN=cfg.repack == "median", LVP=next_pow2(lay.v.qmax + 1), FB=quantize._histogram_bits(8, lay.v.qmax)),
+        floats | ints)  # fmt: skip
     assert "div.rn.f32" in ptx  # IEEE division, as torch divides: the integers match the reference
     assert "0f4B400000" in ptx and "0fCB400000" in ptx  # round-half-even by +-1.5 * 2**23, not folded away
-    if name == "wide_ints_p32":  # only the quantize kernel differs much (int32 integers, no median)
-        return
-    for s in (lay.k, lay.v):
+    for s in (lay.k, lay.v):  # wide_ints_p32 takes the multi-lane packing path
         mw = lay.meta_words(s)
         compile_for_hopper(pack._pack_chunk_kernel, dict(T=T, D=D, P=P, R=lay.rows, QBITS=s.qbits, MBITS=s.mbits,
-                           MW=mw, MWP=next_pow2(mw), J=next_pow2(32 // s.mbits + 2), NW=pack._payload_words(s, lay)),
+                           MW=mw, MWP=next_pow2(mw), J=next_pow2(32 // s.mbits + 2), NL=pack._payload_lanes(s, lay),
+                           NLP=next_pow2(pack._payload_lanes(s, lay))),
                            ints)  # fmt: skip
     compile_for_hopper(pack._compact_kernel, dict(BLOCK=256), {})
 

@@ -1,9 +1,9 @@
 """Bit-pack quantized blocks into chunks (twin of ``codec.pack_chunks``), in two kernels per stream.
 
-``_pack_chunk_kernel`` (one program per chunk) reads the chunk's integers once (already in repacked order,
-contiguous); finds each pack's minimum and width; writes the metadata words into the storage; and assembles the
-whole payload in registers, written to a fixed-size staging slot of the chunk (packs are byte-aligned: P * width
-bits with P a multiple of 8, so no two packs share a byte). The chunks' pool offsets are a prefix sum over all
+``_pack_chunk_kernel`` (one program per chunk) reads the chunk's integers (already in repacked order) row by row,
+so that each thread owns whole packs: it finds their minima and widths, assembles each pack in 64-bit registers
+and stores it in units of P/8 bytes (a pack is P * width bits, so packs start on P/8-byte boundaries and no two
+share a unit) into a fixed-size staging slot of the chunk; then it writes the metadata words into the storage. The chunks' pool offsets are a prefix sum over all
 chunks of the call (torch, a few hundred elements); ``_compact_kernel`` then copies each payload, whole words,
 to its offset in the pool and records the offset.
 """
@@ -36,42 +36,67 @@ def _pack_chunk_kernel(
     q_ptr, n_blocks_ptr, fields_ptr, words_ptr, meta_ptr, stage_ptr, NF, NB, H, STAGE_WORDS,
     T: tl.constexpr, D: tl.constexpr, P: tl.constexpr, R: tl.constexpr,
     QBITS: tl.constexpr, MBITS: tl.constexpr, MW: tl.constexpr, MWP: tl.constexpr, J: tl.constexpr,
-    NW: tl.constexpr,
+    NL: tl.constexpr, NLP: tl.constexpr,
 ):  # fmt: skip
     chunk = tl.program_id(0)
     b, blk, h = _chunk_place(chunk, n_blocks_ptr, NF, H)
-    t = tl.arange(0, T)
-    c = tl.arange(0, D)
-    q = tl.load(q_ptr + chunk.to(tl.int64) * (T * D) + t[:, None] * D + c[None, :]).to(tl.int32)  # contiguous
-    q3 = tl.reshape(q, (R, P, D))
-    mn = tl.min(q3, 1)
-    span = tl.max(q3, 1) - mn
+    # Thread-local packing: the [R, D] tile of packs is spread over the threads and every loop below runs over
+    # the P tokens of a pack, so a thread assembles its packs alone (no cross-thread reductions). Row r*P + p of
+    # the chunk is one coalesced load; the second pass reads it again from L1.
+    src = q_ptr + chunk.to(tl.int64) * (T * D) + (tl.arange(0, R) * (P * D))[:, None] + tl.arange(0, D)[None, :]
+    mn = tl.load(src).to(tl.int32)
+    mx = mn
+    for p in tl.static_range(1, P):
+        x = tl.load(src + p * D).to(tl.int32)
+        mn = tl.minimum(mn, x)
+        mx = tl.maximum(mx, x)
+    span = mx - mn
     w = tl.zeros((R, D), tl.int32)
     for bit in tl.static_range(QBITS):  # bit length
         w += (span >= (1 << bit)).to(tl.int32)
 
     # Payload: pack (r, c) is the P deltas of w bits, LSB first, at byte `start` of the chunk (packs in row-major
-    # (r, c) order, back to back). Word kk of a pack ORs every delta overlapping its 32 bits.
+    # (r, c) order, back to back), assembled in NL 64-bit lanes.
     nbytes = w * (P // 8)
     flat = tl.reshape(nbytes, (R * D,))
     ends = tl.cumsum(flat, 0)
     start = tl.reshape(ends - flat, (R, D))
     total = tl.sum(flat, 0)
-    stage = stage_ptr.to(tl.pointer_type(tl.uint8)) + chunk.to(tl.int64) * STAGE_WORDS * 4
-    d = (q3 - mn[:, None, :]).to(tl.uint32)
-    bp = tl.arange(0, P)[None, :, None] * w[:, None, :]  # bit position of each delta inside its pack
-    e = tl.arange(0, 4)
-    for kk in tl.static_range(NW):
-        sh = bp - 32 * kk
-        left = tl.minimum(tl.maximum(sh, 0), 31).to(tl.uint32)
-        right = tl.minimum(tl.maximum(-sh, 0), 31).to(tl.uint32)
-        part = tl.where(sh >= 0, tl.where(sh < 32, d << left, 0), tl.where(sh > -32, d >> right, 0))
-        word = tl.sum(part.to(tl.int32, bitcast=True), 1).to(tl.uint32, bitcast=True)  # disjoint bits: an OR
-        byte = (word[:, :, None] >> (8 * e).to(tl.uint32)[None, None, :]) & 0xFF
-        bi = 4 * kk + e[None, None, :]
-        tl.store(stage + (start[:, :, None] + bi), byte.to(tl.uint8), mask=bi < nbytes[:, :, None])
-    pad = total + e  # the last word's bytes past the payload are zero
-    tl.store(stage + pad, tl.zeros((4,), tl.uint8), mask=pad < (total + 3) // 4 * 4)
+    w64 = w.to(tl.uint64)
+    if NL == 1:
+        acc = tl.zeros((R, D), tl.uint64)
+        for p in tl.static_range(P):
+            d = (tl.load(src + p * D).to(tl.int32) - mn).to(tl.uint64)
+            acc |= d << (w64 * p)
+        acc = acc[:, :, None]
+    else:
+        lane = tl.arange(0, NLP)[None, None, :]
+        acc = tl.zeros((R, D, NLP), tl.uint64)
+        for p in tl.static_range(P):
+            d = (tl.load(src + p * D).to(tl.int32) - mn).to(tl.uint64)
+            bp = w * p
+            sh = (bp & 63).to(tl.uint64)
+            at = (bp >> 6)[:, :, None]
+            lo = (d << sh)[:, :, None]
+            hi = ((d >> 1) >> (63 - sh))[:, :, None]  # d >> (64 - sh), zero when sh == 0
+            acc |= tl.where(lane == at, lo, 0) | tl.where(lane == at + 1, hi, 0)
+    # Packs start on P/8-byte boundaries (P * w bits): store units of P/8 bytes, E of them per lane.
+    UNIT: tl.constexpr = P // 8
+    E: tl.constexpr = 8 // UNIT
+    if UNIT == 1:
+        ety: tl.constexpr = tl.uint8
+    elif UNIT == 2:
+        ety: tl.constexpr = tl.uint16
+    else:
+        ety: tl.constexpr = tl.uint32
+    stage = stage_ptr + chunk.to(tl.int64) * STAGE_WORDS
+    e = tl.arange(0, E)[None, None, None, :]
+    piece = (acc[:, :, :, None] >> (8 * UNIT * e).to(tl.uint64)).to(ety)
+    ui = tl.arange(0, NLP)[None, None, :, None] * E + e  # unit index inside the pack
+    dst = stage.to(tl.pointer_type(ety)) + (start // UNIT)[:, :, None, None] + ui
+    tl.store(dst, piece, mask=ui < (nbytes // UNIT)[:, :, None, None])
+    pad = total + tl.arange(0, 4)  # the last word's bytes past the payload are zero
+    tl.store(stage.to(tl.pointer_type(tl.uint8)) + pad, tl.zeros((4,), tl.uint8), mask=pad < (total + 3) // 4 * 4)
     tl.store(words_ptr + chunk, (total + 3) // 4)
 
     # Metadata: field r*D + c = min | width << QBITS at bit (r*D + c) * MBITS. Word kk ORs the (at most J)
@@ -125,7 +150,7 @@ def pack_flushed(st: PackedLayer, kq: torch.Tensor, vq: torch.Tensor, n_flush: i
         launch(_pack_chunk_kernel)[(n * H,)](
             q, st.n_blocks, fields, words[i], meta, stage, n_flush, NB, H, sw,
             T=T, D=D, P=P, R=R, QBITS=s.qbits, MBITS=s.mbits, MW=mw, MWP=next_pow2(mw), J=next_pow2(32 // s.mbits + 2),
-            NW=_payload_words(s, lay), num_warps=WARPS,
+            NL=_payload_lanes(s, lay), NLP=next_pow2(_payload_lanes(s, lay)), num_warps=WARPS,
         )  # fmt: skip
         stages.append((stage, sw))
     flat = words.flatten().long()
@@ -138,6 +163,6 @@ def pack_flushed(st: PackedLayer, kq: torch.Tensor, vq: torch.Tensor, n_flush: i
     return ends[-1]
 
 
-def _payload_words(s: StreamLayout, lay: Layout) -> int:
-    """int32 words of the widest pack."""
-    return -(-lay.pack_size * s.qbits // 32)
+def _payload_lanes(s: StreamLayout, lay: Layout) -> int:
+    """64-bit lanes of the widest pack."""
+    return -(-lay.pack_size * s.qbits // 64)

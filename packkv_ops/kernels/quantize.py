@@ -20,7 +20,7 @@ from ..layout import GROUP_TOKEN, GROUP_TOKEN_HEAD, ZERO_LIMIT, Layout
 from ..storage import PackedLayer
 from ._launch import launch, next_pow2
 
-WARPS = 4  # launch width; benchmarks/kernels.py --compress-variants times others
+WARPS = 16  # launch width (16: fewest spills, fastest on the H200); benchmarks/kernels.py --compress-variants times others
 
 _TOKEN = tl.constexpr(GROUP_TOKEN)
 _TOKEN_HEAD = tl.constexpr(GROUP_TOKEN_HEAD)
@@ -78,16 +78,19 @@ def _token_range(new_ptr, ring_ptr, b, k, nb, nw, P, snb, snh, snp, H, S, T: tl.
 def _quantize_stream(
     new_ptr, ring_ptr, q_ptr, scale_ptr, zero_ptr, n, b, k, nb, nw, blk, rank, P, snb, snh, snp, NB, H, S,
     T: tl.constexpr, D: tl.constexpr, REL: tl.constexpr, QMAX: tl.constexpr, GROUP: tl.constexpr,
-    LV: tl.constexpr, LVP: tl.constexpr, COUNT: tl.constexpr,
+    LV: tl.constexpr, LVP: tl.constexpr, COUNT: tl.constexpr, FB: tl.constexpr,
 ):  # fmt: skip
     """Quantize one stream of block ``n``; scales/zeros land at slot ``rank[t]`` of storage block ``blk``.
 
     With ``COUNT`` (and ``rank`` unused) returns, per token, how many integers are ``<= l`` for each level
-    ``l < LV`` (``[T, LVP]``); the caller stores scales/zeros once the ranks are known (second call)."""
+    ``l < LV - 1`` (``[T, LVP]``); the caller stores scales/zeros once the ranks are known (second call). With
+    ``FB`` > 0 the counts go through a histogram of FB-bit fields per level in one uint64 per element, summed over
+    the heads in registers and reduced across channels once per level at the end (not once per level and head)."""
     t = tl.arange(0, T)
     c = tl.arange(0, D)
     lv = tl.arange(0, LVP)
     cnt = tl.zeros((T, LVP), tl.int32)
+    hist = tl.zeros((T, D), tl.uint64)
     if GROUP == _TOKEN:
         mn, mx = _token_range(new_ptr, ring_ptr, b, k, nb, nw, P, snb, snh, snp, H, S, T, D)
         sf, z = _scale_zero(mn, mx, REL)
@@ -116,12 +119,19 @@ def _quantize_stream(
         q = _rint(tl.math.div_rn(x, tl.broadcast_to(s2, (T, D)))) - z2
         q = tl.minimum(tl.maximum(q, 0.0), QMAX).to(tl.int32)
         if COUNT:
-            for lvl in tl.static_range(LV - 1):
-                below = tl.sum((q <= lvl).to(tl.int32), 1)
-                cnt += tl.where(lv[None, :] == lvl, below[:, None], 0)
+            if FB > 0:  # a field holds at most H counts: no carries
+                hist += tl.where(q < LV - 1, tl.full((T, D), 1, tl.uint64) << (q.to(tl.uint64) * FB), 0)
+            else:
+                for lvl in tl.static_range(LV - 1):
+                    below = tl.sum((q <= lvl).to(tl.int32), 1)
+                    cnt += tl.where(lv[None, :] == lvl, below[:, None], 0)
         else:
             dst = q_ptr + ((n * H + h) * T + rank).to(tl.int64)[:, None] * D + c[None, :]  # repacked order
             tl.store(dst, q.to(q_ptr.dtype.element_ty))
+    if COUNT and FB > 0:
+        for lvl in tl.static_range(LV - 1):  # integers equal to lvl count for every level >= lvl
+            eq = tl.sum(((hist >> (lvl * FB)) & ((1 << FB) - 1)).to(tl.int32), 1)
+            cnt += tl.where(lv[None, :] >= lvl, eq[:, None], 0)
     return cnt
 
 
@@ -133,7 +143,7 @@ def _quantize_kernel(
     T: tl.constexpr, D: tl.constexpr,
     K_REL: tl.constexpr, K_QMAX: tl.constexpr, K_GROUP: tl.constexpr,
     V_REL: tl.constexpr, V_QMAX: tl.constexpr, V_GROUP: tl.constexpr,
-    MEDIAN: tl.constexpr, LVP: tl.constexpr,
+    MEDIAN: tl.constexpr, LVP: tl.constexpr, FB: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0)  # block k of sequence b among this call's flushes
     b = n // NF
@@ -147,7 +157,7 @@ def _quantize_kernel(
         # Lower median of each token's V integers over all heads and channels: the number of levels l whose
         # count of integers <= l does not exceed the median's index yet.
         cnt = _quantize_stream(new_v_ptr, ring_v_ptr, vq_ptr, v_scale_ptr, v_zero_ptr, n, b, k, nb, nw, blk, rank,
-                               P, snb, snh, snp, NB, H, S, T, D, V_REL, V_QMAX, V_GROUP, V_QMAX + 1, LVP, True)  # fmt: skip
+                               P, snb, snh, snp, NB, H, S, T, D, V_REL, V_QMAX, V_GROUP, V_QMAX + 1, LVP, True, FB)  # fmt: skip
         lv = tl.arange(0, LVP)
         kth = (H * D - 1) // 2
         key = tl.sum(((cnt <= kth) & (lv[None, :] < V_QMAX)).to(tl.int32), 1)
@@ -158,9 +168,9 @@ def _quantize_kernel(
         rank = tl.sum(ahead.to(tl.int32), 1)
     tl.store(perm_ptr + (b * NB + blk).to(tl.int64) * T + rank, t.to(tl.uint8))
     _quantize_stream(new_v_ptr, ring_v_ptr, vq_ptr, v_scale_ptr, v_zero_ptr, n, b, k, nb, nw, blk, rank,
-                     P, snb, snh, snp, NB, H, S, T, D, V_REL, V_QMAX, V_GROUP, V_QMAX + 1, LVP, False)  # fmt: skip
+                     P, snb, snh, snp, NB, H, S, T, D, V_REL, V_QMAX, V_GROUP, V_QMAX + 1, LVP, False, 0)  # fmt: skip
     _quantize_stream(new_k_ptr, ring_k_ptr, kq_ptr, k_scale_ptr, k_zero_ptr, n, b, k, nb, nw, blk, rank,
-                     P, snb, snh, snp, NB, H, S, T, D, K_REL, K_QMAX, K_GROUP, 2, 2, False)  # fmt: skip
+                     P, snb, snh, snp, NB, H, S, T, D, K_REL, K_QMAX, K_GROUP, 2, 2, False, 0)  # fmt: skip
 
 
 def quantize_flushed(
@@ -185,6 +195,13 @@ def quantize_flushed(
         T=T, D=D,
         K_REL=lay.k.rel, K_QMAX=lay.k.qmax, K_GROUP=lay.k.grouping,
         V_REL=lay.v.rel, V_QMAX=lay.v.qmax, V_GROUP=lay.v.grouping,
-        MEDIAN=median, LVP=next_pow2(lay.v.qmax + 1), num_warps=WARPS,
+        MEDIAN=median, LVP=next_pow2(lay.v.qmax + 1), FB=_histogram_bits(H, lay.v.qmax), num_warps=WARPS,
     )  # fmt: skip
     return kq, vq
+
+
+def _histogram_bits(heads: int, qmax: int) -> int:
+    """Bits per level of the median's in-register histogram (a field counts up to ``heads``), or 0 when the
+    ``qmax`` levels below the top one do not fit one int64 (counted per head instead)."""
+    fb = heads.bit_length()
+    return fb if qmax * fb <= 64 else 0
