@@ -71,12 +71,14 @@ def rotate(x: torch.Tensor, rotation: int) -> torch.Tensor:
         raise ValueError(f"unknown rotation code {rotation}; expected one of {sorted(ROTATION_CODES.values())}")
     h = hadamard(x.shape[-1], x.device)
     n = x.numel()
-    if _tracing() and isinstance(n, int) and n <= FUSED_ROTATION_MAX:
-        # Decode-sized x (queries, attention outputs): a broadcast product and a sum (the same fp32 products) that
-        # Inductor fuses with the matrix's build into one kernel, where the tiny fp32 GEMM went to a cuBLAS kernel
-        # taking ~53 us per layer per decode step. Bounded: an eager-run graph (aot_eager) materialises x x D.
+    if isinstance(n, int) and n <= (FUSED_ROTATION_MAX if _tracing() else EAGER_PRODUCT_MAX):
+        # Decode-sized x (queries, attention outputs, a decode step's new K/V): a broadcast product and a sum (the
+        # same fp32 products) where the tiny fp32 GEMM went to a one-CTA cuBLAS kernel taking ~53 us on the H200,
+        # per layer per decode step. Traced, Inductor fuses it with the matrix's build into one kernel; eager (the
+        # opaque append_), two small kernels. Bounded: run eagerly, the product materialises x x head_dim.
         return (x.float()[..., :, None] * h).sum(-2).to(x.dtype)
     return (x.float() @ h).to(x.dtype)
 
 
 FUSED_ROTATION_MAX = 1 << 20
+EAGER_PRODUCT_MAX = 1 << 15  # a 16 MB product at most
