@@ -194,3 +194,23 @@ def test_sliding_window_models_work_with_the_full_packed_cache():
     ids, mask = prompts(3)
     ref = generate(model, ids, mask, DynamicCache(config=model.config))
     assert torch.equal(generate(model, ids, mask, PackKVCache(EXACT)), ref)
+
+
+def test_a_compiled_step_whose_counters_did_not_advance_is_reported_and_undone():
+    """verify_step after a compiled step: layers whose device counters did not move (the op refused NaN/Inf) are
+    named, and the host mirrors fall back to what the device holds; layers that advanced pass."""
+    cache = PackKVCache(PackKVConfig(block_size=16, window=16))
+    k = torch.randn(1, 2, 40, 64)
+    for i in range(3):
+        cache.update(k, k, i)
+    before = [(layer.n_blocks, layer.n_win) for layer in cache.layers]
+    cache.prepare_step(1)  # plans one token per layer
+    cache.layers[1].storage.n_win.add_(1)  # only layer 1 stored its token, as the op does
+    with pytest.raises(ValueError, match=r"non-finite.*layers \[0, 2\]"):
+        cache.verify_step(1)
+    after = [(layer.n_blocks, layer.n_win) for layer in cache.layers]
+    assert after == [before[0], (before[1][0], before[1][1] + 1), before[2]]
+    cache.prepare_step(1)
+    for layer in cache.layers:
+        layer.storage.n_win.add_(1)
+    cache.verify_step(1)  # all advanced: nothing to report
