@@ -9,7 +9,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource
 
 from packkv.ops import Layout, PackKVConfig
-from packkv.ops.kernels import pack, quantize
+from packkv.ops.kernels import pack, quantize, token
 from packkv.ops.kernels._launch import next_pow2
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -54,6 +54,8 @@ def compression_kernels(name: str) -> None:
                            NLP=next_pow2(pack._payload_lanes(s, lay))),
                            ints)  # fmt: skip
     compile_for_hopper(pack._compact_kernel, dict(BLOCK=256), {})
+    rings = {n: "*bf16" for n in ("k_ptr", "v_ptr", "ring_k_ptr", "ring_v_ptr")}
+    compile_for_hopper(token._append_token_kernel, dict(T=T, D=D, HP=next_pow2(lay.num_heads)), rings)
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or sorted(CONFIGS):

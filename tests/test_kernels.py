@@ -94,18 +94,39 @@ def test_append_and_decompress_across_head_dims_and_dtypes(dim, dtype):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_tokens_leave_the_cache_unchanged(value):
+@pytest.mark.parametrize("steps,flushes", [([63], True), ([40], False)])
+@pytest.mark.parametrize("where", ["keys of sequence 0", "values of sequence 1"])
+def test_non_finite_tokens_leave_the_cache_unchanged(value, steps, flushes, where):
+    """NaN/Inf in any sequence's new keys or values: no sequence's counters move (a decode token that compresses a
+    block, or one that only enters the ring: the one-kernel path)."""
     cfg = PackKVConfig(block_size=32, window=32)
-    _, ker, _, _ = build(cfg, [63])  # the ring is full: the next token triggers a compression
+    _, ker, _, _ = build(cfg, steps)
+    n = sum(steps)
+    n_flush = flush_count(int(ker.n_win[0]), 1, ker.layout)
+    assert (n_flush > 0) == flushes
     before = ker.clone()
-    bad = torch.randn(2, 2, 1, 64, device=DEV).bfloat16()
-    bad[0, 1, 0, 5] = value
-    gpu.append_(ker, bad, bad.clone(), 1)
+    k = torch.randn(2, 2, 1, 64, device=DEV).bfloat16()
+    v = torch.randn(2, 2, 1, 64, device=DEV).bfloat16()
+    (k[0, 1, 0, 5:6] if where.startswith("keys") else v[1, 0, 0, 7:8]).fill_(value)
+    gpu.append_(ker, k, v, n_flush)
     assert torch.equal(ker.n_blocks, before.n_blocks) and torch.equal(ker.n_win, before.n_win)
     assert torch.equal(ker.cursor, before.cursor)
-    n = 63
     for a, b in zip(reference.decompress(before, n), reference.decompress(ker, n)):
         assert torch.equal(a, b)
+
+
+def test_a_decode_token_between_flushes_takes_the_one_kernel_path_and_matches_the_reference():
+    """Non-contiguous [B, H, 1, D] views (as a model's projections give) land in the ring as the reference puts them."""
+    cfg = PackKVConfig(block_size=32, window=32)
+    ref, ker, _, _ = build(cfg, [45], heads=3)
+    for _ in range(5):
+        x = torch.randn(2, 1, 3, 2, 64, device=DEV).bfloat16()
+        k, v = x[..., 0, :].transpose(1, 2), x[..., 1, :].transpose(1, 2)  # strides of a fused KV projection
+        assert k.shape == (2, 3, 1, 64) and not k.is_contiguous()
+        assert flush_count(int(ker.n_win[0]), 1, ker.layout) == 0
+        reference.append_(ref, k, v, 0)
+        gpu.append_(ker, k, v, 0)
+    assert_same_storage(ref, ker)
 
 
 @pytest.mark.parametrize("n_rep", [1, 4, 8])

@@ -19,6 +19,7 @@ from . import attention as _attention
 from . import decompress as _decompress
 from .pack import pack_flushed
 from .quantize import quantize_flushed
+from .token import append_token
 
 decompress = _decompress.decompress
 attention = _attention.attention
@@ -47,6 +48,9 @@ def _write_ring(st: PackedLayer, ring: torch.Tensor, new: torch.Tensor, n_flush:
 def append_(st: PackedLayer, new_k: torch.Tensor, new_v: torch.Tensor, n_flush: int) -> None:
     lay = st.layout
     B, H, P, D = new_k.shape
+    if P == 1 and n_flush == 0:  # a decode step between flushes: one kernel
+        append_token(st, new_k, new_v)
+        return
     ok = _all_finite(new_k) & _all_finite(new_v)
     if n_flush:
         # Counting medians need few levels; other permutations are found by torch on the quantized ints.
