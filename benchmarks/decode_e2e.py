@@ -130,12 +130,18 @@ def run_packkv(model, batch, context, steps, warmup, device, chunk, cfg, profile
     graphs = stats["graphs"]
     times = decode(model.__call__, model, cache, batch, context, steps, warmup, device)
     row = result("packkv", batch, context, times, device)
-    if profile and device == "cuda":  # where a compiled step spends GPU time, by kernel
+    if profile and device == "cuda":  # where a compiled step spends GPU time, by kernel, and the host meanwhile
+        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile as prof
 
-        with prof(activities=[ProfilerActivity.CUDA]) as p:
-            decode(model.__call__, model, cache, batch, context + warmup + steps, 3, 0, device)
-        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70), flush=True)
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            t = decode(model.__call__, model, cache, batch, context + warmup + steps, 3, 0, device)
+        ka = p.key_averages()
+        print(ka.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70), flush=True)
+        print(ka.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70), flush=True)
+        busy = sum(e.self_device_time_total for e in ka if e.device_type == DeviceType.CUDA) / 1e3 / 3  # kernels only
+        print(f"per step: {statistics.median(t):.2f} ms measured, {busy:.2f} ms of kernels: "
+              f"{statistics.median(t) - busy:.2f} ms with no kernel running", flush=True)
     n = cache.nbytes()
     row.update(cache_bytes=n["compressed"] + n["window"], cache_alloc_bytes=allocated_bytes(cache), cache_fp16_bytes=n["fp16_compressed"] + n["fp16_window"],
                graphs_compiled=stats["graphs"] - graphs)  # fmt: skip
