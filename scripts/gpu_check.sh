@@ -15,12 +15,12 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 ls .gpuwheels/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps .gpuwheels/*.whl >>"$OUT/install.log" 2>&1
 par=(); python3 -c "import xdist" 2>/dev/null && par=(-n 8)
 if [[ $what == tests || $what == all ]]; then
-  timeout 480 python3 -m pytest -q -p no:cacheprovider "${par[@]}" -m "cuda or not cuda" tests/test_cuda.py tests/test_kernels.py \
+  timeout 480 python3 -m pytest -q -p no:cacheprovider "${par[@]}" -m "cuda or not cuda" tests/test_cuda.py tests/test_kernels.py tests/test_rotation.py \
     tests/test_compile.py::test_compiled_decode_on_cuda ${PACKKV_EXTRA_TESTS:-} 2>&1 | tee "$OUT/tests.log" | tail -25
 fi
 if [[ $what == sanitize || $what == all ]]; then
   timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \
-    -m "cuda or not cuda" tests/test_kernels.py -k "append_matches or attention_matches_the_reference or matvec" \
+    -m "cuda or not cuda" tests/test_kernels.py -k "append_matches or one_kernel or non_finite or attention_matches_the_reference or matvec" \
     2>&1 | tee "$OUT/sanitizer.log" | tail -8
 fi
 if [[ $what == bench || $what == all ]]; then
