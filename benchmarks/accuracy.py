@@ -70,6 +70,7 @@ from benchmarks.kivi_cache import KIVICache, KIVIConfig  # noqa: E402
 from packkv import PackKVCache, PackKVConfig, real_model  # noqa: E402
 from packkv.evaluate import decode_chunks, kl_divergence, teacher_forced_logits  # noqa: E402
 from packkv.models.cache import PackKVLayer  # noqa: E402
+from packkv.ops import ops  # noqa: E402
 from packkv.ops.rotation import rotate  # noqa: E402
 from packkv.ops.accounting import fixed_width_stream_bytes, paper_bytes, stream_bytes  # noqa: E402
 from packkv.ops.reference import flush_count  # noqa: E402
@@ -147,7 +148,7 @@ class MemoPackKVLayer(PackKVLayer):
             return keys, values
         self.plan_step(new, key_states.shape[0])
         st = self.storage
-        torch.ops.packkv.append_(*st.tensors(), key_states, value_states, self.n_flush, *_spec(st.layout))
+        ops.append(*st.tensors(), key_states, value_states, self.n_flush, *_spec(st.layout))
         self.commit_step(new)
         nbt = self.n_blocks * st.layout.block_size
         slots = torch.arange(nbt, self.tokens, device=st.device) % st.layout.ring_size

@@ -10,7 +10,7 @@ fused op (launch overhead included) is reported beside it.
    uncompressed bf16 cache (what users have), with achieved bandwidth over the bytes the kernel reads;
 2. the paper's protocol: decompress+mat-vec on packed K (and V) vs ``torch.matmul`` GEMV on the dequantized
    cache, one query per KV head;
-3. compression throughput (GB/s of bf16 K+V input) of ``torch.ops.packkv.append_`` on a prefill.
+3. compression throughput (GB/s of bf16 K+V input) of ``torch.ops.packkv.append_`` on a prefill (eager: ``ops.append``).
 
 Data: ``--data real`` (default) tiles real SmolLM2 K/V (tests/data/smollm2_kv.safetensors: 3 layers x 3 heads x
 1024 tokens x 64 channels) into the benchmark's shape, so packs see real structure; ``--data random`` is
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from packkv.ops import Layout, PackedLayer, PackKVConfig
+from packkv.ops import Layout, PackedLayer, PackKVConfig, ops
 from packkv.ops.accounting import exact_bytes
 from packkv.ops.kernels import matvec
 from packkv.ops.kernels.attention import attention as attention_kernel
@@ -114,7 +114,7 @@ def compress(cfg: PackKVConfig, k: torch.Tensor, v: torch.Tensor) -> tuple[Packe
         st = PackedLayer.empty(lay, B, k.dtype, k.device, nb, pw)
         sync()
         t0 = time.perf_counter()
-        torch.ops.packkv.append_(*st.tensors(), k, v, flush_count(0, L, lay), *spec)
+        ops.append(*st.tensors(), k, v, flush_count(0, L, lay), *spec)  # as the cache calls it
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return st, sorted(times)[1]

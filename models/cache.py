@@ -1,7 +1,7 @@
 """PackKVCache: a transformers ``Cache`` whose layers hold a packed K/V store.
 
 Each ``PackKVLayer`` owns one ``PackedLayer`` (``packkv.ops.storage``): the exact ring of recent tokens and the
-compressed blocks. ``update`` appends through ``torch.ops.packkv.append_`` and hands K/V back through
+compressed blocks. ``update`` appends through ``torch.ops.packkv.append_`` (``ops.append``) and hands K/V back through
 ``torch.ops.packkv.decompress``, so every attention implementation is correct in eager mode; under
 ``packkv.compile`` the FX rewrite turns attention over those outputs into ``torch.ops.packkv.attention``.
 
@@ -21,7 +21,7 @@ import math
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from packkv.ops import Layout, PackedLayer, PackKVConfig
+from packkv.ops import Layout, PackedLayer, PackKVConfig, ops
 from packkv.ops.accounting import exact_bytes
 from packkv.ops.quantize import check_finite
 from packkv.ops.reference import flush_count
@@ -84,7 +84,7 @@ class PackKVLayer(CacheLayerMixin):
         st = self.storage
         lay = st.layout
         spec = _spec(lay)
-        torch.ops.packkv.append_(*st.tensors(), key_states, value_states, self.n_flush, *spec)
+        ops.append(*st.tensors(), key_states, value_states, self.n_flush, *spec)
         if not compiling:
             self.commit_step(new)
         keys, values = torch.ops.packkv.decompress(*st.tensors(), out_len, *spec)

@@ -236,10 +236,10 @@ def test_eager_launches_bypass_wrap_triton_only_when_nothing_traces():
     goes through wrap_triton so Inductor sees it."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from packkv.ops.kernels._launch import _plain_eager
+    from packkv.ops.kernels._launch import plain_eager
 
     x = torch.zeros(2)
-    assert _plain_eager((x, 3, None))
+    assert plain_eager((x, 3, None))
     with FakeTensorMode() as mode:
-        assert not _plain_eager((mode.from_tensor(x),))
-    assert not _plain_eager((torch.nn.Parameter(x),))  # a subclass: not a plain tensor
+        assert not plain_eager((mode.from_tensor(x),))
+    assert not plain_eager((torch.nn.Parameter(x),))  # a subclass: not a plain tensor

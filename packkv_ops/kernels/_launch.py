@@ -32,12 +32,14 @@ class _Launcher:
         direct, wrapped = self.kernel[grid], self.wrapped[grid]
 
         def run(*args, **kwargs):
-            return (direct if _plain_eager(args) else wrapped)(*args, **kwargs)
+            return (direct if plain_eager(args) else wrapped)(*args, **kwargs)
 
         return run
 
 
-def _plain_eager(args) -> bool:
+def plain_eager(args) -> bool:
+    """Nothing traces this call: no Dynamo, no dispatch mode (FakeTensor, functionalization, proxy tracing), plain
+    tensors only."""
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
     return all(type(a) is torch.Tensor for a in args if isinstance(a, torch.Tensor))
