@@ -26,6 +26,8 @@ from packkv.ops.accounting import exact_bytes
 from packkv.ops.quantize import check_finite
 from packkv.ops.reference import flush_count
 
+from .layer_stack import LayerStack
+
 log = logging.getLogger(__name__)
 
 BLOCK_GROWTH = 2.0  # block capacity doubles: few reallocations, and few recompiles of a compiled step
@@ -47,7 +49,10 @@ class PackKVLayer(CacheLayerMixin):
     def __init__(self, config: PackKVConfig | None = None, **kwargs):
         super().__init__()
         self.config = config or PackKVConfig()
-        self.storage: PackedLayer | None = None
+        self._storage: PackedLayer | None = None
+        self._stack: LayerStack | None = None  # set by PackKVCache.stack_layers: storage = views of its slot
+        self._slot = 0
+        self._block_capacity = 0  # host mirror: compiled steps must not touch the storage views for a shape
         self.n_blocks = 0  # host mirrors of the storage's per-sequence counters (equal for every sequence)
         self.n_win = 0
         self.n_flush = 0  # blocks the next append compresses (set by plan_step)
@@ -81,13 +86,17 @@ class PackKVLayer(CacheLayerMixin):
             check_finite("new values", value_states)
             self.plan_step(new, key_states.shape[0])
             out_len = self.tokens + new
-        st = self.storage
+        st = self.storage  # after plan_step, which may have grown it
+        if compiling and self._stack is not None:  # views of the stacked tensors, taken inside the graph
+            tensors = self._stack.layer_tensors(self._slot, st.pool)
+        else:
+            tensors = st.tensors()
         lay = st.layout
         spec = _spec(lay)
-        ops.append(*st.tensors(), key_states, value_states, self.n_flush, *spec)
+        ops.append(*tensors, key_states, value_states, self.n_flush, *spec)
         if not compiling:
             self.commit_step(new)
-        keys, values = torch.ops.packkv.decompress(*st.tensors(), out_len, *spec)
+        keys, values = torch.ops.packkv.decompress(*tensors, out_len, *spec)
         if new > lay.window:  # a prefill whose own tokens were compressed: its attention sees them exact
             keys[:, :, out_len - new : out_len] = key_states
             values[:, :, out_len - new : out_len] = value_states
@@ -121,6 +130,8 @@ class PackKVLayer(CacheLayerMixin):
             return 0
         if _is_compiling():  # a device value: a Python int here would recompile the graph every step
             st = self.storage
+            if self._stack is not None:
+                st = self._stack.layer(self._slot, st.pool)
             return st.n_blocks[0] * st.layout.block_size + st.n_win[0]
         return self.tokens
 
@@ -200,7 +211,22 @@ class PackKVLayer(CacheLayerMixin):
     @property
     def token_capacity(self) -> int:
         """Length of the K/V handed back in compiled steps: every position the storage can hold."""
-        return self.storage.block_capacity * self.storage.layout.block_size + self.storage.layout.ring_size
+        return self._block_capacity * self.storage.layout.block_size + self.storage.layout.ring_size
+
+    @property
+    def storage(self) -> PackedLayer | None:
+        return self._storage
+
+    @storage.setter
+    def storage(self, st: PackedLayer | None) -> None:
+        """A new storage (growth, batch selection, a loaded cache) leaves the stack; the next step restacks."""
+        self._storage, self._stack = st, None
+        self._block_capacity = st.block_capacity if st is not None else 0
+
+    def join_stack(self, stack: LayerStack, slot: int) -> None:
+        """Hold views of ``stack``'s slot (same contents) instead of tensors of its own."""
+        self._storage = stack.layer(slot, self._storage.pool)
+        self._stack, self._slot, self._block_capacity = stack, slot, stack.block_capacity
 
     @staticmethod
     def _worst_words(layout: Layout, batch: int, blocks: int) -> int:
@@ -295,10 +321,28 @@ class PackKVCache(Cache):
         growth); returns the length of the K/V the compiled step hands to attention (the token capacity)."""
         for layer in self.layers:
             layer.prepare_step(new_tokens)
+        self.stack_layers()
         caps = {layer.token_capacity for layer in self.layers}
         if len(caps) != 1:  # every layer grows the same way, so this is a bug, not a user error
             raise RuntimeError(f"PackKV layers disagree on their token capacity: {sorted(caps)}")
         return caps.pop()
+
+    def stack_layers(self) -> None:
+        """Stack the layers' storages (``LayerStack``: a compiled step then has 14 storage inputs for all layers
+        plus a pool per layer, instead of 15 per layer). Layers that left their stack since (growth, batch
+        selection, a load) are restacked with the others of their kind; a no-op when all are stacked."""
+        layers = [layer for layer in self.layers if layer.is_initialized]
+        if all(layer._stack is not None for layer in layers):
+            return
+        groups: dict[tuple, list[PackKVLayer]] = {}
+        for layer in layers:  # pipeline-parallel models hold layers on several devices
+            st = layer.storage
+            groups.setdefault((st.layout, st.dtype, st.device, st.batch), []).append(layer)
+        for group in groups.values():
+            stack = LayerStack([layer.storage for layer in group])
+            stack.mark_static()
+            for slot, layer in enumerate(group):
+                layer.join_stack(stack, slot)
 
     def verify_step(self, new_tokens: int) -> None:
         """After a compiled step: the device counters must have advanced as the host planned. They do not when
