@@ -234,6 +234,8 @@ class PackKVLayer(CacheLayerMixin):
         return batch * blocks * per_block
 
     def _ensure_capacity(self, blocks_needed: int, new_blocks: int) -> None:
+        if new_blocks == 0 and blocks_needed <= self._block_capacity:  # most decode steps: nothing to plan
+            return
         st = self.storage
         grow_blocks = blocks_needed > st.block_capacity
         step_worst = self._worst_words(st.layout, st.batch, new_blocks)

@@ -93,12 +93,19 @@ def beams(cache: PackKVCache) -> PackKVCache:
     return cache
 
 
+def stacked(cache: PackKVCache) -> PackKVCache:
+    cache.stack_layers()
+    assert all(layer._stack is not None for layer in cache.layers)
+    return cache
+
+
 ROUND_TRIPS = {
     "default": lambda m: prefilled(m, batch=2),
     "groupings": lambda m: prefilled(m, PackKVConfig(k_grouping="channel", v_grouping="token_head", repack="greedy",
                                                      pack_size=8, k_rel=0.05), batch=2),  # fmt: skip
     "bf16, short (no block compressed yet)": lambda m: prefilled(m.to(torch.bfloat16), tokens=100),
     "beams share chunks": lambda m: beams(prefilled(m, batch=2)),
+    "stacked for a compiled step (fields are views of one tensor per field)": lambda m: stacked(prefilled(m, batch=2)),
 }
 
 
