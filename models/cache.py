@@ -25,6 +25,7 @@ from packkv.ops import Layout, PackedLayer, PackKVConfig, ops
 from packkv.ops.accounting import exact_bytes
 from packkv.ops.quantize import check_finite
 from packkv.ops.reference import flush_count
+from packkv.ops.rotation import rotate
 
 from .layer_stack import LayerStack
 

@@ -16,6 +16,8 @@ from transformers import (
     Qwen3Config,
 )
 
+from helpers import spec
+
 from packkv import PackKVCache, PackKVConfig
 
 EXACT = PackKVConfig(k_rel=1e-4, v_rel=1e-4)  # fine enough that quantization changes no greedy token here
@@ -118,6 +120,25 @@ def test_crop_then_decode_matches_dynamic_cache(remove):
     nxt = ids[:, remove : remove + 5] if remove + 5 < 0 else ids[:, remove:]
     logits = [model(nxt, past_key_values=c).logits for c in caches]
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("rotation", ["none", "hadamard"])
+def test_crop_into_the_middle_of_a_compressed_block_keeps_its_decompressed_tokens(rotation):
+    """The kept part of a cut block returns to the exact ring as decompressed (in stored coordinates); the
+    tokens before the cut read back as before."""
+    cache = PackKVCache(PackKVConfig(block_size=16, window=16, rotation=rotation))
+    k, v = torch.randn(2, 1, 2, 100, 64).unbind(0)
+    cache.update(k, v, 0)
+    layer = cache.layers[0]
+    assert layer.n_blocks * 16 > 70 > (layer.n_blocks - 1) * 16  # the cut falls inside the last block
+    st = layer.storage
+    before = torch.ops.packkv.decompress(*st.tensors(), 100, *spec(st.layout))
+    cache.crop(-30)
+    assert (layer.n_blocks, layer.n_win, cache.get_seq_length()) == (4, 6, 70)
+    st = layer.storage
+    after = torch.ops.packkv.decompress(*st.tensors(), 70, *spec(st.layout))
+    for x, y in zip(before, after):
+        torch.testing.assert_close(y, x[:, :, :70], rtol=1e-6, atol=1e-5)  # fp32 order of the two rotations
 
 
 def test_batch_select_and_repeat_interleave_match_dynamic_cache():
