@@ -79,8 +79,16 @@ def test_compiled_step_reads_the_storage_of_all_layers_as_one_tensor_per_field()
 def test_packkv_compile_with_inductor_matches_eager():
     ids, mask = prompts(1)
     kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=70, min_new_tokens=70)
-    eager = tiny("qwen3").generate(**kw, past_key_values=packkv.PackKVCache())
-    assert torch.equal(packkv.compile(tiny("qwen3")).generate(**kw), eager)
+    eager_cache, compiled_cache = packkv.PackKVCache(), packkv.PackKVCache()  # defaults: Hadamard rotation
+    eager = tiny("qwen3").generate(**kw, past_key_values=eager_cache)
+    assert torch.equal(packkv.compile(tiny("qwen3")).generate(**kw, past_key_values=compiled_cache), eager)
+    # The compiled steps stored the same K/V (up to fp32 rounding: the graph rotates the new tokens itself).
+    for a, b in zip(eager_cache.layers, compiled_cache.layers):
+        assert (a.n_blocks, a.n_win) == (b.n_blocks, b.n_win)
+        ka, va = torch.ops.packkv.decompress(*a.storage.tensors(), a.tokens, *spec(a.storage.layout))
+        kb, vb = torch.ops.packkv.decompress(*b.storage.tensors(), b.tokens, *spec(b.storage.layout))
+        torch.testing.assert_close(kb, ka, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(vb, va, rtol=1e-4, atol=1e-4)
 
 
 class TinyAttention(torch.nn.Module):
