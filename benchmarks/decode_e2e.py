@@ -15,8 +15,10 @@ decodes after a prompt of each context length, side by side in one run:
   without network, carry its wheel and ninja's).
 
 With ``--budget-gib G`` each path also runs at the largest batch whose cache (allocated capacity, scaled from its
-batch-1 row) fits G GiB beside the weights and ``--budget-headroom-gib`` of activations, at ``--budget-contexts``:
-context x batch and total tokens/s at a fixed memory budget.
+batch-1 row, or from a batch-1 prefill when ``--contexts`` has no such row) fits G GiB beside the weights and
+``--budget-headroom-gib`` of activations, at ``--budget-contexts``: context x batch and total tokens/s at a fixed
+memory budget. The budget rows alone (one compile fewer per path):
+``python benchmarks/decode_e2e.py --contexts --budget-gib 40 --budget-contexts 32768``.
 
 Prompts are filled by chunked prefill; decode steps are timed with CUDA events after warm-up (medians over
 steps). Peak memory is ``torch.cuda.max_memory_allocated`` during decode. Writes ``decode_e2e.json`` and
@@ -160,6 +162,24 @@ def allocated_bytes(cache) -> int:
     return total
 
 
+@torch.no_grad()
+def sized_alloc_bytes(name: str, model, context: int, args, device: str) -> int:
+    """A batch-1 cache's allocated bytes at ``context`` (as the timed row would hold them), without decoding:
+    a budget run then needs no compile of its batch-1 step. Static: the preallocated buffers (one token
+    allocates them); PackKV: a full prefill (the packed size depends on the data) and the same reservation."""
+    from transformers import StaticCache
+
+    extra = args.warmup + args.steps + 8
+    if name == "static":
+        cache = StaticCache(config=model.config, max_cache_len=context + extra)
+        model(torch.zeros(1, 1, dtype=torch.long, device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    else:
+        cache = packkv.PackKVCache(model.packkv_config, model=model)
+        prefill(model, torch.randint(0, model.config.vocab_size, (1, context), device=device), cache, args.chunk)
+        cache.reserve(context + extra)
+    return allocated_bytes(cache)
+
+
 def budget_batch(row: dict, budget_gib: float, headroom_gib: float, weights_bytes: int) -> int:
     """The largest batch whose caches fit ``budget_gib`` beside the weights and ``headroom_gib`` of activations,
     scaling the batch-1 run's allocated cache bytes (capacity included) linearly."""
@@ -179,32 +199,49 @@ def result(name, batch, context, times, device) -> dict:
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"))  # fmt: skip
 
 
+def kilo(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens >= 1024 else str(tokens)
+
+
 def plot(rows: list[dict], path: Path) -> None:
+    """Batch-1 tokens/s against context (left) and, with a budget, total tokens/s at each path's batch (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    budget = [r for r in rows if r["path"].endswith("_budget")]
+    fig, axes = plt.subplots(1, 2 if budget else 1, figsize=(11 if budget else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
     for name in ("static", "packkv", "quantized"):
         rs = [r for r in rows if r["path"] == name and r["batch"] == 1]
-        ax.plot([r["context"] // 1024 for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=name)
+        if rs:
+            ax.plot([r["context"] // 1024 for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=name)
     w = [r for r in rows if r["path"] == "weights"]
     if w:
         ax.axhline(w[0]["tokens_per_s"], ls=":", color="gray", label="1K context (weights only)")
-    ax.set_xscale("log", base=2)
+    if any(r["path"] in ("static", "packkv", "quantized") for r in rows):
+        ax.set_xscale("log", base=2)
     ax.set_xlabel("context (K tokens)")
     ax.set_ylabel("decode tokens/s (batch 1)")
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title("Llama-3.1-8B shapes, random bf16 weights, compiled decode")
+    if budget:
+        bx = axes[0][1]
+        labels = [f"{r['path'].removesuffix('_budget')}\n{kilo(r['context'])} x {r['batch']}" for r in budget]
+        bx.bar(labels, [r["tokens_per_s"] for r in budget], color=["C0" if "static" in r["path"] else "C1" for r in budget])
+        bx.set_ylabel("total decode tokens/s")
+        bx.set_title(f"at a {budget[0]['budget_gib']:g} GiB memory budget")
+        bx.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
+    p.add_argument("--contexts", type=int, nargs="*", default=[8192, 32768, 65536, 131072],
+                   help="batch-1 rows; none (a bare --contexts) with --budget-gib runs the budget rows alone")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--steps", type=int, default=16)
@@ -216,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-gib", type=float, default=0,
                    help="also run each path at the largest batch this GPU-memory budget fits (e.g. 80)")
     p.add_argument("--budget-contexts", type=int, nargs="+", default=[32768],
-                   help="contexts of the budget rows (each must be in --contexts: its batch-1 row sizes the batch)")
+                   help="contexts of the budget rows (a batch-1 row at the same context sizes the batch; without one, "
+                        "a batch-1 prefill does)")
     p.add_argument("--budget-headroom-gib", type=float, default=6, help="activations and workspace inside the budget")
     p.add_argument("--profile", action="store_true", help="print the GPU kernels of three PackKV decode steps")
     p.add_argument("--watchdog", type=float, default=0, help="dump Python stacks every N s (diagnosing stalls)")
@@ -247,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def budget_rows(name: str, run) -> None:  # same budget, each path at the batch that fits it
         for ctx in args.budget_contexts if args.budget_gib else []:
-            one = next(r for r in rows if r["path"] == name and r["context"] == ctx and r["batch"] == args.batch)
+            one = next((r for r in rows if r["path"] == name and r["context"] == ctx and r["batch"] == args.batch), None)
+            if one is None:  # no timed batch-1 row at this context: size the batch from a prefill alone
+                one = dict(cache_alloc_bytes=sized_alloc_bytes(name, model, ctx, args, device))
+                print(f"{name} at {ctx} (batch 1, prefill only): {one['cache_alloc_bytes'] / 2**30:.2f} GiB of cache", flush=True)
             b = budget_batch(one, args.budget_gib, args.budget_headroom_gib, weights)
             print(f"{name} budget {args.budget_gib} GiB at {ctx}: batch {b}", flush=True)
             row = run(b, ctx, max(256, args.chunk // b))
@@ -289,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|---|---|---|---|---|---|")
         for ctx in args.budget_contexts:
             s, k = by[("static_budget", ctx)], by[("packkv_budget", ctx)]
-            print(f"| {ctx // 1024}K | {s['batch']} | {k['batch']} | {k['batch'] / s['batch']:.2f}x | {s['tokens_per_s']:.1f} | "
+            print(f"| {kilo(ctx)} | {s['batch']} | {k['batch']} | {k['batch'] / s['batch']:.2f}x | {s['tokens_per_s']:.1f} | "
                   f"{k['tokens_per_s']:.1f} | {k['tokens_per_s'] / s['tokens_per_s']:.2f}x | {s['peak_gib']:.1f} | "
                   f"{k['peak_gib']:.1f} |")  # fmt: skip
     return 0

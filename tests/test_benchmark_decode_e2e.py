@@ -1,0 +1,30 @@
+"""benchmarks/decode_e2e.py on CPU with a tiny model: the budget rows size their batches and run side by side."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from benchmarks import decode_e2e  # noqa: E402
+
+
+def test_budget_rows_alone_size_each_path_from_a_batch_1_prefill(tmp_path):
+    torch._dynamo.reset()
+    argv = ["--small", "--layers", "2", "--contexts", "--budget-gib", "0.02", "--budget-headroom-gib", "0",
+            "--budget-contexts", "512", "--steps", "2", "--warmup", "1", "--chunk", "256", "--out", str(tmp_path)]  # fmt: skip
+    assert decode_e2e.main(argv) == 0
+    rows = {r["path"]: r for r in json.loads((tmp_path / "decode_e2e.json").read_text())["rows"]}
+    assert set(rows) == {"weights", "static_budget", "packkv_budget"}
+    static, packed = rows["static_budget"], rows["packkv_budget"]
+    # The packed cache is smaller than bf16 at the same capacity, so the same budget fits more sequences.
+    assert packed["batch"] > static["batch"] > 1 and packed["context"] == static["context"] == 512
+    assert all(r["tokens_per_s"] > 0 for r in rows.values())
+    # Each stays within the budget it was sized for (caches only: weights and headroom are outside them).
+    for r in (static, packed):
+        assert r["cache_alloc_bytes"] <= 0.02 * 2**30
+    assert (tmp_path / "decode_e2e.png").stat().st_size > 0
+    torch._dynamo.reset()
