@@ -94,13 +94,10 @@ class PackKVLayer(CacheLayerMixin):
             tensors = st.tensors()
         lay = st.layout
         spec = _spec(lay)
-        new_k, new_v, append_spec = key_states, value_states, spec
-        if compiling and lay.rotation:
-            # Rotate in the graph, where Inductor fuses it into one kernel: inside the opaque append_ it runs
-            # eagerly as ~8 small kernels per layer and step. append_ then stores the tokens as given.
-            new_k, new_v = rotate(new_k, lay.rotation), rotate(new_v, lay.rotation)
-            append_spec = spec[:-1] + (0,)  # Layout.spec() ends with the rotation
-        ops.append(*tensors, new_k, new_v, self.n_flush, *append_spec)
+        # The op rotates the new tokens itself: eagerly, as ~8 small kernels per layer and step in a compiled step.
+        # Rotating them here instead (in the graph, fused by Inductor; append_ with rotation 0) removes those but
+        # cost ~16% more compile time on CPU (kernels/NOTES.md): not done until the GPU says which matters more.
+        ops.append(*tensors, key_states, value_states, self.n_flush, *spec)
         if not compiling:
             self.commit_step(new)
         keys, values = torch.ops.packkv.decompress(*tensors, out_len, *spec)
