@@ -142,7 +142,8 @@ def run_packkv(model, batch, context, steps, warmup, device, chunk, cfg, profile
         print(ka.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70), flush=True)
         print(ka.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70), flush=True)
         busy = sum(e.self_device_time_total for e in ka if e.device_type == DeviceType.CUDA) / 1e3 / 3  # kernels only
-        print(f"per step: {statistics.median(t):.2f} ms measured, {busy:.2f} ms of kernels: "
+        launches = sum(e.count for e in ka if e.device_type == DeviceType.CUDA) / 3  # CUDA-graph nodes, ~
+        print(f"per step: {statistics.median(t):.2f} ms measured, {busy:.2f} ms of kernels ({launches:.0f} kernels): "
               f"{statistics.median(t) - busy:.2f} ms with no kernel running", flush=True)
     n = cache.nbytes()
     row.update(cache_bytes=n["compressed"] + n["window"], cache_alloc_bytes=allocated_bytes(cache), cache_fp16_bytes=n["fp16_compressed"] + n["fp16_window"],
