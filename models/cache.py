@@ -88,16 +88,19 @@ class PackKVLayer(CacheLayerMixin):
             self.plan_step(new, key_states.shape[0])
             out_len = self.tokens + new
         st = self.storage  # after plan_step, which may have grown it
-        if compiling and self._stack is not None:  # views of the stacked tensors, taken inside the graph
-            tensors = self._stack.layer_tensors(self._slot, st.pool)
-        else:
-            tensors = st.tensors()
         lay = st.layout
         spec = _spec(lay)
         # The op rotates the new tokens itself: eagerly, as ~8 small kernels per layer and step in a compiled step.
         # Rotating them here instead (in the graph, fused by Inductor; append_ with rotation 0) removes those but
         # cost ~16% more compile time on CPU (kernels/NOTES.md): not done until the GPU says which matters more.
-        ops.append(*tensors, key_states, value_states, self.n_flush, *spec)
+        if compiling and self._stack is not None:
+            # The op writes into whole stacks and selects its slot itself (a mutated view argument of a dynamic
+            # stack reaches it at the wrong offset: see ops._stacked_slot); reads take views in the graph.
+            ops.append(st.pool, *self._stack.tensors, key_states, value_states, self.n_flush, *spec, self._slot)
+            tensors = self._stack.layer_tensors(self._slot, st.pool)
+        else:
+            tensors = st.tensors()
+            ops.append(*tensors, key_states, value_states, self.n_flush, *spec)
         if not compiling:
             self.commit_step(new)
         keys, values = torch.ops.packkv.decompress(*tensors, out_len, *spec)

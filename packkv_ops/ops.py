@@ -65,12 +65,15 @@ def _append(
     perm: Tensor, ring_k: Tensor, ring_v: Tensor, n_blocks: Tensor, n_win: Tensor,
     new_k: Tensor, new_v: Tensor, n_flush: int,
     k_rel: float, k_grouping: int, v_rel: float, v_grouping: int, pack_size: int, repack: int,
-    rotation: int = 0,
+    rotation: int = 0, slot: int = -1,
 ) -> None:  # fmt: skip
     # An opaque op: compiled graphs call it in place on the storage (no functionalized copies of the pool),
     # and on CUDA it launches its kernels directly.
     args = (pool, cursor, k_meta, k_offsets, k_scale, k_zero, v_meta, v_offsets, v_scale, v_zero, perm,
             ring_k, ring_v, n_blocks, n_win)  # fmt: skip
+    if slot >= 0:
+        args = (pool,) + _stacked_slot(args[1:], slot)
+        ring_k = args[STORAGE_FIELDS.index("ring_k")]
     spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack, rotation)
     _check_new(ring_k, new_k, new_v)
     new_k, new_v = rotate(new_k, rotation), rotate(new_v, rotation)
@@ -83,6 +86,16 @@ def _append(
 
 
 append_ = custom_op("packkv::append_", mutates_args=MUTATED_BY_APPEND)(_append)
+
+
+def _stacked_slot(fields: tuple[Tensor, ...], slot: int) -> tuple[Tensor, ...]:
+    """Layer ``slot``'s views of stacked storage fields (``models.layer_stack``: every field but the pool has a
+    leading layer dimension). The op takes whole stacks and selects here, inside its body: Inductor (torch
+    2.11-2.13) passes a mutated *view* argument whose storage offset is symbolic (``stack[i]`` once the block
+    capacity is a dynamic dimension) at offset 0, so every layer's append wrote into layer 0's slot."""
+    if any(t.dim() < 2 or t.shape[0] <= slot for t in fields):
+        raise ValueError(f"append_ with slot={slot} takes storage fields stacked along a leading layer dimension")
+    return tuple(t[slot] for t in fields)
 
 
 def append(*args) -> None:

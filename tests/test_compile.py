@@ -10,6 +10,7 @@ from test_cache import EXACT, prompts, tiny
 
 import packkv
 from packkv.inductor import rewrite_attention, stats, with_inner
+from packkv.models.cache import MIN_BLOCKS
 from packkv.ops import PackKVConfig
 from transformers.integrations.sdpa_attention import repeat_kv
 
@@ -77,11 +78,14 @@ def test_compiled_step_reads_the_storage_of_all_layers_as_one_tensor_per_field()
 
 
 def test_packkv_compile_with_inductor_matches_eager():
+    """Through Inductor, across block compressions and a growth of the storage (after which the block capacity is
+    a dynamic dimension of the stacked storage: Inductor once handed every layer's append layer 0's slot there)."""
     ids, mask = prompts(1)
-    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=70, min_new_tokens=70)
+    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW)
     eager_cache, compiled_cache = packkv.PackKVCache(), packkv.PackKVCache()  # defaults: Hadamard rotation
     eager = tiny("qwen3").generate(**kw, past_key_values=eager_cache)
     assert torch.equal(packkv.compile(tiny("qwen3")).generate(**kw, past_key_values=compiled_cache), eager)
+    assert compiled_cache.layers[0].storage.block_capacity > MIN_BLOCKS  # it grew while compiled
     # The compiled steps stored the same K/V (up to fp32 rounding: the graph rotates the new tokens itself).
     for a, b in zip(eager_cache.layers, compiled_cache.layers):
         assert (a.n_blocks, a.n_win) == (b.n_blocks, b.n_win)
