@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from helpers import fill, n_tokens, spec
 
 from packkv.ops import Layout, PackedLayer, PackKVConfig
+from packkv.ops.storage import STORAGE_FIELDS
 from packkv.ops.reference import decompress_fp32
 
 CFG = PackKVConfig(block_size=32, window=64, rotation="none")  # rotation: test_rotation.py
@@ -30,6 +31,27 @@ def test_opcheck_append_without_and_with_a_flush():
     for test in ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic", "test_autograd_registration"):
         args = (*[t.clone() for t in state], new, new.clone(), 1, *spec(layer.layout))
         torch.library.opcheck(torch.ops.packkv.append_, args, test_utils=test)
+
+
+def test_append_with_a_slot_writes_that_layer_of_stacked_fields():
+    """``slot=i``: every field but the pool is stacked along a leading layer dimension (what a compiled step of a
+    multi-layer model passes) and the op writes layer i's slice only, as it writes an unstacked layer."""
+    layers = [layer_with(CFG.window + CFG.block_size - 1)[0] for _ in range(3)]
+    stacked = [torch.stack([getattr(x, f) for x in layers]) for f in STORAGE_FIELDS[1:]]
+    new = torch.randn(2, 2, 1, 64).bfloat16()
+    want = [t.clone() for t in layers[1].tensors()]
+    torch.ops.packkv.append_(*want, new, new.clone(), 1, *spec(layers[0].layout))
+    before = [t.clone() for t in stacked]
+    pool = layers[1].pool.clone()
+    torch.ops.packkv.append_(pool, *stacked, new, new.clone(), 1, *spec(layers[0].layout), 1)
+    assert torch.equal(pool, want[0])
+    for t, b, w in zip(stacked, before, want[1:]):
+        assert torch.equal(t[1], w) and torch.equal(t[0], b[0]) and torch.equal(t[2], b[2])
+    for test in ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"):
+        args = (layers[2].pool.clone(), *[t.clone() for t in before], new, new.clone(), 1, *spec(layers[0].layout), 2)
+        torch.library.opcheck(torch.ops.packkv.append_, args, test_utils=test)
+    with pytest.raises(ValueError, match="stacked along a leading layer dimension"):
+        torch.ops.packkv.append_(*layers[0].tensors(), new, new.clone(), 1, *spec(layers[0].layout), 5)
 
 
 def test_eager_appends_skip_the_dispatcher_and_traced_ones_record_the_op():
