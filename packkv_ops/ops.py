@@ -92,7 +92,8 @@ def _stacked_slot(fields: tuple[Tensor, ...], slot: int) -> tuple[Tensor, ...]:
     """Layer ``slot``'s views of stacked storage fields (``models.layer_stack``: every field but the pool has a
     leading layer dimension). The op takes whole stacks and selects here, inside its body: Inductor (torch
     2.11-2.13) passes a mutated *view* argument whose storage offset is symbolic (``stack[i]`` once the block
-    capacity is a dynamic dimension) at offset 0, so every layer's append wrote into layer 0's slot."""
+    capacity is a dynamic dimension) at offset 0, so every layer's append wrote into layer 0's slot (pytorch/pytorch
+    #198068: ``aten.sym_storage_offset`` has no Inductor lowering; open, fix proposed in #198069)."""
     if any(t.dim() < 2 or t.shape[0] <= slot for t in fields):
         raise ValueError(f"append_ with slot={slot} takes storage fields stacked along a leading layer dimension")
     return tuple(t[slot] for t in fields)
