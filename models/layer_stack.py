@@ -3,9 +3,10 @@
 A compiled decode step reads every layer's storage. With one tensor per field and layer, Dynamo guards and the
 compiled frame gathers 15 x layers graph inputs (480 for 32 layers): milliseconds of host time per step (see
 ``packkv_ops/kernels/NOTES.md``, "Host cost of a compiled step"). Stacked, the step has 14 inputs for all layers
-plus one payload pool per layer: a layer's fields are the views ``stacked[i]``, taken inside the graph, and the ops
-write through them in place. Pools stay per layer: they grow with the data, and regrowing one stacked pool would
-hold an old and a new copy of every layer's payload at once.
+plus one payload pool per layer: reads take the views ``stacked[i]`` inside the graph; ``append_`` gets the whole
+stacks and its layer's ``slot`` and writes through its own views (a mutated view argument with a symbolic offset
+is miscompiled by Inductor: see ``ops._stacked_slot``). Pools stay per layer: they grow with the data, and
+regrowing one stacked pool would hold an old and a new copy of every layer's payload at once.
 """
 
 from __future__ import annotations
