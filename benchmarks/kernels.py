@@ -200,12 +200,16 @@ def run_case(cfg, batch, length, heads, q_heads, dim, data, device, paper: bool)
 VARIANTS = {  # name -> attention() keyword arguments, each a change from the default ({})
     "v3 (per-value reads, fp32-exact products, tile 32, 2/SM)": dict(
         packwise=False, exact=True, sub_tile=32, maxnreg=None, split_factor=2),
-    "default (pack-wise, fp16 operands, tile 64, maxnreg 128, 8/SM)": {},
-    "  fp32-exact products": dict(exact=True),
+    "default (32-bit windows, tile 64, maxnreg 128, 8/SM)": {},
+    "  pack-wise extraction with a select per value (2026-12-03)": dict(windows=False),
     "  per-value reads": dict(packwise=False),
+    "  fp32-exact products": dict(exact=True),
     "  tile 32": dict(sub_tile=32),
-    "  no register cap": dict(maxnreg=None),
-    "  2 programs/SM": dict(split_factor=2),
+    "  maxnreg 96": dict(maxnreg=96),
+    "  maxnreg 112": dict(maxnreg=112),
+    "  maxnreg 168": dict(maxnreg=168),
+    "  4 programs/SM": dict(split_factor=4),
+    "  12 programs/SM": dict(split_factor=12),
     "  8 warps": dict(num_warps=8),
     "  no value extraction (wrong results: what the rest costs)": dict(skip_decode=True),
 }

@@ -33,6 +33,10 @@ def attention_source(overrides: dict, d: int = 128, k_rel: float = 0.1, v_rel: f
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
         HAS_MASK=False, MASK_BOOL=True, IS_CAUSAL=False, DOT=A.DOT_PRECISION, USE_ASM=True, PACKWISE=True, EXACT=False,
     )
+    # Constexpr parameters with defaults (benchmark switches) must be constants too, or they compile as runtime
+    # arguments and both branches stay in the code.
+    consts.update({p.name: p.default for p in kernel.params if p.is_constexpr and p.name not in consts
+                   and p.has_default})
     consts.update(overrides)
     sig = {}
     for name in kernel.arg_names:
@@ -66,7 +70,7 @@ def main() -> None:
         cubin = os.path.join(tmp, "k.cubin")
         open(cubin, "wb").write(ck.asm["cubin"])
         nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-        sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([nvdisasm, "-c", *(["-g"] if os.environ.get("SASS_LINES") else []), cubin], capture_output=True, text=True, check=True).stdout
         ptx = os.path.join(tmp, "k.ptx")
         open(ptx, "w").write(ck.asm["ptx"])
         ptxas = os.path.join(os.path.dirname(nvdisasm), "ptxas")

@@ -183,15 +183,17 @@ def test_attention_with_wide_integers_matches_the_reference(k_rel, v_rel):
 
 @pytest.mark.parametrize("pack_size,k_rel,v_rel", [(8, 0.1, 0.2), (16, 0.07, 0.15), (32, 0.3, 0.5), (32, 0.1, 0.2)])
 def test_packwise_and_per_value_extraction_agree(pack_size, k_rel, v_rel):
-    """Packs of at most 64 bits are decoded from their words at once; wider packs fall back to per-value reads.
-    Both give the same attention, for every pack size."""
+    """Packs of at most 64 bits are decoded from their words at once (as two 32-bit windows, or with a select
+    per value); wider packs fall back to per-value reads. All give the same attention, for every pack size."""
     cfg = PackKVConfig(block_size=32, window=32, pack_size=pack_size, k_rel=k_rel, v_rel=v_rel)
     ref, ker, _, _ = build(cfg, [100], heads=2)
     q = torch.randn(2, 4, 1, 64, device=DEV)
     want = reference.attention(q, ref, 100, None, False, None)
     fast = gpu.attention(q, ker, 100, None, False, None)
     slow = gpu.attention(q, ker, 100, None, False, None, packwise=False)
+    select = gpu.attention(q, ker, 100, None, False, None, windows=False)
     torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast, select, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fast, want, rtol=2e-5, atol=2e-5)
 
 

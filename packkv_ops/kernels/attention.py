@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ..storage import PackedLayer
 from ._launch import INTERPRET, launch, next_pow2, num_sms
-from .tiles import decode_tile, exact_rows, group_scale_rows, ints_to_f16
+from .tiles import decode_operand, exact_rows, group_scale_rows, ints_to_f16
 
 LOG2E = 1.4426950408889634
 # tf32x3 keeps fp32 accuracy on tensor cores; the interpreter computes in fp32 whatever is asked.
@@ -100,6 +100,48 @@ def _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
 
 
 @triton.jit
+def _compressed_tile(
+    kx, vt, m_i, l_i, acc, b, v, kvh, r, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, perm_ptr,
+    qn, q_hi, q_lo, qsum, score_scale, qi, row_ok, hq, out_len, NB, H, mask_ptr, smb, smh, smq, sml,
+    T: tl.constexpr, TS: tl.constexpr, D: tl.constexpr, K_QBITS: tl.constexpr, K_GROUP: tl.constexpr,
+    V_QBITS: tl.constexpr, V_GROUP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DOT: tl.constexpr, EXACT: tl.constexpr,
+):  # fmt: skip
+    """One tile of a compressed block: scores from the K operand ``kx`` (ints, repacked order), online softmax,
+    and the weighted V operand ``vt`` into ``acc``. Returns the new (m_i, l_i, acc)."""
+    ks, kz = group_scale_rows(k_scale_ptr, k_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, K_GROUP)
+    kt = tl.trans(kx)
+    if K_GROUP == 2:  # per-channel scales fold into the query
+        smax = tl.max(ks, 0)
+        qs = qn * (ks / smax)[None, :]
+        s = (_dot_ints(qs, kt, K_QBITS, DOT, EXACT) + tl.sum(qs * kz[None, :], 1)[:, None]) * smax
+    else:
+        if K_QBITS <= 10:
+            raw = tl.dot(q_hi, kt)
+            if EXACT:
+                raw += tl.dot(q_lo, kt)
+        else:
+            raw = tl.dot(qn, kt, input_precision=DOT)
+        s = (raw + kz[None, :] * qsum[:, None]) * ks[None, :]
+    # Original positions matter only to a mask, causality, or a block cut by out_len: otherwise the permutation
+    # is not read (the load is predicated off).
+    need = HAS_MASK or IS_CAUSAL or (v + 1) * T > out_len
+    perm = tl.load(perm_ptr + (b * NB + v) * T + r * TS + tl.arange(0, TS), mask=need, other=0)
+    pos = v * T + perm.to(tl.int32)
+    ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
+                       HAS_MASK, MASK_BOOL, IS_CAUSAL)  # fmt: skip
+    p, alpha, m_i, l_i = _online_update(s * score_scale + add, ok, m_i, l_i)
+    vs, vz = group_scale_rows(v_scale_ptr, v_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, V_GROUP)
+    if V_GROUP == 2:  # sum_t p (Q + z_c) s_c
+        blk = (_dot_ints(p, vt, V_QBITS, DOT, EXACT) + tl.sum(p, 1)[:, None] * vz[None, :]) * vs[None, :]
+    else:  # sum_t (p s_t) (Q + z_t), weights normalized by the tile's largest scale
+        smax = tl.max(vs, 0)
+        w = p * (vs / smax)[None, :]
+        blk = (_dot_ints(w, vt, V_QBITS, DOT, EXACT) + tl.sum(w * vz[None, :], 1)[:, None]) * smax
+    return m_i, l_i, acc * alpha[:, None] + blk
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, acc_ptr, m_ptr, l_ptr,
     pool_ptr, k_meta_ptr, k_off_ptr, k_scale_ptr, k_zero_ptr, v_meta_ptr, v_off_ptr, v_scale_ptr, v_zero_ptr,
@@ -110,7 +152,8 @@ def _attention_kernel(
     K_QBITS: tl.constexpr, K_MBITS: tl.constexpr, K_MW: tl.constexpr, K_GROUP: tl.constexpr,
     V_QBITS: tl.constexpr, V_MBITS: tl.constexpr, V_MW: tl.constexpr, V_GROUP: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT: tl.constexpr,
-    USE_ASM: tl.constexpr, PACKWISE: tl.constexpr, EXACT: tl.constexpr, SKIP_DECODE: tl.constexpr = False,
+    USE_ASM: tl.constexpr, PACKWISE: tl.constexpr, EXACT: tl.constexpr, WINDOWS: tl.constexpr = True,
+    SKIP_DECODE: tl.constexpr = False,
 ):  # fmt: skip
     # Tokens per tile: the requested TILE, clamped to whole pack rows within a block.
     TS: tl.constexpr = T if TILE >= T else (P if TILE <= P else TILE)
@@ -140,87 +183,65 @@ def _attention_kernel(
     m_i = tl.full((M_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((M_PAD,), tl.float32)
     acc = tl.zeros((M_PAD, D), tl.float32)
-    for i in range(0, blocks_per_split):
-        v = split * blocks_per_split + i
-        if v < nb:
-            chunk = (b * NB + v) * H + kvh
-            k_base = pool_ptr + tl.load(k_off_ptr + chunk)
-            v_base = pool_ptr + tl.load(v_off_ptr + chunk)
-            k_bits = tl.zeros((), tl.int32)
-            v_bits = tl.zeros((), tl.int32)
-            for r in range(0, T // TS):  # a runtime loop: unrolling it would keep four tiles live
-                if SKIP_DECODE:  # benchmark only: the rest of the kernel without value extraction
-                    kq = tl.zeros((TS, D), tl.int32) + (tl.load(k_base + r) & 7)
-                else:
-                    kq, k_bits = decode_tile(k_base, k_meta_ptr + chunk * K_MW, r * (TS // P), k_bits,
-                                             TS, D, P, K_QBITS, K_MBITS, USE_ASM, PACKWISE)  # fmt: skip
-                ks, kz = group_scale_rows(k_scale_ptr, k_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, K_GROUP)
-                kt = tl.trans(_exact_operand(kq, K_QBITS))
-                if K_GROUP == 2:  # per-channel scales fold into the query
-                    smax = tl.max(ks, 0)
-                    qs = qn * (ks / smax)[None, :]
-                    s = (_dot_ints(qs, kt, K_QBITS, DOT, EXACT) + tl.sum(qs * kz[None, :], 1)[:, None]) * smax
-                else:
-                    if K_QBITS <= 10:
-                        raw = tl.dot(q_hi, kt)
-                        if EXACT:
-                            raw += tl.dot(q_lo, kt)
-                    else:
-                        raw = tl.dot(qn, kt, input_precision=DOT)
-                    s = (raw + kz[None, :] * qsum[:, None]) * ks[None, :]
-                pos = v * T + tl.load(perm_ptr + (b * NB + v) * T + r * TS + tl.arange(0, TS)).to(tl.int32)
+    v_first = split * blocks_per_split
+    n_c = tl.maximum(tl.minimum(blocks_per_split, nb - v_first), 0)  # this split's compressed blocks
+    for i in range(0, n_c):  # compressed blocks
+        v = v_first + i
+        chunk = (b * NB + v) * H + kvh
+        k_base = pool_ptr + tl.load(k_off_ptr + chunk)
+        v_base = pool_ptr + tl.load(v_off_ptr + chunk)
+        k_bits = tl.zeros((), tl.int32)
+        v_bits = tl.zeros((), tl.int32)
+        for r in range(0, T // TS):  # a runtime loop: unrolling it would keep four tiles live
+            if SKIP_DECODE:  # benchmark only: the rest of the kernel without value extraction
+                kx = _exact_operand(tl.zeros((TS, D), tl.int32) + (tl.load(k_base + r) & 7), K_QBITS)
+                vt = _exact_operand(tl.zeros((TS, D), tl.int32) + (tl.load(v_base + r) & 7), V_QBITS)
+            else:
+                kx, k_bits = decode_operand(k_base, k_meta_ptr + chunk * K_MW, r * (TS // P), k_bits,
+                                            TS, D, P, K_QBITS, K_MBITS, USE_ASM, PACKWISE, WINDOWS)  # fmt: skip
+                vt, v_bits = decode_operand(v_base, v_meta_ptr + chunk * V_MW, r * (TS // P), v_bits,
+                                            TS, D, P, V_QBITS, V_MBITS, USE_ASM, PACKWISE, WINDOWS)  # fmt: skip
+            m_i, l_i, acc = _compressed_tile(
+                kx, vt, m_i, l_i, acc, b, v, kvh, r, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, perm_ptr,
+                qn, q_hi, q_lo, qsum, score_scale, qi, row_ok, hq, out_len, NB, H, mask_ptr, smb, smh, smq, sml,
+                T, TS, D, K_QBITS, K_GROUP, V_QBITS, V_GROUP, HAS_MASK, MASK_BOOL, IS_CAUSAL, DOT, EXACT)
+    # Exact ring tokens after the compressed blocks, then zero keys up to out_len.
+    for i in range(n_c, blocks_per_split):
+        v = v_first + i
+        for r in range(0, T // TS):
+            if v * T + r * TS >= total:
+                # Past the sequence's end, up to out_len (the storage's capacity in compiled steps, up to 2x the
+                # length): zero keys and values, as decompress gives. Scores are 0 (+ mask): softmax bookkeeping
+                # only, no loads, no products.
+                pos = v * T + r * TS + tl.arange(0, TS)
                 ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
                                    HAS_MASK, MASK_BOOL, IS_CAUSAL)  # fmt: skip
-                p, alpha, m_i, l_i = _online_update(s * score_scale + add, ok, m_i, l_i)
-                if SKIP_DECODE:
-                    vq = tl.zeros((TS, D), tl.int32) + (tl.load(v_base + r) & 7)
-                else:
-                    vq, v_bits = decode_tile(v_base, v_meta_ptr + chunk * V_MW, r * (TS // P), v_bits,
-                                             TS, D, P, V_QBITS, V_MBITS, USE_ASM, PACKWISE)  # fmt: skip
-                vs, vz = group_scale_rows(v_scale_ptr, v_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, V_GROUP)
-                vt = _exact_operand(vq, V_QBITS)
-                if V_GROUP == 2:  # sum_t p (Q + z_c) s_c
-                    blk = (_dot_ints(p, vt, V_QBITS, DOT, EXACT) + tl.sum(p, 1)[:, None] * vz[None, :]) * vs[None, :]
-                else:  # sum_t (p s_t) (Q + z_t), weights normalized by the tile's largest scale
-                    smax = tl.max(vs, 0)
-                    w = p * (vs / smax)[None, :]
-                    blk = (_dot_ints(w, vt, V_QBITS, DOT, EXACT) + tl.sum(w * vz[None, :], 1)[:, None]) * smax
-                acc = acc * alpha[:, None] + blk
-        else:
-            for r in range(0, T // TS):
-                if v * T + r * TS >= total:
-                    # Past the sequence's end, up to out_len (the storage's capacity in compiled steps, up to 2x the
-                    # length): zero keys and values, as decompress gives. Scores are 0 (+ mask): softmax bookkeeping
-                    # only, no loads, no products.
-                    pos = v * T + r * TS + tl.arange(0, TS)
-                    ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
-                                       HAS_MASK, MASK_BOOL, IS_CAUSAL)  # fmt: skip
-                    p, alpha, m_i, l_i = _online_update(add, ok, m_i, l_i)
-                    acc = acc * alpha[:, None]
-                else:
-                    k, pos = exact_rows(ring_k_ptr, b, kvh, v * T + r * TS, total, H, S, TS, D)
-                    ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
-                                       HAS_MASK, MASK_BOOL, IS_CAUSAL)  # fmt: skip
-                    val, pos = exact_rows(ring_v_ptr, b, kvh, v * T + r * TS, total, H, S, TS, D)
-                    if EXACT:  # fp32-level accuracy from fp16 halves
-                        k_hi, k_lo = _split(tl.trans(k))
-                        s = tl.dot(q_hi, k_hi) + tl.dot(q_hi, k_lo) + tl.dot(q_lo, k_hi)
-                        p, alpha, m_i, l_i = _online_update(s * score_scale + add, ok, m_i, l_i)
-                        p_hi, p_lo = _split(p)
-                        v_hi, v_lo = _split(val)
-                        acc = acc * alpha[:, None] + tl.dot(p_hi, v_hi) + tl.dot(p_hi, v_lo) + tl.dot(p_lo, v_hi)
-                    else:  # in the cache's dtype, exact for its values (the query is scaled by a power of two)
-                        if USE_ASM:  # on the GPU (the interpreter has no bf16 products: fp32 there)
-                            kd = tl.trans(k).to(ring_k_ptr.dtype.element_ty)
-                            s = tl.dot(qn.to(kd.dtype), kd)
-                        else:
-                            s = tl.dot(qn, tl.trans(k), input_precision=DOT)
-                        p, alpha, m_i, l_i = _online_update(s * score_scale + add, ok, m_i, l_i)
-                        if USE_ASM:
-                            vd = val.to(ring_v_ptr.dtype.element_ty)
-                            acc = acc * alpha[:, None] + tl.dot(p.to(vd.dtype), vd)
-                        else:
-                            acc = acc * alpha[:, None] + tl.dot(p, val, input_precision=DOT)
+                p, alpha, m_i, l_i = _online_update(add, ok, m_i, l_i)
+                acc = acc * alpha[:, None]
+            else:
+                k, pos = exact_rows(ring_k_ptr, b, kvh, v * T + r * TS, total, H, S, TS, D)
+                ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
+                                   HAS_MASK, MASK_BOOL, IS_CAUSAL)  # fmt: skip
+                val, pos = exact_rows(ring_v_ptr, b, kvh, v * T + r * TS, total, H, S, TS, D)
+                if EXACT:  # fp32-level accuracy from fp16 halves
+                    k_hi, k_lo = _split(tl.trans(k))
+                    s = tl.dot(q_hi, k_hi) + tl.dot(q_hi, k_lo) + tl.dot(q_lo, k_hi)
+                    p, alpha, m_i, l_i = _online_update(s * score_scale + add, ok, m_i, l_i)
+                    p_hi, p_lo = _split(p)
+                    v_hi, v_lo = _split(val)
+                    acc = acc * alpha[:, None] + tl.dot(p_hi, v_hi) + tl.dot(p_hi, v_lo) + tl.dot(p_lo, v_hi)
+                else:  # in the cache's dtype, exact for its values (the query is scaled by a power of two)
+                    if USE_ASM:  # on the GPU (the interpreter has no bf16 products: fp32 there)
+                        kd = tl.trans(k).to(ring_k_ptr.dtype.element_ty)
+                        s = tl.dot(qn.to(kd.dtype), kd)
+                    else:
+                        s = tl.dot(qn, tl.trans(k), input_precision=DOT)
+                    p, alpha, m_i, l_i = _online_update(s * score_scale + add, ok, m_i, l_i)
+                    if USE_ASM:
+                        vd = val.to(ring_v_ptr.dtype.element_ty)
+                        acc = acc * alpha[:, None] + tl.dot(p.to(vd.dtype), vd)
+                    else:
+                        acc = acc * alpha[:, None] + tl.dot(p, val, input_precision=DOT)
 
     part = ((b * HQ + hq) * TQ + qi) * NS + split
     tl.store(acc_ptr + part[:, None] * D + cc[None, :], acc, mask=row_ok[:, None])
@@ -259,6 +280,7 @@ def attention(
     maxnreg: int | None = MAXNREG,
     sub_tile: int = TILE,
     packwise: bool = True,
+    windows: bool = True,
     split_factor: int = SPLIT_FACTOR,
     exact: bool | None = None,
     skip_decode: bool = False,
@@ -305,7 +327,7 @@ def attention(
         K_QBITS=lay.k.qbits, K_MBITS=lay.k.mbits, K_MW=lay.meta_words(lay.k), K_GROUP=lay.k.grouping,
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=precision, USE_ASM=not INTERPRET,
-        PACKWISE=packwise, EXACT=q.dtype == torch.float32 if exact is None else exact, SKIP_DECODE=skip_decode, **meta,
+        PACKWISE=packwise, WINDOWS=windows, EXACT=q.dtype == torch.float32 if exact is None else exact, SKIP_DECODE=skip_decode, **meta,
     )  # fmt: skip
     out = torch.empty(B, HQ, TQ, D, dtype=q.dtype, device=q.device)
     launch(_merge_kernel)[(B * HQ * TQ,)](acc, m, l, out, ns, D=D, BS=32)

@@ -82,6 +82,18 @@ def funnel_shift(lo, hi, sh, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def funnel_clamp(lo, hi, sh, USE_ASM: tl.constexpr):
+    """Low 32 bits of (hi:lo) >> sh for sh <= 32 (sh = 32 gives hi): one clamped SHF on the GPU."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            "shf.r.clamp.b32 $0, $1, $2, $3;", "=r,r,r,r", [lo, hi, sh], dtype=tl.uint32, is_pure=True, pack=1
+        )
+    else:
+        s = sh & 31
+        return tl.where(sh >= 32, hi, (lo >> s) | ((hi << 1) << (31 - s)))
+
+
+@triton.jit
 def decode_ints(
     pool_ptr, meta_ptr, off_ptr, b, n, kvh, NB, H,
     T: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr, MBITS: tl.constexpr,
@@ -240,3 +252,82 @@ def decode_tile(
     else:
         q, nxt = decode_rows(base_ptr, meta_ptr, r0, bit0, TS, D, P, QBITS, MBITS, USE_ASM)
     return q, nxt
+
+
+@triton.jit
+def pack_words(base_ptr, f, bit0, RS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr):
+    """The <= 3 payload words under each pack of fields ``f`` (payload at ``base_ptr``, its first pack ``bit0``
+    bits in), the pack's bit offset in its first word, and the bit offset after the last pack."""
+    w = f >> QBITS
+    size = tl.reshape(w * P, (RS * D,))
+    start = tl.reshape(bit0 + tl.cumsum(size, 0) - size, (RS, D))
+    nxt = bit0 + tl.sum(size, 0)
+    wi = start >> 5
+    sh = start & 31
+    used = sh + w * P  # empty packs read nothing
+    w0 = tl.load(base_ptr + wi, mask=used > 0, other=0)
+    w1 = tl.load(base_ptr + wi + 1, mask=used > 32, other=0)
+    w2 = tl.load(base_ptr + wi + 2, mask=used > 64, other=0)
+    return w0, w1, w2, sh, nxt
+
+
+@triton.jit
+def windows_operand(
+    f, w0, w1, w2, sh, TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):  # fmt: skip
+    """Exact fp16 ints ``[TS, D]`` from packs of at most 64 bits and ints below 1024 (fields ``f`` and words from
+    ``pack_words``). Each pack's 64 bits are cut into two 32-bit windows of ``P/2`` values (the second starts at
+    bit ``w*P/2 <= 32``), so every value is one funnel shift of its window (shift <= 31: no select between
+    halves) and one LOP3 ``(v & mask) | 0x6400`` (the half ``1024 + delta``); the pack minimum minus 1024 is
+    added in fp16 (exact), two values per instruction."""
+    RS: tl.constexpr = TS // P
+    VW: tl.constexpr = P // 2
+    w = f >> QBITS
+    shu = sh.to(tl.uint32)
+    lo = funnel_shift(w0.to(tl.uint32, bitcast=True), w1.to(tl.uint32, bitcast=True), shu, USE_ASM)  # bits 0-31
+    hi = funnel_shift(w1.to(tl.uint32, bitcast=True), w2.to(tl.uint32, bitcast=True), shu, USE_ASM)  # 32-63
+    s1 = (w * VW).to(tl.uint32)  # the second window's first bit, <= 32
+    lo1 = funnel_clamp(lo, hi, s1, USE_ASM)
+    hi1 = funnel_clamp(hi, tl.zeros_like(hi), s1, USE_ASM)
+    half = tl.arange(0, 2)[None, :, None]
+    win_lo = tl.where(half == 0, lo[:, None, :], lo1[:, None, :])[:, :, None, :]  # [RS, 2, 1, D]
+    win_hi = tl.where(half == 0, hi[:, None, :], hi1[:, None, :])[:, :, None, :]
+    o = (tl.arange(0, VW)[None, None, :, None] * w[:, None, None, :]).to(tl.uint32)  # [RS, 1, VW, D], <= 31
+    val = funnel_shift(win_lo, win_hi, o, USE_ASM).to(tl.int32, bitcast=True)  # [RS, 2, VW, D]
+    mask = ((1 << w) - 1)[:, None, None, :]
+    x = ((val & mask) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + delta
+    mu = ((f & ((1 << QBITS) - 1)) - 1024).to(tl.float16)[:, None, None, :]
+    return tl.reshape(x + mu, (TS, D))
+
+
+@triton.jit
+def decode_rows_windows(
+    base_ptr, meta_ptr, r0, bit0,
+    TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr, MBITS: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):  # fmt: skip
+    """``decode_rows_packwise`` straight to the fp16 operand of the products (``windows_operand``)."""
+    RS: tl.constexpr = TS // P
+    f = read_bits(meta_ptr, ((r0 + tl.arange(0, RS))[:, None] * D + tl.arange(0, D)[None, :]) * MBITS, MBITS)
+    w0, w1, w2, sh, nxt = pack_words(base_ptr, f, bit0, RS, D, P, QBITS)
+    return windows_operand(f, w0, w1, w2, sh, TS, D, P, QBITS, USE_ASM), nxt
+
+
+@triton.jit
+def decode_operand(
+    base_ptr, meta_ptr, r0, bit0,
+    TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr, MBITS: tl.constexpr,
+    USE_ASM: tl.constexpr, PACKWISE: tl.constexpr, WINDOWS: tl.constexpr,
+):  # fmt: skip
+    """The tile's ints as the products' operand: exact fp16 for ints below 1024, else fp32."""
+    FITS: tl.constexpr = P * QBITS <= 64 and QBITS <= 10
+    if WINDOWS and PACKWISE and FITS:
+        x, nxt = decode_rows_windows(base_ptr, meta_ptr, r0, bit0, TS, D, P, QBITS, MBITS, USE_ASM)
+    else:
+        q, nxt = decode_tile(base_ptr, meta_ptr, r0, bit0, TS, D, P, QBITS, MBITS, USE_ASM, PACKWISE)
+        if QBITS <= 10:
+            x = ints_to_f16(q)
+        else:
+            x = q.to(tl.float32)
+    return x, nxt
