@@ -289,9 +289,11 @@ def attention(
 
     ``sub_tile`` (tokens per tile), ``num_warps``, ``maxnreg`` (register cap; None: uncapped) and
     ``split_factor`` (programs per SM, unless ``splits`` fixes the split count) default to the measured best
-    (see ``TILE``); benchmarks vary them. ``skip_decode`` (benchmarks only, wrong results) replaces value
-    extraction by a constant to show what the rest of the kernel costs. fp32 queries get fp32-accurate products (``exact``); bf16/fp16 queries get fp16 tensor-core
-    operands, finer than their own rounding."""
+    (see ``TILE``); benchmarks vary them, and ``packwise`` / ``windows`` (value extraction: per value, pack-wise
+    with a select, or from two 32-bit windows per pack, the default). ``skip_decode`` (benchmarks only, wrong
+    results) replaces value extraction by a constant to show what the rest of the kernel costs. fp32 queries get
+    fp32-accurate products (``exact``); bf16/fp16 queries get fp16 tensor-core operands, finer than their own
+    rounding."""
     lay = st.layout
     B, HQ, TQ, D = q.shape
     H, T = lay.num_heads, lay.block_size
