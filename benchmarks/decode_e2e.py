@@ -58,6 +58,17 @@ def build_model(layers: int, small: bool, device: str):
     return model.eval()
 
 
+def compile_kwargs(mode: str | None, guard_filter: bool) -> dict:
+    """``torch.compile`` arguments for both paths. A guard filter travels in ``options``, which excludes ``mode``:
+    the mode's options are spelled out instead."""
+    if not guard_filter:
+        return dict(mode=mode)
+    from torch._inductor import list_mode_options
+
+    opts = dict(list_mode_options(mode)) if mode else {}
+    return dict(options=dict(opts, guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe))
+
+
 def timer(device: str):
     if device == "cuda":
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -258,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
                         "a batch-1 prefill does)")
     p.add_argument("--budget-headroom-gib", type=float, default=6, help="activations and workspace inside the budget")
     p.add_argument("--profile", action="store_true", help="print the GPU kernels of three PackKV decode steps")
+    p.add_argument("--guard-filter", action="store_true",
+                   help="both paths: skip Dynamo's guards on nn.Module attributes (sound only if the model's modules "
+                        "are not mutated between steps); benchmarks/guard_overhead.py measures the guard check it saves")
     p.add_argument("--watchdog", type=float, default=0, help="dump Python stacks every N s (diagnosing stalls)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_e2e")
     args = p.parse_args(argv)
@@ -268,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
     model = build_model(args.layers, args.small, device)
-    mode = "reduce-overhead" if device == "cuda" else None
-    static_step = torch.compile(model, mode=mode, fullgraph=True)
+    compile_kw = compile_kwargs("reduce-overhead" if device == "cuda" else None, args.guard_filter)
+    static_step = torch.compile(model, fullgraph=True, **compile_kw)
     rows = []
 
     def record(row):
@@ -303,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         record(run_quantized(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, args.quantized_nbits))
         torch.cuda.empty_cache() if device == "cuda" else None
     torch._dynamo.reset()  # the static path's compiled frames and shape history must not shape PackKV's graph
-    packkv.compile(model, mode=mode)  # from here on, generate-style steps on a PackKV cache run compiled
+    packkv.compile(model, **compile_kw)  # from here on, generate-style steps on a PackKV cache run compiled
     for ctx in args.contexts if "packkv" in args.paths else []:
         record(run_packkv(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, model.packkv_config,
                           args.profile))

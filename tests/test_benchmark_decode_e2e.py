@@ -28,3 +28,12 @@ def test_budget_rows_alone_size_each_path_from_a_batch_1_prefill(tmp_path):
         assert r["cache_alloc_bytes"] <= 0.02 * 2**30
     assert (tmp_path / "decode_e2e.png").stat().st_size > 0
     torch._dynamo.reset()
+
+
+def test_a_guard_filter_replaces_the_mode_by_its_options():
+    """torch.compile takes ``mode`` or ``options``, not both: with a guard filter the mode's options are spelled out."""
+    assert decode_e2e.compile_kwargs("reduce-overhead", False) == dict(mode="reduce-overhead")
+    kw = decode_e2e.compile_kwargs("reduce-overhead", True)
+    assert set(kw) == {"options"} and kw["options"]["triton.cudagraphs"] is True
+    assert kw["options"]["guard_filter_fn"] is torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    assert decode_e2e.compile_kwargs(None, True)["options"].keys() == {"guard_filter_fn"}

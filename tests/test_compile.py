@@ -60,6 +60,22 @@ def test_packkv_compile_fuses_attention_and_matches_eager():
     assert torch.equal(model.generate(**kw), eager) and len(graphs) <= 3
 
 
+def test_a_guard_filter_on_module_attributes_keeps_the_cache_guards():
+    """Dropping Dynamo's guards on nn.Module attributes (``skip_guard_on_all_nn_modules_unsafe``, for host time per
+    step) keeps those on the cache's storage, which is not a module attribute: its growth still compiles a new
+    graph, and generation matches eager."""
+    ids, mask = prompts(1)
+    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW)
+    eager = tiny("llama").generate(**kw, past_key_values=packkv.PackKVCache(EXACT))
+    graphs: list = []
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    model = packkv.compile(tiny("llama"), config=EXACT, backend=capture(graphs), options=options)
+    cache = packkv.PackKVCache(EXACT)
+    assert torch.equal(model.generate(**kw, past_key_values=cache), eager)
+    assert cache.layers[0].storage.block_capacity > MIN_BLOCKS
+    assert len(graphs) == 3  # with and without a block compression, and once more after the growth
+
+
 def test_compiled_step_reads_the_storage_of_all_layers_as_one_tensor_per_field():
     """Graph inputs, not layers x fields: the layers' storages are stacked (one tensor per field, views taken in
     the graph) and only the payload pools stay per layer. Each input costs host time on every step (guards, the
