@@ -211,6 +211,8 @@ VARIANTS = {  # name -> attention() keyword arguments, each a change from the de
     "  4 programs/SM": dict(split_factor=4),
     "  12 programs/SM": dict(split_factor=12),
     "  8 warps": dict(num_warps=8),
+    "  num_stages 2 (Triton's software pipelining)": dict(num_stages=2),
+    "  num_stages 3": dict(num_stages=3),
     "  no value extraction (wrong results: what the rest costs)": dict(skip_decode=True),
 }
 

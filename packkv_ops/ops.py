@@ -76,13 +76,12 @@ def _append(
         ring_k = args[STORAGE_FIELDS.index("ring_k")]
     spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack, rotation)
     _check_new(ring_k, new_k, new_v)
-    new_k, new_v = rotate(new_k, rotation), rotate(new_v, rotation)
     if _is_cuda(pool):
         from .kernels import gpu
 
-        gpu.append_(_storage(args, spec), new_k, new_v, n_flush)
+        gpu.append_(_storage(args, spec), new_k, new_v, n_flush, rotation)  # rotates (a decode token: in its kernel)
     else:
-        reference.append_(_storage(args, spec), new_k, new_v, n_flush)
+        reference.append_(_storage(args, spec), rotate(new_k, rotation), rotate(new_v, rotation), n_flush)
 
 
 append_ = custom_op("packkv::append_", mutates_args=MUTATED_BY_APPEND)(_append)

@@ -60,15 +60,25 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def is_hadamard(rotation: int, n: int) -> bool:
+    """Whether ``rotation`` (a ``ROTATION_CODES`` value) rotates vectors of length ``n``; unknown codes and a
+    Hadamard rotation of a length that is not a power of two are errors."""
+    if rotation == ROTATION_CODES["none"]:
+        return False
+    if rotation != ROTATION_CODES["hadamard"]:
+        raise ValueError(f"unknown rotation code {rotation}; expected one of {sorted(ROTATION_CODES.values())}")
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, got {n}")
+    return True
+
+
 def rotate(x: torch.Tensor, rotation: int) -> torch.Tensor:
     """``x H`` over the last dimension (fp32 arithmetic, result in ``x``'s dtype); the identity for ``none``.
 
     ``H`` is its own inverse, so the same call rotates and rotates back.
     """
-    if rotation == ROTATION_CODES["none"]:
+    if not is_hadamard(rotation, x.shape[-1]):
         return x
-    if rotation != ROTATION_CODES["hadamard"]:
-        raise ValueError(f"unknown rotation code {rotation}; expected one of {sorted(ROTATION_CODES.values())}")
     h = hadamard(x.shape[-1], x.device)
     n = x.numel()
     if isinstance(n, int) and n <= (FUSED_ROTATION_MAX if _tracing() else EAGER_PRODUCT_MAX):

@@ -55,7 +55,9 @@ def compression_kernels(name: str) -> None:
                            ints)  # fmt: skip
     compile_for_hopper(pack._compact_kernel, dict(BLOCK=256), {})
     rings = {n: "*bf16" for n in ("k_ptr", "v_ptr", "ring_k_ptr", "ring_v_ptr")}
-    compile_for_hopper(token._append_token_kernel, dict(T=T, D=D, HP=next_pow2(lay.num_heads)), rings)
+    for rotate in (False, True):  # the decode-token kernel with and without its Hadamard product
+        compile_for_hopper(token._append_token_kernel, dict(T=T, D=D, HP=max(16, next_pow2(lay.num_heads)),
+                           ROTATE=rotate, NATIVE=True), rings | {"inv_sqrt": "fp32"})  # fmt: skip
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or sorted(CONFIGS):

@@ -3,12 +3,15 @@ CPU (and natively on a GPU: the same tests run there with -m cuda)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from packkv.ops import Layout, PackedLayer, PackKVConfig, reference
 from packkv.ops.kernels import gpu
 from packkv.ops.reference import flush_count
+from packkv.ops.rotation import rotate
 
 from conftest import HAS_CUDA
 
@@ -127,6 +130,49 @@ def test_a_decode_token_between_flushes_takes_the_one_kernel_path_and_matches_th
         reference.append_(ref, k, v, 0)
         gpu.append_(ker, k, v, 0)
     assert_same_storage(ref, ker)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_one_kernel_path_rotates_a_decode_token_as_rotate_does(dtype):
+    """rotation="hadamard": the decode-token kernel rotates the new K/V itself (model coordinates in, rotated
+    tokens in the ring). The ring holds what ``rotate`` + the reference store, up to the order of the fp32 sums
+    before the one rounding to the dtype (one ulp, or ~1e-5 absolute where sums of |x| ~ 3 cancel); all else is
+    bit-exact."""
+    cfg = PackKVConfig(block_size=32, window=32, rotation="hadamard")
+    lay = Layout.from_config(cfg, 3, 64)
+    assert lay.rotation == 1
+    pw = 2 * 4 * 3 * (lay.max_chunk_words(lay.k) + lay.max_chunk_words(lay.v))
+    ref, ker = (PackedLayer.empty(lay, 2, dtype, DEV, 4, pw) for _ in range(2))
+    g = torch.Generator().manual_seed(3)
+    for p in [70] + [1] * 6:  # a prefill (flushes a block: rotated eagerly on both sides), then decode tokens
+        k = (torch.randn(2, 3, p, 64, generator=g) * 3).to(dtype).to(DEV)
+        v = torch.randn(2, 3, p, 64, generator=g).to(dtype).to(DEV)
+        n_flush = flush_count(int(ref.n_win[0]), p, lay)
+        reference.append_(ref, rotate(k, 1), rotate(v, 1), n_flush)
+        gpu.append_(ker, k, v, n_flush, 1)
+    assert n_flush == 0 and int(ker.n_blocks[0]) == 1 and int(ker.n_win[0]) == 70 - 32 + 6
+    ulp = {torch.float32: 2**-22, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
+    for f in ("ring_k", "ring_v"):
+        a, b = getattr(ref, f), getattr(ker, f)
+        torch.testing.assert_close(b.float(), a.float(), rtol=ulp, atol=2e-5)
+        assert (a == b).float().mean() > 0.9  # most roundings agree
+    assert_same_storage(dataclasses.replace(ref, ring_k=ker.ring_k, ring_v=ker.ring_v), ker)
+
+
+def test_the_one_kernel_path_refuses_a_token_whose_rotation_overflows():
+    """A finite fp16 token can rotate to +-Inf (|x H| <= sqrt(D) max|x|): refused as rotate + the reference refuse
+    it, for every sequence of the batch."""
+    cfg = PackKVConfig(block_size=32, window=32, rotation="hadamard")
+    _, ker, _, _ = build(cfg, [40], dtype=torch.float16)
+    before = ker.clone()
+    k = torch.randn(2, 2, 1, 64, device=DEV).half()
+    v = torch.randn(2, 2, 1, 64, device=DEV).half()
+    k[1, 0, 0] = 60000.0  # its first rotated channel is 8 * 60000
+    assert torch.isfinite(k).all() and not torch.isfinite(rotate(k, 1)).all()
+    gpu.append_(ker, k, v, 0, 1)
+    assert torch.equal(ker.n_win, before.n_win) and torch.equal(ker.ring_k, before.ring_k)
+    with pytest.raises(ValueError, match="new keys"):
+        reference.append_(before, rotate(k, 1), rotate(v, 1), 0)
 
 
 @pytest.mark.parametrize("n_rep", [1, 4, 8])

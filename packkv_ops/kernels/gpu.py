@@ -14,6 +14,7 @@ import torch
 
 from ..layout import REPACK_CODES
 from ..repack import COUNT_LEVELS, apply_perm, repack_perm
+from ..rotation import rotate
 from ..storage import PackedLayer
 from . import attention as _attention
 from . import decompress as _decompress
@@ -45,12 +46,15 @@ def _write_ring(st: PackedLayer, ring: torch.Tensor, new: torch.Tensor, n_flush:
     ring.copy_(torch.where(take[:, None, :, None], src, ring))
 
 
-def append_(st: PackedLayer, new_k: torch.Tensor, new_v: torch.Tensor, n_flush: int) -> None:
+def append_(st: PackedLayer, new_k: torch.Tensor, new_v: torch.Tensor, n_flush: int, rotation: int = 0) -> None:
+    """``reference.append_(st, rotate(new_k, rotation), rotate(new_v, rotation), n_flush)``: the new K/V come in the
+    model's coordinates and are stored rotated (``rotation.py``)."""
     lay = st.layout
     B, H, P, D = new_k.shape
-    if P == 1 and n_flush == 0:  # a decode step between flushes: one kernel
-        append_token(st, new_k, new_v)
+    if P == 1 and n_flush == 0:  # a decode step between flushes: one kernel, rotation included
+        append_token(st, new_k, new_v, rotation)
         return
+    new_k, new_v = rotate(new_k, rotation), rotate(new_v, rotation)
     ok = _all_finite(new_k) & _all_finite(new_v)
     if n_flush:
         # Counting medians need few levels; other permutations are found by torch on the quantized ints.

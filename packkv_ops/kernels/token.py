@@ -2,18 +2,23 @@
 
 Per layer and step the general path launches ~20 tiny kernels (finiteness reductions, slot arithmetic, an indexed
 ring write, counter updates); under CUDA graphs each still costs a few microseconds. Here one program per sequence
-checks every sequence's new K/V for NaN/Inf (the whole batch is refused together: the host mirrors one count for
-all sequences), then writes its own token into its ring slot and advances its window counter.
+rotates (``rotation="hadamard"``) and checks every sequence's new K/V for NaN/Inf (the whole batch is refused
+together: the host mirrors one count for all sequences), then writes its own token into its ring slot and
+advances its window counter. Rotating here replaces the six eager kernels per layer and step of ``rotate`` (a
+product, a sum and a cast for K and for V) by one tensor-core product per head group.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
+from ..rotation import is_hadamard
 from ..storage import PackedLayer
-from ._launch import launch, next_pow2
+from ._launch import INTERPRET, launch, next_pow2
 
 
 @triton.jit
@@ -24,37 +29,73 @@ def _non_finite(x):
 
 
 @triton.jit
+def _hadamard_signs(D: tl.constexpr):
+    """The ``D x D`` Sylvester matrix without its ``1/sqrt(D)``: ``(-1)**popcount(i & j)``, exact in every float
+    dtype (twin of ``rotation.hadamard``). The parity of ``i & j < 512`` by folding its bits."""
+    x = tl.arange(0, D)[:, None] & tl.arange(0, D)[None, :]
+    x = x ^ (x >> 8)
+    x = x ^ (x >> 4)
+    x = x ^ (x >> 2)
+    x = x ^ (x >> 1)
+    return (1 - 2 * (x & 1)).to(tl.float32)
+
+
+@triton.jit
+def _token(ptr, sb, sh, i, h, c, m, signs, inv_sqrt, ROTATE: tl.constexpr, NATIVE: tl.constexpr):
+    """Sequence ``i``'s new token ``[HP, D]`` in the ring's dtype, rotated if ``ROTATE`` (as ``rotation.rotate``:
+    fp32 sums, one rounding to the dtype)."""
+    x = tl.load(ptr + i * sb + h * sh + c, mask=m, other=0.0)
+    if ROTATE:
+        if NATIVE and x.dtype != tl.float32:
+            # bf16/fp16 values times +-1 are exact products on the tensor cores, summed in fp32.
+            y = tl.dot(x, signs.to(x.dtype))
+        else:  # fp32 tokens (and the interpreter): fp32 products
+            y = tl.dot(x.to(tl.float32), signs, input_precision="ieee")
+        x = (y * inv_sqrt).to(ptr.dtype.element_ty)
+    return x
+
+
+@triton.jit
 def _append_token_kernel(
     k_ptr, v_ptr, ring_k_ptr, ring_v_ptr, n_blocks_ptr, n_win_ptr,
-    B, H, S, skb, skh, svb, svh,
-    T: tl.constexpr, D: tl.constexpr, HP: tl.constexpr,
+    B, H, S, skb, skh, svb, svh, inv_sqrt,
+    T: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, ROTATE: tl.constexpr, NATIVE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     h = tl.arange(0, HP)[:, None]
     c = tl.arange(0, D)[None, :]
     m = h < H
+    inv_sqrt = tl.cast(inv_sqrt, tl.float32)
+    if ROTATE:
+        signs = _hadamard_signs(D)
+    else:
+        signs = tl.zeros((1, 1), tl.float32)  # unused
     bad = tl.zeros((HP, D), tl.int32)
     for i in range(B):  # every program checks the whole batch (a few KB per sequence, from L2)
-        bad |= _non_finite(tl.load(k_ptr + i * skb + h * skh + c, mask=m, other=0.0))
-        bad |= _non_finite(tl.load(v_ptr + i * svb + h * svh + c, mask=m, other=0.0))
+        bad |= _non_finite(_token(k_ptr, skb, skh, i, h, c, m, signs, inv_sqrt, ROTATE, NATIVE))
+        bad |= _non_finite(_token(v_ptr, svb, svh, i, h, c, m, signs, inv_sqrt, ROTATE, NATIVE))
     if tl.max(tl.max(bad, 1), 0) == 0:
         nw = tl.load(n_win_ptr + b)
         slot = (tl.load(n_blocks_ptr + b) * T + nw) % S
         dst = ((b * H + h).to(tl.int64) * S + slot) * D + c
-        tl.store(ring_k_ptr + dst, tl.load(k_ptr + b * skb + h * skh + c, mask=m), mask=m)
-        tl.store(ring_v_ptr + dst, tl.load(v_ptr + b * svb + h * svh + c, mask=m), mask=m)
+        tl.store(ring_k_ptr + dst, _token(k_ptr, skb, skh, b, h, c, m, signs, inv_sqrt, ROTATE, NATIVE), mask=m)
+        tl.store(ring_v_ptr + dst, _token(v_ptr, svb, svh, b, h, c, m, signs, inv_sqrt, ROTATE, NATIVE), mask=m)
         tl.store(n_win_ptr + b, nw + 1)
 
 
-def append_token(st: PackedLayer, new_k: torch.Tensor, new_v: torch.Tensor) -> None:
-    """Append one token per sequence (``[B, H, 1, D]``) to a layer whose ring has room (no block to flush)."""
+def append_token(st: PackedLayer, new_k: torch.Tensor, new_v: torch.Tensor, rotation: int = 0) -> None:
+    """Append one token per sequence (``[B, H, 1, D]``, in the model's coordinates: ``rotation`` is applied here)
+    to a layer whose ring has room (no block to flush)."""
     B, H, _, D = new_k.shape
+    rotate = is_hadamard(rotation, D)
     if new_k.stride(-1) != 1:
         new_k = new_k.contiguous()
     if new_v.stride(-1) != 1:
         new_v = new_v.contiguous()
+    # tl.dot needs 16 rows: heads are padded (masked) when rotating.
+    hp = max(16, next_pow2(H)) if rotate else next_pow2(H)
     launch(_append_token_kernel)[(B,)](
         new_k, new_v, st.ring_k, st.ring_v, st.n_blocks, st.n_win,
         B, H, st.layout.ring_size, new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1),
-        T=st.layout.block_size, D=D, HP=next_pow2(H),
+        1.0 / math.sqrt(D), T=st.layout.block_size, D=D, HP=hp, ROTATE=rotate, NATIVE=not INTERPRET,
     )  # fmt: skip
