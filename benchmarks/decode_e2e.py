@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     def record(row):
         rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-        (args.out / "decode_e2e.json").write_text(json.dumps(dict(device=str(device), rows=rows), indent=1))
+        run = dict(device=str(device), args={k: str(v) for k, v in vars(args).items()}, rows=rows)
+        (args.out / "decode_e2e.json").write_text(json.dumps(run, indent=1))
 
     if "static" in args.paths:
         record(dict(run_static(model, args.batch, 1024, args.steps, args.warmup, device, args.chunk, static_step), path="weights"))

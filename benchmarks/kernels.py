@@ -200,8 +200,9 @@ def run_case(cfg, batch, length, heads, q_heads, dim, data, device, paper: bool)
 VARIANTS = {  # name -> attention() keyword arguments, each a change from the default ({})
     "v3 (per-value reads, fp32-exact products, tile 32, 2/SM)": dict(
         packwise=False, exact=True, sub_tile=32, maxnreg=None, split_factor=2),
-    "default (32-bit windows, tile 64, maxnreg 128, 8/SM)": {},
-    "  pack-wise extraction with a select per value (2026-12-03)": dict(windows=False),
+    "default (32-bit windows, one pack-start scan for K and V, tile 64, maxnreg 128, 8/SM)": {},
+    "  one pack-start scan per stream (2026-12-04 default)": dict(paired=False),
+    "  pack-wise extraction with a select per value (2026-12-03)": dict(windows=False, paired=False),
     "  per-value reads": dict(packwise=False),
     "  fp32-exact products": dict(exact=True),
     "  tile 32": dict(sub_tile=32),
@@ -212,7 +213,7 @@ VARIANTS = {  # name -> attention() keyword arguments, each a change from the de
     "  12 programs/SM": dict(split_factor=12),
     "  8 warps": dict(num_warps=8),
     "  num_stages 2 (Triton's software pipelining)": dict(num_stages=2),
-    "  num_stages 3": dict(num_stages=3),
+    "  tokens as the MMAs' M (warp-group MMA, decoded tiles as A operands)": dict(transposed=True),
     "  no value extraction (wrong results: what the rest costs)": dict(skip_decode=True),
 }
 

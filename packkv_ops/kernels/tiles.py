@@ -331,3 +331,76 @@ def decode_operand(
         else:
             x = q.to(tl.float32)
     return x, nxt
+
+
+@triton.jit
+def _pack_bits(base_ptr, start, size, USE_ASM: tl.constexpr):
+    """The 64 bits (lo, hi) of packs of ``size`` bits starting ``start`` bits into the payload at ``base_ptr``:
+    bits [sh, sh + size) lie in words wi .. wi+2; empty packs read nothing."""
+    wi = start >> 5
+    sh = start & 31
+    used = sh + size
+    w0 = tl.load(base_ptr + wi, mask=used > 0, other=0).to(tl.uint32, bitcast=True)
+    w1 = tl.load(base_ptr + wi + 1, mask=used > 32, other=0).to(tl.uint32, bitcast=True)
+    w2 = tl.load(base_ptr + wi + 2, mask=used > 64, other=0).to(tl.uint32, bitcast=True)
+    shu = sh.to(tl.uint32)
+    return funnel_shift(w0, w1, shu, USE_ASM), funnel_shift(w1, w2, shu, USE_ASM)
+
+
+@triton.jit
+def _window_values(
+    f, lo, hi, TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr, USE_ASM: tl.constexpr
+):  # fmt: skip
+    """``windows_operand`` from flat ``[RS * D]`` fields and pack bits (lo, hi already aligned)."""
+    RS: tl.constexpr = TS // P
+    VW: tl.constexpr = P // 2
+    f = tl.reshape(f, (RS, D))
+    lo = tl.reshape(lo, (RS, D))
+    hi = tl.reshape(hi, (RS, D))
+    w = f >> QBITS
+    s1 = (w * VW).to(tl.uint32)  # the second window's first bit, <= 32
+    lo1 = funnel_clamp(lo, hi, s1, USE_ASM)
+    hi1 = funnel_clamp(hi, tl.zeros_like(hi), s1, USE_ASM)
+    half = tl.arange(0, 2)[None, :, None]
+    win_lo = tl.where(half == 0, lo[:, None, :], lo1[:, None, :])[:, :, None, :]  # [RS, 2, 1, D]
+    win_hi = tl.where(half == 0, hi[:, None, :], hi1[:, None, :])[:, :, None, :]
+    o = (tl.arange(0, VW)[None, None, :, None] * w[:, None, None, :]).to(tl.uint32)  # [RS, 1, VW, D], <= 31
+    val = funnel_shift(win_lo, win_hi, o, USE_ASM).to(tl.int32, bitcast=True)  # [RS, 2, VW, D]
+    x = ((val & ((1 << w) - 1)[:, None, None, :]) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    mu = ((f & ((1 << QBITS) - 1)) - 1024).to(tl.float16)[:, None, None, :]
+    return tl.reshape(x + mu, (TS, D))
+
+
+@triton.jit
+def decode_pair_windows(
+    k_base, k_meta, v_base, v_meta, r0, k_bit0, v_bit0,
+    TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, K_QBITS: tl.constexpr, K_MBITS: tl.constexpr,
+    V_QBITS: tl.constexpr, V_MBITS: tl.constexpr, USE_ASM: tl.constexpr,
+):  # fmt: skip
+    """K and V operands of one tile (``decode_rows_windows`` for both streams) with one prefix scan for both:
+    each pack's K size in the low 16 bits of a word, its V size in the high 16 (``paired_scan_fits``). The
+    metadata fields are read flat (``[RS * D]``, pack order) so the scan needs no reshape. Returns the two fp16
+    operands and the bit offsets of the next rows."""
+    N: tl.constexpr = (TS // P) * D
+    i = r0 * D + tl.arange(0, N)
+    fk = read_bits(k_meta, i * K_MBITS, K_MBITS)
+    fv = read_bits(v_meta, i * V_MBITS, V_MBITS)
+    sk = (fk >> K_QBITS) * P
+    sv = (fv >> V_QBITS) * P
+    both = (sk | (sv << 16)).to(tl.uint32, bitcast=True)
+    incl = tl.cumsum(both, 0)
+    excl = incl - both
+    tot = tl.sum(both, 0)
+    k_start = k_bit0 + (excl & 0xFFFF).to(tl.int32)
+    v_start = v_bit0 + (excl >> 16).to(tl.int32)
+    k_lo, k_hi = _pack_bits(k_base, k_start, sk, USE_ASM)
+    v_lo, v_hi = _pack_bits(v_base, v_start, sv, USE_ASM)
+    kx = _window_values(fk, k_lo, k_hi, TS, D, P, K_QBITS, USE_ASM)
+    vt = _window_values(fv, v_lo, v_hi, TS, D, P, V_QBITS, USE_ASM)
+    return kx, vt, k_bit0 + (tot & 0xFFFF).to(tl.int32), v_bit0 + (tot >> 16).to(tl.int32)
+
+
+def paired_scan_fits(ts: int, d: int, p: int, k_qbits: int, v_qbits: int) -> bool:
+    """Whether ``decode_pair_windows`` applies: both streams take the window extraction (packs of <= 64 bits,
+    ints below 1024) and a tile's packs hold fewer than 2^16 bits per stream (its 16-bit lanes cannot carry)."""
+    return all(p * q <= 64 and q <= 10 and ts * d * q < (1 << 16) for q in (k_qbits, v_qbits))
