@@ -213,7 +213,7 @@ VARIANTS = {  # name -> attention() keyword arguments, each a change from the de
     "  12 programs/SM": dict(split_factor=12),
     "  8 warps": dict(num_warps=8),
     "  num_stages 2 (Triton's software pipelining)": dict(num_stages=2),
-    "  tokens as the MMAs' M (warp-group MMA, decoded tiles as A operands)": dict(transposed=True),
+    "  tiles built channel-major (vectorized operand stores, more barriers)": dict(channel_rows=True),
     "  no value extraction (wrong results: what the rest costs)": dict(skip_decode=True),
 }
 

@@ -64,19 +64,6 @@ def _dot_ints(a, ints_t, QBITS: tl.constexpr, DOT: tl.constexpr, EXACT: tl.const
 
 
 @triton.jit
-def _dot_ints_t(ints, a, QBITS: tl.constexpr, DOT: tl.constexpr, EXACT: tl.constexpr):
-    """``ints @ a``: ``_dot_ints`` with the integer operand on the left."""
-    if QBITS <= 10:
-        if EXACT:
-            hi, lo = _split(a)
-            return tl.dot(ints, hi) + tl.dot(ints, lo)
-        else:
-            return tl.dot(ints, a.to(tl.float16))
-    else:
-        return tl.dot(ints, a, input_precision=DOT)
-
-
-@triton.jit
 def _pow2_normalizer(x):
     """``2^-k`` with ``max|x| < 2^k`` per row: scaling by it is exact, so a bf16/fp16 query stays exact in fp16."""
     e = tl.max(tl.abs(x), 1).to(tl.int32, bitcast=True) & 0x7F800000
@@ -155,52 +142,6 @@ def _compressed_tile(
 
 
 @triton.jit
-def _compressed_tile_t(
-    kx, vt, m_i, l_i, acc_t, b, v, kvh, r, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, perm_ptr,
-    qn, q_hi, q_lo, qsum, score_scale, qi, row_ok, hq, out_len, NB, H, mask_ptr, smb, smh, smq, sml,
-    T: tl.constexpr, TS: tl.constexpr, D: tl.constexpr, K_QBITS: tl.constexpr, K_GROUP: tl.constexpr,
-    V_QBITS: tl.constexpr, V_GROUP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, DOT: tl.constexpr, EXACT: tl.constexpr,
-):  # fmt: skip
-    """``_compressed_tile`` with tokens as the products' M dimension: scores ``[TS, M]`` = K ``[TS, D]`` @ q^T and
-    the accumulator ``[D, M]`` += V^T ``[D, TS]`` @ p ``[TS, M]``, so the decoded tiles are the A operands (64
-    rows: Hopper's warp-group MMA) and the few query rows the narrow N side instead of padding M to 16."""
-    ks, kz = group_scale_rows(k_scale_ptr, k_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, K_GROUP)
-    if K_GROUP == 2:
-        smax = tl.max(ks, 0)
-        qs = qn * (ks / smax)[None, :]
-        s = (_dot_ints_t(kx, tl.trans(qs), K_QBITS, DOT, EXACT) + tl.sum(qs * kz[None, :], 1)[None, :]) * smax
-    else:
-        if K_QBITS <= 10:
-            raw = tl.dot(kx, tl.trans(q_hi))
-            if EXACT:
-                raw += tl.dot(kx, tl.trans(q_lo))
-        else:
-            raw = tl.dot(kx, tl.trans(qn), input_precision=DOT)
-        s = (raw + kz[:, None] * qsum[None, :]) * ks[:, None]
-    need = HAS_MASK or IS_CAUSAL or (v + 1) * T > out_len
-    perm = tl.load(perm_ptr + (b * NB + v) * T + r * TS + tl.arange(0, TS), mask=need, other=0)
-    pos = v * T + perm.to(tl.int32)
-    ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
-                       HAS_MASK, MASK_BOOL, IS_CAUSAL)  # fmt: skip
-    s = tl.where(tl.trans(ok), s * tl.trans(score_scale) + tl.trans(add), float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_safe[None, :])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 0)
-    vs, vz = group_scale_rows(v_scale_ptr, v_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, V_GROUP)
-    v_t = tl.trans(vt)
-    if V_GROUP == 2:
-        blk = (_dot_ints_t(v_t, p, V_QBITS, DOT, EXACT) + vz[:, None] * tl.sum(p, 0)[None, :]) * vs[:, None]
-    else:
-        smax = tl.max(vs, 0)
-        w = p * (vs / smax)[:, None]
-        blk = (_dot_ints_t(v_t, w, V_QBITS, DOT, EXACT) + tl.sum(w * vz[:, None], 0)[None, :]) * smax
-    return m_new, l_i, acc_t * alpha[None, :] + blk
-
-
-@triton.jit
 def _attention_kernel(
     q_ptr, acc_ptr, m_ptr, l_ptr,
     pool_ptr, k_meta_ptr, k_off_ptr, k_scale_ptr, k_zero_ptr, v_meta_ptr, v_off_ptr, v_scale_ptr, v_zero_ptr,
@@ -212,7 +153,7 @@ def _attention_kernel(
     V_QBITS: tl.constexpr, V_MBITS: tl.constexpr, V_MW: tl.constexpr, V_GROUP: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT: tl.constexpr,
     USE_ASM: tl.constexpr, PACKWISE: tl.constexpr, EXACT: tl.constexpr, WINDOWS: tl.constexpr = True,
-    SKIP_DECODE: tl.constexpr = False, TRANSPOSED: tl.constexpr = False, PAIRED: tl.constexpr = False,
+    SKIP_DECODE: tl.constexpr = False, PAIRED: tl.constexpr = True, CHANNEL_ROWS: tl.constexpr = False,
 ):  # fmt: skip
     # Tokens per tile: the requested TILE, clamped to whole pack rows within a block.
     TS: tl.constexpr = T if TILE >= T else (P if TILE <= P else TILE)
@@ -242,7 +183,6 @@ def _attention_kernel(
     m_i = tl.full((M_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((M_PAD,), tl.float32)
     acc = tl.zeros((M_PAD, D), tl.float32)
-    acc_t = tl.zeros((D, M_PAD), tl.float32)  # TRANSPOSED: the accumulator of the compressed blocks, [D, M]
     v_first = split * blocks_per_split
     n_c = tl.maximum(tl.minimum(blocks_per_split, nb - v_first), 0)  # this split's compressed blocks
     for i in range(0, n_c):  # compressed blocks
@@ -259,24 +199,16 @@ def _attention_kernel(
             elif PAIRED:
                 kx, vt, k_bits, v_bits = decode_pair_windows(
                     k_base, k_meta_ptr + chunk * K_MW, v_base, v_meta_ptr + chunk * V_MW, r * (TS // P), k_bits,
-                    v_bits, TS, D, P, K_QBITS, K_MBITS, V_QBITS, V_MBITS, USE_ASM)
+                    v_bits, TS, D, P, K_QBITS, K_MBITS, V_QBITS, V_MBITS, USE_ASM, CHANNEL_ROWS)
             else:
                 kx, k_bits = decode_operand(k_base, k_meta_ptr + chunk * K_MW, r * (TS // P), k_bits,
                                             TS, D, P, K_QBITS, K_MBITS, USE_ASM, PACKWISE, WINDOWS)  # fmt: skip
                 vt, v_bits = decode_operand(v_base, v_meta_ptr + chunk * V_MW, r * (TS // P), v_bits,
                                             TS, D, P, V_QBITS, V_MBITS, USE_ASM, PACKWISE, WINDOWS)  # fmt: skip
-            if TRANSPOSED:
-                m_i, l_i, acc_t = _compressed_tile_t(
-                    kx, vt, m_i, l_i, acc_t, b, v, kvh, r, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
-                    perm_ptr, qn, q_hi, q_lo, qsum, score_scale, qi, row_ok, hq, out_len, NB, H, mask_ptr, smb, smh,
-                    smq, sml, T, TS, D, K_QBITS, K_GROUP, V_QBITS, V_GROUP, HAS_MASK, MASK_BOOL, IS_CAUSAL, DOT, EXACT)
-            else:
-                m_i, l_i, acc = _compressed_tile(
-                    kx, vt, m_i, l_i, acc, b, v, kvh, r, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, perm_ptr,
-                    qn, q_hi, q_lo, qsum, score_scale, qi, row_ok, hq, out_len, NB, H, mask_ptr, smb, smh, smq, sml,
-                    T, TS, D, K_QBITS, K_GROUP, V_QBITS, V_GROUP, HAS_MASK, MASK_BOOL, IS_CAUSAL, DOT, EXACT)
-    if TRANSPOSED:
-        acc = tl.trans(acc_t)
+            m_i, l_i, acc = _compressed_tile(
+                kx, vt, m_i, l_i, acc, b, v, kvh, r, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, perm_ptr,
+                qn, q_hi, q_lo, qsum, score_scale, qi, row_ok, hq, out_len, NB, H, mask_ptr, smb, smh, smq, sml,
+                T, TS, D, K_QBITS, K_GROUP, V_QBITS, V_GROUP, HAS_MASK, MASK_BOOL, IS_CAUSAL, DOT, EXACT)
     # Exact ring tokens after the compressed blocks, then zero keys up to out_len.
     for i in range(n_c, blocks_per_split):
         v = v_first + i
@@ -356,15 +288,17 @@ def attention(
     split_factor: int = SPLIT_FACTOR,
     exact: bool | None = None,
     skip_decode: bool = False,
-    transposed: bool = False,
     paired: bool = True,
+    channel_rows: bool = False,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(q, *decompress(st, out_len), attn_mask=mask, ...)`` without materialising K/V.
 
     ``sub_tile`` (tokens per tile), ``num_warps``, ``maxnreg`` (register cap; None: uncapped) and
     ``split_factor`` (programs per SM, unless ``splits`` fixes the split count) default to the measured best
     (see ``TILE``); benchmarks vary them, and ``packwise`` / ``windows`` (value extraction: per value, pack-wise
-    with a select, or from two 32-bit windows per pack, the default). ``skip_decode`` (benchmarks only, wrong
+    with a select, or from two 32-bit windows per pack, the default), ``paired`` (one prefix scan for the K and V
+    pack starts, where ``paired_scan_fits``; else one per stream) and ``channel_rows`` (an untimed variant of
+    the operand layout, ``tiles._window_values``). ``skip_decode`` (benchmarks only, wrong
     results) replaces value extraction by a constant to show what the rest of the kernel costs. fp32 queries get
     fp32-accurate products (``exact``); bf16/fp16 queries get fp16 tensor-core operands, finer than their own
     rounding."""
@@ -404,7 +338,7 @@ def attention(
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=precision, USE_ASM=not INTERPRET,
         PACKWISE=packwise, WINDOWS=windows, EXACT=q.dtype == torch.float32 if exact is None else exact, SKIP_DECODE=skip_decode,
-        TRANSPOSED=transposed, PAIRED=paired and windows and packwise and paired_scan_fits(
+        CHANNEL_ROWS=channel_rows, PAIRED=paired and windows and packwise and paired_scan_fits(
             min(max(sub_tile, lay.pack_size), T), D, lay.pack_size, lay.k.qbits, lay.v.qbits), **meta,
     )  # fmt: skip
     out = torch.empty(B, HQ, TQ, D, dtype=q.dtype, device=q.device)
