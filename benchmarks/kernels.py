@@ -214,6 +214,7 @@ VARIANTS = {  # name -> attention() keyword arguments, each a change from the de
     "  8 warps": dict(num_warps=8),
     "  num_stages 2 (Triton's software pipelining)": dict(num_stages=2),
     "  tiles built channel-major (vectorized operand stores, more barriers)": dict(channel_rows=True),
+    "  paired softmax/scale reductions (12 barriers per block instead of 16)": dict(fused_reductions=True),
     "  no value extraction (wrong results: what the rest costs)": dict(skip_decode=True),
 }
 

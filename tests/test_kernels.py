@@ -241,10 +241,12 @@ def test_packwise_and_per_value_extraction_agree(pack_size, k_rel, v_rel):
     select = gpu.attention(q, ker, 100, None, False, None, windows=False)
     one_scan_per_stream = gpu.attention(q, ker, 100, None, False, None, paired=False)
     channel_major = gpu.attention(q, ker, 100, None, False, None, channel_rows=True)
+    fused = gpu.attention(q, ker, 100, None, False, None, fused_reductions=True)
     torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fast, select, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fast, one_scan_per_stream, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fast, channel_major, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast, fused, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fast, want, rtol=2e-5, atol=2e-5)
 
 

@@ -72,6 +72,16 @@ def _pow2_normalizer(x):
 
 
 @triton.jit
+def _max_pair(a, b, c, d):
+    return tl.maximum(a, c), tl.maximum(b, d)
+
+
+@triton.jit
+def _add_pair(a, b, c, d):
+    return a + c, b + d
+
+
+@triton.jit
 def _online_update(s, ok, m_i, l_i):
     """One step of the online softmax (log2 units): probabilities p, rescale alpha, new max and sum."""
     s = tl.where(ok, s, float("-inf"))
@@ -105,7 +115,7 @@ def _compressed_tile(
     qn, q_hi, q_lo, qsum, score_scale, qi, row_ok, hq, out_len, NB, H, mask_ptr, smb, smh, smq, sml,
     T: tl.constexpr, TS: tl.constexpr, D: tl.constexpr, K_QBITS: tl.constexpr, K_GROUP: tl.constexpr,
     V_QBITS: tl.constexpr, V_GROUP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, DOT: tl.constexpr, EXACT: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DOT: tl.constexpr, EXACT: tl.constexpr, FUSED_RED: tl.constexpr = False,
 ):  # fmt: skip
     """One tile of a compressed block: scores from the K operand ``kx`` (ints, repacked order), online softmax,
     and the weighted V operand ``vt`` into ``acc``. Returns the new (m_i, l_i, acc)."""
@@ -130,8 +140,21 @@ def _compressed_tile(
     pos = v * T + perm.to(tl.int32)
     ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
                        HAS_MASK, MASK_BOOL, IS_CAUSAL)  # fmt: skip
-    p, alpha, m_i, l_i = _online_update(s * score_scale + add, ok, m_i, l_i)
     vs, vz = group_scale_rows(v_scale_ptr, v_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, V_GROUP)
+    if FUSED_RED and V_GROUP != 2:
+        # Two cross-warp reductions per tile instead of four: the scores' and the V scales' maxima in one pass,
+        # then the probabilities' and the weighted zeros' sums in one pass (each reduction costs barriers).
+        s = tl.where(ok, s * score_scale + add, float("-inf"))
+        s_max, v_max = tl.reduce((s, tl.broadcast_to(vs[None, :], s.shape)), 1, _max_pair)
+        m_new = tl.maximum(m_i, s_max)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        w = p * (vs[None, :] / v_max[:, None])
+        p_sum, wz = tl.reduce((p, w * vz[None, :]), 1, _add_pair)
+        blk = (_dot_ints(w, vt, V_QBITS, DOT, EXACT) + wz[:, None]) * v_max[:, None]
+        return m_new, l_i * alpha + p_sum, acc * alpha[:, None] + blk
+    p, alpha, m_i, l_i = _online_update(s * score_scale + add, ok, m_i, l_i)
     if V_GROUP == 2:  # sum_t p (Q + z_c) s_c
         blk = (_dot_ints(p, vt, V_QBITS, DOT, EXACT) + tl.sum(p, 1)[:, None] * vz[None, :]) * vs[None, :]
     else:  # sum_t (p s_t) (Q + z_t), weights normalized by the tile's largest scale
@@ -154,6 +177,7 @@ def _attention_kernel(
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT: tl.constexpr,
     USE_ASM: tl.constexpr, PACKWISE: tl.constexpr, EXACT: tl.constexpr, WINDOWS: tl.constexpr = True,
     SKIP_DECODE: tl.constexpr = False, PAIRED: tl.constexpr = True, CHANNEL_ROWS: tl.constexpr = False,
+    FUSED_RED: tl.constexpr = False,
 ):  # fmt: skip
     # Tokens per tile: the requested TILE, clamped to whole pack rows within a block.
     TS: tl.constexpr = T if TILE >= T else (P if TILE <= P else TILE)
@@ -199,7 +223,7 @@ def _attention_kernel(
             elif PAIRED:
                 kx, vt, k_bits, v_bits = decode_pair_windows(
                     k_base, k_meta_ptr + chunk * K_MW, v_base, v_meta_ptr + chunk * V_MW, r * (TS // P), k_bits,
-                    v_bits, TS, D, P, K_QBITS, K_MBITS, V_QBITS, V_MBITS, USE_ASM, CHANNEL_ROWS)
+                    v_bits, TS, D, P, K_QBITS, K_MBITS, V_QBITS, V_MBITS, USE_ASM, CHANNEL_ROWS, TS < T or not FUSED_RED)
             else:
                 kx, k_bits = decode_operand(k_base, k_meta_ptr + chunk * K_MW, r * (TS // P), k_bits,
                                             TS, D, P, K_QBITS, K_MBITS, USE_ASM, PACKWISE, WINDOWS)  # fmt: skip
@@ -208,7 +232,7 @@ def _attention_kernel(
             m_i, l_i, acc = _compressed_tile(
                 kx, vt, m_i, l_i, acc, b, v, kvh, r, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, perm_ptr,
                 qn, q_hi, q_lo, qsum, score_scale, qi, row_ok, hq, out_len, NB, H, mask_ptr, smb, smh, smq, sml,
-                T, TS, D, K_QBITS, K_GROUP, V_QBITS, V_GROUP, HAS_MASK, MASK_BOOL, IS_CAUSAL, DOT, EXACT)
+                T, TS, D, K_QBITS, K_GROUP, V_QBITS, V_GROUP, HAS_MASK, MASK_BOOL, IS_CAUSAL, DOT, EXACT, FUSED_RED)
     # Exact ring tokens after the compressed blocks, then zero keys up to out_len.
     for i in range(n_c, blocks_per_split):
         v = v_first + i
@@ -290,6 +314,7 @@ def attention(
     skip_decode: bool = False,
     paired: bool = True,
     channel_rows: bool = False,
+    fused_reductions: bool = False,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(q, *decompress(st, out_len), attn_mask=mask, ...)`` without materialising K/V.
 
@@ -298,7 +323,8 @@ def attention(
     (see ``TILE``); benchmarks vary them, and ``packwise`` / ``windows`` (value extraction: per value, pack-wise
     with a select, or from two 32-bit windows per pack, the default), ``paired`` (one prefix scan for the K and V
     pack starts, where ``paired_scan_fits``; else one per stream) and ``channel_rows`` (an untimed variant of
-    the operand layout, ``tiles._window_values``). ``skip_decode`` (benchmarks only, wrong
+    the operand layout, ``tiles._window_values``), ``fused_reductions`` (an untimed variant: two cross-warp
+    reductions per tile instead of four, and no pack-size total when a tile is a whole block). ``skip_decode`` (benchmarks only, wrong
     results) replaces value extraction by a constant to show what the rest of the kernel costs. fp32 queries get
     fp32-accurate products (``exact``); bf16/fp16 queries get fp16 tensor-core operands, finer than their own
     rounding."""
@@ -338,7 +364,7 @@ def attention(
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=precision, USE_ASM=not INTERPRET,
         PACKWISE=packwise, WINDOWS=windows, EXACT=q.dtype == torch.float32 if exact is None else exact, SKIP_DECODE=skip_decode,
-        CHANNEL_ROWS=channel_rows, PAIRED=paired and windows and packwise and paired_scan_fits(
+        CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, PAIRED=paired and windows and packwise and paired_scan_fits(
             min(max(sub_tile, lay.pack_size), T), D, lay.pack_size, lay.k.qbits, lay.v.qbits), **meta,
     )  # fmt: skip
     out = torch.empty(B, HQ, TQ, D, dtype=q.dtype, device=q.device)

@@ -383,6 +383,7 @@ def decode_pair_windows(
     k_base, k_meta, v_base, v_meta, r0, k_bit0, v_bit0,
     TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, K_QBITS: tl.constexpr, K_MBITS: tl.constexpr,
     V_QBITS: tl.constexpr, V_MBITS: tl.constexpr, USE_ASM: tl.constexpr, CHANNEL_ROWS: tl.constexpr = False,
+    NEXT: tl.constexpr = True,
 ):  # fmt: skip
     """K and V operands of one tile (``decode_rows_windows`` for both streams) with one prefix scan for both:
     each pack's K size in the low 16 bits of a word, its V size in the high 16 (``paired_scan_fits``). The
@@ -397,7 +398,10 @@ def decode_pair_windows(
     both = (sk | (sv << 16)).to(tl.uint32, bitcast=True)
     incl = tl.cumsum(both, 0)
     excl = incl - both
-    tot = tl.sum(both, 0)
+    if NEXT:  # the next tile's offsets (a reduction: skipped when the tile is the whole block)
+        tot = tl.sum(both, 0)
+    else:
+        tot = tl.zeros((), tl.uint32)
     k_start = k_bit0 + (excl & 0xFFFF).to(tl.int32)
     v_start = v_bit0 + (excl >> 16).to(tl.int32)
     k_lo, k_hi = _pack_bits(k_base, k_start, sk, USE_ASM)
