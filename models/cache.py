@@ -28,6 +28,7 @@ from packkv.ops.reference import flush_count
 from packkv.ops.rotation import rotate
 
 from .layer_stack import LayerStack
+from .step_plan import StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -303,11 +304,30 @@ class PackKVCache(Cache):
         # config), recorded when known so a saved cache can refuse another model.
         self.model_identity: dict | None = model_identity(model) if model is not None else None
         super().__init__(layer_class_to_replicate=functools.partial(PackKVLayer, self.packkv_config))
+        self._plan: StepPlan | None = None  # set by prepare_step for the next compiled step
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if not _is_compiling():
             self._check_layers(layer_idx)
+        elif self._plan is not None:  # a compiled step reads the shared plan, not 32 layer objects (step_plan.py)
+            return self._plan.update(layer_idx, key_states, value_states)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        """PackKV layers never slide. Answered without visiting the layers: the masks read this inside compiled
+        steps, and every layer object read there costs guard checks on each step."""
+        return [False] * len(self.layers)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int | torch.Tensor:
+        if _is_compiling() and self._plan is not None:
+            return self._plan.seq_length(layer_idx)
+        return super().get_seq_length(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        if _is_compiling() and self._plan is not None:
+            return self._plan.token_capacity, 0
+        return super().get_mask_sizes(query_length, layer_idx)
 
     def _check_layers(self, layer_idx: int) -> None:
         """Refuse a cache filled by a model with another number of layers."""
@@ -334,7 +354,20 @@ class PackKVCache(Cache):
         caps = {layer.token_capacity for layer in self.layers}
         if len(caps) != 1:  # every layer grows the same way, so this is a bug, not a user error
             raise RuntimeError(f"PackKV layers disagree on their token capacity: {sorted(caps)}")
-        return caps.pop()
+        cap = caps.pop()
+        self._plan = self._step_plan(cap)
+        return cap
+
+    def _step_plan(self, token_capacity: int) -> StepPlan | None:
+        """The shared plan of the next compiled step, when every layer sits in one stack at its own index and all
+        compress alike (always, on one device); else None (layers on several devices take their own path)."""
+        layers = self.layers
+        stack = layers[0]._stack if layers else None
+        if stack is None or len({layer.n_flush for layer in layers}) != 1:
+            return None
+        if any(layer._stack is not stack or layer._slot != i for i, layer in enumerate(layers)):
+            return None
+        return StepPlan(stack, [layer.storage.pool for layer in layers], layers[0].n_flush, token_capacity)
 
     def stack_layers(self) -> None:
         """Stack the layers' storages (``LayerStack``: a compiled step then has 14 storage inputs for all layers

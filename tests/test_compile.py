@@ -90,7 +90,35 @@ def test_compiled_step_reads_the_storage_of_all_layers_as_one_tensor_per_field()
     inputs = [n.name for n in graphs[0].graph.nodes if n.op == "placeholder"]  # named after their source
     storage = [s for s in inputs if "past_key_values" in s]
     assert len(storage) == len(STACKED_FIELDS) + layers
-    assert sum(s.endswith("_pool") for s in storage) == layers
+    assert sum("_plan_pools_" in s for s in storage) == layers  # read through the step plan
+
+
+def test_compiled_step_guards_read_the_step_plan_not_the_layers():
+    """Dynamo guards what a step reads once per access path: read through every layer object (properties, storage,
+    flush count, capacity, slot) it was ~22 guard nodes per layer and step (``benchmarks/guard_overhead.py``). The
+    step reads one shared plan instead; of the layers only transformers' ``is_compileable`` check of layer 0 is
+    left. Without the plan (layers on several devices) the layers' own path runs, and generation is the same."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    ids, mask = prompts(1)
+    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8, min_new_tokens=8)
+    outs, guards = [], []
+    for plan in (True, False):
+        torch._dynamo.reset()
+        model = packkv.compile(tiny("llama"), config=EXACT, backend=capture([]))
+        cache = packkv.PackKVCache(EXACT)
+        if not plan:
+            cache._step_plan = lambda token_capacity: None
+        outs.append(model.generate(**kw, past_key_values=cache))
+        entries = _debug_get_cache_entry_list(type(model).forward.__code__)
+        guards.append("\n".join(str(e.guard_manager) for e in entries))
+    assert model.config.num_hidden_layers >= 2 and len(entries) >= 1
+    with_plan, without = guards
+    assert "._plan" in with_plan and ".layers[1]" not in with_plan
+    assert "._plan is None" in without and ".layers[1]" in without
+    visits = [g.count("['past_key_values'].layers[") for g in guards]
+    assert visits[0] * 4 < visits[1]
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_packkv_compile_with_inductor_matches_eager():
