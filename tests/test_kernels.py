@@ -229,9 +229,9 @@ def test_attention_with_wide_integers_matches_the_reference(k_rel, v_rel):
 
 @pytest.mark.parametrize("pack_size,k_rel,v_rel", [(8, 0.1, 0.2), (16, 0.07, 0.15), (32, 0.3, 0.5), (32, 0.1, 0.2)])
 def test_packwise_and_per_value_extraction_agree(pack_size, k_rel, v_rel):
-    """Packs of at most 64 bits are decoded from their words at once (as two 32-bit windows, or with a select
-    per value; K and V pack starts from one scan or one each); wider packs fall back to per-value reads. All give
-    the same attention, for every pack size."""
+    """Packs of at most 64 bits are decoded from their words at once (as two 32-bit windows built channel-major
+    or token-major, or with a select per value; K and V pack starts from one scan or one each); wider packs fall
+    back to per-value reads. All give the same attention, for every pack size."""
     cfg = PackKVConfig(block_size=32, window=32, pack_size=pack_size, k_rel=k_rel, v_rel=v_rel)
     ref, ker, _, _ = build(cfg, [100], heads=2)
     q = torch.randn(2, 4, 1, 64, device=DEV)
@@ -240,12 +240,12 @@ def test_packwise_and_per_value_extraction_agree(pack_size, k_rel, v_rel):
     slow = gpu.attention(q, ker, 100, None, False, None, packwise=False)
     select = gpu.attention(q, ker, 100, None, False, None, windows=False)
     one_scan_per_stream = gpu.attention(q, ker, 100, None, False, None, paired=False)
-    channel_major = gpu.attention(q, ker, 100, None, False, None, channel_rows=True)
+    token_major = gpu.attention(q, ker, 100, None, False, None, channel_rows=False)
     fused = gpu.attention(q, ker, 100, None, False, None, fused_reductions=True)
     torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fast, select, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fast, one_scan_per_stream, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(fast, channel_major, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast, token_major, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fast, fused, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fast, want, rtol=2e-5, atol=2e-5)
 
