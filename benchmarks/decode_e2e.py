@@ -131,9 +131,12 @@ def run_quantized(model, batch, context, steps, warmup, device, chunk, nbits) ->
     return dict(result("quantized", batch, context, times, device), nbits=nbits)
 
 
-def run_packkv(model, batch, context, steps, warmup, device, chunk, cfg, profile: bool = False) -> dict:
+def run_packkv(model, batch, context, steps, warmup, device, chunk, cfg, profile: bool = False,
+               step_plan: bool = True) -> dict:
     cache = packkv.PackKVCache(cfg, model=model)
     cache.compiled = True
+    if not step_plan:  # the layers' own path: each compiled step reads (and guards) 32 layer objects
+        cache._step_plan = lambda token_capacity: None
     ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
     t0 = time.perf_counter()
     prefill(model, ids, cache, chunk)
@@ -272,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guard-filter", action="store_true",
                    help="both paths: skip Dynamo's guards on nn.Module attributes (sound only if the model's modules "
                         "are not mutated between steps); benchmarks/guard_overhead.py measures the guard check it saves")
+    p.add_argument("--no-step-plan", dest="step_plan", action="store_false",
+                   help="PackKV: compiled steps read each layer object, not the shared step plan (models/step_plan.py)")
     p.add_argument("--watchdog", type=float, default=0, help="dump Python stacks every N s (diagnosing stalls)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_e2e")
     args = p.parse_args(argv)
@@ -321,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     packkv.compile(model, **compile_kw)  # from here on, generate-style steps on a PackKV cache run compiled
     for ctx in args.contexts if "packkv" in args.paths else []:
         record(run_packkv(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, model.packkv_config,
-                          args.profile))
+                          args.profile, args.step_plan))
         torch.cuda.empty_cache() if device == "cuda" else None
     if "packkv" in args.paths:
         budget_rows("packkv", lambda b, ctx, chunk: run_packkv(model, b, ctx, args.steps, args.warmup, device, chunk,

@@ -170,7 +170,7 @@ def _attention_kernel(
     pool_ptr, k_meta_ptr, k_off_ptr, k_scale_ptr, k_zero_ptr, v_meta_ptr, v_off_ptr, v_scale_ptr, v_zero_ptr,
     perm_ptr, ring_k_ptr, ring_v_ptr, n_blocks_ptr, n_win_ptr,
     mask_ptr, smb, smh, smq, sml,
-    out_len, NB, S, H, HQ, TQ, N_REP, blocks_per_split, NS, qk_scale,
+    out_len, NB, S, H, HQ, TQ, N_REP, n_virtual, NS, qk_scale,
     T: tl.constexpr, D: tl.constexpr, P: tl.constexpr, TILE: tl.constexpr, M_PAD: tl.constexpr,
     K_QBITS: tl.constexpr, K_MBITS: tl.constexpr, K_MW: tl.constexpr, K_GROUP: tl.constexpr,
     V_QBITS: tl.constexpr, V_MBITS: tl.constexpr, V_MW: tl.constexpr, V_GROUP: tl.constexpr,
@@ -207,10 +207,13 @@ def _attention_kernel(
     m_i = tl.full((M_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((M_PAD,), tl.float32)
     acc = tl.zeros((M_PAD, D), tl.float32)
-    v_first = split * blocks_per_split
-    n_c = tl.maximum(tl.minimum(blocks_per_split, nb - v_first), 0)  # this split's compressed blocks
-    for i in range(0, n_c):  # compressed blocks
-        v = v_first + i
+    # Each split takes an equal share of the compressed blocks (read from the device), then of the virtual blocks
+    # after them (ring tokens, then zero keys up to out_len). In a compiled step out_len is the storage's capacity,
+    # up to twice the length: cut over out_len alone, half the splits would get only cheap zero tiles.
+    nbv = tl.minimum(nb, n_virtual)  # blocks past out_len are not attended
+    c_per = tl.cdiv(nbv, NS)
+    c_first = tl.minimum(split * c_per, nbv)
+    for v in range(c_first, tl.minimum(c_first + c_per, nbv)):  # compressed blocks
         chunk = (b * NB + v) * H + kvh
         k_base = pool_ptr + tl.load(k_off_ptr + chunk)
         v_base = pool_ptr + tl.load(v_off_ptr + chunk)
@@ -234,8 +237,9 @@ def _attention_kernel(
                 qn, q_hi, q_lo, qsum, score_scale, qi, row_ok, hq, out_len, NB, H, mask_ptr, smb, smh, smq, sml,
                 T, TS, D, K_QBITS, K_GROUP, V_QBITS, V_GROUP, HAS_MASK, MASK_BOOL, IS_CAUSAL, DOT, EXACT, FUSED_RED)
     # Exact ring tokens after the compressed blocks, then zero keys up to out_len.
-    for i in range(n_c, blocks_per_split):
-        v = v_first + i
+    e_per = tl.cdiv(n_virtual - nbv, NS)
+    e_first = nbv + split * e_per
+    for v in range(e_first, tl.minimum(e_first + e_per, n_virtual)):
         for r in range(0, T // TS):
             if v * T + r * TS >= total:
                 # Past the sequence's end, up to out_len (the storage's capacity in compiled steps, up to 2x the
@@ -335,8 +339,7 @@ def attention(
     n_virtual = max(1, -(-out_len // T))
     if splits is None:
         splits = -(-split_factor * num_sms(q.device) // (B * H))
-    per_split = -(-n_virtual // max(1, min(splits, n_virtual)))
-    ns = -(-n_virtual // per_split)
+    ns = max(1, min(splits, n_virtual))
     acc = torch.empty(B, HQ, TQ, ns, D, dtype=torch.float32, device=q.device)
     m = torch.empty(B, HQ, TQ, ns, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
@@ -358,7 +361,7 @@ def attention(
         st.pool, st.k_meta, st.k_offsets, st.k_scale, st.k_zero, st.v_meta, st.v_offsets, st.v_scale, st.v_zero,
         st.perm, st.ring_k, st.ring_v, st.n_blocks, st.n_win,
         mask if mask is not None else st.n_win, *strides,
-        out_len, st.block_capacity, lay.ring_size, H, HQ, TQ, n_rep, per_split, ns, sm_scale * LOG2E,
+        out_len, st.block_capacity, lay.ring_size, H, HQ, TQ, n_rep, n_virtual, ns, sm_scale * LOG2E,
         T=T, D=D, P=lay.pack_size, M_PAD=max(16, next_pow2(n_rep * TQ)),
         K_QBITS=lay.k.qbits, K_MBITS=lay.k.mbits, K_MW=lay.meta_words(lay.k), K_GROUP=lay.k.grouping,
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
