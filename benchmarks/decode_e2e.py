@@ -132,7 +132,7 @@ def run_quantized(model, batch, context, steps, warmup, device, chunk, nbits) ->
 
 
 def run_packkv(model, batch, context, steps, warmup, device, chunk, cfg, profile: bool = False,
-               step_plan: bool = True) -> dict:
+               step_plan: bool = True, capacity_x: float = 1.0) -> dict:
     cache = packkv.PackKVCache(cfg, model=model)
     cache.compiled = True
     if not step_plan:  # the layers' own path: each compiled step reads (and guards) 32 layer objects
@@ -141,7 +141,9 @@ def run_packkv(model, batch, context, steps, warmup, device, chunk, cfg, profile
     t0 = time.perf_counter()
     prefill(model, ids, cache, chunk)
     print(f"packkv {context}: prefill {time.perf_counter() - t0:.1f} s", flush=True)
-    cache.reserve(context + warmup + steps + 8)  # no storage growth (and no recompile) while timing
+    # No storage growth (and no recompile) while timing. capacity_x 2: the capacity right after a growth (attention
+    # then runs over out_len = the capacity, twice the length).
+    cache.reserve(int(capacity_x * context) + warmup + steps + 8)
     reset_peak(device)
     graphs = stats["graphs"]
     times = decode(model.__call__, model, cache, batch, context, steps, warmup, device)
@@ -277,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                         "are not mutated between steps); benchmarks/guard_overhead.py measures the guard check it saves")
     p.add_argument("--no-step-plan", dest="step_plan", action="store_false",
                    help="PackKV: compiled steps read each layer object, not the shared step plan (models/step_plan.py)")
+    p.add_argument("--capacity-x", type=float, default=1.0,
+                   help="PackKV: reserve this many times the context (2: as right after a storage growth)")
     p.add_argument("--watchdog", type=float, default=0, help="dump Python stacks every N s (diagnosing stalls)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_e2e")
     args = p.parse_args(argv)
@@ -326,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     packkv.compile(model, **compile_kw)  # from here on, generate-style steps on a PackKV cache run compiled
     for ctx in args.contexts if "packkv" in args.paths else []:
         record(run_packkv(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, model.packkv_config,
-                          args.profile, args.step_plan))
+                          args.profile, args.step_plan, args.capacity_x))
         torch.cuda.empty_cache() if device == "cuda" else None
     if "packkv" in args.paths:
         budget_rows("packkv", lambda b, ctx, chunk: run_packkv(model, b, ctx, args.steps, args.warmup, device, chunk,

@@ -216,6 +216,9 @@ VARIANTS = {  # name -> attention() keyword arguments, each a change from the de
     "  num_stages 2 (Triton's software pipelining)": dict(num_stages=2),
     "  paired softmax/scale reductions (4 fewer barriers per block)": dict(fused_reductions=True),
     "  no value extraction (wrong results: what the rest costs)": dict(skip_decode=True),
+    # A compiled step passes the storage's capacity as out_len: up to 2x the length right after a growth.
+    "out_len 2x the length (a compiled step after a growth)": dict(out_len_x=2),
+    "  splits cut out_len evenly (before 2026-12-04e)": dict(out_len_x=2, balanced=False),
 }
 
 
@@ -235,16 +238,22 @@ def variants(cfg, batch, length, heads, q_heads, dim, data, device, table: dict 
         *st.tensors(), length, *st.layout.spec())], enable_gqa=True)  # fmt: skip
     rows = [dict(batch=batch, context=length, variant="SDPA bf16 (uncompressed)",
                  t_ms=bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)))]  # fmt: skip
+    wants = {1: want}
     for name, kw in (table or VARIANTS).items():
-        fn = lambda kw=kw: attention_kernel(q, st, length, None, False, None, **kw)  # noqa: E731
+        kw = dict(kw)
+        x = kw.pop("out_len_x", 1)
+        if x not in wants:  # zero keys past the length count (no mask), as in decompress
+            wants[x] = F.scaled_dot_product_attention(q.float(), *[t.float() for t in torch.ops.packkv.decompress(
+                *st.tensors(), x * length, *st.layout.spec())], enable_gqa=True)  # fmt: skip
+        fn = lambda kw=kw, n=x * length: attention_kernel(q, st, n, None, False, None, **kw)  # noqa: E731
         try:
-            err = ((fn().float() - want).norm() / want.norm()).item()
+            err = ((fn().float() - wants[x]).norm() / wants[x].norm()).item()
             t = bench_ms(fn)
         except Exception as e:  # a variant that does not compile is reported, not fatal
             t = err = float("nan")
             print(f"variant {name}: {type(e).__name__}: {e}")
         rows.append(dict(batch=batch, context=length, variant=name, t_ms=t, rel_err=err))
-        if not kw:  # eager launches too: the host overhead an uncompiled caller pays
+        if not kw and x == 1:  # eager launches too: the host overhead an uncompiled caller pays
             rows[-1]["t_eager_ms"] = bench_ms(fn, graph=False)
     return rows
 

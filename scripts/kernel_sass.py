@@ -58,12 +58,14 @@ def attention_source(overrides: dict, d: int = 128, k_rel: float = 0.1, v_rel: f
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("overrides", nargs="*", help="constexpr overrides, NAME=int")
+    ap.add_argument("overrides", nargs="*", help="constexpr overrides, NAME=int or NAME=True/False")
     ap.add_argument("--dump")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--maxnreg", type=int)
     args = ap.parse_args()
-    overrides = {k: int(v) for k, v in (o.split("=") for o in args.overrides)}
+    # True/False stay bools: a flag used in `or` (HAS_MASK) must not turn a mask into an int tensor.
+    overrides = {k: {"True": True, "False": False}.get(v, None) if v in ("True", "False") else int(v)
+                 for k, v in (o.split("=") for o in args.overrides)}
     src, _ = attention_source(overrides)
     ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": args.warps, "num_stages": 1, **({"maxnreg": args.maxnreg} if args.maxnreg else {})})
     with tempfile.TemporaryDirectory() as tmp:

@@ -192,8 +192,9 @@ def test_attention_matches_the_reference(n_rep, mask_kind):
     elif mask_kind == "float":
         mask = torch.randn(1, 2 * n_rep, tq, out_len, device=DEV)
     want = reference.attention(q, ref, out_len, mask, causal, 0.17)
-    for splits in (1, 3, 16):  # 16: more splits than blocks, some with nothing to do
-        got = gpu.attention(q, ker, out_len, mask, causal, 0.17, splits=splits)
+    # 16 splits: more than blocks, some with nothing to do; balanced=False: splits cut out_len evenly (a variant)
+    for splits, balanced in ((1, True), (3, True), (16, True), (3, False)):
+        got = gpu.attention(q, ker, out_len, mask, causal, 0.17, splits=splits, balanced=balanced)
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 

@@ -177,7 +177,7 @@ def _attention_kernel(
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT: tl.constexpr,
     USE_ASM: tl.constexpr, PACKWISE: tl.constexpr, EXACT: tl.constexpr, WINDOWS: tl.constexpr = True,
     SKIP_DECODE: tl.constexpr = False, PAIRED: tl.constexpr = True, CHANNEL_ROWS: tl.constexpr = True,
-    FUSED_RED: tl.constexpr = False,
+    FUSED_RED: tl.constexpr = False, BALANCED: tl.constexpr = True,
 ):  # fmt: skip
     # Tokens per tile: the requested TILE, clamped to whole pack rows within a block.
     TS: tl.constexpr = T if TILE >= T else (P if TILE <= P else TILE)
@@ -209,11 +209,23 @@ def _attention_kernel(
     acc = tl.zeros((M_PAD, D), tl.float32)
     # Each split takes an equal share of the compressed blocks (read from the device), then of the virtual blocks
     # after them (ring tokens, then zero keys up to out_len). In a compiled step out_len is the storage's capacity,
-    # up to twice the length: cut over out_len alone, half the splits would get only cheap zero tiles.
+    # up to twice the length: cut over out_len alone (BALANCED=False, a benchmark variant), half the splits would
+    # get only cheap zero tiles.
     nbv = tl.minimum(nb, n_virtual)  # blocks past out_len are not attended
-    c_per = tl.cdiv(nbv, NS)
-    c_first = tl.minimum(split * c_per, nbv)
-    for v in range(c_first, tl.minimum(c_first + c_per, nbv)):  # compressed blocks
+    if BALANCED:
+        c_per = tl.cdiv(nbv, NS)
+        c_lo = tl.minimum(split * c_per, nbv)
+        c_hi = tl.minimum(c_lo + c_per, nbv)
+        e_per = tl.cdiv(n_virtual - nbv, NS)
+        e_lo = nbv + split * e_per
+        e_hi = tl.minimum(e_lo + e_per, n_virtual)
+    else:
+        per = tl.cdiv(n_virtual, NS)
+        c_lo = tl.minimum(split * per, nbv)
+        c_hi = tl.minimum(split * per + per, nbv)
+        e_lo = tl.maximum(split * per, nbv)
+        e_hi = tl.minimum(split * per + per, n_virtual)
+    for v in range(c_lo, c_hi):  # compressed blocks
         chunk = (b * NB + v) * H + kvh
         k_base = pool_ptr + tl.load(k_off_ptr + chunk)
         v_base = pool_ptr + tl.load(v_off_ptr + chunk)
@@ -237,9 +249,7 @@ def _attention_kernel(
                 qn, q_hi, q_lo, qsum, score_scale, qi, row_ok, hq, out_len, NB, H, mask_ptr, smb, smh, smq, sml,
                 T, TS, D, K_QBITS, K_GROUP, V_QBITS, V_GROUP, HAS_MASK, MASK_BOOL, IS_CAUSAL, DOT, EXACT, FUSED_RED)
     # Exact ring tokens after the compressed blocks, then zero keys up to out_len.
-    e_per = tl.cdiv(n_virtual - nbv, NS)
-    e_first = nbv + split * e_per
-    for v in range(e_first, tl.minimum(e_first + e_per, n_virtual)):
+    for v in range(e_lo, e_hi):
         for r in range(0, T // TS):
             if v * T + r * TS >= total:
                 # Past the sequence's end, up to out_len (the storage's capacity in compiled steps, up to 2x the
@@ -319,6 +329,7 @@ def attention(
     paired: bool = True,
     channel_rows: bool = True,
     fused_reductions: bool = False,
+    balanced: bool = True,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(q, *decompress(st, out_len), attn_mask=mask, ...)`` without materialising K/V.
 
@@ -328,7 +339,8 @@ def attention(
     with a select, or from two 32-bit windows per pack, the default), ``paired`` (one prefix scan for the K and V
     pack starts, where ``paired_scan_fits``; else one per stream) and ``channel_rows`` (the decoded tiles are
     built channel-major, ``tiles._window_values``: 11% faster than token-major on the H200), ``fused_reductions`` (an untimed variant: two cross-warp
-    reductions per tile instead of four, and no pack-size total when a tile is a whole block). ``skip_decode`` (benchmarks only, wrong
+    reductions per tile instead of four, and no pack-size total when a tile is a whole block), ``balanced``
+    (splits share the compressed blocks; False: they cut ``out_len`` evenly, as before). ``skip_decode`` (benchmarks only, wrong
     results) replaces value extraction by a constant to show what the rest of the kernel costs. fp32 queries get
     fp32-accurate products (``exact``); bf16/fp16 queries get fp16 tensor-core operands, finer than their own
     rounding."""
@@ -367,7 +379,7 @@ def attention(
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=precision, USE_ASM=not INTERPRET,
         PACKWISE=packwise, WINDOWS=windows, EXACT=q.dtype == torch.float32 if exact is None else exact, SKIP_DECODE=skip_decode,
-        CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, PAIRED=paired and windows and packwise and paired_scan_fits(
+        CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, BALANCED=balanced, PAIRED=paired and windows and packwise and paired_scan_fits(
             min(max(sub_tile, lay.pack_size), T), D, lay.pack_size, lay.k.qbits, lay.v.qbits), **meta,
     )  # fmt: skip
     out = torch.empty(B, HQ, TQ, D, dtype=q.dtype, device=q.device)
