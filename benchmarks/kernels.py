@@ -219,6 +219,9 @@ VARIANTS = {  # name -> attention() keyword arguments, each a change from the de
     # A compiled step passes the storage's capacity as out_len: up to 2x the length right after a growth.
     "out_len 2x the length (a compiled step after a growth)": dict(out_len_x=2),
     "  splits cut out_len evenly (before 2026-12-04e)": dict(out_len_x=2, balanced=False),
+    # A compiled decode step passes a bool padding mask [B, 1, 1, out_len] (all True here: same results).
+    "with a decode mask, read as one row per tile": dict(with_mask=True),
+    "  with a decode mask, read as a [rows, tokens] tile (before 2026-12-04e)": dict(with_mask=True, mask_row=False),
 }
 
 
@@ -242,10 +245,11 @@ def variants(cfg, batch, length, heads, q_heads, dim, data, device, table: dict 
     for name, kw in (table or VARIANTS).items():
         kw = dict(kw)
         x = kw.pop("out_len_x", 1)
+        mask = torch.ones(batch, 1, 1, x * length, dtype=torch.bool, device=device) if kw.pop("with_mask", False) else None
         if x not in wants:  # zero keys past the length count (no mask), as in decompress
             wants[x] = F.scaled_dot_product_attention(q.float(), *[t.float() for t in torch.ops.packkv.decompress(
                 *st.tensors(), x * length, *st.layout.spec())], enable_gqa=True)  # fmt: skip
-        fn = lambda kw=kw, n=x * length: attention_kernel(q, st, n, None, False, None, **kw)  # noqa: E731
+        fn = lambda kw=kw, n=x * length, m=mask: attention_kernel(q, st, n, m, False, None, **kw)  # noqa: E731
         try:
             err = ((fn().float() - wants[x]).norm() / wants[x].norm()).item()
             t = bench_ms(fn)
@@ -253,7 +257,7 @@ def variants(cfg, batch, length, heads, q_heads, dim, data, device, table: dict 
             t = err = float("nan")
             print(f"variant {name}: {type(e).__name__}: {e}")
         rows.append(dict(batch=batch, context=length, variant=name, t_ms=t, rel_err=err))
-        if not kw and x == 1:  # eager launches too: the host overhead an uncompiled caller pays
+        if not kw and x == 1 and mask is None:  # eager launches too: the host overhead an uncompiled caller pays
             rows[-1]["t_eager_ms"] = bench_ms(fn, graph=False)
     return rows
 

@@ -176,7 +176,7 @@ def test_the_one_kernel_path_refuses_a_token_whose_rotation_overflows():
 
 
 @pytest.mark.parametrize("n_rep", [1, 4, 8])
-@pytest.mark.parametrize("mask_kind", [None, "bool", "float", "causal"])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float", "causal", "bool_row", "float_row"])
 def test_attention_matches_the_reference(n_rep, mask_kind):
     ref, ker, _, _ = build(PackKVConfig(block_size=32, window=32, k_grouping="channel"), [110, 1, 1], heads=2)
     ker.n_blocks[1] -= 1  # ragged: the second sequence is shorter
@@ -191,10 +191,14 @@ def test_attention_matches_the_reference(n_rep, mask_kind):
         mask = torch.rand(2, 1, tq, out_len, device=DEV) > 0.3
     elif mask_kind == "float":
         mask = torch.randn(1, 2 * n_rep, tq, out_len, device=DEV)
+    elif mask_kind == "bool_row":  # one row for all heads and queries (decode's padding mask): read per tile
+        mask = torch.rand(2, 1, 1, out_len, device=DEV) > 0.3
+    elif mask_kind == "float_row":
+        mask = torch.randn(2, 1, 1, out_len, device=DEV)
     want = reference.attention(q, ref, out_len, mask, causal, 0.17)
     # 16 splits: more than blocks, some with nothing to do; balanced=False: splits cut out_len evenly (a variant)
-    for splits, balanced in ((1, True), (3, True), (16, True), (3, False)):
-        got = gpu.attention(q, ker, out_len, mask, causal, 0.17, splits=splits, balanced=balanced)
+    for splits, balanced, mask_row in ((1, True, True), (3, True, True), (16, True, True), (3, False, False)):
+        got = gpu.attention(q, ker, out_len, mask, causal, 0.17, splits=splits, balanced=balanced, mask_row=mask_row)
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 

@@ -94,13 +94,20 @@ def _online_update(s, ok, m_i, l_i):
 
 @triton.jit
 def _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
-             HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr):  # fmt: skip
+             HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+             MASK_ROW: tl.constexpr = False):  # fmt: skip
     """Which (row, token) pairs attend, and the additive mask (log2 units) for float masks."""
     ok = row_ok[:, None] & (pos < out_len)[None, :]  # a split's blocks past the end fall out here
     if IS_CAUSAL:  # scaled_dot_product_attention's is_causal: top-left aligned
         ok = ok & (pos[None, :] <= qi[:, None])
     add = tl.zeros(ok.shape, tl.float32)
-    if HAS_MASK:
+    if HAS_MASK and MASK_ROW:  # one mask row for every head and query (a decode step's padding mask): [TS] loads
+        mv = tl.load(mask_ptr + b * smb + pos * sml, mask=pos < out_len, other=0)[None, :]
+        if MASK_BOOL:
+            ok = ok & (mv != 0)
+        else:
+            add = add + mv.to(tl.float32) * 1.4426950408889634
+    elif HAS_MASK:
         mv = tl.load(mask_ptr + b * smb + hq[:, None] * smh + qi[:, None] * smq + pos[None, :] * sml, mask=ok, other=0)
         if MASK_BOOL:
             ok = ok & (mv != 0)
@@ -116,6 +123,7 @@ def _compressed_tile(
     T: tl.constexpr, TS: tl.constexpr, D: tl.constexpr, K_QBITS: tl.constexpr, K_GROUP: tl.constexpr,
     V_QBITS: tl.constexpr, V_GROUP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT: tl.constexpr, EXACT: tl.constexpr, FUSED_RED: tl.constexpr = False,
+    MASK_ROW: tl.constexpr = False,
 ):  # fmt: skip
     """One tile of a compressed block: scores from the K operand ``kx`` (ints, repacked order), online softmax,
     and the weighted V operand ``vt`` into ``acc``. Returns the new (m_i, l_i, acc)."""
@@ -139,7 +147,7 @@ def _compressed_tile(
     perm = tl.load(perm_ptr + (b * NB + v) * T + r * TS + tl.arange(0, TS), mask=need, other=0)
     pos = v * T + perm.to(tl.int32)
     ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
-                       HAS_MASK, MASK_BOOL, IS_CAUSAL)  # fmt: skip
+                       HAS_MASK, MASK_BOOL, IS_CAUSAL, MASK_ROW)  # fmt: skip
     vs, vz = group_scale_rows(v_scale_ptr, v_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, V_GROUP)
     if FUSED_RED and V_GROUP != 2:
         # Two cross-warp reductions per tile instead of four: the scores' and the V scales' maxima in one pass,
@@ -177,7 +185,7 @@ def _attention_kernel(
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT: tl.constexpr,
     USE_ASM: tl.constexpr, PACKWISE: tl.constexpr, EXACT: tl.constexpr, WINDOWS: tl.constexpr = True,
     SKIP_DECODE: tl.constexpr = False, PAIRED: tl.constexpr = True, CHANNEL_ROWS: tl.constexpr = True,
-    FUSED_RED: tl.constexpr = False, BALANCED: tl.constexpr = True,
+    FUSED_RED: tl.constexpr = False, BALANCED: tl.constexpr = True, MASK_ROW: tl.constexpr = False,
 ):  # fmt: skip
     # Tokens per tile: the requested TILE, clamped to whole pack rows within a block.
     TS: tl.constexpr = T if TILE >= T else (P if TILE <= P else TILE)
@@ -247,7 +255,8 @@ def _attention_kernel(
             m_i, l_i, acc = _compressed_tile(
                 kx, vt, m_i, l_i, acc, b, v, kvh, r, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, perm_ptr,
                 qn, q_hi, q_lo, qsum, score_scale, qi, row_ok, hq, out_len, NB, H, mask_ptr, smb, smh, smq, sml,
-                T, TS, D, K_QBITS, K_GROUP, V_QBITS, V_GROUP, HAS_MASK, MASK_BOOL, IS_CAUSAL, DOT, EXACT, FUSED_RED)
+                T, TS, D, K_QBITS, K_GROUP, V_QBITS, V_GROUP, HAS_MASK, MASK_BOOL, IS_CAUSAL, DOT, EXACT, FUSED_RED,
+                MASK_ROW)
     # Exact ring tokens after the compressed blocks, then zero keys up to out_len.
     for v in range(e_lo, e_hi):
         for r in range(0, T // TS):
@@ -257,13 +266,13 @@ def _attention_kernel(
                 # only, no loads, no products.
                 pos = v * T + r * TS + tl.arange(0, TS)
                 ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
-                                   HAS_MASK, MASK_BOOL, IS_CAUSAL)  # fmt: skip
+                                   HAS_MASK, MASK_BOOL, IS_CAUSAL, MASK_ROW)  # fmt: skip
                 p, alpha, m_i, l_i = _online_update(add, ok, m_i, l_i)
                 acc = acc * alpha[:, None]
             else:
                 k, pos = exact_rows(ring_k_ptr, b, kvh, v * T + r * TS, total, H, S, TS, D)
                 ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
-                                   HAS_MASK, MASK_BOOL, IS_CAUSAL)  # fmt: skip
+                                   HAS_MASK, MASK_BOOL, IS_CAUSAL, MASK_ROW)  # fmt: skip
                 val, pos = exact_rows(ring_v_ptr, b, kvh, v * T + r * TS, total, H, S, TS, D)
                 if EXACT:  # fp32-level accuracy from fp16 halves
                     k_hi, k_lo = _split(tl.trans(k))
@@ -330,6 +339,7 @@ def attention(
     channel_rows: bool = True,
     fused_reductions: bool = False,
     balanced: bool = True,
+    mask_row: bool = True,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(q, *decompress(st, out_len), attn_mask=mask, ...)`` without materialising K/V.
 
@@ -340,7 +350,8 @@ def attention(
     pack starts, where ``paired_scan_fits``; else one per stream) and ``channel_rows`` (the decoded tiles are
     built channel-major, ``tiles._window_values``: 11% faster than token-major on the H200), ``fused_reductions`` (an untimed variant: two cross-warp
     reductions per tile instead of four, and no pack-size total when a tile is a whole block), ``balanced``
-    (splits share the compressed blocks; False: they cut ``out_len`` evenly, as before). ``skip_decode`` (benchmarks only, wrong
+    (splits share the compressed blocks; False: they cut ``out_len`` evenly, as before), ``mask_row`` (a mask
+    broadcast over heads and queries is loaded as one row per tile; False: as a ``[rows, tokens]`` tile). ``skip_decode`` (benchmarks only, wrong
     results) replaces value extraction by a constant to show what the rest of the kernel costs. fp32 queries get
     fp32-accurate products (``exact``); bf16/fp16 queries get fp16 tensor-core operands, finer than their own
     rounding."""
@@ -363,6 +374,8 @@ def attention(
         strides = tuple(mask.stride(i) if mask.shape[i] > 1 else 0 for i in range(4))
     else:
         mask_bool, strides = True, (0, 0, 0, 0)
+    # A mask broadcast over heads and queries (decode's padding mask, [B, 1, 1, L]) is read as one row per tile.
+    row_mask = mask_row and mask is not None and strides[1] == 0 and strides[2] == 0
     sm_scale = 1.0 / math.sqrt(D) if scale is None else scale
     if INTERPRET:
         kernel, meta = _attention_kernel, dict(TILE=sub_tile, num_warps=num_warps, num_stages=num_stages)
@@ -379,7 +392,7 @@ def attention(
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=precision, USE_ASM=not INTERPRET,
         PACKWISE=packwise, WINDOWS=windows, EXACT=q.dtype == torch.float32 if exact is None else exact, SKIP_DECODE=skip_decode,
-        CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, BALANCED=balanced, PAIRED=paired and windows and packwise and paired_scan_fits(
+        CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, BALANCED=balanced, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
             min(max(sub_tile, lay.pack_size), T), D, lay.pack_size, lay.k.qbits, lay.v.qbits), **meta,
     )  # fmt: skip
     out = torch.empty(B, HQ, TQ, D, dtype=q.dtype, device=q.device)
