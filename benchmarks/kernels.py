@@ -200,19 +200,24 @@ def run_case(cfg, batch, length, heads, q_heads, dim, data, device, paper: bool)
 VARIANTS = {  # name -> attention() keyword arguments, each a change from the default ({})
     "v3 (per-value reads, fp32-exact products, tile 32, 2/SM)": dict(
         packwise=False, exact=True, sub_tile=32, maxnreg=None, split_factor=2),
-    "default (32-bit windows, one pack-start scan for K and V, channel-major tiles, tile 64, maxnreg 128, 8/SM)": {},
+    "default (32-bit windows, paired scan, channel-major tiles, early side loads, tile 64, maxnreg 128, 1 wave)": {},
+    "  splits: the former rule, 8 programs per SM (before 2026-12-04f)": dict(split_factor=8),
+    "  2 waves": dict(waves=2),
+    "  3 waves": dict(waves=3),
+    "  scales, zeros, permutation loaded after the decode (before 2026-12-04f)": dict(early_loads=False),
     "  token-major tiles (2026-12-04c default)": dict(channel_rows=False),
     "  one pack-start scan per stream (2026-12-04 default)": dict(paired=False, channel_rows=False),
     "  pack-wise extraction with a select per value (2026-12-03)": dict(windows=False, paired=False),
     "  per-value reads": dict(packwise=False),
     "  fp32-exact products": dict(exact=True),
     "  tile 32": dict(sub_tile=32),
+    # The register cap sets how many programs an SM holds (64K registers): 128 -> 4 of 4 warps, 96 -> 5, 80 -> 6.
     "  maxnreg 96": dict(maxnreg=96),
-    "  maxnreg 112": dict(maxnreg=112),
+    "  maxnreg 80": dict(maxnreg=80),
     "  maxnreg 168": dict(maxnreg=168),
-    "  4 programs/SM": dict(split_factor=4),
-    "  12 programs/SM": dict(split_factor=12),
     "  8 warps": dict(num_warps=8),
+    "  8 warps, maxnreg 96": dict(num_warps=8, maxnreg=96),
+    "  8 warps, maxnreg 64": dict(num_warps=8, maxnreg=64),
     "  num_stages 2 (Triton's software pipelining)": dict(num_stages=2),
     "  paired softmax/scale reductions (4 fewer barriers per block)": dict(fused_reductions=True),
     "  no value extraction (wrong results: what the rest costs)": dict(skip_decode=True),
@@ -225,9 +230,9 @@ VARIANTS = {  # name -> attention() keyword arguments, each a change from the de
 }
 
 
-SWEEP = {  # launch parameters: tile height x register cap x programs per SM
-    f"tile {ts}, maxnreg {r or '-'}, {f}/SM": dict(sub_tile=ts, maxnreg=r, split_factor=f)
-    for ts in (32, 64) for r in (None, 128, 96) for f in (2, 4, 8, 16)
+SWEEP = {  # launch parameters: tile height x warps x register cap x waves
+    f"tile {ts}, {nw} warps, maxnreg {r}, {w} waves": dict(sub_tile=ts, num_warps=nw, maxnreg=r, waves=w)
+    for ts in (32, 64) for nw in (4, 8) for r in (64, 96, 128) for w in (1, 2, 4)
 }
 
 

@@ -235,8 +235,9 @@ def test_attention_with_wide_integers_matches_the_reference(k_rel, v_rel):
 @pytest.mark.parametrize("pack_size,k_rel,v_rel", [(8, 0.1, 0.2), (16, 0.07, 0.15), (32, 0.3, 0.5), (32, 0.1, 0.2)])
 def test_packwise_and_per_value_extraction_agree(pack_size, k_rel, v_rel):
     """Packs of at most 64 bits are decoded from their words at once (as two 32-bit windows built channel-major
-    or token-major, or with a select per value; K and V pack starts from one scan or one each); wider packs fall
-    back to per-value reads. All give the same attention, for every pack size."""
+    or token-major, or with a select per value; K and V pack starts from one scan or one each; scales loaded
+    before or after the decode); wider packs fall back to per-value reads. All give the same attention, for every
+    pack size."""
     cfg = PackKVConfig(block_size=32, window=32, pack_size=pack_size, k_rel=k_rel, v_rel=v_rel)
     ref, ker, _, _ = build(cfg, [100], heads=2)
     q = torch.randn(2, 4, 1, 64, device=DEV)
@@ -247,6 +248,8 @@ def test_packwise_and_per_value_extraction_agree(pack_size, k_rel, v_rel):
     one_scan_per_stream = gpu.attention(q, ker, 100, None, False, None, paired=False)
     token_major = gpu.attention(q, ker, 100, None, False, None, channel_rows=False)
     fused = gpu.attention(q, ker, 100, None, False, None, fused_reductions=True)
+    late_loads = gpu.attention(q, ker, 100, None, False, None, early_loads=False)
+    torch.testing.assert_close(fast, late_loads, rtol=0, atol=0)
     torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fast, select, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fast, one_scan_per_stream, rtol=1e-6, atol=1e-6)
@@ -266,6 +269,51 @@ def test_bf16_queries_use_single_fp16_operands_within_bf16_rounding():
     torch.testing.assert_close(got.float(), want, rtol=8e-3, atol=8e-3)
     exact = gpu.attention(q, ker, 100, None, False, None, exact=True)
     assert (got.float() - want).abs().max() <= 2 * (exact.float() - want).abs().max() + 4e-3
+
+
+def test_split_count_fills_whole_waves_of_resident_programs():
+    """Every split does the same work, so the split count is chosen for whole waves: programs of 4 warps with a
+    128-register cap fit 4 to an SM (64K registers), and the grid is at most `waves` times the SMs' slots. The
+    former rule (programs per SM, `split_factor`) ignored what fits at once: 2.06 waves at B8 on the H200."""
+    from packkv.ops.kernels._launch import num_sms, resident_programs
+
+    cpu = torch.device("cpu")
+    assert resident_programs(cpu, 4, 128) == 4
+    assert resident_programs(cpu, 8, 128) == 2
+    assert resident_programs(cpu, 4, 96) == 5
+    assert resident_programs(cpu, 8, 64) == 4
+    ref, ker, _, _ = build(PackKVConfig(block_size=16, window=16), [600], heads=2)
+    q = torch.randn(2, 4, 1, 64, device=DEV)
+    want = reference.attention(q, ref, 600, None, False, None)
+    slots = resident_programs(torch.device(DEV), 4, 128) * num_sms(torch.device(DEV))
+    for waves in (1, 2, 3):
+        got, grid = _attention_and_grid(q, ker, 600, waves=waves)
+        assert grid[0] == 4 and grid[0] * grid[1] <= waves * slots and grid[0] * (grid[1] + 1) > waves * slots
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def _attention_and_grid(q, ker, out_len, **kw):
+    """The attention output and the grid its kernel was launched with."""
+    from packkv.ops.kernels import attention as A
+
+    grids = []
+    real = A.launch
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            if self.kernel is A._attention_kernel or getattr(self.kernel, "fn", None) is A._attention_kernel:
+                grids.append(grid)
+            return real(self.kernel)[grid]
+
+    A.launch = Spy
+    try:
+        out = gpu.attention(q, ker, out_len, None, False, None, **kw)
+    finally:
+        A.launch = real
+    return out, grids[0]
 
 
 def test_split_merge_kernel_matches_its_reference():

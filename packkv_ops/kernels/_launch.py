@@ -55,5 +55,15 @@ def num_sms(device: torch.device) -> int:
     return 4  # the interpreter: few programs keep CPU tests fast
 
 
+def resident_programs(device: torch.device, num_warps: int, regs_per_thread: int | None) -> int:
+    """Programs of ``num_warps`` warps that one SM holds at once when each thread uses ``regs_per_thread``
+    registers (the attention's cap; uncapped kernels are assumed to use the cap's 128). Registers bind before
+    shared memory for the attention kernel (ncu: 4 programs per SM by registers, 6 by shared memory)."""
+    regs = 65536
+    if device.type == "cuda":
+        regs = getattr(torch.cuda.get_device_properties(device), "regs_per_multiprocessor", regs)
+    return max(1, regs // (32 * num_warps * (regs_per_thread or 128)))
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())

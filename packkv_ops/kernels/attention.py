@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..storage import PackedLayer
-from ._launch import INTERPRET, launch, next_pow2, num_sms
+from ._launch import INTERPRET, launch, next_pow2, num_sms, resident_programs
 from .tiles import decode_operand, decode_pair_windows, exact_rows, group_scale_rows, ints_to_f16, paired_scan_fits
 
 LOG2E = 1.4426950408889634
@@ -117,17 +117,33 @@ def _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
 
 
 @triton.jit
+def _tile_side_loads(
+    b, v, kvh, r, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, perm_ptr, out_len, NB, H,
+    T: tl.constexpr, TS: tl.constexpr, D: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
+    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+):  # fmt: skip
+    """A compressed tile's scales, zeros and (where needed) permutation: loads that do not depend on the decode,
+    issued before it so their latency overlaps it."""
+    ks, kz = group_scale_rows(k_scale_ptr, k_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, K_GROUP)
+    vs, vz = group_scale_rows(v_scale_ptr, v_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, V_GROUP)
+    # Original positions matter only to a mask, causality, or a block cut by out_len: otherwise the permutation
+    # is not read (the load is predicated off).
+    need = HAS_MASK or IS_CAUSAL or (v + 1) * T > out_len
+    perm = tl.load(perm_ptr + (b * NB + v) * T + r * TS + tl.arange(0, TS), mask=need, other=0)
+    return ks, kz, vs, vz, perm
+
+
+@triton.jit
 def _compressed_tile(
-    kx, vt, m_i, l_i, acc, b, v, kvh, r, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, perm_ptr,
-    qn, q_hi, q_lo, qsum, score_scale, qi, row_ok, hq, out_len, NB, H, mask_ptr, smb, smh, smq, sml,
+    kx, vt, m_i, l_i, acc, b, v, ks, kz, vs, vz, perm,
+    qn, q_hi, q_lo, qsum, score_scale, qi, row_ok, hq, out_len, mask_ptr, smb, smh, smq, sml,
     T: tl.constexpr, TS: tl.constexpr, D: tl.constexpr, K_QBITS: tl.constexpr, K_GROUP: tl.constexpr,
     V_QBITS: tl.constexpr, V_GROUP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT: tl.constexpr, EXACT: tl.constexpr, FUSED_RED: tl.constexpr = False,
     MASK_ROW: tl.constexpr = False,
 ):  # fmt: skip
-    """One tile of a compressed block: scores from the K operand ``kx`` (ints, repacked order), online softmax,
-    and the weighted V operand ``vt`` into ``acc``. Returns the new (m_i, l_i, acc)."""
-    ks, kz = group_scale_rows(k_scale_ptr, k_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, K_GROUP)
+    """One tile of a compressed block: scores from the K operand ``kx`` (ints, repacked order) and its scales and
+    zeros, online softmax, and the weighted V operand ``vt`` into ``acc``. Returns the new (m_i, l_i, acc)."""
     kt = tl.trans(kx)
     if K_GROUP == 2:  # per-channel scales fold into the query
         smax = tl.max(ks, 0)
@@ -141,14 +157,9 @@ def _compressed_tile(
         else:
             raw = tl.dot(qn, kt, input_precision=DOT)
         s = (raw + kz[None, :] * qsum[:, None]) * ks[None, :]
-    # Original positions matter only to a mask, causality, or a block cut by out_len: otherwise the permutation
-    # is not read (the load is predicated off).
-    need = HAS_MASK or IS_CAUSAL or (v + 1) * T > out_len
-    perm = tl.load(perm_ptr + (b * NB + v) * T + r * TS + tl.arange(0, TS), mask=need, other=0)
     pos = v * T + perm.to(tl.int32)
     ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
                        HAS_MASK, MASK_BOOL, IS_CAUSAL, MASK_ROW)  # fmt: skip
-    vs, vz = group_scale_rows(v_scale_ptr, v_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, V_GROUP)
     if FUSED_RED and V_GROUP != 2:
         # Two cross-warp reductions per tile instead of four: the scores' and the V scales' maxima in one pass,
         # then the probabilities' and the weighted zeros' sums in one pass (each reduction costs barriers).
@@ -186,6 +197,7 @@ def _attention_kernel(
     USE_ASM: tl.constexpr, PACKWISE: tl.constexpr, EXACT: tl.constexpr, WINDOWS: tl.constexpr = True,
     SKIP_DECODE: tl.constexpr = False, PAIRED: tl.constexpr = True, CHANNEL_ROWS: tl.constexpr = True,
     FUSED_RED: tl.constexpr = False, BALANCED: tl.constexpr = True, MASK_ROW: tl.constexpr = False,
+    EARLY_LOADS: tl.constexpr = True,
 ):  # fmt: skip
     # Tokens per tile: the requested TILE, clamped to whole pack rows within a block.
     TS: tl.constexpr = T if TILE >= T else (P if TILE <= P else TILE)
@@ -240,6 +252,10 @@ def _attention_kernel(
         k_bits = tl.zeros((), tl.int32)
         v_bits = tl.zeros((), tl.int32)
         for r in range(0, T // TS):  # a runtime loop: unrolling it would keep four tiles live
+            if EARLY_LOADS:
+                ks, kz, vs, vz, perm = _tile_side_loads(b, v, kvh, r, k_scale_ptr, k_zero_ptr, v_scale_ptr,
+                                                        v_zero_ptr, perm_ptr, out_len, NB, H, T, TS, D, K_GROUP,
+                                                        V_GROUP, HAS_MASK, IS_CAUSAL)  # fmt: skip
             if SKIP_DECODE:  # benchmark only: the rest of the kernel without value extraction
                 kx = _exact_operand(tl.zeros((TS, D), tl.int32) + (tl.load(k_base + r) & 7), K_QBITS)
                 vt = _exact_operand(tl.zeros((TS, D), tl.int32) + (tl.load(v_base + r) & 7), V_QBITS)
@@ -252,9 +268,13 @@ def _attention_kernel(
                                             TS, D, P, K_QBITS, K_MBITS, USE_ASM, PACKWISE, WINDOWS)  # fmt: skip
                 vt, v_bits = decode_operand(v_base, v_meta_ptr + chunk * V_MW, r * (TS // P), v_bits,
                                             TS, D, P, V_QBITS, V_MBITS, USE_ASM, PACKWISE, WINDOWS)  # fmt: skip
+            if not EARLY_LOADS:  # after the decode (before 2026-12-04f)
+                ks, kz, vs, vz, perm = _tile_side_loads(b, v, kvh, r, k_scale_ptr, k_zero_ptr, v_scale_ptr,
+                                                        v_zero_ptr, perm_ptr, out_len, NB, H, T, TS, D, K_GROUP,
+                                                        V_GROUP, HAS_MASK, IS_CAUSAL)  # fmt: skip
             m_i, l_i, acc = _compressed_tile(
-                kx, vt, m_i, l_i, acc, b, v, kvh, r, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, perm_ptr,
-                qn, q_hi, q_lo, qsum, score_scale, qi, row_ok, hq, out_len, NB, H, mask_ptr, smb, smh, smq, sml,
+                kx, vt, m_i, l_i, acc, b, v, ks, kz, vs, vz, perm,
+                qn, q_hi, q_lo, qsum, score_scale, qi, row_ok, hq, out_len, mask_ptr, smb, smh, smq, sml,
                 T, TS, D, K_QBITS, K_GROUP, V_QBITS, V_GROUP, HAS_MASK, MASK_BOOL, IS_CAUSAL, DOT, EXACT, FUSED_RED,
                 MASK_ROW)
     # Exact ring tokens after the compressed blocks, then zero keys up to out_len.
@@ -301,11 +321,16 @@ def _attention_kernel(
 
 
 # Launch defaults, from the graph-timed sweep in benchmarks/kernels.py (--sweep; H200, Llama-3.1-8B shapes, batch
-# 1 and 8, 8K-128K): 64-token tiles, a 128-register cap and about 8 programs per SM were best or within 5% of the
-# best at every size; a register cap only pays with several resident programs per SM. They are fixed rather than
-# chosen by triton.autotune: the autotuner picked the same tile and cap at every size, and its wrapper adds more
-# host time per eager call than the kernel runs at short contexts.
-TILE, MAXNREG, SPLIT_FACTOR, NUM_WARPS = 64, 128, 8, 4
+# 1 and 8, 8K-128K): 64-token tiles and a 128-register cap were best or within 5% of the best at every size. They
+# are fixed rather than chosen by triton.autotune: the autotuner picked the same tile and cap at every size, and
+# its wrapper adds more host time per eager call than the kernel runs at short contexts.
+# The split count fills whole waves: WAVES times the programs the GPU holds at once (registers allow 4 per SM at
+# 4 warps x 128 registers). Every program does the same work, so a partial last wave costs a whole one: the
+# former rule, about 8 programs per SM (SPLIT_FACTOR), launched 1,088 programs at B8 for 528 slots, 2.06 waves
+# (ncu), and it confounded the earlier sweeps of warps, tiles and register caps, whose slot counts differ.
+# One wave (B1/128K 0.201 vs 0.210 ms for two, B8/32K 0.395 vs 0.390: variants_h200_2026-12-04f).
+TILE, MAXNREG, NUM_WARPS, WAVES = 64, 128, 4, 1
+SPLIT_FACTOR = 8  # the former rule's programs per SM (benchmark variant: split_factor=8)
 
 
 @functools.cache
@@ -332,7 +357,8 @@ def attention(
     sub_tile: int = TILE,
     packwise: bool = True,
     windows: bool = True,
-    split_factor: int = SPLIT_FACTOR,
+    split_factor: int | None = None,
+    waves: int = WAVES,
     exact: bool | None = None,
     skip_decode: bool = False,
     paired: bool = True,
@@ -340,28 +366,37 @@ def attention(
     fused_reductions: bool = False,
     balanced: bool = True,
     mask_row: bool = True,
+    early_loads: bool = True,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(q, *decompress(st, out_len), attn_mask=mask, ...)`` without materialising K/V.
 
-    ``sub_tile`` (tokens per tile), ``num_warps``, ``maxnreg`` (register cap; None: uncapped) and
-    ``split_factor`` (programs per SM, unless ``splits`` fixes the split count) default to the measured best
-    (see ``TILE``); benchmarks vary them, and ``packwise`` / ``windows`` (value extraction: per value, pack-wise
-    with a select, or from two 32-bit windows per pack, the default), ``paired`` (one prefix scan for the K and V
-    pack starts, where ``paired_scan_fits``; else one per stream) and ``channel_rows`` (the decoded tiles are
-    built channel-major, ``tiles._window_values``: 11% faster than token-major on the H200), ``fused_reductions`` (an untimed variant: two cross-warp
-    reductions per tile instead of four, and no pack-size total when a tile is a whole block), ``balanced``
-    (splits share the compressed blocks; False: they cut ``out_len`` evenly, as before), ``mask_row`` (a mask
-    broadcast over heads and queries is loaded as one row per tile; False: as a ``[rows, tokens]`` tile). ``skip_decode`` (benchmarks only, wrong
-    results) replaces value extraction by a constant to show what the rest of the kernel costs. fp32 queries get
-    fp32-accurate products (``exact``); bf16/fp16 queries get fp16 tensor-core operands, finer than their own
-    rounding."""
+    Launch parameters default to the measured best (see ``TILE``); benchmarks vary them:
+
+    * ``sub_tile`` (tokens per tile), ``num_warps``, ``num_stages``, ``maxnreg`` (register cap; None: uncapped);
+    * ``waves``: the split count fills this many waves of resident programs, unless ``splits`` fixes it
+      (``split_factor``: the former rule, that many programs per SM whatever fits at once);
+    * ``packwise`` / ``windows``: value extraction per value, pack-wise with a select, or from two 32-bit windows
+      per pack (the default); ``paired``: one prefix scan for the K and V pack starts where ``paired_scan_fits``,
+      else one per stream; ``channel_rows``: decoded tiles built channel-major (``tiles._window_values``);
+    * ``fused_reductions``: two cross-warp reductions per tile instead of four (a variant, within 1%);
+      ``early_loads``: scales, zeros and permutation loaded before the decode (False: after it);
+    * ``balanced``: splits share the compressed blocks (False: they cut ``out_len`` evenly); ``mask_row``: a mask
+      broadcast over heads and queries is loaded as one row per tile (False: as a ``[rows, tokens]`` tile);
+    * ``skip_decode`` (benchmarks only, wrong results) replaces value extraction by a constant to show what the
+      rest of the kernel costs.
+
+    fp32 queries get fp32-accurate products (``exact``); bf16/fp16 queries get fp16 tensor-core operands, finer
+    than their own rounding."""
     lay = st.layout
     B, HQ, TQ, D = q.shape
     H, T = lay.num_heads, lay.block_size
     n_rep = HQ // H
     n_virtual = max(1, -(-out_len // T))
-    if splits is None:
+    if splits is None and split_factor is not None:  # the former rule: programs per SM, whatever fits at once
         splits = -(-split_factor * num_sms(q.device) // (B * H))
+    elif splits is None:  # whole waves (a partial last wave of equal programs costs a full one)
+        slots = resident_programs(q.device, num_warps, maxnreg) * num_sms(q.device)
+        splits = max(1, waves * slots // (B * H))
     ns = max(1, min(splits, n_virtual))
     acc = torch.empty(B, HQ, TQ, ns, D, dtype=torch.float32, device=q.device)
     m = torch.empty(B, HQ, TQ, ns, dtype=torch.float32, device=q.device)
@@ -392,7 +427,7 @@ def attention(
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=precision, USE_ASM=not INTERPRET,
         PACKWISE=packwise, WINDOWS=windows, EXACT=q.dtype == torch.float32 if exact is None else exact, SKIP_DECODE=skip_decode,
-        CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, BALANCED=balanced, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
+        CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, EARLY_LOADS=early_loads, BALANCED=balanced, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
             min(max(sub_tile, lay.pack_size), T), D, lay.pack_size, lay.k.qbits, lay.v.qbits), **meta,
     )  # fmt: skip
     out = torch.empty(B, HQ, TQ, D, dtype=q.dtype, device=q.device)
