@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -200,11 +201,12 @@ def run_case(cfg, batch, length, heads, q_heads, dim, data, device, paper: bool)
 VARIANTS = {  # name -> attention() keyword arguments, each a change from the default ({})
     "v3 (per-value reads, fp32-exact products, tile 32, 2/SM)": dict(
         packwise=False, exact=True, sub_tile=32, maxnreg=None, split_factor=2),
-    "default (32-bit windows, paired scan, channel-major tiles, early side loads, tile 64, maxnreg 128, 1 wave)": {},
+    "default (32-bit windows, paired scan, paired extraction, channel-major tiles, early side loads, tile 64, maxnreg 128, 1 wave)": {},
     "  splits: the former rule, 8 programs per SM (before 2026-12-04f)": dict(split_factor=8),
     "  2 waves": dict(waves=2),
     "  3 waves": dict(waves=3),
     "  scales, zeros, permutation loaded after the decode (before 2026-12-04f)": dict(early_loads=False),
+    "  one LOP3 per value instead of two values per asm block (before 2026-12-04f)": dict(pairs=False),
     "  token-major tiles (2026-12-04c default)": dict(channel_rows=False),
     "  one pack-start scan per stream (2026-12-04 default)": dict(paired=False, channel_rows=False),
     "  pack-wise extraction with a select per value (2026-12-03)": dict(windows=False, paired=False),
@@ -354,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", action="store_true", help="also compare kernel variants (B8/32K, B1/128K)")
     p.add_argument("--variants-only", action="store_true", help="only the variant comparison")
     p.add_argument("--sweep", action="store_true", help="variants: add the launch-parameter grid")
+    p.add_argument("--variant-filter", help="only the variants whose name matches this regex (and the default)")
     p.add_argument("--variant-sizes", default="8x32768,1x131072", help="batch x context list for variants")
     p.add_argument("--profile", action="store_true", help="print where compression and attention spend GPU time")
     p.add_argument("--compress-variants", action="store_true",
@@ -399,8 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.variants:
         for size in args.variant_sizes.split(","):
             b, c = (int(x) for x in size.split("x"))
-            var += variants(cfg, b, c, args.heads, args.q_heads, args.head_dim, args.data, device,
-                            VARIANTS | (SWEEP if args.sweep else {}))  # fmt: skip
+            table = VARIANTS | (SWEEP if args.sweep else {})
+            if args.variant_filter:  # the default row always stays: the others are read against it
+                table = {k: v for k, v in table.items() if not v or re.search(args.variant_filter, k)}
+            var += variants(cfg, b, c, args.heads, args.q_heads, args.head_dim, args.data, device, table)
             torch.cuda.empty_cache() if device == "cuda" else None
         save(var)
     if var:

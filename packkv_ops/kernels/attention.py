@@ -197,7 +197,7 @@ def _attention_kernel(
     USE_ASM: tl.constexpr, PACKWISE: tl.constexpr, EXACT: tl.constexpr, WINDOWS: tl.constexpr = True,
     SKIP_DECODE: tl.constexpr = False, PAIRED: tl.constexpr = True, CHANNEL_ROWS: tl.constexpr = True,
     FUSED_RED: tl.constexpr = False, BALANCED: tl.constexpr = True, MASK_ROW: tl.constexpr = False,
-    EARLY_LOADS: tl.constexpr = True,
+    EARLY_LOADS: tl.constexpr = True, PAIRS: tl.constexpr = True,
 ):  # fmt: skip
     # Tokens per tile: the requested TILE, clamped to whole pack rows within a block.
     TS: tl.constexpr = T if TILE >= T else (P if TILE <= P else TILE)
@@ -262,7 +262,7 @@ def _attention_kernel(
             elif PAIRED:
                 kx, vt, k_bits, v_bits = decode_pair_windows(
                     k_base, k_meta_ptr + chunk * K_MW, v_base, v_meta_ptr + chunk * V_MW, r * (TS // P), k_bits,
-                    v_bits, TS, D, P, K_QBITS, K_MBITS, V_QBITS, V_MBITS, USE_ASM, CHANNEL_ROWS, TS < T or not FUSED_RED)
+                    v_bits, TS, D, P, K_QBITS, K_MBITS, V_QBITS, V_MBITS, USE_ASM, CHANNEL_ROWS, TS < T or not FUSED_RED, PAIRS)
             else:
                 kx, k_bits = decode_operand(k_base, k_meta_ptr + chunk * K_MW, r * (TS // P), k_bits,
                                             TS, D, P, K_QBITS, K_MBITS, USE_ASM, PACKWISE, WINDOWS)  # fmt: skip
@@ -367,6 +367,7 @@ def attention(
     balanced: bool = True,
     mask_row: bool = True,
     early_loads: bool = True,
+    pairs: bool = True,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(q, *decompress(st, out_len), attn_mask=mask, ...)`` without materialising K/V.
 
@@ -379,7 +380,8 @@ def attention(
       per pack (the default); ``paired``: one prefix scan for the K and V pack starts where ``paired_scan_fits``,
       else one per stream; ``channel_rows``: decoded tiles built channel-major (``tiles._window_values``);
     * ``fused_reductions``: two cross-warp reductions per tile instead of four (a variant, within 1%);
-      ``early_loads``: scales, zeros and permutation loaded before the decode (False: after it);
+      ``early_loads``: scales, zeros and permutation loaded before the decode (False: after it); ``pairs``: on
+      the GPU, values are extracted two per asm block (``tiles._halves_1024``; False: one LOP3 per value);
     * ``balanced``: splits share the compressed blocks (False: they cut ``out_len`` evenly); ``mask_row``: a mask
       broadcast over heads and queries is loaded as one row per tile (False: as a ``[rows, tokens]`` tile);
     * ``skip_decode`` (benchmarks only, wrong results) replaces value extraction by a constant to show what the
@@ -427,7 +429,7 @@ def attention(
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=precision, USE_ASM=not INTERPRET,
         PACKWISE=packwise, WINDOWS=windows, EXACT=q.dtype == torch.float32 if exact is None else exact, SKIP_DECODE=skip_decode,
-        CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, EARLY_LOADS=early_loads, BALANCED=balanced, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
+        CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, EARLY_LOADS=early_loads, PAIRS=pairs, BALANCED=balanced, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
             min(max(sub_tile, lay.pack_size), T), D, lay.pack_size, lay.k.qbits, lay.v.qbits), **meta,
     )  # fmt: skip
     out = torch.empty(B, HQ, TQ, D, dtype=q.dtype, device=q.device)

@@ -348,9 +348,22 @@ def _pack_bits(base_ptr, start, size, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _halves_1024(win, o, m):
+    """fp16 ``1024 + ((win >> o) & m)`` two values per asm block: both shifted words are merged by one PRMT and
+    masked with one LOP3 (``(r & (m0 | m1 << 16)) | 0x64006400``), instead of a LOP3 per value and a PRMT per pair
+    (the fields span <= 32 bits of their window, so a plain shift suffices). Correct for any two elements; when the
+    two share a pack (the tile's layout keeps a pack's values in one thread), the PRMT of their masks is common to
+    all pairs of the pack. GPU only: the interpreter takes the per-value form."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t0, t1, r, mm; shr.b32 t0, $1, $3; shr.b32 t1, $2, $4; prmt.b32 r, t0, t1, 0x5410; "
+        "prmt.b32 mm, $5, $6, 0x5410; lop3.b32 $0, r, mm, 0x64006400, 0xea; }",
+        "=r,r,r,r,r,r,r", [win, o, m], dtype=tl.float16, is_pure=True, pack=2)  # fmt: skip
+
+
+@triton.jit
 def _window_values(
     f, lo, hi, TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr, USE_ASM: tl.constexpr,
-    CHANNEL_ROWS: tl.constexpr = True,
+    CHANNEL_ROWS: tl.constexpr = True, PAIRS: tl.constexpr = True,
 ):  # fmt: skip
     """``windows_operand`` from flat ``[RS * D]`` fields and pack bits (lo, hi already aligned). ``CHANNEL_ROWS``
     (the default): the tile is built as ``[D, TS]`` and transposed, so each thread's consecutive tokens lie along
@@ -369,10 +382,13 @@ def _window_values(
     hi1 = funnel_clamp(hi, tl.zeros_like(hi), s1, USE_ASM)
     half = tl.arange(0, 2)[None, :, None]
     win_lo = tl.where(half == 0, lo[:, None, :], lo1[:, None, :])[:, :, None, :]  # [RS, 2, 1, D]
-    win_hi = tl.where(half == 0, hi[:, None, :], hi1[:, None, :])[:, :, None, :]
-    o = (tl.arange(0, VW)[None, None, :, None] * w[:, None, None, :]).to(tl.uint32)  # [RS, 1, VW, D], <= 31
-    val = funnel_shift(win_lo, win_hi, o, USE_ASM).to(tl.int32, bitcast=True)  # [RS, 2, VW, D]
-    x = ((val & ((1 << w) - 1)[:, None, None, :]) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    o = (tl.arange(0, VW)[None, None, :, None] * w[:, None, None, :]).to(tl.uint32)  # [RS, 1, VW, D], <= 28
+    if USE_ASM and PAIRS:
+        x = _halves_1024(win_lo, o, ((1 << w) - 1)[:, None, None, :].to(tl.uint32))
+    else:
+        win_hi = tl.where(half == 0, hi[:, None, :], hi1[:, None, :])[:, :, None, :]
+        val = funnel_shift(win_lo, win_hi, o, USE_ASM).to(tl.int32, bitcast=True)  # [RS, 2, VW, D]
+        x = ((val & ((1 << w) - 1)[:, None, None, :]) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
     mu = ((f & ((1 << QBITS) - 1)) - 1024).to(tl.float16)[:, None, None, :]
     if CHANNEL_ROWS:
         return tl.trans(tl.reshape(tl.permute(x + mu, (3, 0, 1, 2)), (D, TS)))
@@ -384,7 +400,7 @@ def decode_pair_windows(
     k_base, k_meta, v_base, v_meta, r0, k_bit0, v_bit0,
     TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, K_QBITS: tl.constexpr, K_MBITS: tl.constexpr,
     V_QBITS: tl.constexpr, V_MBITS: tl.constexpr, USE_ASM: tl.constexpr, CHANNEL_ROWS: tl.constexpr = True,
-    NEXT: tl.constexpr = True,
+    NEXT: tl.constexpr = True, PAIRS: tl.constexpr = True,
 ):  # fmt: skip
     """K and V operands of one tile (``decode_rows_windows`` for both streams) with one prefix scan for both:
     each pack's K size in the low 16 bits of a word, its V size in the high 16 (``paired_scan_fits``). The
@@ -407,8 +423,8 @@ def decode_pair_windows(
     v_start = v_bit0 + (excl >> 16).to(tl.int32)
     k_lo, k_hi = _pack_bits(k_base, k_start, sk, USE_ASM)
     v_lo, v_hi = _pack_bits(v_base, v_start, sv, USE_ASM)
-    kx = _window_values(fk, k_lo, k_hi, TS, D, P, K_QBITS, USE_ASM, CHANNEL_ROWS)
-    vt = _window_values(fv, v_lo, v_hi, TS, D, P, V_QBITS, USE_ASM, CHANNEL_ROWS)
+    kx = _window_values(fk, k_lo, k_hi, TS, D, P, K_QBITS, USE_ASM, CHANNEL_ROWS, PAIRS)
+    vt = _window_values(fv, v_lo, v_hi, TS, D, P, V_QBITS, USE_ASM, CHANNEL_ROWS, PAIRS)
     return kx, vt, k_bit0 + (tot & 0xFFFF).to(tl.int32), v_bit0 + (tot >> 16).to(tl.int32)
 
 
