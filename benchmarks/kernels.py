@@ -225,6 +225,7 @@ VARIANTS = {  # name -> attention() keyword arguments, each a change from the de
     "  no value extraction (wrong results: what the rest costs)": dict(skip_decode=True),
     # A compiled step passes the storage's capacity as out_len: up to 2x the length right after a growth.
     "out_len 2x the length (a compiled step after a growth)": dict(out_len_x=2),
+    "  zero keys as softmax tiles, not counted (before 2026-12-04f)": dict(out_len_x=2, zero_count=False),
     "  splits cut out_len evenly (before 2026-12-04e)": dict(out_len_x=2, balanced=False),
     # A compiled decode step passes a bool padding mask [B, 1, 1, out_len] (all True here: same results).
     "with a decode mask, read as one row per tile": dict(with_mask=True),

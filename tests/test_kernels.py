@@ -196,10 +196,38 @@ def test_attention_matches_the_reference(n_rep, mask_kind):
     elif mask_kind == "float_row":
         mask = torch.randn(2, 1, 1, out_len, device=DEV)
     want = reference.attention(q, ref, out_len, mask, causal, 0.17)
-    # 16 splits: more than blocks, some with nothing to do; balanced=False: splits cut out_len evenly (a variant)
-    for splits, balanced, mask_row in ((1, True, True), (3, True, True), (16, True, True), (3, False, False)):
-        got = gpu.attention(q, ker, out_len, mask, causal, 0.17, splits=splits, balanced=balanced, mask_row=mask_row)
+    # 16 splits: more than blocks, some with nothing to do; balanced=False: splits cut out_len evenly (a variant);
+    # zero_count=False: zero keys past the length as softmax tiles rather than counted (no mask, bool row mask)
+    for splits, balanced, mask_row, zero_count in (
+        (1, True, True, True), (3, True, True, True), (16, True, True, True), (3, False, False, True), (3, True, True, False)
+    ):  # fmt: skip
+        got = gpu.attention(q, ker, out_len, mask, causal, 0.17, splits=splits, balanced=balanced, mask_row=mask_row,
+                            zero_count=zero_count)  # fmt: skip
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "padding", "all_true"])
+def test_zero_keys_past_the_length_enter_the_softmax_as_a_count(mask_kind):
+    """A compiled step attends up to the storage's capacity (out_len up to 2x the length after a growth): the zero
+    keys past the length score exactly 0, so each zero tile enters the online softmax as one count of its visible
+    keys. With a decode padding mask (True up to the length) they weigh nothing; without one, or with a mask that
+    keeps them, they dilute the softmax exactly as in decompress + SDPA."""
+    ref, ker, _, _ = build(PackKVConfig(block_size=16, window=16), [150], heads=2)
+    out_len = 300
+    q = torch.randn(2, 4, 1, 64, device=DEV)
+    mask = None
+    if mask_kind is not None:
+        mask = torch.ones(2, 1, 1, out_len, dtype=torch.bool, device=DEV)
+        if mask_kind == "padding":
+            mask[..., 150:] = False
+    want = reference.attention(q, ref, out_len, mask, False, None)
+    for splits in (1, 4):
+        counted = gpu.attention(q, ker, out_len, mask, False, None, splits=splits)
+        tiled = gpu.attention(q, ker, out_len, mask, False, None, splits=splits, zero_count=False)
+        torch.testing.assert_close(counted, want, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(counted, tiled, rtol=2e-6, atol=2e-6)
+    if mask_kind == "padding":  # the zero keys are invisible: the same as attending up to the length
+        torch.testing.assert_close(want, reference.attention(q, ref, 150, None, False, None), rtol=2e-5, atol=2e-5)
 
 
 def test_attention_in_the_model_dtype_is_within_its_rounding():

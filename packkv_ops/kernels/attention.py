@@ -197,7 +197,7 @@ def _attention_kernel(
     USE_ASM: tl.constexpr, PACKWISE: tl.constexpr, EXACT: tl.constexpr, WINDOWS: tl.constexpr = True,
     SKIP_DECODE: tl.constexpr = False, PAIRED: tl.constexpr = True, CHANNEL_ROWS: tl.constexpr = True,
     FUSED_RED: tl.constexpr = False, BALANCED: tl.constexpr = True, MASK_ROW: tl.constexpr = False,
-    EARLY_LOADS: tl.constexpr = True, PAIRS: tl.constexpr = True,
+    EARLY_LOADS: tl.constexpr = True, PAIRS: tl.constexpr = True, ZERO_COUNT: tl.constexpr = True,
 ):  # fmt: skip
     # Tokens per tile: the requested TILE, clamped to whole pack rows within a block.
     TS: tl.constexpr = T if TILE >= T else (P if TILE <= P else TILE)
@@ -285,9 +285,22 @@ def _attention_kernel(
                 # length): zero keys and values, as decompress gives. Scores are 0 (+ mask): softmax bookkeeping
                 # only, no loads, no products.
                 pos = v * T + r * TS + tl.arange(0, TS)
-                ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
-                                   HAS_MASK, MASK_BOOL, IS_CAUSAL, MASK_ROW)  # fmt: skip
-                p, alpha, m_i, l_i = _online_update(add, ok, m_i, l_i)
+                if ZERO_COUNT and not IS_CAUSAL and (not HAS_MASK or (MASK_ROW and MASK_BOOL)):
+                    # Every visible zero key scores exactly 0 for every row: one online step with their count
+                    # instead of a [rows, tokens] softmax tile (a bool decode mask is one row, read as [TS]).
+                    vis = pos < out_len
+                    if HAS_MASK:
+                        vis = vis & (tl.load(mask_ptr + b * smb + pos * sml, mask=vis, other=0) != 0)
+                    n = tl.where(row_ok, tl.sum(vis.to(tl.float32), 0), 0.0)
+                    m_new = tl.where(n > 0, tl.maximum(m_i, 0.0), m_i)
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp2(m_i - m_safe)
+                    l_i = l_i * alpha + n * tl.exp2(-m_safe)
+                    m_i = m_new
+                else:
+                    ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
+                                       HAS_MASK, MASK_BOOL, IS_CAUSAL, MASK_ROW)  # fmt: skip
+                    p, alpha, m_i, l_i = _online_update(add, ok, m_i, l_i)
                 acc = acc * alpha[:, None]
             else:
                 k, pos = exact_rows(ring_k_ptr, b, kvh, v * T + r * TS, total, H, S, TS, D)
@@ -368,6 +381,7 @@ def attention(
     mask_row: bool = True,
     early_loads: bool = True,
     pairs: bool = True,
+    zero_count: bool = True,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(q, *decompress(st, out_len), attn_mask=mask, ...)`` without materialising K/V.
 
@@ -382,6 +396,8 @@ def attention(
     * ``fused_reductions``: two cross-warp reductions per tile instead of four (a variant, within 1%);
       ``early_loads``: scales, zeros and permutation loaded before the decode (False: after it); ``pairs``: on
       the GPU, values are extracted two per asm block (``tiles._halves_1024``; False: one LOP3 per value);
+    * ``zero_count``: zero keys past the length (up to ``out_len``) enter the softmax as one count per tile where
+      their scores are all 0 (no mask, or a bool mask read as one row; not causal); False: as a softmax tile;
     * ``balanced``: splits share the compressed blocks (False: they cut ``out_len`` evenly); ``mask_row``: a mask
       broadcast over heads and queries is loaded as one row per tile (False: as a ``[rows, tokens]`` tile);
     * ``skip_decode`` (benchmarks only, wrong results) replaces value extraction by a constant to show what the
@@ -429,7 +445,7 @@ def attention(
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=precision, USE_ASM=not INTERPRET,
         PACKWISE=packwise, WINDOWS=windows, EXACT=q.dtype == torch.float32 if exact is None else exact, SKIP_DECODE=skip_decode,
-        CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, EARLY_LOADS=early_loads, PAIRS=pairs, BALANCED=balanced, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
+        CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, EARLY_LOADS=early_loads, PAIRS=pairs, ZERO_COUNT=zero_count, BALANCED=balanced, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
             min(max(sub_tile, lay.pack_size), T), D, lay.pack_size, lay.k.qbits, lay.v.qbits), **meta,
     )  # fmt: skip
     out = torch.empty(B, HQ, TQ, D, dtype=q.dtype, device=q.device)
