@@ -201,7 +201,7 @@ def run_case(cfg, batch, length, heads, q_heads, dim, data, device, paper: bool)
 VARIANTS = {  # name -> attention() keyword arguments, each a change from the default ({})
     "v3 (per-value reads, fp32-exact products, tile 32, 2/SM)": dict(
         packwise=False, exact=True, sub_tile=32, maxnreg=None, split_factor=2),
-    "default (32-bit windows, paired scan, paired extraction, channel-major tiles, early side loads, tile 64, maxnreg 128, 1 wave)": {},
+    "default (32-bit windows, paired scan, paired extraction, channel-major tiles, early side loads, next block's fields prefetched, tile 64, maxnreg 128, 1 wave)": {},
     "  splits: the former rule, 8 programs per SM (before 2026-12-04f)": dict(split_factor=8),
     "  2 waves": dict(waves=2),
     "  3 waves": dict(waves=3),
@@ -223,6 +223,9 @@ VARIANTS = {  # name -> attention() keyword arguments, each a change from the de
     "  num_stages 2 (Triton's software pipelining)": dict(num_stages=2),
     "  paired softmax/scale reductions (4 fewer barriers per block)": dict(fused_reductions=True),
     "  no value extraction (wrong results: what the rest costs)": dict(skip_decode=True),
+    "  no prefetch: each block's offsets and fields loaded in its own iteration (before 2026-12-04g)": dict(prefetch=0),
+    "  prefetch also the next block's pack bits": dict(prefetch=2),
+    "  prefetch also the next block's pack bits, maxnreg 168": dict(prefetch=2, maxnreg=168),
     # A compiled step passes the storage's capacity as out_len: up to 2x the length right after a growth.
     "out_len 2x the length (a compiled step after a growth)": dict(out_len_x=2),
     "  zero keys as softmax tiles, not counted (before 2026-12-04f)": dict(out_len_x=2, zero_count=False),
@@ -403,10 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.variants:
         for size in args.variant_sizes.split(","):
             b, c = (int(x) for x in size.split("x"))
-            table = VARIANTS | (SWEEP if args.sweep else {})
+            chosen = VARIANTS | (SWEEP if args.sweep else {})
             if args.variant_filter:  # the default row always stays: the others are read against it
-                table = {k: v for k, v in table.items() if not v or re.search(args.variant_filter, k)}
-            var += variants(cfg, b, c, args.heads, args.q_heads, args.head_dim, args.data, device, table)
+                chosen = {k: v for k, v in chosen.items() if not v or re.search(args.variant_filter, k)}
+            var += variants(cfg, b, c, args.heads, args.q_heads, args.head_dim, args.data, device, chosen)
             torch.cuda.empty_cache() if device == "cuda" else None
         save(var)
     if var:

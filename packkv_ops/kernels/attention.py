@@ -19,7 +19,10 @@ import triton.language as tl
 
 from ..storage import PackedLayer
 from ._launch import INTERPRET, launch, next_pow2, num_sms, resident_programs
-from .tiles import decode_operand, decode_pair_windows, exact_rows, group_scale_rows, ints_to_f16, paired_scan_fits
+from .tiles import (
+    decode_operand, decode_pair_windows, exact_rows, group_scale_rows, ints_to_f16, pair_bits, pair_fields, pair_values,
+    paired_scan_fits,
+)
 
 LOG2E = 1.4426950408889634
 # tf32x3 keeps fp32 accuracy on tensor cores; the interpreter computes in fp32 whatever is asked.
@@ -198,6 +201,7 @@ def _attention_kernel(
     SKIP_DECODE: tl.constexpr = False, PAIRED: tl.constexpr = True, CHANNEL_ROWS: tl.constexpr = True,
     FUSED_RED: tl.constexpr = False, BALANCED: tl.constexpr = True, MASK_ROW: tl.constexpr = False,
     EARLY_LOADS: tl.constexpr = True, PAIRS: tl.constexpr = True, ZERO_COUNT: tl.constexpr = True,
+    PREFETCH: tl.constexpr = 1,
 ):  # fmt: skip
     # Tokens per tile: the requested TILE, clamped to whole pack rows within a block.
     TS: tl.constexpr = T if TILE >= T else (P if TILE <= P else TILE)
@@ -245,6 +249,47 @@ def _attention_kernel(
         c_hi = tl.minimum(split * per + per, nbv)
         e_lo = tl.maximum(split * per, nbv)
         e_hi = tl.minimum(split * per + per, n_virtual)
+    if PREFETCH > 0 and TS == T and PAIRED and not SKIP_DECODE:
+        # Software-pipelined by hand (one tile per block): the next block's payload offsets and metadata fields
+        # (PREFETCH 1), and with PREFETCH 2 also its pack starts and payload words, are loaded while this block
+        # is decoded, so the chain offset/fields -> scan -> payload loads -> values is no longer waited for in
+        # each iteration. Reads ahead of the last block are clamped to it (in bounds; the payload is not read).
+        # Names differ from the ring loop's below (Triton types a name once per function).
+        chunk = (b * NB + tl.minimum(c_lo, NB - 1)) * H + kvh
+        k_off = tl.load(k_off_ptr + chunk)
+        v_off = tl.load(v_off_ptr + chunk)
+        fk, fv = pair_fields(k_meta_ptr + chunk * K_MW, v_meta_ptr + chunk * V_MW, 0, TS, D, P, K_MBITS, V_MBITS)
+        if PREFETCH > 1:
+            nxt_k_lo, nxt_k_hi, nxt_v_lo, nxt_v_hi, _kb, _vb = pair_bits(
+                fk, fv, pool_ptr + k_off, pool_ptr + v_off, 0, 0, c_lo < c_hi, P, K_QBITS, V_QBITS, USE_ASM, False,
+                True)  # fmt: skip
+        for v in range(c_lo, c_hi):
+            ks, kz, vs, vz, perm = _tile_side_loads(b, v, kvh, 0, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
+                                                    perm_ptr, out_len, NB, H, T, TS, D, K_GROUP, V_GROUP, HAS_MASK,
+                                                    IS_CAUSAL)  # fmt: skip
+            chunk = (b * NB + tl.minimum(v + 1, c_hi - 1)) * H + kvh
+            fk_c, fv_c = fk, fv
+            k_off_n = tl.load(k_off_ptr + chunk)
+            v_off_n = tl.load(v_off_ptr + chunk)
+            fk, fv = pair_fields(k_meta_ptr + chunk * K_MW, v_meta_ptr + chunk * V_MW, 0, TS, D, P, K_MBITS,
+                                 V_MBITS)  # fmt: skip
+            if PREFETCH > 1:
+                cur_k_lo, cur_k_hi, cur_v_lo, cur_v_hi = nxt_k_lo, nxt_k_hi, nxt_v_lo, nxt_v_hi
+                nxt_k_lo, nxt_k_hi, nxt_v_lo, nxt_v_hi, _kb, _vb = pair_bits(
+                    fk, fv, pool_ptr + k_off_n, pool_ptr + v_off_n, 0, 0, v + 1 < c_hi, P, K_QBITS, V_QBITS, USE_ASM,
+                    False, True)  # fmt: skip
+            else:
+                cur_k_lo, cur_k_hi, cur_v_lo, cur_v_hi, _kb, _vb = pair_bits(
+                    fk_c, fv_c, pool_ptr + k_off, pool_ptr + v_off, 0, 0, None, P, K_QBITS, V_QBITS, USE_ASM, False)
+            k_off, v_off = k_off_n, v_off_n
+            kx, vt = pair_values(fk_c, fv_c, cur_k_lo, cur_k_hi, cur_v_lo, cur_v_hi, TS, D, P, K_QBITS, V_QBITS,
+                                 USE_ASM, CHANNEL_ROWS, PAIRS)  # fmt: skip
+            m_i, l_i, acc = _compressed_tile(
+                kx, vt, m_i, l_i, acc, b, v, ks, kz, vs, vz, perm,
+                qn, q_hi, q_lo, qsum, score_scale, qi, row_ok, hq, out_len, mask_ptr, smb, smh, smq, sml,
+                T, TS, D, K_QBITS, K_GROUP, V_QBITS, V_GROUP, HAS_MASK, MASK_BOOL, IS_CAUSAL, DOT, EXACT, FUSED_RED,
+                MASK_ROW)
+        c_hi = c_lo  # done: the loop below runs no iteration
     for v in range(c_lo, c_hi):  # compressed blocks
         chunk = (b * NB + v) * H + kvh
         k_base = pool_ptr + tl.load(k_off_ptr + chunk)
@@ -343,6 +388,9 @@ def _attention_kernel(
 # (ncu), and it confounded the earlier sweeps of warps, tiles and register caps, whose slot counts differ.
 # One wave (B1/128K 0.201 vs 0.210 ms for two, B8/32K 0.395 vs 0.390: variants_h200_2026-12-04f).
 TILE, MAXNREG, NUM_WARPS, WAVES = 64, 128, 4, 1
+# The next block's offsets and metadata fields are loaded an iteration ahead (2% in two runs on the H200,
+# variants_h200_2026-12-04g); prefetching its payload words too (2) costs registers and spills more than it hides.
+PREFETCH = 1
 SPLIT_FACTOR = 8  # the former rule's programs per SM (benchmark variant: split_factor=8)
 
 
@@ -382,6 +430,7 @@ def attention(
     early_loads: bool = True,
     pairs: bool = True,
     zero_count: bool = True,
+    prefetch: int = PREFETCH,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(q, *decompress(st, out_len), attn_mask=mask, ...)`` without materialising K/V.
 
@@ -398,6 +447,9 @@ def attention(
       the GPU, values are extracted two per asm block (``tiles._halves_1024``; False: one LOP3 per value);
     * ``zero_count``: zero keys past the length (up to ``out_len``) enter the softmax as one count per tile where
       their scores are all 0 (no mask, or a bool mask read as one row; not causal); False: as a softmax tile;
+    * ``prefetch``: the compressed-block loop loads the next block's offsets and metadata fields (1), and also its
+      pack bits (2), while the current block is decoded (one tile per block, paired scan only; 0: no prefetch);
+      1 is the default (0.385 / 0.197 ms vs 0.394 / 0.200 at B8/32K, B1/128K; 2 is slower: 0.413 / 0.210);
     * ``balanced``: splits share the compressed blocks (False: they cut ``out_len`` evenly); ``mask_row``: a mask
       broadcast over heads and queries is loaded as one row per tile (False: as a ``[rows, tokens]`` tile);
     * ``skip_decode`` (benchmarks only, wrong results) replaces value extraction by a constant to show what the
@@ -445,7 +497,7 @@ def attention(
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=precision, USE_ASM=not INTERPRET,
         PACKWISE=packwise, WINDOWS=windows, EXACT=q.dtype == torch.float32 if exact is None else exact, SKIP_DECODE=skip_decode,
-        CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, EARLY_LOADS=early_loads, PAIRS=pairs, ZERO_COUNT=zero_count, BALANCED=balanced, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
+        CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, EARLY_LOADS=early_loads, PAIRS=pairs, ZERO_COUNT=zero_count, PREFETCH=prefetch, BALANCED=balanced, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
             min(max(sub_tile, lay.pack_size), T), D, lay.pack_size, lay.k.qbits, lay.v.qbits), **meta,
     )  # fmt: skip
     out = torch.empty(B, HQ, TQ, D, dtype=q.dtype, device=q.device)

@@ -334,12 +334,15 @@ def decode_operand(
 
 
 @triton.jit
-def _pack_bits(base_ptr, start, size, USE_ASM: tl.constexpr):
+def _pack_bits(base_ptr, start, size, USE_ASM: tl.constexpr, valid=None, CHECK: tl.constexpr = False):
     """The 64 bits (lo, hi) of packs of ``size`` bits starting ``start`` bits into the payload at ``base_ptr``:
-    bits [sh, sh + size) lie in words wi .. wi+2; empty packs read nothing."""
+    bits [sh, sh + size) lie in words wi .. wi+2; empty packs read nothing, nor does anything when ``CHECK`` and
+    not ``valid`` (a prefetch past the split's last block, whose base and fields may be unwritten)."""
     wi = start >> 5
     sh = start & 31
     used = sh + size
+    if CHECK:
+        used = tl.where(valid, used, 0)
     w0 = tl.load(base_ptr + wi, mask=used > 0, other=0).to(tl.uint32, bitcast=True)
     w1 = tl.load(base_ptr + wi + 1, mask=used > 32, other=0).to(tl.uint32, bitcast=True)
     w2 = tl.load(base_ptr + wi + 2, mask=used > 64, other=0).to(tl.uint32, bitcast=True)
@@ -396,20 +399,23 @@ def _window_values(
 
 
 @triton.jit
-def decode_pair_windows(
-    k_base, k_meta, v_base, v_meta, r0, k_bit0, v_bit0,
-    TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, K_QBITS: tl.constexpr, K_MBITS: tl.constexpr,
-    V_QBITS: tl.constexpr, V_MBITS: tl.constexpr, USE_ASM: tl.constexpr, CHANNEL_ROWS: tl.constexpr = True,
-    NEXT: tl.constexpr = True, PAIRS: tl.constexpr = True,
-):  # fmt: skip
-    """K and V operands of one tile (``decode_rows_windows`` for both streams) with one prefix scan for both:
-    each pack's K size in the low 16 bits of a word, its V size in the high 16 (``paired_scan_fits``). The
-    metadata fields are read flat (``[RS * D]``, pack order) so the scan needs no reshape. Returns the two fp16
-    operands and the bit offsets of the next rows."""
+def pair_fields(k_meta, v_meta, r0, TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, K_MBITS: tl.constexpr,
+                V_MBITS: tl.constexpr):  # fmt: skip
+    """The K and V metadata fields of pack rows ``r0 ..`` of a tile, flat (``[RS * D]``, pack order): the first
+    stage of ``decode_pair_windows``."""
     N: tl.constexpr = (TS // P) * D
     i = r0 * D + tl.arange(0, N)
-    fk = read_bits(k_meta, i * K_MBITS, K_MBITS)
-    fv = read_bits(v_meta, i * V_MBITS, V_MBITS)
+    return read_bits(k_meta, i * K_MBITS, K_MBITS), read_bits(v_meta, i * V_MBITS, V_MBITS)
+
+
+@triton.jit
+def pair_bits(
+    fk, fv, k_base, v_base, k_bit0, v_bit0, valid, P: tl.constexpr, K_QBITS: tl.constexpr, V_QBITS: tl.constexpr,
+    USE_ASM: tl.constexpr, NEXT: tl.constexpr = True, CHECK: tl.constexpr = False,
+):  # fmt: skip
+    """The second stage of ``decode_pair_windows``: the pack starts (one prefix scan for both streams: each pack's
+    K size in the low 16 bits of a word, its V size in the high 16, ``paired_scan_fits``) and each pack's 64 bits,
+    aligned. Returns them and the bit offsets after the tile's packs (0 unless ``NEXT``)."""
     sk = (fk >> K_QBITS) * P
     sv = (fv >> V_QBITS) * P
     both = (sk | (sv << 16)).to(tl.uint32, bitcast=True)
@@ -421,11 +427,38 @@ def decode_pair_windows(
         tot = tl.zeros((), tl.uint32)
     k_start = k_bit0 + (excl & 0xFFFF).to(tl.int32)
     v_start = v_bit0 + (excl >> 16).to(tl.int32)
-    k_lo, k_hi = _pack_bits(k_base, k_start, sk, USE_ASM)
-    v_lo, v_hi = _pack_bits(v_base, v_start, sv, USE_ASM)
+    k_lo, k_hi = _pack_bits(k_base, k_start, sk, USE_ASM, valid, CHECK)
+    v_lo, v_hi = _pack_bits(v_base, v_start, sv, USE_ASM, valid, CHECK)
+    return k_lo, k_hi, v_lo, v_hi, k_bit0 + (tot & 0xFFFF).to(tl.int32), v_bit0 + (tot >> 16).to(tl.int32)
+
+
+@triton.jit
+def pair_values(
+    fk, fv, k_lo, k_hi, v_lo, v_hi, TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, K_QBITS: tl.constexpr,
+    V_QBITS: tl.constexpr, USE_ASM: tl.constexpr, CHANNEL_ROWS: tl.constexpr = True, PAIRS: tl.constexpr = True,
+):  # fmt: skip
+    """The last stage of ``decode_pair_windows``: the K and V fp16 operands from the fields and the pack bits."""
     kx = _window_values(fk, k_lo, k_hi, TS, D, P, K_QBITS, USE_ASM, CHANNEL_ROWS, PAIRS)
     vt = _window_values(fv, v_lo, v_hi, TS, D, P, V_QBITS, USE_ASM, CHANNEL_ROWS, PAIRS)
-    return kx, vt, k_bit0 + (tot & 0xFFFF).to(tl.int32), v_bit0 + (tot >> 16).to(tl.int32)
+    return kx, vt
+
+
+@triton.jit
+def decode_pair_windows(
+    k_base, k_meta, v_base, v_meta, r0, k_bit0, v_bit0,
+    TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, K_QBITS: tl.constexpr, K_MBITS: tl.constexpr,
+    V_QBITS: tl.constexpr, V_MBITS: tl.constexpr, USE_ASM: tl.constexpr, CHANNEL_ROWS: tl.constexpr = True,
+    NEXT: tl.constexpr = True, PAIRS: tl.constexpr = True,
+):  # fmt: skip
+    """K and V operands of one tile (``decode_rows_windows`` for both streams) with one prefix scan for both, in
+    three stages that a pipelined caller may spread over iterations: fields (``pair_fields``), pack bits
+    (``pair_bits``), values (``pair_values``). The metadata fields are read flat (``[RS * D]``, pack order) so the
+    scan needs no reshape. Returns the two fp16 operands and the bit offsets of the next rows."""
+    fk, fv = pair_fields(k_meta, v_meta, r0, TS, D, P, K_MBITS, V_MBITS)
+    k_lo, k_hi, v_lo, v_hi, k_next, v_next = pair_bits(fk, fv, k_base, v_base, k_bit0, v_bit0, None, P, K_QBITS,
+                                                       V_QBITS, USE_ASM, NEXT)  # fmt: skip
+    kx, vt = pair_values(fk, fv, k_lo, k_hi, v_lo, v_hi, TS, D, P, K_QBITS, V_QBITS, USE_ASM, CHANNEL_ROWS, PAIRS)
+    return kx, vt, k_next, v_next
 
 
 def paired_scan_fits(ts: int, d: int, p: int, k_qbits: int, v_qbits: int) -> bool:
