@@ -161,10 +161,31 @@ def run_packkv(model, batch, context, steps, warmup, device, chunk, cfg, profile
         launches = sum(e.count for e in ka if e.device_type == DeviceType.CUDA) / 3  # CUDA-graph nodes, ~
         print(f"per step: {statistics.median(t):.2f} ms measured, {busy:.2f} ms of kernels ({launches:.0f} kernels): "
               f"{statistics.median(t) - busy:.2f} ms with no kernel running", flush=True)
+        launch_details(p)
     n = cache.nbytes()
     row.update(cache_bytes=n["compressed"] + n["window"], cache_alloc_bytes=allocated_bytes(cache), cache_fp16_bytes=n["fp16_compressed"] + n["fp16_window"],
                graphs_compiled=stats["graphs"] - graphs)  # fmt: skip
     return row
+
+
+def launch_details(p) -> None:
+    """Grid, block and registers of the PackKV kernels in a profile (from its trace): a compiled launch that differs
+    from the kernel benchmark's (another register count, so another number of programs per SM) shows here."""
+    import json
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        p.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    seen: dict = {}
+    for e in events:
+        if e.get("cat") == "kernel" and any(k in e.get("name", "") for k in ("attention", "merge", "append", "token")):
+            a = e.get("args", {})
+            key = (e["name"][:60], str(a.get("grid")), str(a.get("block")), a.get("registers per thread"))
+            seen.setdefault(key, []).append(e.get("dur", 0))
+    for (name, grid, block, regs), durs in seen.items():
+        print(f"  {name}: grid {grid}, block {block}, {regs} registers, {len(durs)} launches, median "
+              f"{statistics.median(durs):.1f} us", flush=True)
 
 
 def allocated_bytes(cache) -> int:
@@ -284,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--watchdog", type=float, default=0, help="dump Python stacks every N s (diagnosing stalls)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_e2e")
     args = p.parse_args(argv)
+    if args.profile:  # the attention launches as traced (grid, query dtype, mask form): packkv_ops' debug log
+        import logging
+
+        logging.basicConfig(format="%(name)s: %(message)s")
+        logging.getLogger("packkv.ops.kernels.attention").setLevel(logging.DEBUG)
     if args.watchdog:
         import faulthandler
 

@@ -41,7 +41,21 @@ def packkv_backend(
 
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(options or {})
+    on_gpu = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+    if on_gpu and holds_attention(gm) and "compile_threads" not in patches:
+        # The attention's register cap survives Inductor only in this process (packkv_ops/kernels/
+        # inductor_compat.py): its compile workers would build it uncapped, at half the programs per SM.
+        from packkv.ops.kernels.inductor_compat import keep_maxnreg
+
+        if keep_maxnreg():
+            patches["compile_threads"] = 1
     return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def holds_attention(gm: fx.GraphModule) -> bool:
+    """Whether the graph calls the fused PackKV attention (rewritten here or called by the model itself)."""
+    target = torch.ops.packkv.attention.default
+    return any(n.op == "call_function" and n.target in (target, torch.ops.packkv.attention) for n in gm.graph.nodes)
 
 
 def with_inner(inner: Callable) -> Callable:

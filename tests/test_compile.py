@@ -210,3 +210,26 @@ def test_compiled_decode_on_cuda(mode):
     model = packkv.compile(tiny("llama").cuda(), config=EXACT, mode=mode)
     assert torch.equal(model.generate(**kw), eager)
     assert stats["graphs"] - before <= 3
+    # The attention inlined by Inductor keeps its register cap (Inductor dropped maxnreg: ~230 registers, half the
+    # programs per SM its split count assumes, ~1.4x slower; packkv_ops/kernels/inductor_compat.py).
+    from packkv.ops.kernels import attention as attention_kernel
+
+    short = {**kw, "max_new_tokens": 2, "min_new_tokens": 2}
+    regs = kernel_registers(lambda: model.generate(**short), "_attention_kernel")
+    assert regs and max(regs) <= attention_kernel.MAXNREG, regs
+
+
+def kernel_registers(fn, name: str) -> list[int]:
+    """Registers per thread of each launch of the CUDA kernels named ``name`` while ``fn`` runs (profiler trace)."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        fn()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        p.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    return [e["args"]["registers per thread"] for e in events if e.get("cat") == "kernel" and name in e.get("name", "")]

@@ -387,3 +387,19 @@ def test_eager_launches_bypass_wrap_triton_only_when_nothing_traces():
         assert not plain_eager((mode.from_tensor(x),))
     assert not plain_eager((torch.nn.Parameter(x),))  # a subclass: not a plain tensor
 
+
+def test_compiled_launchers_keep_a_kernels_register_cap():
+    """Inductor writes a user kernel's configs into compiled code as dicts: with ``keep_maxnreg`` the attention's
+    register cap survives the round trip (it was dropped: the compiled kernel ran uncapped), and configs without
+    a cap (Inductor's own kernels) are written as before."""
+    import triton
+    from torch._inductor.runtime import triton_heuristics as th
+
+    from packkv.ops.kernels.inductor_compat import keep_maxnreg
+
+    assert keep_maxnreg()
+    capped = th.config_from_dict(th.config_to_dict(triton.Config({"TILE": 64}, num_warps=4, maxnreg=128)))
+    assert (capped.maxnreg, capped.num_warps, capped.kwargs) == (128, 4, {"TILE": 64})
+    assert "maxnreg" not in th.config_to_dict(triton.Config({"X": 1}, num_warps=8))
+    assert keep_maxnreg()  # installing twice wraps nothing twice
+    assert th.config_to_dict(triton.Config({}, maxnreg=96))["maxnreg"] == 96

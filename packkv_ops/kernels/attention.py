@@ -11,6 +11,7 @@ capacity (``out_len``), fixed between growths.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import torch
@@ -19,11 +20,13 @@ import triton.language as tl
 
 from ..storage import PackedLayer
 from ._launch import INTERPRET, launch, next_pow2, num_sms, resident_programs
+from .inductor_compat import keep_maxnreg
 from .tiles import (
     decode_operand, decode_pair_windows, exact_rows, group_scale_rows, ints_to_f16, pair_bits, pair_fields, pair_values,
     paired_scan_fits,
 )
 
+log = logging.getLogger(__name__)
 LOG2E = 1.4426950408889634
 # tf32x3 keeps fp32 accuracy on tensor cores; the interpreter computes in fp32 whatever is asked.
 DOT_PRECISION = "ieee" if INTERPRET else "tf32x3"
@@ -397,7 +400,9 @@ SPLIT_FACTOR = 8  # the former rule's programs per SM (benchmark variant: split_
 @functools.cache
 def _configured(num_warps: int, num_stages: int, maxnreg: int | None):
     """The kernel with its launch options as a one-config ``triton.autotune``: the form in which Inductor
-    (``wrap_triton``) carries a register cap into compiled code; one config means no benchmarking."""
+    (``wrap_triton``) carries launch options into compiled code (the register cap with ``keep_maxnreg``); one
+    config means no benchmarking."""
+    keep_maxnreg()
     return triton.autotune([triton.Config({}, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)], key=[])(
         _attention_kernel
     )
@@ -482,6 +487,10 @@ def attention(
     # A mask broadcast over heads and queries (decode's padding mask, [B, 1, 1, L]) is read as one row per tile.
     row_mask = mask_row and mask is not None and strides[1] == 0 and strides[2] == 0
     sm_scale = 1.0 / math.sqrt(D) if scale is None else scale
+    # Once per trace in compiled code (the launch is then inlined): what a slow compiled step should be checked for.
+    log.debug("attention launch: grid (%d, %d), q %s %s, out_len %s, mask %s, row mask %s, warps %d, maxnreg %s",
+              B * H, ns, tuple(q.shape), q.dtype, out_len, None if mask is None else (tuple(mask.shape), mask.dtype,
+              strides), row_mask, num_warps, maxnreg)  # fmt: skip
     if INTERPRET:
         kernel, meta = _attention_kernel, dict(TILE=sub_tile, num_warps=num_warps, num_stages=num_stages)
     else:
