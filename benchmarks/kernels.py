@@ -230,6 +230,10 @@ VARIANTS = {  # name -> attention() keyword arguments, each a change from the de
     "out_len 2x the length (a compiled step after a growth)": dict(out_len_x=2),
     "  zero keys as softmax tiles, not counted (before 2026-12-04f)": dict(out_len_x=2, zero_count=False),
     "  splits cut out_len evenly (before 2026-12-04e)": dict(out_len_x=2, balanced=False),
+    "  a split's zero keys counted in one pass (zero_span, untimed before 2026-12-04g)": dict(out_len_x=2, zero_span=True),
+    # The e2e step's case (decode_e2e --profile: out_len 130240 at 64K, a bool row mask).
+    "out_len 2x with a decode mask": dict(out_len_x=2, with_mask=True),
+    "  zero keys counted in one pass, the mask summed in 1024-token chunks": dict(out_len_x=2, with_mask=True, zero_span=True),
     # A compiled decode step passes a bool padding mask [B, 1, 1, out_len] (all True here: same results).
     "with a decode mask, read as one row per tile": dict(with_mask=True),
     "  with a decode mask, read as a [rows, tokens] tile (before 2026-12-04e)": dict(with_mask=True, mask_row=False),

@@ -204,7 +204,7 @@ def _attention_kernel(
     SKIP_DECODE: tl.constexpr = False, PAIRED: tl.constexpr = True, CHANNEL_ROWS: tl.constexpr = True,
     FUSED_RED: tl.constexpr = False, BALANCED: tl.constexpr = True, MASK_ROW: tl.constexpr = False,
     EARLY_LOADS: tl.constexpr = True, PAIRS: tl.constexpr = True, ZERO_COUNT: tl.constexpr = True,
-    PREFETCH: tl.constexpr = 1,
+    PREFETCH: tl.constexpr = 1, ZERO_SPAN: tl.constexpr = False, ZCHUNK: tl.constexpr = 1024,
 ):  # fmt: skip
     # Tokens per tile: the requested TILE, clamped to whole pack rows within a block.
     TS: tl.constexpr = T if TILE >= T else (P if TILE <= P else TILE)
@@ -326,14 +326,24 @@ def _attention_kernel(
                 T, TS, D, K_QBITS, K_GROUP, V_QBITS, V_GROUP, HAS_MASK, MASK_BOOL, IS_CAUSAL, DOT, EXACT, FUSED_RED,
                 MASK_ROW)
     # Exact ring tokens after the compressed blocks, then zero keys up to out_len.
-    for v in range(e_lo, e_hi):
+    # Zero keys score exactly 0 for every row where no causal cut or per-row mask applies (ZC): they enter the
+    # softmax as a count, per tile, or (ZERO_SPAN) for the split's whole zero range in one pass after its ring tiles.
+    ZC: tl.constexpr = ZERO_COUNT and not IS_CAUSAL and (not HAS_MASK or (MASK_ROW and MASK_BOOL))
+    SPAN: tl.constexpr = ZERO_SPAN and ZC
+    if SPAN:  # the blocks holding ring tokens; the zero keys after them are counted below
+        e_ring = tl.minimum(e_hi, tl.maximum(e_lo, tl.cdiv(total, T)))
+    else:
+        e_ring = e_hi
+    for v in range(e_lo, e_ring):
         for r in range(0, T // TS):
             if v * T + r * TS >= total:
                 # Past the sequence's end, up to out_len (the storage's capacity in compiled steps, up to 2x the
                 # length): zero keys and values, as decompress gives. Scores are 0 (+ mask): softmax bookkeeping
                 # only, no loads, no products.
                 pos = v * T + r * TS + tl.arange(0, TS)
-                if ZERO_COUNT and not IS_CAUSAL and (not HAS_MASK or (MASK_ROW and MASK_BOOL)):
+                if SPAN:  # counted after the loop
+                    pass
+                elif ZC:
                     # Every visible zero key scores exactly 0 for every row: one online step with their count
                     # instead of a [rows, tokens] softmax tile (a bool decode mask is one row, read as [TS]).
                     vis = pos < out_len
@@ -345,11 +355,12 @@ def _attention_kernel(
                     alpha = tl.exp2(m_i - m_safe)
                     l_i = l_i * alpha + n * tl.exp2(-m_safe)
                     m_i = m_new
+                    acc = acc * alpha[:, None]
                 else:
                     ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
                                        HAS_MASK, MASK_BOOL, IS_CAUSAL, MASK_ROW)  # fmt: skip
                     p, alpha, m_i, l_i = _online_update(add, ok, m_i, l_i)
-                acc = acc * alpha[:, None]
+                    acc = acc * alpha[:, None]
             else:
                 k, pos = exact_rows(ring_k_ptr, b, kvh, v * T + r * TS, total, H, S, TS, D)
                 ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
@@ -374,6 +385,29 @@ def _attention_kernel(
                         acc = acc * alpha[:, None] + tl.dot(p.to(vd.dtype), vd)
                     else:
                         acc = acc * alpha[:, None] + tl.dot(p, val, input_precision=DOT)
+
+    if SPAN:
+        # The split's zero tiles: those starting at or after the sequence's end, up to out_len. Without a mask
+        # their count is closed-form; a bool decode mask is summed in chunks of ZCHUNK tokens, so a split's ~1K
+        # zero keys at 2x capacity cost one or two dependent loads instead of one per tile.
+        zlo = tl.maximum(e_lo * T, tl.cdiv(total, TS) * TS)
+        zhi = tl.minimum(e_hi * T, out_len)
+        if HAS_MASK:
+            cnt = tl.zeros((ZCHUNK,), tl.float32)
+            for p0 in range(zlo, zhi, ZCHUNK):
+                pos = p0 + tl.arange(0, ZCHUNK)
+                vis = pos < zhi
+                cnt += (tl.load(mask_ptr + b * smb + pos * sml, mask=vis, other=0) != 0).to(tl.float32)
+            n = tl.sum(cnt, 0)
+        else:
+            n = tl.maximum(zhi - zlo, 0).to(tl.float32)
+        n = tl.where(row_ok, n, 0.0)
+        m_new = tl.where(n > 0, tl.maximum(m_i, 0.0), m_i)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + n * tl.exp2(-m_safe)
+        m_i = m_new
+        acc = acc * alpha[:, None]
 
     part = ((b * HQ + hq) * TQ + qi) * NS + split
     tl.store(acc_ptr + part[:, None] * D + cc[None, :], acc, mask=row_ok[:, None])
@@ -436,6 +470,8 @@ def attention(
     pairs: bool = True,
     zero_count: bool = True,
     prefetch: int = PREFETCH,
+    zero_span: bool = False,
+    zero_chunk: int = 1024,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(q, *decompress(st, out_len), attn_mask=mask, ...)`` without materialising K/V.
 
@@ -452,6 +488,8 @@ def attention(
       the GPU, values are extracted two per asm block (``tiles._halves_1024``; False: one LOP3 per value);
     * ``zero_count``: zero keys past the length (up to ``out_len``) enter the softmax as one count per tile where
       their scores are all 0 (no mask, or a bool mask read as one row; not causal); False: as a softmax tile;
+      ``zero_span``: count a split's zero keys in one pass after its ring tiles (closed form without a mask, the
+      mask summed in ``zero_chunk``-token chunks) instead of one count per tile (a variant, not yet timed);
     * ``prefetch``: the compressed-block loop loads the next block's offsets and metadata fields (1), and also its
       pack bits (2), while the current block is decoded (one tile per block, paired scan only; 0: no prefetch);
       1 is the default (0.385 / 0.197 ms vs 0.394 / 0.200 at B8/32K, B1/128K; 2 is slower: 0.413 / 0.210);
@@ -506,7 +544,7 @@ def attention(
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=precision, USE_ASM=not INTERPRET,
         PACKWISE=packwise, WINDOWS=windows, EXACT=q.dtype == torch.float32 if exact is None else exact, SKIP_DECODE=skip_decode,
-        CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, EARLY_LOADS=early_loads, PAIRS=pairs, ZERO_COUNT=zero_count, PREFETCH=prefetch, BALANCED=balanced, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
+        CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, EARLY_LOADS=early_loads, PAIRS=pairs, ZERO_COUNT=zero_count, PREFETCH=prefetch, ZERO_SPAN=zero_span, ZCHUNK=zero_chunk, BALANCED=balanced, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
             min(max(sub_tile, lay.pack_size), T), D, lay.pack_size, lay.k.qbits, lay.v.qbits), **meta,
     )  # fmt: skip
     out = torch.empty(B, HQ, TQ, D, dtype=q.dtype, device=q.device)
