@@ -241,7 +241,7 @@ class PackKVLayer(CacheLayerMixin):
         per_block = layout.num_heads * (layout.max_chunk_words(layout.k) + layout.max_chunk_words(layout.v))
         return batch * blocks * per_block
 
-    def _ensure_capacity(self, blocks_needed: int, new_blocks: int) -> None:
+    def _ensure_capacity(self, blocks_needed: int, new_blocks: int, exact: bool = False) -> None:
         if new_blocks == 0 and blocks_needed <= self._block_capacity:  # most decode steps: nothing to plan
             return
         st = self.storage
@@ -256,8 +256,8 @@ class PackKVLayer(CacheLayerMixin):
         if _is_compiling():
             raise RuntimeError("PackKV storage must grow outside compiled steps (call prepare_step first)")
         nb = st.block_capacity
-        if grow_blocks:
-            nb = max(blocks_needed, math.ceil(nb * BLOCK_GROWTH), MIN_BLOCKS)
+        if grow_blocks:  # geometric growth, or exactly what a reservation asked for
+            nb = max(blocks_needed, MIN_BLOCKS) if exact else max(blocks_needed, math.ceil(nb * BLOCK_GROWTH), MIN_BLOCKS)
         pw = st.pool_capacity
         if grow_pool:
             pw = max(self._pool_bound + step_worst, math.ceil(pw * POOL_GROWTH))
@@ -266,9 +266,11 @@ class PackKVLayer(CacheLayerMixin):
         self._mark_static()
 
     def reserve(self, tokens: int) -> None:
-        """Block capacity for ``tokens`` tokens per sequence (and pool room at the worst-case width)."""
+        """Block capacity for ``tokens`` tokens per sequence, exactly (no geometric headroom): a compiled step
+        attends to the whole capacity (``token_capacity``), so a capacity doubled by growth would make every step
+        of a known-length generation attend to twice its length (zero keys past the end)."""
         lay = self.storage.layout
-        self._ensure_capacity(max(0, (tokens - lay.window) // lay.block_size), 0)
+        self._ensure_capacity(max(0, (tokens - lay.window) // lay.block_size), 0, exact=True)
 
     def _mark_static(self) -> None:
         # Compiled steps mutate these tensors in place: static addresses let CUDA graphs capture them. The
@@ -404,7 +406,8 @@ class PackKVCache(Cache):
             )
 
     def reserve(self, tokens: int) -> None:
-        """Make room for ``tokens`` tokens per sequence in every initialized layer (avoids growth later)."""
+        """Make room for exactly ``tokens`` tokens per sequence in every initialized layer (avoids growth later,
+        and a compiled step attends to no more than that)."""
         for layer in self.layers:
             if layer.is_initialized:
                 layer.reserve(tokens)

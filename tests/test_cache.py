@@ -183,6 +183,22 @@ def test_memory_is_the_packed_bytes_plus_bounded_headroom():
     assert n["allocated"] < 0.6 * (n["fp16_compressed"] + n["fp16_window"])
 
 
+def test_reserve_makes_room_for_exactly_the_tokens_asked_for():
+    """A reservation is not grown geometrically: a compiled step attends to the whole capacity, so a doubled one
+    would make each step attend to up to twice the sequence's length (the e2e benchmark did: out_len 130240 at
+    64K)."""
+    model = tiny("llama")
+    cache = PackKVCache()
+    model(torch.randint(3, 256, (1, 64 * 40 + 100)), past_key_values=cache)
+    layer = cache.layers[0]
+    want = layer.token_capacity + 2 * 64  # a little more than there is: growth would double the blocks
+    cache.reserve(want)
+    caps = [layer.token_capacity for layer in cache.layers]
+    assert all(want <= c <= want + 64 for c in caps), (want, caps)  # whole blocks: at most one block more
+    cache.reserve(want - 300)  # room already: nothing changes
+    assert [layer.token_capacity for layer in cache.layers] == caps
+
+
 def test_cache_of_another_model_is_refused():
     model = tiny("llama")
     ids = torch.randint(3, 256, (1, 20))
