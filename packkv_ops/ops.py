@@ -23,7 +23,7 @@ from torch.library import custom_op, triton_op
 
 from . import reference
 from .kernels._launch import plain_eager
-from .rotation import rotate
+from .rotation import is_hadamard, rotate
 from .layout import Layout, StreamLayout
 from .storage import STORAGE_FIELDS, PackedLayer
 
@@ -202,13 +202,16 @@ def attention(
             ring_k, ring_v, n_blocks, n_win)  # fmt: skip
     spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack, rotation)
     _check_query(q, ring_k)
-    q = rotate(q, rotation)
     if _is_cuda(pool):
-        from .kernels import gpu
+        from .kernels import attention as kernel, gpu
 
-        out = gpu.attention(q, _storage(args, spec), out_len, mask, is_causal, scale)
-    else:
-        out = torch.ops.packkv._attention_reference(q, *args, out_len, mask, is_causal, scale, *spec)
+        D = q.shape[-1]
+        inside = kernel.ROTATE_IN_KERNEL and is_hadamard(rotation, D) and D <= kernel.ROTATE_MAX_DIM
+        out = gpu.attention(q if inside else rotate(q, rotation), _storage(args, spec), out_len, mask, is_causal,
+                            scale, rotate=inside)  # fmt: skip
+        return out if inside else rotate(out, rotation)
+    q = rotate(q, rotation)
+    out = torch.ops.packkv._attention_reference(q, *args, out_len, mask, is_causal, scale, *spec)
     return rotate(out, rotation)
 
 

@@ -154,3 +154,19 @@ def test_rotation_on_cuda_matches_the_cpu_ops():
     got = torch.ops.packkv.attention(q.cuda(), *gpu.tensors(), 1000, None, False, None, *spec(gpu.layout))
     want = torch.ops.packkv.attention(q, *cpu.tensors(), 1000, None, False, None, *spec(cpu.layout))
     torch.testing.assert_close(got.cpu(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_rotation_inside_the_attention_kernels_matches_rotation_around_them(monkeypatch):
+    """``ROTATE_IN_KERNEL``: the op's query and output rotations move into the attention and merge kernels."""
+    from packkv.ops.kernels import attention as kernel
+
+    k = torch.randn(2, 8, 3000, 128).bfloat16().cuda()
+    v = torch.randn(2, 8, 3000, 128).bfloat16().cuda()
+    st = fill_cuda(PackKVConfig(rotation="hadamard"), k, v, [2999, 1])
+    q = torch.randn(2, 32, 1, 128).bfloat16().cuda()
+    mask = torch.ones(2, 1, 1, 3100, dtype=torch.bool, device="cuda")
+    mask[1, ..., :200] = False
+    around = torch.ops.packkv.attention(q, *st.tensors(), 3100, mask, False, None, *spec(st.layout))
+    monkeypatch.setattr(kernel, "ROTATE_IN_KERNEL", True)
+    inside = torch.ops.packkv.attention(q, *st.tensors(), 3100, mask, False, None, *spec(st.layout))
+    torch.testing.assert_close(inside.float(), around.float(), rtol=2e-2, atol=2e-2)

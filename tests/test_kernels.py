@@ -411,3 +411,21 @@ def test_compiled_launchers_keep_a_kernels_register_cap():
     assert "maxnreg" not in th.config_to_dict(triton.Config({"X": 1}, num_warps=8))
     assert keep_maxnreg()  # installing twice wraps nothing twice
     assert th.config_to_dict(triton.Config({}, maxnreg=96))["maxnreg"] == 96
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_can_rotate_its_query_and_output_in_the_kernels(dtype):
+    """On a Hadamard-rotated cache, ``rotate=True`` takes the query and returns the output in the model's
+    coordinates: the same as rotating around the kernels, ``rotate(attention(rotate(q)))``."""
+    from packkv.ops.layout import ROTATION_CODES
+
+    had = ROTATION_CODES["hadamard"]
+    _, ker, _, _ = build(PackKVConfig(block_size=32, window=32), [100, 77], heads=2, dtype=dtype)
+    q = torch.randn(2, 8, 1, 64, device=DEV).to(dtype)
+    around = rotate(gpu.attention(rotate(q, had), ker, 190, None, False, None), had)
+    inside = gpu.attention(q, ker, 190, None, False, None, rotate=True)
+    tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]  # bf16: the output is rounded once, not twice
+    torch.testing.assert_close(inside.float(), around.float(), rtol=tol, atol=tol)
+    assert not torch.allclose(inside.float(), gpu.attention(q, ker, 190, None, False, None).float(), atol=tol)
+    with pytest.raises(ValueError, match="head_dim <= 128"):
+        gpu.attention(torch.randn(2, 2, 1, 256, device=DEV), ker, 190, None, False, None, rotate=True)

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from ..storage import PackedLayer
 from ._launch import INTERPRET, launch, next_pow2, num_sms, resident_programs
+from .hadamard import hadamard_signs
 from .inductor_compat import keep_maxnreg
 from .tiles import (
     decode_operand, decode_pair_windows, exact_rows, group_scale_rows, ints_to_f16, pair_bits, pair_fields, pair_values,
@@ -205,6 +206,7 @@ def _attention_kernel(
     FUSED_RED: tl.constexpr = False, BALANCED: tl.constexpr = True, MASK_ROW: tl.constexpr = False,
     EARLY_LOADS: tl.constexpr = True, PAIRS: tl.constexpr = True, ZERO_COUNT: tl.constexpr = True,
     PREFETCH: tl.constexpr = 1, ZERO_SPAN: tl.constexpr = False, ZCHUNK: tl.constexpr = 1024,
+    ROTATE: tl.constexpr = False, ROT_SCALE: tl.constexpr = 1.0,
 ):  # fmt: skip
     # Tokens per tile: the requested TILE, clamped to whole pack rows within a block.
     TS: tl.constexpr = T if TILE >= T else (P if TILE <= P else TILE)
@@ -221,6 +223,12 @@ def _attention_kernel(
     cc = tl.arange(0, D)
     q = tl.load(q_ptr + ((b * HQ + hq) * TQ + qi)[:, None] * D + cc[None, :], mask=row_ok[:, None], other=0.0)
     q = q.to(tl.float32)
+    if ROTATE:  # the query in the cache's coordinates, as rotation.rotate gives it: fp32 sums, one rounding
+        if USE_ASM and q_ptr.dtype.element_ty != tl.float32:  # bf16/fp16 times +-1: exact tensor-core products
+            y = tl.dot(q.to(q_ptr.dtype.element_ty), hadamard_signs(D).to(q_ptr.dtype.element_ty))
+        else:
+            y = tl.dot(q, hadamard_signs(D), input_precision="ieee")
+        q = (y * ROT_SCALE).to(q_ptr.dtype.element_ty).to(tl.float32)
     # Compressed tokens multiply the raw ints by a normalized query (fp16 tensor cores), then apply the
     # group's scale and zero to the scores: q . (Q + z) s = s (q . Q + z sum(q)) for token groups.
     inv = _pow2_normalizer(q)
@@ -429,6 +437,12 @@ TILE, MAXNREG, NUM_WARPS, WAVES = 64, 128, 4, 1
 # variants_h200_2026-12-04g); prefetching its payload words too (2) costs registers and spills more than it hides.
 PREFETCH = 1
 SPLIT_FACTOR = 8  # the former rule's programs per SM (benchmark variant: split_factor=8)
+# ops.attention on a Hadamard-rotated cache: rotate the query and the output inside the attention and merge kernels
+# (rotate=True) instead of two fused Inductor kernels per layer around the op (~3 us each at batch 1, 64 graph
+# nodes per step). Off until timed end to end (decode_e2e.py --rotate-in-kernel); the in-kernel matrix needs
+# head_dim <= ROTATE_MAX_DIM (its tensor-core operand goes through shared memory).
+ROTATE_IN_KERNEL = False
+ROTATE_MAX_DIM = 128
 
 
 @functools.cache
@@ -472,6 +486,7 @@ def attention(
     prefetch: int = PREFETCH,
     zero_span: bool = False,
     zero_chunk: int = 1024,
+    rotate: bool = False,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(q, *decompress(st, out_len), attn_mask=mask, ...)`` without materialising K/V.
 
@@ -495,6 +510,9 @@ def attention(
       1 is the default (0.385 / 0.197 ms vs 0.394 / 0.200 at B8/32K, B1/128K; 2 is slower: 0.413 / 0.210);
     * ``balanced``: splits share the compressed blocks (False: they cut ``out_len`` evenly); ``mask_row``: a mask
       broadcast over heads and queries is loaded as one row per tile (False: as a ``[rows, tokens]`` tile);
+    * ``rotate``: ``q`` and the result are in the model's coordinates and the cache is Hadamard-rotated: the
+      kernel rotates the query and the merge rotates the output back (``rotate(attention(rotate(q)))``, without
+      two Inductor kernels per layer around the op); False: the caller rotates;
     * ``skip_decode`` (benchmarks only, wrong results) replaces value extraction by a constant to show what the
       rest of the kernel costs.
 
@@ -502,6 +520,8 @@ def attention(
     than their own rounding."""
     lay = st.layout
     B, HQ, TQ, D = q.shape
+    if rotate and D > ROTATE_MAX_DIM:
+        raise ValueError(f"rotate=True needs head_dim <= {ROTATE_MAX_DIM}, got {D}: rotate around the kernel")
     H, T = lay.num_heads, lay.block_size
     n_rep = HQ // H
     n_virtual = max(1, -(-out_len // T))
@@ -544,18 +564,20 @@ def attention(
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=precision, USE_ASM=not INTERPRET,
         PACKWISE=packwise, WINDOWS=windows, EXACT=q.dtype == torch.float32 if exact is None else exact, SKIP_DECODE=skip_decode,
-        CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, EARLY_LOADS=early_loads, PAIRS=pairs, ZERO_COUNT=zero_count, PREFETCH=prefetch, ZERO_SPAN=zero_span, ZCHUNK=zero_chunk, BALANCED=balanced, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
+        CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, EARLY_LOADS=early_loads, PAIRS=pairs, ZERO_COUNT=zero_count, PREFETCH=prefetch, ZERO_SPAN=zero_span, ZCHUNK=zero_chunk, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), BALANCED=balanced, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
             min(max(sub_tile, lay.pack_size), T), D, lay.pack_size, lay.k.qbits, lay.v.qbits), **meta,
     )  # fmt: skip
     out = torch.empty(B, HQ, TQ, D, dtype=q.dtype, device=q.device)
-    launch(_merge_kernel)[(B * HQ * TQ,)](acc, m, l, out, ns, D=D, BS=32)
+    launch(_merge_kernel)[(B * HQ * TQ,)](acc, m, l, out, ns, D=D, BS=32, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D))
     return out
 
 
 @triton.jit
-def _merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, NS, D: tl.constexpr, BS: tl.constexpr):
+def _merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, NS, D: tl.constexpr, BS: tl.constexpr,
+                  ROTATE: tl.constexpr = False, ROT_SCALE: tl.constexpr = 1.0):  # fmt: skip
     """One output row from its ``NS`` partial (acc, max, sum): one launch instead of a chain of small torch ops
-    (eager decode is bound by launches). Twin of ``merge_splits``."""
+    (eager decode is bound by launches). Twin of ``merge_splits``; ``ROTATE``: the row rotated back to the model's
+    coordinates (the rotation is linear, so it commutes with the merge), rounded once."""
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BS)
     cc = tl.arange(0, D)
@@ -572,7 +594,10 @@ def _merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, NS, D: tl.constexpr, BS: tl.co
         den += w * tl.load(l_ptr + row * NS + s0 + s, mask=ok, other=0.0)
         a = tl.load(acc_ptr + (row * NS + s0 + s)[:, None] * D + cc[None, :], mask=ok[:, None], other=0.0)
         num += tl.sum(a * w[:, None], 0)
-    tl.store(out_ptr + row * D + cc, (num / tl.sum(den, 0)).to(out_ptr.dtype.element_ty))
+    o = num / tl.sum(den, 0)
+    if ROTATE:
+        o = tl.sum(o[:, None] * hadamard_signs(D), 0) * ROT_SCALE
+    tl.store(out_ptr + row * D + cc, o.to(out_ptr.dtype.element_ty))
 
 
 def merge_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:

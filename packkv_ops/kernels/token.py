@@ -19,6 +19,7 @@ import triton.language as tl
 from ..rotation import is_hadamard
 from ..storage import PackedLayer
 from ._launch import INTERPRET, launch, next_pow2
+from .hadamard import hadamard_signs
 
 
 @triton.jit
@@ -26,18 +27,6 @@ def _non_finite(x):
     """1 where x is NaN or +-Inf: all exponent bits set (a bit test, the same on the GPU and in the interpreter)."""
     bits = x.to(tl.float32).to(tl.int32, bitcast=True)
     return ((bits & 0x7F800000) == 0x7F800000).to(tl.int32)
-
-
-@triton.jit
-def _hadamard_signs(D: tl.constexpr):
-    """The ``D x D`` Sylvester matrix without its ``1/sqrt(D)``: ``(-1)**popcount(i & j)``, exact in every float
-    dtype (twin of ``rotation.hadamard``). The parity of ``i & j < 512`` by folding its bits."""
-    x = tl.arange(0, D)[:, None] & tl.arange(0, D)[None, :]
-    x = x ^ (x >> 8)
-    x = x ^ (x >> 4)
-    x = x ^ (x >> 2)
-    x = x ^ (x >> 1)
-    return (1 - 2 * (x & 1)).to(tl.float32)
 
 
 @triton.jit
@@ -67,7 +56,7 @@ def _append_token_kernel(
     m = h < H
     inv_sqrt = tl.cast(inv_sqrt, tl.float32)
     if ROTATE:
-        signs = _hadamard_signs(D)
+        signs = hadamard_signs(D)
     else:
         signs = tl.zeros((1, 1), tl.float32)  # unused
     bad = tl.zeros((HP, D), tl.int32)
