@@ -223,6 +223,9 @@ VARIANTS = {  # name -> attention() keyword arguments, each a change from the de
     "  num_stages 2 (Triton's software pipelining)": dict(num_stages=2),
     "  paired softmax/scale reductions (4 fewer barriers per block)": dict(fused_reductions=True),
     "  no value extraction (wrong results: what the rest costs)": dict(skip_decode=True),
+    # What the in-kernel rotations (ops ROTATE_IN_KERNEL) add to the attention; they replace two Inductor kernels
+    # of ~4.2 + 2.4 us per layer at batch 1 (04g profile). The cache here is not rotated: the error column is large.
+    "  query and output rotated inside the kernels (timing only)": dict(rotate=True),
     "  no prefetch: each block's offsets and fields loaded in its own iteration (before 2026-12-04g)": dict(prefetch=0),
     "  prefetch also the next block's pack bits": dict(prefetch=2),
     "  prefetch also the next block's pack bits, maxnreg 168": dict(prefetch=2, maxnreg=168),
