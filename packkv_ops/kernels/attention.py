@@ -545,10 +545,10 @@ def attention(
     # A mask broadcast over heads and queries (decode's padding mask, [B, 1, 1, L]) is read as one row per tile.
     row_mask = mask_row and mask is not None and strides[1] == 0 and strides[2] == 0
     sm_scale = 1.0 / math.sqrt(D) if scale is None else scale
-    # Once per trace in compiled code (the launch is then inlined): what a slow compiled step should be checked for.
-    log.debug("attention launch: grid (%d, %d), q %s %s, out_len %s, mask %s, row mask %s, warps %d, maxnreg %s",
-              B * H, ns, tuple(q.shape), q.dtype, out_len, None if mask is None else (tuple(mask.shape), mask.dtype,
-              strides), row_mask, num_warps, maxnreg)  # fmt: skip
+    if log.isEnabledFor(logging.DEBUG):  # once per trace in compiled code: what to check when a step is slow
+        log.debug("attention launch: grid (%d, %d), q %s %s, out_len %s, mask %s, row mask %s, warps %d, maxnreg %s",
+                  B * H, ns, tuple(q.shape), q.dtype, out_len, None if mask is None else (tuple(mask.shape),
+                  mask.dtype, strides), row_mask, num_warps, maxnreg)  # fmt: skip
     if INTERPRET:
         kernel, meta = _attention_kernel, dict(TILE=sub_tile, num_warps=num_warps, num_stages=num_stages)
     else:
