@@ -302,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="PackKV: compiled steps read each layer object, not the shared step plan (models/step_plan.py)")
     p.add_argument("--capacity-x", type=float, default=1.0,
                    help="PackKV: reserve this many times the context (2: as right after a storage growth)")
-    p.add_argument("--rotate-in-kernel", action="store_true",
-                   help="PackKV: the query/output rotations inside the attention kernels (attention.ROTATE_IN_KERNEL)")
+    p.add_argument("--rotate-around-kernel", action="store_true",
+                   help="PackKV: the query/output rotations as Inductor kernels around the attention op, not inside "
+                        "its kernels (attention.ROTATE_IN_KERNEL=False; before 2026-12-04h)")
     p.add_argument("--watchdog", type=float, default=0, help="dump Python stacks every N s (diagnosing stalls)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_e2e")
     args = p.parse_args(argv)
@@ -312,10 +313,10 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.basicConfig(format="%(name)s: %(message)s")
         logging.getLogger("packkv.ops.kernels.attention").setLevel(logging.DEBUG)
-    if args.rotate_in_kernel:
+    if args.rotate_around_kernel:
         from packkv.ops.kernels import attention as attention_kernel
 
-        attention_kernel.ROTATE_IN_KERNEL = True
+        attention_kernel.ROTATE_IN_KERNEL = False
     if args.watchdog:
         import faulthandler
 

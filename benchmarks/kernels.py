@@ -231,12 +231,12 @@ VARIANTS = {  # name -> attention() keyword arguments, each a change from the de
     "  prefetch also the next block's pack bits, maxnreg 168": dict(prefetch=2, maxnreg=168),
     # A compiled step passes the storage's capacity as out_len: up to 2x the length right after a growth.
     "out_len 2x the length (a compiled step after a growth)": dict(out_len_x=2),
-    "  zero keys as softmax tiles, not counted (before 2026-12-04f)": dict(out_len_x=2, zero_count=False),
+    "  zero keys as softmax tiles, not counted (before 2026-12-04f)": dict(out_len_x=2, zero_count=False, zero_span=False),
     "  splits cut out_len evenly (before 2026-12-04e)": dict(out_len_x=2, balanced=False),
-    "  a split's zero keys counted in one pass (zero_span, untimed before 2026-12-04g)": dict(out_len_x=2, zero_span=True),
+    "  zero keys counted per tile, not in one pass per split (before 2026-12-04h)": dict(out_len_x=2, zero_span=False),
     # The e2e step's case (decode_e2e --profile: out_len 130240 at 64K, a bool row mask).
     "out_len 2x with a decode mask": dict(out_len_x=2, with_mask=True),
-    "  zero keys counted in one pass, the mask summed in 1024-token chunks": dict(out_len_x=2, with_mask=True, zero_span=True),
+    "  zero keys counted per tile, the mask loaded per tile (before 2026-12-04h)": dict(out_len_x=2, with_mask=True, zero_span=False),
     # A compiled decode step passes a bool padding mask [B, 1, 1, out_len] (all True here: same results).
     "with a decode mask, read as one row per tile": dict(with_mask=True),
     "  with a decode mask, read as a [rows, tokens] tile (before 2026-12-04e)": dict(with_mask=True, mask_row=False),

@@ -19,7 +19,7 @@ if [[ $what == tests || $what == all ]]; then
     tests/test_compile.py::test_compiled_decode_on_cuda ${PACKKV_EXTRA_TESTS:-} 2>&1 | tee "$OUT/tests.log" | tail -25
 fi
 if [[ $what == sanitize || $what == all ]]; then
-  timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \
+  timeout 560 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \
     -m "cuda or not cuda" tests/test_kernels.py -k "append_matches or one_kernel or non_finite or attention_matches_the_reference or matvec" \
     2>&1 | tee "$OUT/sanitizer.log" | tail -8
 fi

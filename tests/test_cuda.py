@@ -166,6 +166,7 @@ def test_rotation_inside_the_attention_kernels_matches_rotation_around_them(monk
     q = torch.randn(2, 32, 1, 128).bfloat16().cuda()
     mask = torch.ones(2, 1, 1, 3100, dtype=torch.bool, device="cuda")
     mask[1, ..., :200] = False
+    monkeypatch.setattr(kernel, "ROTATE_IN_KERNEL", False)
     around = torch.ops.packkv.attention(q, *st.tensors(), 3100, mask, False, None, *spec(st.layout))
     monkeypatch.setattr(kernel, "ROTATE_IN_KERNEL", True)
     inside = torch.ops.packkv.attention(q, *st.tensors(), 3100, mask, False, None, *spec(st.layout))

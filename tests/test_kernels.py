@@ -208,8 +208,10 @@ def test_attention_matches_the_reference(n_rep, mask_kind):
         got = gpu.attention(q, ker, out_len, mask, causal, 0.17, splits=splits, balanced=balanced, mask_row=mask_row,
                             zero_count=zero_count, prefetch=prefetch)  # fmt: skip
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
-    for splits in (1, 3, 16):  # zero_span (where it does not apply: masks per row, causal; the tile path runs)
-        got = gpu.attention(q, ker, out_len, mask, causal, 0.17, splits=splits, zero_span=True, zero_chunk=16)
+    for splits in (1, 3, 16):  # zero keys per tile, not per split (zero_span=False), and spans in small chunks
+        got = gpu.attention(q, ker, out_len, mask, causal, 0.17, splits=splits, zero_span=False)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+        got = gpu.attention(q, ker, out_len, mask, causal, 0.17, splits=splits, zero_chunk=16)
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 
@@ -229,14 +231,14 @@ def test_zero_keys_past_the_length_enter_the_softmax_as_a_count(mask_kind):
             mask[..., 150:] = False
     want = reference.attention(q, ref, out_len, mask, False, None)
     for splits in (1, 4):
-        counted = gpu.attention(q, ker, out_len, mask, False, None, splits=splits)
+        counted = gpu.attention(q, ker, out_len, mask, False, None, splits=splits, zero_span=False)
         tiled = gpu.attention(q, ker, out_len, mask, False, None, splits=splits, zero_count=False)
         torch.testing.assert_close(counted, want, rtol=2e-5, atol=2e-5)
         torch.testing.assert_close(counted, tiled, rtol=2e-6, atol=2e-6)
-        # zero_span: each split's zero keys counted in one pass (the mask in chunks: 32 tokens here, so several
-        # chunks and a partial last one)
+        # zero_span (the default): each split's zero keys counted in one pass (the mask in chunks: 32 tokens here,
+        # so several chunks and a partial last one)
         for chunk in (32, 1024):
-            spanned = gpu.attention(q, ker, out_len, mask, False, None, splits=splits, zero_span=True, zero_chunk=chunk)
+            spanned = gpu.attention(q, ker, out_len, mask, False, None, splits=splits, zero_chunk=chunk)
             torch.testing.assert_close(spanned, counted, rtol=2e-6, atol=2e-6)
     if mask_kind == "padding":  # the zero keys are invisible: the same as attending up to the length
         torch.testing.assert_close(want, reference.attention(q, ref, 150, None, False, None), rtol=2e-5, atol=2e-5)

@@ -205,7 +205,7 @@ def _attention_kernel(
     SKIP_DECODE: tl.constexpr = False, PAIRED: tl.constexpr = True, CHANNEL_ROWS: tl.constexpr = True,
     FUSED_RED: tl.constexpr = False, BALANCED: tl.constexpr = True, MASK_ROW: tl.constexpr = False,
     EARLY_LOADS: tl.constexpr = True, PAIRS: tl.constexpr = True, ZERO_COUNT: tl.constexpr = True,
-    PREFETCH: tl.constexpr = 1, ZERO_SPAN: tl.constexpr = False, ZCHUNK: tl.constexpr = 1024,
+    PREFETCH: tl.constexpr = 1, ZERO_SPAN: tl.constexpr = True, ZCHUNK: tl.constexpr = 1024,
     ROTATE: tl.constexpr = False, ROT_SCALE: tl.constexpr = 1.0,
 ):  # fmt: skip
     # Tokens per tile: the requested TILE, clamped to whole pack rows within a block.
@@ -439,9 +439,10 @@ PREFETCH = 1
 SPLIT_FACTOR = 8  # the former rule's programs per SM (benchmark variant: split_factor=8)
 # ops.attention on a Hadamard-rotated cache: rotate the query and the output inside the attention and merge kernels
 # (rotate=True) instead of two fused Inductor kernels per layer around the op (~3 us each at batch 1, 64 graph
-# nodes per step). Off until timed end to end (decode_e2e.py --rotate-in-kernel); the in-kernel matrix needs
-# head_dim <= ROTATE_MAX_DIM (its tensor-core operand goes through shared memory).
-ROTATE_IN_KERNEL = False
+# nodes per step): 64K e2e step 10.73 vs 11.14 ms (H200, 2026-12-04h; decode_e2e.py --rotate-around-kernel for the
+# old path). The in-kernel matrix needs head_dim <= ROTATE_MAX_DIM (its tensor-core operand goes through shared
+# memory); larger heads keep the rotations around the op.
+ROTATE_IN_KERNEL = True
 ROTATE_MAX_DIM = 128
 
 
@@ -484,7 +485,7 @@ def attention(
     pairs: bool = True,
     zero_count: bool = True,
     prefetch: int = PREFETCH,
-    zero_span: bool = False,
+    zero_span: bool = True,
     zero_chunk: int = 1024,
     rotate: bool = False,
 ) -> torch.Tensor:
@@ -503,8 +504,9 @@ def attention(
       the GPU, values are extracted two per asm block (``tiles._halves_1024``; False: one LOP3 per value);
     * ``zero_count``: zero keys past the length (up to ``out_len``) enter the softmax as one count per tile where
       their scores are all 0 (no mask, or a bool mask read as one row; not causal); False: as a softmax tile;
-      ``zero_span``: count a split's zero keys in one pass after its ring tiles (closed form without a mask, the
-      mask summed in ``zero_chunk``-token chunks) instead of one count per tile (a variant, not yet timed);
+      ``zero_span`` (the default): count a split's zero keys in one pass after its ring tiles (closed form without
+      a mask, the mask summed in ``zero_chunk``-token chunks) instead of one count per tile (False): at ``out_len``
+      2x, 0.398 vs 0.416 ms at B8/32K, with a bool decode mask 0.396 vs 0.445 (H200, 2026-12-04h);
     * ``prefetch``: the compressed-block loop loads the next block's offsets and metadata fields (1), and also its
       pack bits (2), while the current block is decoded (one tile per block, paired scan only; 0: no prefetch);
       1 is the default (0.385 / 0.197 ms vs 0.394 / 0.200 at B8/32K, B1/128K; 2 is slower: 0.413 / 0.210);
