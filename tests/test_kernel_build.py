@@ -7,6 +7,7 @@ The interpreter runs kernels as Python and accepts code the GPU compiler rejects
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,3 +23,24 @@ def test_compression_kernels_compile_for_sm90(name):
     done = subprocess.run([sys.executable, str(script), name], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"{name} ok" in done.stdout
+
+
+# The attention kernel's switches as the GPU compiles them: the defaults, the decode step's padding mask with the
+# query rows padded to 4, fp32-exact products, and the causal path without prefetch or spans.
+ATTENTION_BUILDS = {
+    "defaults": [],
+    "row_mask_rotate_4_rows": ["HAS_MASK=True", "MASK_ROW=True", "ROTATE=True", "M_PAD=4"],
+    "exact": ["EXACT=True"],
+    "causal_no_prefetch": ["IS_CAUSAL=True", "PREFETCH=0", "ZERO_SPAN=False"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_BUILDS))
+def test_attention_kernel_compiles_for_sm90_within_its_register_cap(name):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).parents[1] / "scripts" / "kernel_sass.py"
+    args = [sys.executable, str(script), "TILE=64", *ATTENTION_BUILDS[name], "--maxnreg", "128"]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    registers = int(re.search(r"Used (\d+) registers", done.stdout).group(1))
+    assert registers <= 128

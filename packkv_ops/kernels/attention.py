@@ -488,6 +488,7 @@ def attention(
     zero_span: bool = True,
     zero_chunk: int = 1024,
     rotate: bool = False,
+    min_rows: int = 16,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(q, *decompress(st, out_len), attn_mask=mask, ...)`` without materialising K/V.
 
@@ -515,6 +516,9 @@ def attention(
     * ``rotate``: ``q`` and the result are in the model's coordinates and the cache is Hadamard-rotated: the
       kernel rotates the query and the merge rotates the output back (``rotate(attention(rotate(q)))``, without
       two Inductor kernels per layer around the op); False: the caller rotates;
+    * ``min_rows``: the query rows (``n_rep x TQ``, 4 in Llama-3.1-8B's decode) padded to at least this many. The
+      MMAs pad to 16 rows either way; fewer padded rows shrink the softmax and the accumulator (sm_90 loop 1,443
+      vs 1,479 instructions, spills 500 vs 872 bytes at 4 rows; ``scripts/kernel_sass.py M_PAD=4``; untimed);
     * ``skip_decode`` (benchmarks only, wrong results) replaces value extraction by a constant to show what the
       rest of the kernel costs.
 
@@ -561,7 +565,7 @@ def attention(
         st.perm, st.ring_k, st.ring_v, st.n_blocks, st.n_win,
         mask if mask is not None else st.n_win, *strides,
         out_len, st.block_capacity, lay.ring_size, H, HQ, TQ, n_rep, n_virtual, ns, sm_scale * LOG2E,
-        T=T, D=D, P=lay.pack_size, M_PAD=max(16, next_pow2(n_rep * TQ)),
+        T=T, D=D, P=lay.pack_size, M_PAD=max(min_rows, next_pow2(n_rep * TQ)),
         K_QBITS=lay.k.qbits, K_MBITS=lay.k.mbits, K_MW=lay.meta_words(lay.k), K_GROUP=lay.k.grouping,
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=precision, USE_ASM=not INTERPRET,
