@@ -14,7 +14,12 @@ formats that remove some of that work:
 * ``channel width``: one width per channel per block — starts affine in the row, one small scan over channels;
 * ``block width``: one width per block and stream — every start is affine: no scan, no gathers of varying length;
 * ``even widths``: widths rounded up to even (2-bit-aligned fields; pairs of values never straddle odd offsets);
-* ``pow2 widths``: widths rounded up to 0, 1, 2, 4, 8 (fields never straddle 32-bit words within a pack).
+* ``pow2 widths``: widths rounded up to 0, 1, 2, 4, 8 (fields never straddle 32-bit words within a pack);
+* ``16-bit lane pairs``: a pack's two halves of 8 values side by side in the two 16-bit halves of its 32-bit words,
+  ``16 // w`` values per lane, none straddling a lane: one shift by ``i * w`` and one LOP3 (``mask | 0x6400`` per
+  half, the int4-to-fp16 trick) decode two values, with no funnel shifts, joins or window selection.
+
+Also prints how the packs' widths are distributed (what each option rounds).
 
 Scales, zeros, offsets and the permutation are the same in every option; totals add them from the storage.
 Prints a table (bits per compressed value) and writes JSON next to the other results.
@@ -35,7 +40,7 @@ from packkv.ops import Layout, PackKVConfig  # noqa: E402
 from packkv.ops.accounting import exact_bytes  # noqa: E402
 from packkv.ops.codec import pack_stats, unpack_chunks  # noqa: E402
 
-OPTIONS = ("current", "row width", "channel width", "block width", "even widths", "pow2 widths")
+OPTIONS = ("current", "row width", "channel width", "block width", "even widths", "pow2 widths", "16-bit lane pairs")
 
 
 def _words(bits: torch.Tensor) -> torch.Tensor:
@@ -56,6 +61,8 @@ def option_bits(q: torch.Tensor, qbits: int, wbits: int, lay: Layout) -> dict[st
 
     even = w + (w & 1)
     pow2 = torch.where(w <= 2, w, torch.where(w <= 4, 4, torch.where(w <= 8, 8, 16)))
+    per_lane = 16 // w.clamp(min=1)  # 16-bit lane pairs: words per pack = lanes per half of 8 values
+    lanes = torch.where(w == 0, 0, 32 * ((P // 2 + per_lane - 1) // per_lane))
     return {
         "current": total((w * P).sum((-2, -1)), per_pack_min + r * d * wbits),
         "row width": total((w.amax(-1) * P * d).sum(-1), per_pack_min + r * wbits),
@@ -63,7 +70,15 @@ def option_bits(q: torch.Tensor, qbits: int, wbits: int, lay: Layout) -> dict[st
         "block width": total(w.amax((-2, -1)) * P * r * d, per_pack_min + wbits),
         "even widths": total((even * P).sum((-2, -1)), per_pack_min + r * d * wbits),
         "pow2 widths": total((pow2 * P).sum((-2, -1)), per_pack_min + r * d * wbits),
+        "16-bit lane pairs": total(lanes.sum((-2, -1)), per_pack_min + r * d * wbits),
     }
+
+
+def width_shares(q: torch.Tensor, lay: Layout) -> dict[int, float]:
+    """Fraction of packs at each width."""
+    w = pack_stats(q, lay)[1].long().flatten()
+    counts = torch.bincount(w)
+    return {i: round(float(c) / w.numel(), 4) for i, c in enumerate(counts.tolist()) if c}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     values = 2 * nbytes["compressed_tokens"] * args.heads * args.head_dim
     rest_bits = 8 * (nbytes["scale_zero"] + nbytes["offsets"] + nbytes["perm"])
     live = torch.arange(st.block_capacity)[None, :] < st.n_blocks[:, None].long()
-    streams = {}
+    streams, widths = {}, {}
     for name, meta, offsets, s in (("K", st.k_meta, st.k_offsets, lay.k), ("V", st.v_meta, st.v_offsets, lay.v)):
         q = unpack_chunks(meta[live], st.pool, offsets[live], s, lay)
         streams[name] = option_bits(q, s.qbits, s.wbits, lay)
+        widths[name] = width_shares(q, lay)
     current = streams["K"]["current"] + streams["V"]["current"]
     assert current == 8 * (nbytes["payload"] + nbytes["meta"]), "the current option must equal the stored bytes"
     rows = []
@@ -104,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['option']} | {r['k_bits_per_value']:.3f} | {r['v_bits_per_value']:.3f} | "
               f"{r['total_bits_per_value']:.3f} | {r['vs_current']:.3f}x |")  # fmt: skip
+    for name, shares in widths.items():
+        print(f"{name} pack widths: " + ", ".join(f"{w}: {100 * f:.1f}%" for w, f in shares.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, rows=rows), indent=1))
+    args.out.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, rows=rows,
+                                        pack_widths=widths), indent=1))
     return 0
 
 
