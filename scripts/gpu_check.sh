@@ -18,7 +18,8 @@ ls .gpuwheels/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps .gpuw
 par=(); python3 -c "import xdist" 2>/dev/null && par=(-n 8)
 if [[ $what == tests || $what == all ]]; then
   timeout 480 python3 -m pytest -q -p no:cacheprovider "${par[@]}" -m "cuda or not cuda" tests/test_cuda.py tests/test_kernels.py tests/test_rotation.py \
-    tests/test_compile.py::test_compiled_decode_on_cuda ${PACKKV_EXTRA_TESTS:-} 2>&1 | tee "$OUT/tests.log" | tail -25
+    tests/test_compile.py::test_compiled_decode_on_cuda \
+    tests/test_compile.py::test_attention_built_by_parallel_compile_workers_keeps_its_register_cap ${PACKKV_EXTRA_TESTS:-} 2>&1 | tee "$OUT/tests.log" | tail -25
 fi
 if [[ $what == sanitize || $what == all ]]; then
   timeout 560 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \

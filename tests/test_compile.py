@@ -219,6 +219,28 @@ def test_compiled_decode_on_cuda(mode):
     assert regs and max(regs) <= attention_kernel.MAXNREG, regs
 
 
+@pytest.mark.cuda
+def test_attention_built_by_parallel_compile_workers_keeps_its_register_cap():
+    """With Inductor's compile workers (``compile_threads`` > 1, as a plain ``torch.compile`` has), the capped
+    attention is still built in this process (``inductor_compat``), so it keeps its cap."""
+    from packkv.ops.kernels import attention as attention_kernel
+
+    from torch._inductor import config as inductor_config
+    from torch._inductor.async_compile import AsyncCompile, CompiledTritonKernels
+
+    # Compiled afresh, with the worker pool up (Inductor compiles in process until it is): no kernel of an earlier
+    # test from this process's kernel cache or from the FX graph cache's bundled binaries.
+    with inductor_config.patch(compile_threads=4):
+        AsyncCompile.wait_pool_ready()
+    CompiledTritonKernels.cache_clear()
+    ids, mask = prompts(2)
+    kw = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), do_sample=False, max_new_tokens=2, min_new_tokens=2)
+    model = packkv.compile(tiny("llama").cuda(), config=EXACT, options={"compile_threads": 4, "fx_graph_cache": False})
+    model.generate(**kw)
+    regs = kernel_registers(lambda: model.generate(**kw), "_attention_kernel")
+    assert regs and max(regs) <= attention_kernel.MAXNREG, regs
+
+
 def kernel_registers(fn, name: str) -> list[int]:
     """Registers per thread of each launch of the CUDA kernels named ``name`` while ``fn`` runs (profiler trace)."""
     import json

@@ -418,6 +418,30 @@ def test_compiled_launchers_keep_a_kernels_register_cap():
     assert th.config_to_dict(triton.Config({}, maxnreg=96))["maxnreg"] == 96
 
 
+def test_kernels_with_a_register_cap_compile_in_process_the_rest_in_the_workers(monkeypatch):
+    """Inductor's compile workers are fresh processes without ``keep_maxnreg``: a kernel whose generated source sets
+    ``maxnreg`` is built in this process, any other one where Inductor chose (the process pool here)."""
+    from torch._inductor.async_compile import AsyncCompile
+
+    from packkv.ops.kernels.inductor_compat import keep_maxnreg
+
+    assert keep_maxnreg()
+    pools = []
+
+    def record(self, kernel_name, source_code, device_str="cuda"):
+        pools.append((kernel_name, type(self).use_process_pool()))
+        return kernel_name
+
+    monkeypatch.setattr(AsyncCompile, "use_process_pool", classmethod(lambda cls: True))
+    monkeypatch.setattr(AsyncCompile.triton, "__wrapped__", record)  # the wrapped compile, as Inductor's
+    wrapped = AsyncCompile.triton
+    compile_capped = "configs=[{'TILE': 64, 'num_warps': 4, 'num_stages': 1, 'maxnreg': 128}]"
+    assert wrapped(AsyncCompile(), "capped", compile_capped) == "capped"
+    assert wrapped(AsyncCompile(), "plain", "configs=[{'XBLOCK': 128, 'num_warps': 4}]") == "plain"
+    assert pools == [("capped", False), ("plain", True)]
+    assert AsyncCompile.use_process_pool()  # restored after the capped kernel
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_can_rotate_its_query_and_output_in_the_kernels(dtype):
     """On a Hadamard-rotated cache, ``rotate=True`` takes the query and returns the output in the model's

@@ -7,8 +7,9 @@ a compiled model ran uncapped: 233 registers, 2 programs per SM instead of the 4
 assumes, 148-158 us per layer at batch 1 x 64K in the compiled step vs 112 us in the kernel benchmark (H200,
 ``decode_e2e.py --profile`` prints each kernel's registers). ``keep_maxnreg`` patches both, only for configs that
 set a cap (Inductor's own kernels set none: their dicts, cache keys and options are unchanged). Inductor's compile
-workers are fresh processes without the patch, so the PackKV backend compiles graphs holding the attention in
-process (``compile_threads=1``).
+workers are fresh processes without the patch, so ``AsyncCompile.triton`` is wrapped to build kernels whose source
+sets a cap in this process, the rest in the workers as before; the PackKV backend also still compiles graphs holding
+the attention wholly in process (``compile_threads=1``, the path verified on the GPU) until the routing has run there.
 """
 
 from __future__ import annotations
@@ -48,4 +49,36 @@ def keep_maxnreg() -> bool:
 
         _create_compile_options._packkv_keeps_maxnreg = True
         th.CachingAutotuner._create_compile_options = _create_compile_options
-    return th.config_from_dict(th.config_to_dict(probe)).maxnreg == 128 and options is not None
+    routed = _capped_kernels_compile_in_process()
+    return th.config_from_dict(th.config_to_dict(probe)).maxnreg == 128 and options is not None and routed
+
+
+def _capped_kernels_compile_in_process() -> bool:
+    """Wrap ``AsyncCompile.triton`` so a kernel whose generated source sets ``maxnreg`` (only configs that set a cap
+    write it, with ``keep_maxnreg``) skips the compile workers, which would build it without the patch above; any
+    other kernel compiles as before. True when installed."""
+    try:
+        from torch._inductor.async_compile import AsyncCompile
+    except ImportError:
+        return False
+    compile_triton = AsyncCompile.triton
+    if getattr(compile_triton, "_packkv_routes_maxnreg", False):
+        return True
+    if not callable(getattr(AsyncCompile, "use_process_pool", None)):
+        return False
+
+    @functools.wraps(compile_triton)
+    def triton(self, kernel_name, source_code, *args, **kwargs):
+        inner = triton.__wrapped__  # Inductor's compile (looked up per call: tests substitute it)
+        if "maxnreg" not in source_code:
+            return inner(self, kernel_name, source_code, *args, **kwargs)
+        pool = AsyncCompile.__dict__["use_process_pool"]
+        AsyncCompile.use_process_pool = classmethod(lambda cls: False)  # Inductor compiles from one thread
+        try:
+            return inner(self, kernel_name, source_code, *args, **kwargs)
+        finally:
+            AsyncCompile.use_process_pool = pool
+
+    triton._packkv_routes_maxnreg = True
+    AsyncCompile.triton = triton
+    return True
