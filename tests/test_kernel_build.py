@@ -26,12 +26,15 @@ def test_compression_kernels_compile_for_sm90(name):
 
 
 # The attention kernel's switches as the GPU compiles them: the defaults, the decode step's padding mask with the
-# query rows padded to 4, fp32-exact products, and the causal path without prefetch or spans.
+# query rows padded to 4, fp32-exact products, the causal path without prefetch or spans, and the query rows as the
+# products' N dimension.
 ATTENTION_BUILDS = {
     "defaults": [],
     "row_mask_rotate_4_rows": ["HAS_MASK=True", "MASK_ROW=True", "ROTATE=True", "M_PAD=4"],
     "exact": ["EXACT=True"],
     "causal_no_prefetch": ["IS_CAUSAL=True", "PREFETCH=0", "ZERO_SPAN=False"],
+    "rows_as_n_row_mask": ["ROWS_AS_N=True", "M_PAD=4", "HAS_MASK=True", "MASK_ROW=True", "ROTATE=True"],
+    "rows_as_n_exact": ["ROWS_AS_N=True", "EXACT=True"],
 }
 
 

@@ -191,6 +191,39 @@ def _compressed_tile(
 
 
 @triton.jit
+def _compressed_tile_t(
+    kx, vt, m_i, l_i, acc_t, b, v, ks, kz, vs, vz, perm,
+    q_hi_t, q_lo_t, qsum, score_scale, qi, row_ok, hq, out_len, mask_ptr, smb, smh, smq, sml,
+    T: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    EXACT: tl.constexpr, MASK_ROW: tl.constexpr,
+):  # fmt: skip
+    """``_compressed_tile`` with the query rows as the MMAs' N dimension (token groups, ints below 1024): scores
+    ``K @ q^T`` ``[TS, M]`` and ``acc^T += V^T @ P^T`` ``[D, M]``, so the decoded tiles are the A operands and the
+    few query rows are padded to the MMA's 8 columns instead of its 16 rows."""
+    raw = tl.dot(kx, q_hi_t)
+    if EXACT:
+        raw += tl.dot(kx, q_lo_t)
+    s = (raw + kz[:, None] * qsum[None, :]) * ks[:, None]
+    pos = v * T + perm.to(tl.int32)
+    ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
+                       HAS_MASK, MASK_BOOL, IS_CAUSAL, MASK_ROW)  # fmt: skip
+    s = tl.where(tl.trans(ok), s * score_scale[None, :] + tl.trans(add), float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[None, :])
+    alpha = tl.exp2(m_i - m_safe)
+    smax = tl.max(vs, 0)
+    w = p * (vs / smax)[:, None]
+    if EXACT:
+        pv = _dot_split(tl.trans(w), vt)
+        blk = tl.trans(pv)
+    else:
+        blk = tl.dot(tl.trans(vt), w.to(tl.float16))
+    blk = (blk + tl.sum(w * vz[:, None], 0)[None, :]) * smax
+    return m_new, l_i * alpha + tl.sum(p, 0), acc_t * alpha[None, :] + blk
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, acc_ptr, m_ptr, l_ptr,
     pool_ptr, k_meta_ptr, k_off_ptr, k_scale_ptr, k_zero_ptr, v_meta_ptr, v_off_ptr, v_scale_ptr, v_zero_ptr,
@@ -206,7 +239,7 @@ def _attention_kernel(
     FUSED_RED: tl.constexpr = False, BALANCED: tl.constexpr = True, MASK_ROW: tl.constexpr = False,
     EARLY_LOADS: tl.constexpr = True, PAIRS: tl.constexpr = True, ZERO_COUNT: tl.constexpr = True,
     PREFETCH: tl.constexpr = 1, ZERO_SPAN: tl.constexpr = True, ZCHUNK: tl.constexpr = 1024,
-    ROTATE: tl.constexpr = False, ROT_SCALE: tl.constexpr = 1.0,
+    ROTATE: tl.constexpr = False, ROT_SCALE: tl.constexpr = 1.0, ROWS_AS_N: tl.constexpr = False,
 ):  # fmt: skip
     # Tokens per tile: the requested TILE, clamped to whole pack rows within a block.
     TS: tl.constexpr = T if TILE >= T else (P if TILE <= P else TILE)
@@ -274,6 +307,12 @@ def _attention_kernel(
             nxt_k_lo, nxt_k_hi, nxt_v_lo, nxt_v_hi, _kb, _vb = pair_bits(
                 fk, fv, pool_ptr + k_off, pool_ptr + v_off, 0, 0, c_lo < c_hi, P, K_QBITS, V_QBITS, USE_ASM, False,
                 True)  # fmt: skip
+        ROWS_N: tl.constexpr = ROWS_AS_N and K_GROUP != 2 and V_GROUP != 2 and K_QBITS <= 10 and V_QBITS <= 10
+        if ROWS_N:  # the query rows as the MMAs' N dimension in this loop (_compressed_tile_t)
+            acc_t = tl.trans(acc)
+            q_hi_t = tl.trans(q_hi)
+            q_lo_t = tl.trans(q_lo)
+            scale_rows = tl.reshape(score_scale, (M_PAD,))
         for v in range(c_lo, c_hi):
             ks, kz, vs, vz, perm = _tile_side_loads(b, v, kvh, 0, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
                                                     perm_ptr, out_len, NB, H, T, TS, D, K_GROUP, V_GROUP, HAS_MASK,
@@ -295,11 +334,19 @@ def _attention_kernel(
             k_off, v_off = k_off_n, v_off_n
             kx, vt = pair_values(fk_c, fv_c, cur_k_lo, cur_k_hi, cur_v_lo, cur_v_hi, TS, D, P, K_QBITS, V_QBITS,
                                  USE_ASM, CHANNEL_ROWS, PAIRS)  # fmt: skip
-            m_i, l_i, acc = _compressed_tile(
-                kx, vt, m_i, l_i, acc, b, v, ks, kz, vs, vz, perm,
-                qn, q_hi, q_lo, qsum, score_scale, qi, row_ok, hq, out_len, mask_ptr, smb, smh, smq, sml,
-                T, TS, D, K_QBITS, K_GROUP, V_QBITS, V_GROUP, HAS_MASK, MASK_BOOL, IS_CAUSAL, DOT, EXACT, FUSED_RED,
-                MASK_ROW)
+            if ROWS_N:
+                m_i, l_i, acc_t = _compressed_tile_t(
+                    kx, vt, m_i, l_i, acc_t, b, v, ks, kz, vs, vz, perm,
+                    q_hi_t, q_lo_t, qsum, scale_rows, qi, row_ok, hq, out_len, mask_ptr, smb, smh, smq, sml,
+                    T, HAS_MASK, MASK_BOOL, IS_CAUSAL, EXACT, MASK_ROW)  # fmt: skip
+            else:
+                m_i, l_i, acc = _compressed_tile(
+                    kx, vt, m_i, l_i, acc, b, v, ks, kz, vs, vz, perm,
+                    qn, q_hi, q_lo, qsum, score_scale, qi, row_ok, hq, out_len, mask_ptr, smb, smh, smq, sml,
+                    T, TS, D, K_QBITS, K_GROUP, V_QBITS, V_GROUP, HAS_MASK, MASK_BOOL, IS_CAUSAL, DOT, EXACT,
+                    FUSED_RED, MASK_ROW)  # fmt: skip
+        if ROWS_N:
+            acc = tl.trans(acc_t)
         c_hi = c_lo  # done: the loop below runs no iteration
     for v in range(c_lo, c_hi):  # compressed blocks
         chunk = (b * NB + v) * H + kvh
@@ -489,6 +536,7 @@ def attention(
     zero_chunk: int = 1024,
     rotate: bool = False,
     min_rows: int = 16,
+    rows_as_n: bool = False,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(q, *decompress(st, out_len), attn_mask=mask, ...)`` without materialising K/V.
 
@@ -519,6 +567,10 @@ def attention(
     * ``min_rows``: the query rows (``n_rep x TQ``, 4 in Llama-3.1-8B's decode) padded to at least this many. The
       MMAs pad to 16 rows either way; fewer padded rows shrink the softmax and the accumulator (sm_90 loop 1,443
       vs 1,479 instructions, spills 500 vs 872 bytes at 4 rows; ``scripts/kernel_sass.py M_PAD=4``; untimed);
+      ``rows_as_n``: on token-grouped K and V (the defaults) the compressed blocks compute ``K @ q^T`` and
+      ``acc^T += V^T @ P^T``: the decoded tiles are the MMAs' A operands and the query rows their N dimension
+      (padded to 8, not 16): with ``min_rows=1`` 1,319 loop instructions vs 1,479 (a decode step's bool row mask
+      with in-kernel rotations: 1,401 vs 1,504); untimed, so off;
     * ``skip_decode`` (benchmarks only, wrong results) replaces value extraction by a constant to show what the
       rest of the kernel costs.
 
@@ -570,7 +622,7 @@ def attention(
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=precision, USE_ASM=not INTERPRET,
         PACKWISE=packwise, WINDOWS=windows, EXACT=q.dtype == torch.float32 if exact is None else exact, SKIP_DECODE=skip_decode,
-        CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, EARLY_LOADS=early_loads, PAIRS=pairs, ZERO_COUNT=zero_count, PREFETCH=prefetch, ZERO_SPAN=zero_span, ZCHUNK=zero_chunk, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), BALANCED=balanced, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
+        ROWS_AS_N=rows_as_n, CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, EARLY_LOADS=early_loads, PAIRS=pairs, ZERO_COUNT=zero_count, PREFETCH=prefetch, ZERO_SPAN=zero_span, ZCHUNK=zero_chunk, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), BALANCED=balanced, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
             min(max(sub_tile, lay.pack_size), T), D, lay.pack_size, lay.k.qbits, lay.v.qbits), **meta,
     )  # fmt: skip
     out = torch.empty(B, HQ, TQ, D, dtype=q.dtype, device=q.device)
