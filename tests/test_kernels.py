@@ -218,21 +218,22 @@ def test_attention_matches_the_reference(n_rep, mask_kind):
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("n_rep", [1, 4])
 @pytest.mark.parametrize("mask_kind", [None, "bool_row", "float", "causal"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_query_rows_as_the_products_n_dimension_match_the_reference(mask_kind, dtype):
+def test_query_rows_as_the_products_n_dimension_match_the_reference(mask_kind, dtype, n_rep):
     """``rows_as_n``: on token-grouped K and V the compressed tiles compute ``K @ q^T`` and ``V^T @ P^T``, the few
     query rows of a KV group being the MMAs' N dimension; same results (fp32 queries within fp32 rounding, bf16
     queries within their fp16 products' rounding, as the default)."""
     ref, ker, _, _ = build(PackKVConfig(block_size=32, window=32, rotation="none"), [110, 1, 1], heads=2)
     tq = 1 if mask_kind in (None, "bool_row") else 2
     out_len = 112 + 20
-    q = torch.randn(2, 8, tq, 64, device=DEV)
+    q = torch.randn(2, 2 * n_rep, tq, 64, device=DEV)
     mask = None
     if mask_kind == "bool_row":
         mask = torch.rand(2, 1, 1, out_len, device=DEV) > 0.3
     elif mask_kind == "float":
-        mask = torch.randn(1, 8, tq, out_len, device=DEV)
+        mask = torch.randn(1, 2 * n_rep, tq, out_len, device=DEV)
     causal = mask_kind == "causal"
     want = gpu.attention(q.to(dtype), ker, out_len, mask, causal, 0.17, splits=3)
     tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
