@@ -483,6 +483,10 @@ TILE, MAXNREG, NUM_WARPS, WAVES = 64, 128, 4, 1
 # The next block's offsets and metadata fields are loaded an iteration ahead (2% in two runs on the H200,
 # variants_h200_2026-12-04g); prefetching its payload words too (2) costs registers and spills more than it hides.
 PREFETCH = 1
+# The query rows' padding (``min_rows``) and their place in the products (``rows_as_n``), read at each call so a
+# benchmark can switch them for a whole compiled model (decode_e2e.py --rows-as-n). Untimed on the GPU, so off.
+MIN_ROWS = 16
+ROWS_AS_N = False
 SPLIT_FACTOR = 8  # the former rule's programs per SM (benchmark variant: split_factor=8)
 # ops.attention on a Hadamard-rotated cache: rotate the query and the output inside the attention and merge kernels
 # (rotate=True) instead of two fused Inductor kernels per layer around the op (~3 us each at batch 1, 64 graph
@@ -535,8 +539,8 @@ def attention(
     zero_span: bool = True,
     zero_chunk: int = 1024,
     rotate: bool = False,
-    min_rows: int = 16,
-    rows_as_n: bool = False,
+    min_rows: int | None = None,
+    rows_as_n: bool | None = None,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(q, *decompress(st, out_len), attn_mask=mask, ...)`` without materialising K/V.
 
@@ -578,6 +582,8 @@ def attention(
     than their own rounding."""
     lay = st.layout
     B, HQ, TQ, D = q.shape
+    min_rows = MIN_ROWS if min_rows is None else min_rows
+    rows_as_n = ROWS_AS_N if rows_as_n is None else rows_as_n
     if rotate and D > ROTATE_MAX_DIM:
         raise ValueError(f"rotate=True needs head_dim <= {ROTATE_MAX_DIM}, got {D}: rotate around the kernel")
     H, T = lay.num_heads, lay.block_size
