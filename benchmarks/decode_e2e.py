@@ -305,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rotate-around-kernel", action="store_true",
                    help="PackKV: the query/output rotations as Inductor kernels around the attention op, not inside "
                         "its kernels (attention.ROTATE_IN_KERNEL=False; before 2026-12-04h)")
-    p.add_argument("--rows-as-n", action="store_true",
-                   help="PackKV: the attention's query rows padded to 4 and as the products' N dimension "
-                        "(attention.MIN_ROWS=1, ROWS_AS_N=True; a variant)")
+    p.add_argument("--rows-as-16", action="store_true",
+                   help="PackKV: the attention's query rows padded to 16 and as the products' M dimension "
+                        "(attention.MIN_ROWS=16, ROWS_AS_N=False; before 2026-12-04i)")
     p.add_argument("--watchdog", type=float, default=0, help="dump Python stacks every N s (diagnosing stalls)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_e2e")
     args = p.parse_args(argv)
@@ -316,10 +316,10 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.basicConfig(format="%(name)s: %(message)s")
         logging.getLogger("packkv.ops.kernels.attention").setLevel(logging.DEBUG)
-    if args.rows_as_n:
+    if args.rows_as_16:
         from packkv.ops.kernels import attention as attention_kernel
 
-        attention_kernel.MIN_ROWS, attention_kernel.ROWS_AS_N = 1, True
+        attention_kernel.MIN_ROWS, attention_kernel.ROWS_AS_N = 16, False
     if args.rotate_around_kernel:
         from packkv.ops.kernels import attention as attention_kernel
 

@@ -41,14 +41,8 @@ def packkv_backend(
 
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(options or {})
-    on_gpu = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
-    if on_gpu and holds_attention(gm) and "compile_threads" not in patches:
-        # The attention's register cap survives Inductor only in this process (packkv_ops/kernels/
-        # inductor_compat.py): its compile workers would build it uncapped, at half the programs per SM.
-        from packkv.ops.kernels.inductor_compat import keep_maxnreg
-
-        if keep_maxnreg():
-            patches["compile_threads"] = 1
+    # No compile_threads patch: the attention's register cap survives Inductor's compile workers (packkv_ops/
+    # kernels/inductor_compat.py builds kernels that set one in this process; verified on the H200, 2026-12-04i).
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 

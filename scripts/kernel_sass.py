@@ -1,6 +1,9 @@
 """Compile a PackKV Triton kernel for sm_90 on a machine without a GPU and summarise its SASS.
 
-    python scripts/kernel_sass.py attention [--dump out.sass]
+    python scripts/kernel_sass.py [NAME=value ...] [--maxnreg 128] [--dump out.sass]
+
+NAME=value overrides a constexpr of the attention kernel (the launcher's defaults otherwise, e.g. M_PAD=16
+ROWS_AS_N=False for the rows as before 2026-12-04i). SASS_LINES=1 keeps the source lines in the dump.
 
 Developer tool: instruction counts are the cheap proxy for the per-element cost that bounds these kernels
 (``packkv_ops/kernels/NOTES.md``); times only come from the GPU. Uses the ptxas/nvdisasm that ship with Triton.
@@ -28,7 +31,8 @@ def attention_source(overrides: dict, d: int = 128, k_rel: float = 0.1, v_rel: f
     lay = Layout.from_config(cfg, num_heads=8, head_dim=d)
     kernel = A._attention_kernel
     consts = dict(
-        T=lay.block_size, D=d, P=lay.pack_size, TILE=32, M_PAD=16,
+        # The launcher's defaults for Llama-3.1-8B's decode (4 query rows per KV head).
+        T=lay.block_size, D=d, P=lay.pack_size, TILE=A.TILE, M_PAD=max(A.MIN_ROWS, 4), ROWS_AS_N=A.ROWS_AS_N,
         K_QBITS=lay.k.qbits, K_MBITS=lay.k.mbits, K_MW=lay.meta_words(lay.k), K_GROUP=lay.k.grouping,
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
         HAS_MASK=False, MASK_BOOL=True, IS_CAUSAL=False, DOT=A.DOT_PRECISION, USE_ASM=True, PACKWISE=True, EXACT=False,

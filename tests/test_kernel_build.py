@@ -25,16 +25,17 @@ def test_compression_kernels_compile_for_sm90(name):
     assert f"{name} ok" in done.stdout
 
 
-# The attention kernel's switches as the GPU compiles them: the defaults, the decode step's padding mask with the
-# query rows padded to 4, fp32-exact products, the causal path without prefetch or spans, and the query rows as the
-# products' N dimension.
+# The attention kernel's switches as the GPU compiles them: the launcher's defaults (the query rows as the
+# products' N dimension, padded to 4), the decode step's padding mask with in-kernel rotations, fp32-exact products,
+# the causal path without prefetch or spans, a whole 16-row MHA-style query block, and the rows as the M dimension.
 ATTENTION_BUILDS = {
     "defaults": [],
-    "row_mask_rotate_4_rows": ["HAS_MASK=True", "MASK_ROW=True", "ROTATE=True", "M_PAD=4"],
+    "row_mask_rotate": ["HAS_MASK=True", "MASK_ROW=True", "ROTATE=True"],
     "exact": ["EXACT=True"],
     "causal_no_prefetch": ["IS_CAUSAL=True", "PREFETCH=0", "ZERO_SPAN=False"],
-    "rows_as_n_row_mask": ["ROWS_AS_N=True", "M_PAD=4", "HAS_MASK=True", "MASK_ROW=True", "ROTATE=True"],
-    "rows_as_n_exact": ["ROWS_AS_N=True", "EXACT=True"],
+    "rows_as_n_16_rows": ["M_PAD=16"],
+    "rows_as_m_row_mask_rotate": ["ROWS_AS_N=False", "HAS_MASK=True", "MASK_ROW=True", "ROTATE=True"],
+    "rows_as_m_16_rows_exact": ["ROWS_AS_N=False", "M_PAD=16", "EXACT=True"],
 }
 
 

@@ -483,10 +483,12 @@ TILE, MAXNREG, NUM_WARPS, WAVES = 64, 128, 4, 1
 # The next block's offsets and metadata fields are loaded an iteration ahead (2% in two runs on the H200,
 # variants_h200_2026-12-04g); prefetching its payload words too (2) costs registers and spills more than it hides.
 PREFETCH = 1
-# The query rows' padding (``min_rows``) and their place in the products (``rows_as_n``), read at each call so a
-# benchmark can switch them for a whole compiled model (decode_e2e.py --rows-as-n). Untimed on the GPU, so off.
-MIN_ROWS = 16
-ROWS_AS_N = False
+# The query rows' padding (``min_rows``: to a power of two, not to 16) and their place in the products
+# (``rows_as_n``: K @ q^T and V^T @ P^T, the rows as the MMAs' N dimension), read at each call so a benchmark can
+# switch them for a whole compiled model (decode_e2e.py --rows-as-16 for the old). Together 0.338 / 0.173 ms vs 0.394 / 0.201
+# (B8/32K, B1/128K; H200, variants_h200_2026-12-04i): loop 1,319 vs 1,479 sm_90 instructions.
+MIN_ROWS = 1
+ROWS_AS_N = True
 SPLIT_FACTOR = 8  # the former rule's programs per SM (benchmark variant: split_factor=8)
 # ops.attention on a Hadamard-rotated cache: rotate the query and the output inside the attention and merge kernels
 # (rotate=True) instead of two fused Inductor kernels per layer around the op (~3 us each at batch 1, 64 graph
@@ -568,13 +570,14 @@ def attention(
     * ``rotate``: ``q`` and the result are in the model's coordinates and the cache is Hadamard-rotated: the
       kernel rotates the query and the merge rotates the output back (``rotate(attention(rotate(q)))``, without
       two Inductor kernels per layer around the op); False: the caller rotates;
-    * ``min_rows``: the query rows (``n_rep x TQ``, 4 in Llama-3.1-8B's decode) padded to at least this many. The
-      MMAs pad to 16 rows either way; fewer padded rows shrink the softmax and the accumulator (sm_90 loop 1,443
-      vs 1,479 instructions, spills 500 vs 872 bytes at 4 rows; ``scripts/kernel_sass.py M_PAD=4``; untimed);
-      ``rows_as_n``: on token-grouped K and V (the defaults) the compressed blocks compute ``K @ q^T`` and
-      ``acc^T += V^T @ P^T``: the decoded tiles are the MMAs' A operands and the query rows their N dimension
-      (padded to 8, not 16): with ``min_rows=1`` 1,319 loop instructions vs 1,479 (a decode step's bool row mask
-      with in-kernel rotations: 1,401 vs 1,504); untimed, so off;
+    * ``min_rows`` (None: ``MIN_ROWS``, 1): the query rows (``n_rep x TQ``, 4 in Llama-3.1-8B's decode) padded
+      to a power of two of at least this many (16: the former default). Alone, the MMAs still pad to 16 rows but
+      the softmax and the accumulator shrink (sm_90 loop 1,443 vs 1,479 instructions at 4 rows); ``rows_as_n``
+      (None: ``ROWS_AS_N``, True): on token-grouped K and V (the defaults) the compressed blocks compute ``K @
+      q^T`` and ``acc^T += V^T @ P^T``: the decoded tiles are the MMAs' A operands and the query rows their N
+      dimension (padded to 8, not 16): with ``min_rows=1`` 1,319 loop instructions vs 1,479 (a decode step's bool
+      row mask with in-kernel rotations: 1,401 vs 1,504), 0.338 / 0.173 ms vs 0.394 / 0.201 at B8/32K, B1/128K
+      (H200, 2026-12-04i); other groupings keep the rows as the M dimension;
     * ``skip_decode`` (benchmarks only, wrong results) replaces value extraction by a constant to show what the
       rest of the kernel costs.
 
