@@ -9,7 +9,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource
 
 from packkv.ops import Layout, PackKVConfig
-from packkv.ops.kernels import pack, quantize, token
+from packkv.ops.kernels import matvec, pack, quantize, token
 from packkv.ops.kernels._launch import next_pow2
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -58,6 +58,12 @@ def compression_kernels(name: str) -> None:
     for rotate in (False, True):  # the decode-token kernel with and without its Hadamard product
         compile_for_hopper(token._append_token_kernel, dict(T=T, D=D, HP=max(16, next_pow2(lay.num_heads)),
                            ROTATE=rotate, NATIVE=True), rings | {"inv_sqrt": "fp32"})  # fmt: skip
+    for stream, s in (("k", lay.k), ("v", lay.v)):  # the paper's mat-vec pair decoded as the attention decodes
+        if matvec.windows_fit(lay, stream):
+            kernel = matvec._k_matvec_windows_kernel if stream == "k" else matvec._v_matvec_windows_kernel
+            compile_for_hopper(kernel, dict(T=T, D=D, P=P, QBITS=s.qbits, MBITS=s.mbits, MW=lay.meta_words(s),
+                               GROUP=s.grouping, USE_ASM=True), {"q_ptr": "*bf16", "w_ptr": "*fp32",
+                               "out_ptr": "*fp32", "scale_ptr": "*bf16", "zero_ptr": "*i16"})  # fmt: skip
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or sorted(CONFIGS):

@@ -4,6 +4,13 @@
 ``v_matvec``: ``sum_n w_n v_hat_n`` for weights given in storage order. Twins: ``reference_k_matvec`` and
 ``reference_v_matvec`` below. The fused attention kernel is what the cache uses; these exist to compare with
 the paper's ``torch.matmul`` GEMV protocol.
+
+Two kernel pairs: one program per block decoding value by value (``decode_chunk``, the first GPU decode), and
+(``windows=True``) programs that each take a run of blocks and decode them as the attention does
+(``tiles.decode_block_windows``), with the products on tensor cores: the exact fp16 ints times the fp16 halves
+(hi + lo) of the pow2-normalized query or weights, fp32 accumulation, so fp32-accurate like the first pair.
+The windows pair needs what the attention's fast path needs (packs of <= 64 bits, ints below 1024) and token
+groups; other layouts take the first pair.
 """
 
 from __future__ import annotations
@@ -13,9 +20,14 @@ import triton
 import triton.language as tl
 
 from ..codec import dequantize_blocks, unpack_chunks
+from ..layout import Layout
 from ..storage import PackedLayer
-from ._launch import launch
-from .tiles import decode_chunk
+from ._launch import INTERPRET, launch, num_sms, resident_programs
+from .attention import _pow2_normalizer, _split
+from .tiles import decode_block_windows, decode_chunk, group_scale_rows
+
+# Untimed on the GPU (2026-12-04i: written and interpreter-tested without one), so the first pair stays the default.
+WINDOWS = False
 
 
 @triton.jit
@@ -50,6 +62,80 @@ def _v_matvec_kernel(
     tl.store(out_ptr + (pid * NB + n) * D + tl.arange(0, D), tl.sum(v * w[:, None], 0))
 
 
+@triton.jit
+def _block_range(split, n_blocks, NS):
+    per = tl.cdiv(n_blocks, NS)
+    lo = tl.minimum(split * per, n_blocks)
+    return lo, tl.minimum(lo + per, n_blocks)
+
+
+@triton.jit
+def _k_matvec_windows_kernel(
+    q_ptr, out_ptr, pool_ptr, meta_ptr, off_ptr, scale_ptr, zero_ptr, NB, H, n_blocks, NS,
+    T: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr, MBITS: tl.constexpr,
+    MW: tl.constexpr, GROUP: tl.constexpr, USE_ASM: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    b = pid // H
+    kvh = pid % H
+    # q . (Q + z) s = s (q . Q + z sum(q)): the ints times the normalized query, scale and zero on the scores.
+    q = tl.load(q_ptr + pid * D + tl.arange(0, D))[None, :].to(tl.float32)
+    inv = tl.sum(_pow2_normalizer(q), 0)  # exact scaling: the fp16 halves keep ~22 bits of each element
+    qn = q * inv
+    qsum = tl.sum(tl.sum(qn, 1), 0)
+    q_hi, q_lo = _split(qn)
+    q_hi_t = tl.trans(q_hi)
+    q_lo_t = tl.trans(q_lo)
+    lo, hi = _block_range(tl.program_id(1), n_blocks, NS)
+    for n in range(lo, hi):
+        chunk = (b * NB + n) * H + kvh
+        base = pool_ptr + tl.load(off_ptr + chunk)
+        x = decode_block_windows(base, meta_ptr + chunk * MW, T, D, P, QBITS, MBITS, USE_ASM)
+        raw = tl.sum(tl.dot(x, q_hi_t) + tl.dot(x, q_lo_t), 1)
+        s, z = group_scale_rows(scale_ptr, zero_ptr, b, n, kvh, NB, H, 0, T, T, D, GROUP)
+        tl.store(out_ptr + (pid * NB + n) * T + tl.arange(0, T), (raw + z * qsum) * s / inv)
+
+
+@triton.jit
+def _v_matvec_windows_kernel(
+    w_ptr, out_ptr, pool_ptr, meta_ptr, off_ptr, scale_ptr, zero_ptr, NB, H, n_blocks, NS,
+    T: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr, MBITS: tl.constexpr,
+    MW: tl.constexpr, GROUP: tl.constexpr, USE_ASM: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // H
+    kvh = pid % H
+    # sum_t w_t (Q_t + z_t) s_t = Q^T u + sum_t u_t z_t with u = w s: the ints times the block's normalized u.
+    acc = tl.zeros((D, 1), tl.float32)
+    lo, hi = _block_range(split, n_blocks, NS)
+    for n in range(lo, hi):
+        chunk = (b * NB + n) * H + kvh
+        base = pool_ptr + tl.load(off_ptr + chunk)
+        x = decode_block_windows(base, meta_ptr + chunk * MW, T, D, P, QBITS, MBITS, USE_ASM)
+        s, z = group_scale_rows(scale_ptr, zero_ptr, b, n, kvh, NB, H, 0, T, T, D, GROUP)
+        u = tl.load(w_ptr + (pid * n_blocks + n) * T + tl.arange(0, T)).to(tl.float32) * s
+        inv = tl.sum(_pow2_normalizer(u[None, :]), 0)
+        u_hi, u_lo = _split((u * inv)[:, None])
+        xt = tl.trans(x)
+        acc += (tl.dot(xt, u_hi) + tl.dot(xt, u_lo)) / inv + tl.sum(u * z, 0)
+    tl.store(out_ptr + (pid * NS + split) * D + tl.arange(0, D), tl.sum(acc, 1))
+
+
+def windows_fit(lay: Layout, stream: str) -> bool:
+    """Whether the windows pair decodes this stream: token groups, packs of <= 64 bits, ints below 1024."""
+    s = getattr(lay, stream)
+    return s.grouping != 2 and lay.pack_size * s.qbits <= 64 and s.qbits <= 10
+
+
+def _splits(st: PackedLayer, device: torch.device, n_blocks: int) -> int:
+    """Runs of blocks per (sequence, head): one wave of resident 4-warp programs. The kernels run with
+    ``num_stages=1``: Triton's pipelining of the block loop (cp.async copies through shared memory) takes their sm_90
+    loops from 629 / 656 to 999 / 869 instructions per block (K / V)."""
+    slots = resident_programs(device, 4, None) * num_sms(device)
+    return max(1, min(n_blocks, slots // (st.batch * st.layout.num_heads)))
+
+
 def _args(st: PackedLayer, stream: str):
     lay = st.layout
     s = getattr(lay, stream)
@@ -59,18 +145,34 @@ def _args(st: PackedLayer, stream: str):
     return tensors, consts
 
 
-def k_matvec(q: torch.Tensor, st: PackedLayer, n_blocks: int) -> torch.Tensor:
+def k_matvec(q: torch.Tensor, st: PackedLayer, n_blocks: int, windows: bool | None = None) -> torch.Tensor:
     """Scores ``[B, H, n_blocks * T]`` of queries ``q[B, H, D]`` against the first ``n_blocks`` blocks."""
     B, H = st.batch, st.layout.num_heads
     out = torch.empty(B, H, st.block_capacity * st.layout.block_size, dtype=torch.float32, device=q.device)
     tensors, consts = _args(st, "k")
-    launch(_k_matvec_kernel)[(B * H, n_blocks)](q.contiguous(), out, st.pool, *tensors, st.block_capacity, H, **consts)
+    if (WINDOWS if windows is None else windows) and windows_fit(st.layout, "k") and n_blocks > 0:
+        ns = _splits(st, q.device, n_blocks)
+        launch(_k_matvec_windows_kernel)[(B * H, ns)](
+            q.contiguous(), out, st.pool, *tensors, st.block_capacity, H, n_blocks, ns, USE_ASM=not INTERPRET,
+            num_warps=4, num_stages=1, **consts,
+        )  # fmt: skip
+    else:
+        launch(_k_matvec_kernel)[(B * H, n_blocks)](q.contiguous(), out, st.pool, *tensors, st.block_capacity, H, **consts)
     return out[:, :, : n_blocks * st.layout.block_size]
 
 
-def v_matvec(w: torch.Tensor, st: PackedLayer, n_blocks: int) -> torch.Tensor:
+def v_matvec(w: torch.Tensor, st: PackedLayer, n_blocks: int, windows: bool | None = None) -> torch.Tensor:
     """``sum_n w[b, h, n] * v_hat[b, h, n]`` over the first ``n_blocks`` blocks: ``[B, H, D]`` (fp32)."""
     B, H, D, T = st.batch, st.layout.num_heads, st.layout.head_dim, st.layout.block_size
+    if (WINDOWS if windows is None else windows) and windows_fit(st.layout, "v") and n_blocks > 0:
+        tensors, consts = _args(st, "v")
+        ns = _splits(st, w.device, n_blocks)
+        part = torch.empty(B, H, ns, D, dtype=torch.float32, device=w.device)
+        launch(_v_matvec_windows_kernel)[(B * H, ns)](
+            w[..., : n_blocks * T].contiguous(), part, st.pool, *tensors, st.block_capacity, H, n_blocks, ns,
+            USE_ASM=not INTERPRET, num_warps=4, num_stages=1, **consts,
+        )  # fmt: skip
+        return part.sum(2)
     wpad = torch.zeros(B, H, st.block_capacity * T, dtype=torch.float32, device=w.device)
     wpad[:, :, : w.shape[-1]] = w
     part = torch.empty(B, H, st.block_capacity, D, dtype=torch.float32, device=w.device)

@@ -461,6 +461,21 @@ def decode_pair_windows(
     return kx, vt, k_next, v_next
 
 
+@triton.jit
+def decode_block_windows(
+    base_ptr, meta_ptr, T: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr,
+    MBITS: tl.constexpr, USE_ASM: tl.constexpr,
+):  # fmt: skip
+    """One stream's exact fp16 ints ``[T, D]`` of a whole block, decoded as the attention decodes a tile (fields
+    read flat, one prefix scan for the pack starts, two 32-bit windows per pack, values two per asm block): for
+    kernels that read one stream (the paper's mat-vec pair). Packs of <= 64 bits, ints below 1024."""
+    i = tl.arange(0, (T // P) * D)
+    f = read_bits(meta_ptr, i * MBITS, MBITS)
+    size = (f >> QBITS) * P
+    lo, hi = _pack_bits(base_ptr, tl.cumsum(size, 0) - size, size, USE_ASM)
+    return _window_values(f, lo, hi, T, D, P, QBITS, USE_ASM)
+
+
 def paired_scan_fits(ts: int, d: int, p: int, k_qbits: int, v_qbits: int) -> bool:
     """Whether ``decode_pair_windows`` applies: both streams take the window extraction (packs of <= 64 bits,
     ints below 1024) and a tile's packs hold fewer than 2^16 bits per stream (its 16-bit lanes cannot carry)."""
