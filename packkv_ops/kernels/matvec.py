@@ -73,7 +73,7 @@ def _block_range(split, n_blocks, NS):
 def _k_matvec_windows_kernel(
     q_ptr, out_ptr, pool_ptr, meta_ptr, off_ptr, scale_ptr, zero_ptr, NB, H, n_blocks, NS,
     T: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr, MBITS: tl.constexpr,
-    MW: tl.constexpr, GROUP: tl.constexpr, USE_ASM: tl.constexpr,
+    MW: tl.constexpr, GROUP: tl.constexpr, USE_ASM: tl.constexpr, EXACT: tl.constexpr = True,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = pid // H
@@ -91,7 +91,10 @@ def _k_matvec_windows_kernel(
         chunk = (b * NB + n) * H + kvh
         base = pool_ptr + tl.load(off_ptr + chunk)
         x = decode_block_windows(base, meta_ptr + chunk * MW, T, D, P, QBITS, MBITS, USE_ASM)
-        raw = tl.sum(tl.dot(x, q_hi_t) + tl.dot(x, q_lo_t), 1)
+        raw = tl.dot(x, q_hi_t)
+        if EXACT:  # a bf16 / fp16 query is exact in its fp16 high half (pow2-normalized): no second product
+            raw += tl.dot(x, q_lo_t)
+        raw = tl.sum(raw, 1)
         s, z = group_scale_rows(scale_ptr, zero_ptr, b, n, kvh, NB, H, 0, T, T, D, GROUP)
         tl.store(out_ptr + (pid * NB + n) * T + tl.arange(0, T), (raw + z * qsum) * s / inv)
 
@@ -131,7 +134,7 @@ def windows_fit(lay: Layout, stream: str) -> bool:
 def _splits(st: PackedLayer, device: torch.device, n_blocks: int) -> int:
     """Runs of blocks per (sequence, head): one wave of resident 4-warp programs. The kernels run with
     ``num_stages=1``: Triton's pipelining of the block loop (cp.async copies through shared memory) takes their sm_90
-    loops from 629 / 656 to 999 / 869 instructions per block (K / V)."""
+    loops from 616 / 656 to 999 / 869 instructions per block (K with an fp32 query / V; a bf16 query: 565)."""
     slots = resident_programs(device, 4, None) * num_sms(device)
     return max(1, min(n_blocks, slots // (st.batch * st.layout.num_heads)))
 
@@ -154,7 +157,7 @@ def k_matvec(q: torch.Tensor, st: PackedLayer, n_blocks: int, windows: bool | No
         ns = _splits(st, q.device, n_blocks)
         launch(_k_matvec_windows_kernel)[(B * H, ns)](
             q.contiguous(), out, st.pool, *tensors, st.block_capacity, H, n_blocks, ns, USE_ASM=not INTERPRET,
-            num_warps=4, num_stages=1, **consts,
+            EXACT=q.dtype == torch.float32, num_warps=4, num_stages=1, **consts,
         )  # fmt: skip
     else:
         launch(_k_matvec_kernel)[(B * H, n_blocks)](q.contiguous(), out, st.pool, *tensors, st.block_capacity, H, **consts)
