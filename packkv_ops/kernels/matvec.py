@@ -171,8 +171,10 @@ def v_matvec(w: torch.Tensor, st: PackedLayer, n_blocks: int, windows: bool | No
         tensors, consts = _args(st, "v")
         ns = _splits(st, w.device, n_blocks)
         part = torch.empty(B, H, ns, D, dtype=torch.float32, device=w.device)
+        if w.shape[-1] != n_blocks * T:  # as the per-value pair reads it: missing weights are zeros
+            w = torch.nn.functional.pad(w[..., : n_blocks * T], (0, max(0, n_blocks * T - w.shape[-1])))
         launch(_v_matvec_windows_kernel)[(B * H, ns)](
-            w[..., : n_blocks * T].contiguous(), part, st.pool, *tensors, st.block_capacity, H, n_blocks, ns,
+            w.contiguous(), part, st.pool, *tensors, st.block_capacity, H, n_blocks, ns,
             USE_ASM=not INTERPRET, num_warps=4, num_stages=1, **consts,
         )  # fmt: skip
         return part.sum(2)
