@@ -227,20 +227,19 @@ VARIANTS = {  # name -> attention() keyword arguments, each a change from the de
     "  maxnreg 96": dict(maxnreg=96),
     "  maxnreg 80": dict(maxnreg=80),
     "  maxnreg 168": dict(maxnreg=168),
-    # The 4 query rows of a GQA group padded to 4, not 16 (the MMAs pad anyway): smaller softmax and accumulator,
-    # sm_90 loop 1,443 vs 1,479 instructions, spills 500 vs 872 bytes; at maxnreg 96 (5 per SM) 1,484 (untimed).
-    "  query rows padded to 4, not 16 (min_rows)": dict(min_rows=1),
-    "  query rows padded to 4, maxnreg 96": dict(min_rows=1, maxnreg=96),
-    # The query rows as the MMAs' N dimension (K @ q^T, V^T @ P^T): loop 1,319 vs 1,479 instructions (untimed).
-    "  query rows as the products' N dimension, padded to 4 (rows_as_n)": dict(rows_as_n=True, min_rows=1),
-    "  query rows as the products' N dimension, padded to 16": dict(rows_as_n=True),
-    "  rows_as_n, 4 rows, maxnreg 96 (5 per SM; loop 1,371)": dict(rows_as_n=True, min_rows=1, maxnreg=96),
-    "  rows_as_n, 4 rows, with a decode mask": dict(rows_as_n=True, min_rows=1, with_mask=True),
+    # The query rows: since 2026-12-04i padded to 4 (Llama's GQA group) and the MMAs' N dimension (K @ q^T,
+    # V^T @ P^T; loop 1,319 instructions); before, padded to 16 as the M dimension (1,479), and padded to 4 as the M
+    # dimension (1,443; the MMAs pad to 16 anyway). 0.338 / 0.173 vs 0.394 / 0.201 and 0.379 / 0.192 (H200).
+    "  query rows as the M dimension, padded to 16 (before 2026-12-04i)": dict(rows_as_n=False, min_rows=16),
+    "  query rows as the M dimension, padded to 4": dict(rows_as_n=False, min_rows=1),
+    "  query rows as the M dimension, padded to 4, maxnreg 96": dict(rows_as_n=False, min_rows=1, maxnreg=96),
     "  8 warps": dict(num_warps=8),
     "  8 warps, maxnreg 96": dict(num_warps=8, maxnreg=96),
     "  8 warps, maxnreg 64": dict(num_warps=8, maxnreg=64),
     "  num_stages 2 (Triton's software pipelining)": dict(num_stages=2),
-    "  paired softmax/scale reductions (4 fewer barriers per block)": dict(fused_reductions=True),
+    # Paired reductions exist on the rows-as-M path only (on rows_as_n they cost instructions: 1,374 vs 1,319).
+    "  rows as M, paired softmax/scale reductions (4 fewer barriers per block)": dict(
+        fused_reductions=True, rows_as_n=False, min_rows=16),
     "  no value extraction (wrong results: what the rest costs)": dict(skip_decode=True),
     # What the in-kernel rotations (ops ROTATE_IN_KERNEL) add to the attention; they replace two Inductor kernels
     # of ~4.2 + 2.4 us per layer at batch 1 (04g profile). The cache here is not rotated: the error column is large.

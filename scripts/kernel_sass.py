@@ -42,6 +42,8 @@ def attention_source(overrides: dict, d: int = 128, k_rel: float = 0.1, v_rel: f
     consts.update({p.name: p.default for p in kernel.params if p.is_constexpr and p.name not in consts
                    and p.has_default})
     consts.update(overrides)
+    if "ROWS_AS_N" not in overrides:  # as the launcher decides it
+        consts["ROWS_AS_N"] = A.ROWS_AS_N and consts["M_PAD"] <= A.ROWS_AS_N_MAX
     sig = {}
     for name in kernel.arg_names:
         if name in consts:

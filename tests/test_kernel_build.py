@@ -27,15 +27,17 @@ def test_compression_kernels_compile_for_sm90(name):
 
 # The attention kernel's switches as the GPU compiles them: the launcher's defaults (the query rows as the
 # products' N dimension, padded to 4), the decode step's padding mask with in-kernel rotations, fp32-exact products,
-# the causal path without prefetch or spans, a whole 16-row MHA-style query block, and the rows as the M dimension.
+# the causal path without prefetch or spans, 8 rows (GQA 8), the rows as the M dimension (16 rows and more), and
+# the largest chunk of a long query block.
 ATTENTION_BUILDS = {
     "defaults": [],
     "row_mask_rotate": ["HAS_MASK=True", "MASK_ROW=True", "ROTATE=True"],
     "exact": ["EXACT=True"],
     "causal_no_prefetch": ["IS_CAUSAL=True", "PREFETCH=0", "ZERO_SPAN=False"],
-    "rows_as_n_16_rows": ["M_PAD=16"],
+    "rows_as_n_8_rows": ["M_PAD=8"],
     "rows_as_m_row_mask_rotate": ["ROWS_AS_N=False", "HAS_MASK=True", "MASK_ROW=True", "ROTATE=True"],
     "rows_as_m_16_rows_exact": ["ROWS_AS_N=False", "M_PAD=16", "EXACT=True"],
+    "causal_chunk_of_64_rows": ["ROWS_AS_N=False", "M_PAD=64", "IS_CAUSAL=True"],  # attention.MAX_ROWS
 }
 
 

@@ -288,6 +288,28 @@ def test_attention_in_the_model_dtype_is_within_its_rounding():
     torch.testing.assert_close(got.float(), want, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("mask_kind", [None, "causal", "bool", "float"])
+def test_a_long_query_block_runs_in_chunks_of_rows_and_matches_the_reference(mask_kind, monkeypatch):
+    """More query rows (query heads per KV head x queries) than ``MAX_ROWS`` are attended in chunks of queries, each
+    launch knowing where its chunk starts (causality and mask rows index the whole block)."""
+    from packkv.ops.kernels import attention as attention_kernel
+
+    ref, ker, _, _ = build(PackKVConfig(block_size=32, window=32), [110, 1], heads=2)
+    tq, out_len = 10, 111
+    q = torch.randn(2, 4, tq, 64, device=DEV)
+    mask = {"bool": torch.rand(2, 1, tq, out_len, device=DEV) > 0.3,
+            "float": torch.randn(1, 4, tq, out_len, device=DEV)}.get(mask_kind)  # fmt: skip
+    want = reference.attention(q, ref, out_len, mask, mask_kind == "causal", None)
+    starts = []
+    launch_rows = attention_kernel._launch_rows
+    monkeypatch.setattr(attention_kernel, "_launch_rows", lambda k, m, q, o, q0, *a: starts.append(q0) or
+                        launch_rows(k, m, q, o, q0, *a))  # fmt: skip
+    monkeypatch.setattr(attention_kernel, "MAX_ROWS", 8)  # 2 query heads per KV head: 4 queries per chunk
+    got = gpu.attention(q, ker, out_len, mask, mask_kind == "causal", None, splits=3)
+    assert starts == [0, 4, 8]
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("windows", [False, True], ids=["per_value", "windows"])
 @pytest.mark.parametrize("cfg", [PackKVConfig(block_size=32, window=32),
                                  PackKVConfig(window=64, pack_size=8, k_grouping="token_head", v_grouping="token_head"),

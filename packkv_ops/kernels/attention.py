@@ -229,7 +229,7 @@ def _attention_kernel(
     pool_ptr, k_meta_ptr, k_off_ptr, k_scale_ptr, k_zero_ptr, v_meta_ptr, v_off_ptr, v_scale_ptr, v_zero_ptr,
     perm_ptr, ring_k_ptr, ring_v_ptr, n_blocks_ptr, n_win_ptr,
     mask_ptr, smb, smh, smq, sml,
-    out_len, NB, S, H, HQ, TQ, N_REP, n_virtual, NS, qk_scale,
+    out_len, NB, S, H, HQ, TQ, Q0, N_REP, n_virtual, NS, qk_scale,
     T: tl.constexpr, D: tl.constexpr, P: tl.constexpr, TILE: tl.constexpr, M_PAD: tl.constexpr,
     K_QBITS: tl.constexpr, K_MBITS: tl.constexpr, K_MW: tl.constexpr, K_GROUP: tl.constexpr,
     V_QBITS: tl.constexpr, V_MBITS: tl.constexpr, V_MW: tl.constexpr, V_GROUP: tl.constexpr,
@@ -253,6 +253,7 @@ def _attention_kernel(
     row_ok = rows < N_REP * TQ
     hq = kvh * N_REP + rows // TQ
     qi = rows % TQ
+    qv = qi + Q0  # the query's index in the whole query block (causality, mask rows) when the rows are chunked
     cc = tl.arange(0, D)
     q = tl.load(q_ptr + ((b * HQ + hq) * TQ + qi)[:, None] * D + cc[None, :], mask=row_ok[:, None], other=0.0)
     q = q.to(tl.float32)
@@ -337,12 +338,12 @@ def _attention_kernel(
             if ROWS_N:
                 m_i, l_i, acc_t = _compressed_tile_t(
                     kx, vt, m_i, l_i, acc_t, b, v, ks, kz, vs, vz, perm,
-                    q_hi_t, q_lo_t, qsum, scale_rows, qi, row_ok, hq, out_len, mask_ptr, smb, smh, smq, sml,
+                    q_hi_t, q_lo_t, qsum, scale_rows, qv, row_ok, hq, out_len, mask_ptr, smb, smh, smq, sml,
                     T, HAS_MASK, MASK_BOOL, IS_CAUSAL, EXACT, MASK_ROW)  # fmt: skip
             else:
                 m_i, l_i, acc = _compressed_tile(
                     kx, vt, m_i, l_i, acc, b, v, ks, kz, vs, vz, perm,
-                    qn, q_hi, q_lo, qsum, score_scale, qi, row_ok, hq, out_len, mask_ptr, smb, smh, smq, sml,
+                    qn, q_hi, q_lo, qsum, score_scale, qv, row_ok, hq, out_len, mask_ptr, smb, smh, smq, sml,
                     T, TS, D, K_QBITS, K_GROUP, V_QBITS, V_GROUP, HAS_MASK, MASK_BOOL, IS_CAUSAL, DOT, EXACT,
                     FUSED_RED, MASK_ROW)  # fmt: skip
         if ROWS_N:
@@ -377,7 +378,7 @@ def _attention_kernel(
                                                         V_GROUP, HAS_MASK, IS_CAUSAL)  # fmt: skip
             m_i, l_i, acc = _compressed_tile(
                 kx, vt, m_i, l_i, acc, b, v, ks, kz, vs, vz, perm,
-                qn, q_hi, q_lo, qsum, score_scale, qi, row_ok, hq, out_len, mask_ptr, smb, smh, smq, sml,
+                qn, q_hi, q_lo, qsum, score_scale, qv, row_ok, hq, out_len, mask_ptr, smb, smh, smq, sml,
                 T, TS, D, K_QBITS, K_GROUP, V_QBITS, V_GROUP, HAS_MASK, MASK_BOOL, IS_CAUSAL, DOT, EXACT, FUSED_RED,
                 MASK_ROW)
     # Exact ring tokens after the compressed blocks, then zero keys up to out_len.
@@ -412,13 +413,13 @@ def _attention_kernel(
                     m_i = m_new
                     acc = acc * alpha[:, None]
                 else:
-                    ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
+                    ok, add = _visible(pos, qv, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
                                        HAS_MASK, MASK_BOOL, IS_CAUSAL, MASK_ROW)  # fmt: skip
                     p, alpha, m_i, l_i = _online_update(add, ok, m_i, l_i)
                     acc = acc * alpha[:, None]
             else:
                 k, pos = exact_rows(ring_k_ptr, b, kvh, v * T + r * TS, total, H, S, TS, D)
-                ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
+                ok, add = _visible(pos, qv, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
                                    HAS_MASK, MASK_BOOL, IS_CAUSAL, MASK_ROW)  # fmt: skip
                 val, pos = exact_rows(ring_v_ptr, b, kvh, v * T + r * TS, total, H, S, TS, D)
                 if EXACT:  # fp32-level accuracy from fp16 halves
@@ -489,6 +490,10 @@ PREFETCH = 1
 # (B8/32K, B1/128K; H200, variants_h200_2026-12-04i): loop 1,319 vs 1,479 sm_90 instructions.
 MIN_ROWS = 1
 ROWS_AS_N = True
+# Up to this many padded rows: the MMAs' N dimension is 8, and at 16 rows the M dimension is faster (0.455 vs 0.394
+# ms at B8/32K); past 128 rows the transposed products do not even compile for sm_90 (ptxas fails at 256).
+ROWS_AS_N_MAX = 8
+MAX_ROWS = 64  # query rows (query heads of a KV group x queries) per program; longer query blocks run in chunks
 SPLIT_FACTOR = 8  # the former rule's programs per SM (benchmark variant: split_factor=8)
 # ops.attention on a Hadamard-rotated cache: rotate the query and the output inside the attention and merge kernels
 # (rotate=True) instead of two fused Inductor kernels per layer around the op (~3 us each at batch 1, 64 graph
@@ -577,7 +582,8 @@ def attention(
       q^T`` and ``acc^T += V^T @ P^T``: the decoded tiles are the MMAs' A operands and the query rows their N
       dimension (padded to 8, not 16): with ``min_rows=1`` 1,319 loop instructions vs 1,479 (a decode step's bool
       row mask with in-kernel rotations: 1,401 vs 1,504), 0.338 / 0.173 ms vs 0.394 / 0.201 at B8/32K, B1/128K
-      (H200, 2026-12-04i); other groupings keep the rows as the M dimension;
+      (H200, 2026-12-04i); other groupings, and more than ``ROWS_AS_N_MAX`` padded rows, keep the rows as the M
+      dimension; a query block of more than ``MAX_ROWS`` rows runs in chunks of queries (one launch each);
     * ``skip_decode`` (benchmarks only, wrong results) replaces value extraction by a constant to show what the
       rest of the kernel costs.
 
@@ -598,9 +604,6 @@ def attention(
         slots = resident_programs(q.device, num_warps, maxnreg) * num_sms(q.device)
         splits = max(1, waves * slots // (B * H))
     ns = max(1, min(splits, n_virtual))
-    acc = torch.empty(B, HQ, TQ, ns, D, dtype=torch.float32, device=q.device)
-    m = torch.empty(B, HQ, TQ, ns, dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
     if mask is not None:
         while mask.dim() < 4:
             mask = mask.unsqueeze(0)
@@ -620,23 +623,51 @@ def attention(
         kernel, meta = _attention_kernel, dict(TILE=sub_tile, num_warps=num_warps, num_stages=num_stages)
     else:
         kernel, meta = _configured(num_warps, num_stages, maxnreg), dict(TILE=sub_tile)
+    # A long query block (chunked prefill, speculative tokens) runs in chunks of at most MAX_ROWS rows per program:
+    # the rows are the products' M or N dimension and the softmax's registers (256 rows do not compile for sm_90).
+    step = TQ if n_rep * TQ <= MAX_ROWS else max(1, MAX_ROWS // n_rep)
+    out = torch.empty(B, HQ, TQ, D, dtype=q.dtype, device=q.device)
+    for q0 in range(0, TQ, step):
+        tq = min(step, TQ - q0)
+        qc = q if tq == TQ else q[:, :, q0 : q0 + tq]
+        oc = out if tq == TQ else torch.empty(B, HQ, tq, D, dtype=q.dtype, device=q.device)
+        _launch_rows(kernel, meta, qc, oc, q0, st, ns, mask, strides, out_len, n_rep, n_virtual, sm_scale,
+                     max(min_rows, next_pow2(n_rep * tq)), is_causal, mask_bool, row_mask, precision, packwise,
+                     windows, exact, skip_decode, rows_as_n, channel_rows, fused_reductions, early_loads, pairs,
+                     zero_count, prefetch, zero_span, zero_chunk, rotate, balanced, paired, sub_tile)  # fmt: skip
+        if oc is not out:
+            out[:, :, q0 : q0 + tq] = oc
+    return out
+
+
+def _launch_rows(
+    kernel, meta, q, out, q0, st, ns, mask, strides, out_len, n_rep, n_virtual, sm_scale, m_pad, is_causal,
+    mask_bool, row_mask, precision, packwise, windows, exact, skip_decode, rows_as_n, channel_rows,
+    fused_reductions, early_loads, pairs, zero_count, prefetch, zero_span, zero_chunk, rotate, balanced, paired,
+    sub_tile,
+) -> None:  # fmt: skip
+    """One attention launch and its merge for the query rows ``q0 ..`` of a query block (``attention``)."""
+    lay = st.layout
+    B, HQ, TQ, D = q.shape
+    H, T = lay.num_heads, lay.block_size
+    acc = torch.empty(B, HQ, TQ, ns, D, dtype=torch.float32, device=q.device)
+    m = torch.empty(B, HQ, TQ, ns, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
     launch(kernel)[(B * H, ns)](
         q.contiguous(), acc, m, l,
         st.pool, st.k_meta, st.k_offsets, st.k_scale, st.k_zero, st.v_meta, st.v_offsets, st.v_scale, st.v_zero,
         st.perm, st.ring_k, st.ring_v, st.n_blocks, st.n_win,
         mask if mask is not None else st.n_win, *strides,
-        out_len, st.block_capacity, lay.ring_size, H, HQ, TQ, n_rep, n_virtual, ns, sm_scale * LOG2E,
-        T=T, D=D, P=lay.pack_size, M_PAD=max(min_rows, next_pow2(n_rep * TQ)),
+        out_len, st.block_capacity, lay.ring_size, H, HQ, TQ, q0, n_rep, n_virtual, ns, sm_scale * LOG2E,
+        T=T, D=D, P=lay.pack_size, M_PAD=m_pad,
         K_QBITS=lay.k.qbits, K_MBITS=lay.k.mbits, K_MW=lay.meta_words(lay.k), K_GROUP=lay.k.grouping,
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=precision, USE_ASM=not INTERPRET,
         PACKWISE=packwise, WINDOWS=windows, EXACT=q.dtype == torch.float32 if exact is None else exact, SKIP_DECODE=skip_decode,
-        ROWS_AS_N=rows_as_n, CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, EARLY_LOADS=early_loads, PAIRS=pairs, ZERO_COUNT=zero_count, PREFETCH=prefetch, ZERO_SPAN=zero_span, ZCHUNK=zero_chunk, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), BALANCED=balanced, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
+        ROWS_AS_N=rows_as_n and m_pad <= ROWS_AS_N_MAX, CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, EARLY_LOADS=early_loads, PAIRS=pairs, ZERO_COUNT=zero_count, PREFETCH=prefetch, ZERO_SPAN=zero_span, ZCHUNK=zero_chunk, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), BALANCED=balanced, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
             min(max(sub_tile, lay.pack_size), T), D, lay.pack_size, lay.k.qbits, lay.v.qbits), **meta,
     )  # fmt: skip
-    out = torch.empty(B, HQ, TQ, D, dtype=q.dtype, device=q.device)
     launch(_merge_kernel)[(B * HQ * TQ,)](acc, m, l, out, ns, D=D, BS=32, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D))
-    return out
 
 
 @triton.jit
