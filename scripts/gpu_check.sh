@@ -2,8 +2,9 @@
 # On the GPU machine (no network): install PackKV against the machine's torch/triton/transformers, run the
 # cuda tests (and the kernel tests natively), compute-sanitizer on a subset, then the kernel benchmark.
 # Usage: bash scripts/gpu_check.sh [tests|sanitize|bench|all] ; logs and results go to ${OUT:-/tmp/packkv-out}.
-# The sanitizer's 41 tests take ~8 min under memcheck; PACKKV_SANITIZE_K (a pytest -k expression) runs a part, e.g.
-# "attention_matches_the_reference" in one call and "append_matches or one_kernel or non_finite or matvec" in another.
+# The sanitizer's 66 tests take ~15 min under memcheck (two or three calls); PACKKV_SANITIZE_K (a pytest -k expression) runs a part, e.g.
+# "attention_matches_the_reference", "rows_as_the_products or long_query_block" and "append_matches or one_kernel or
+# non_finite or matvec" in three.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/packkv-out}"; mkdir -p "$OUT"
@@ -23,7 +24,7 @@ if [[ $what == tests || $what == all ]]; then
 fi
 if [[ $what == sanitize || $what == all ]]; then
   timeout 560 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \
-    -m "cuda or not cuda" tests/test_kernels.py -k "${PACKKV_SANITIZE_K:-append_matches or one_kernel or non_finite or attention_matches_the_reference or matvec}" \
+    -m "cuda or not cuda" tests/test_kernels.py -k "${PACKKV_SANITIZE_K:-append_matches or one_kernel or non_finite or attention_matches_the_reference or rows_as_the_products or long_query_block or matvec}" \
     2>&1 | tee "$OUT/sanitizer.log" | tail -8
 fi
 if [[ $what == bench || $what == all ]]; then
