@@ -303,7 +303,8 @@ def _attention_kernel(
         chunk = (b * NB + tl.minimum(c_lo, NB - 1)) * H + kvh
         k_off = tl.load(k_off_ptr + chunk)
         v_off = tl.load(v_off_ptr + chunk)
-        fk, fv = pair_fields(k_meta_ptr + chunk * K_MW, v_meta_ptr + chunk * V_MW, 0, TS, D, P, K_MBITS, V_MBITS)
+        fk, fv = pair_fields(k_meta_ptr + chunk * K_MW, v_meta_ptr + chunk * V_MW, 0, TS, D, P, K_MBITS, V_MBITS,
+                             USE_ASM)  # fmt: skip
         if PREFETCH > 1:
             nxt_k_lo, nxt_k_hi, nxt_v_lo, nxt_v_hi, _kb, _vb = pair_bits(
                 fk, fv, pool_ptr + k_off, pool_ptr + v_off, 0, 0, c_lo < c_hi, P, K_QBITS, V_QBITS, USE_ASM, False,
@@ -323,7 +324,7 @@ def _attention_kernel(
             k_off_n = tl.load(k_off_ptr + chunk)
             v_off_n = tl.load(v_off_ptr + chunk)
             fk, fv = pair_fields(k_meta_ptr + chunk * K_MW, v_meta_ptr + chunk * V_MW, 0, TS, D, P, K_MBITS,
-                                 V_MBITS)  # fmt: skip
+                                 V_MBITS, USE_ASM)  # fmt: skip
             if PREFETCH > 1:
                 cur_k_lo, cur_k_hi, cur_v_lo, cur_v_hi = nxt_k_lo, nxt_k_hi, nxt_v_lo, nxt_v_hi
                 nxt_k_lo, nxt_k_hi, nxt_v_lo, nxt_v_hi, _kb, _vb = pair_bits(

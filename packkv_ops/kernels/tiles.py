@@ -399,13 +399,29 @@ def _window_values(
 
 
 @triton.jit
+def field_rows(meta_ptr, r0, N: tl.constexpr, D: tl.constexpr, MBITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """Metadata fields ``r0 * D .. r0 * D + N`` (whole pack rows, flat): ``read_bits`` with the funnel shift as one
+    instruction on the GPU. A row of fields is a whole number of words (``Layout.meta_words``: 32 divides
+    ``D * MBITS``), so the word index and shift are written per channel and row: a thread's fields of one channel
+    then share one shift and their words differ by constants the compiler folds into the loads' addresses."""
+    tl.static_assert((D * MBITS) % 32 == 0, "a row of metadata fields must fill whole words")
+    RW: tl.constexpr = D * MBITS // 32
+    i = tl.arange(0, N)
+    cb = (i % D) * MBITS
+    widx = (r0 + i // D) * RW + (cb >> 5)
+    sh = cb & 31
+    lo = tl.load(meta_ptr + widx).to(tl.uint32, bitcast=True)
+    hi = tl.load(meta_ptr + widx + 1, mask=sh + MBITS > 32, other=0).to(tl.uint32, bitcast=True)  # not past a row
+    return funnel_shift(lo, hi, sh.to(tl.uint32), USE_ASM).to(tl.int32, bitcast=True) & ((1 << MBITS) - 1)
+
+
+@triton.jit
 def pair_fields(k_meta, v_meta, r0, TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, K_MBITS: tl.constexpr,
-                V_MBITS: tl.constexpr):  # fmt: skip
+                V_MBITS: tl.constexpr, USE_ASM: tl.constexpr = False):  # fmt: skip
     """The K and V metadata fields of pack rows ``r0 ..`` of a tile, flat (``[RS * D]``, pack order): the first
     stage of ``decode_pair_windows``."""
     N: tl.constexpr = (TS // P) * D
-    i = r0 * D + tl.arange(0, N)
-    return read_bits(k_meta, i * K_MBITS, K_MBITS), read_bits(v_meta, i * V_MBITS, V_MBITS)
+    return field_rows(k_meta, r0, N, D, K_MBITS, USE_ASM), field_rows(v_meta, r0, N, D, V_MBITS, USE_ASM)
 
 
 @triton.jit
@@ -454,7 +470,7 @@ def decode_pair_windows(
     three stages that a pipelined caller may spread over iterations: fields (``pair_fields``), pack bits
     (``pair_bits``), values (``pair_values``). The metadata fields are read flat (``[RS * D]``, pack order) so the
     scan needs no reshape. Returns the two fp16 operands and the bit offsets of the next rows."""
-    fk, fv = pair_fields(k_meta, v_meta, r0, TS, D, P, K_MBITS, V_MBITS)
+    fk, fv = pair_fields(k_meta, v_meta, r0, TS, D, P, K_MBITS, V_MBITS, USE_ASM)
     k_lo, k_hi, v_lo, v_hi, k_next, v_next = pair_bits(fk, fv, k_base, v_base, k_bit0, v_bit0, None, P, K_QBITS,
                                                        V_QBITS, USE_ASM, NEXT)  # fmt: skip
     kx, vt = pair_values(fk, fv, k_lo, k_hi, v_lo, v_hi, TS, D, P, K_QBITS, V_QBITS, USE_ASM, CHANNEL_ROWS, PAIRS)
@@ -469,8 +485,7 @@ def decode_block_windows(
     """One stream's exact fp16 ints ``[T, D]`` of a whole block, decoded as the attention decodes a tile (fields
     read flat, one prefix scan for the pack starts, two 32-bit windows per pack, values two per asm block): for
     kernels that read one stream (the paper's mat-vec pair). Packs of <= 64 bits, ints below 1024."""
-    i = tl.arange(0, (T // P) * D)
-    f = read_bits(meta_ptr, i * MBITS, MBITS)
+    f = field_rows(meta_ptr, 0, (T // P) * D, D, MBITS, USE_ASM)
     size = (f >> QBITS) * P
     lo, hi = _pack_bits(base_ptr, tl.cumsum(size, 0) - size, size, USE_ASM)
     return _window_values(f, lo, hi, T, D, P, QBITS, USE_ASM)
