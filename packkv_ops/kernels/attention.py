@@ -208,19 +208,20 @@ def _compressed_tile_t(
     ok, add = _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
                        HAS_MASK, MASK_BOOL, IS_CAUSAL, MASK_ROW)  # fmt: skip
     s = tl.where(tl.trans(ok), s * score_scale[None, :] + tl.trans(add), float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 0))
+    s_max, smax = tl.split(tl.max(tl.join(s, tl.broadcast_to(vs[:, None], s.shape)), 0))
+    m_new = tl.maximum(m_i, s_max)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_safe[None, :])
     alpha = tl.exp2(m_i - m_safe)
-    smax = tl.max(vs, 0)
-    w = p * (vs / smax)[:, None]
+    w = p * vs[:, None] * (1.0 / smax)[None, :]
     if EXACT:
         pv = _dot_split(tl.trans(w), vt)
         blk = tl.trans(pv)
     else:
         blk = tl.dot(tl.trans(vt), w.to(tl.float16))
-    blk = (blk + tl.sum(w * vz[:, None], 0)[None, :]) * smax
-    return m_new, l_i * alpha + tl.sum(p, 0), acc_t * alpha[None, :] + blk
+    p_sum, wz = tl.split(tl.sum(tl.join(p, w * vz[:, None]), 0))
+    blk = (blk + wz[None, :]) * smax[None, :]
+    return m_new, l_i * alpha + p_sum, acc_t * alpha[None, :] + blk
 
 
 @triton.jit

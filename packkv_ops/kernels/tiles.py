@@ -336,14 +336,17 @@ def decode_operand(
 @triton.jit
 def _pack_bits(base_ptr, start, size, USE_ASM: tl.constexpr, valid=None, CHECK: tl.constexpr = False):
     """The 64 bits (lo, hi) of packs of ``size`` bits starting ``start`` bits into the payload at ``base_ptr``:
-    bits [sh, sh + size) lie in words wi .. wi+2; empty packs read nothing, nor does anything when ``CHECK`` and
-    not ``valid`` (a prefetch past the split's last block, whose base and fields may be unwritten)."""
+    bits [sh, sh + size) lie in words wi .. wi+2; the second and third words are read only when the pack reaches
+    them, and nothing is read when ``CHECK`` and not ``valid`` (a prefetch past the split's last block, whose base
+    and fields may be unwritten)."""
     wi = start >> 5
     sh = start & 31
     used = sh + size
     if CHECK:
         used = tl.where(valid, used, 0)
-    w0 = tl.load(base_ptr + wi, mask=used > 0, other=0).to(tl.uint32, bitcast=True)
+        w0 = tl.load(base_ptr + wi, mask=used > 0, other=0).to(tl.uint32, bitcast=True)
+    else:  # the word of a pack's start is in bounds even for an empty pack at the payload's end (spare word)
+        w0 = tl.load(base_ptr + wi).to(tl.uint32, bitcast=True)
     w1 = tl.load(base_ptr + wi + 1, mask=used > 32, other=0).to(tl.uint32, bitcast=True)
     w2 = tl.load(base_ptr + wi + 2, mask=used > 64, other=0).to(tl.uint32, bitcast=True)
     shu = sh.to(tl.uint32)
