@@ -489,7 +489,8 @@ PREFETCH = 1
 # The query rows' padding (``min_rows``: to a power of two, not to 16) and their place in the products
 # (``rows_as_n``: K @ q^T and V^T @ P^T, the rows as the MMAs' N dimension), read at each call so a benchmark can
 # switch them for a whole compiled model (decode_e2e.py --rows-as-16 for the old). Together 0.338 / 0.173 ms vs 0.394 / 0.201
-# (B8/32K, B1/128K; H200, variants_h200_2026-12-04i): loop 1,319 vs 1,479 sm_90 instructions.
+# (B8/32K, B1/128K; H200, variants_h200_2026-12-04i): loop 1,319 vs 1,479 sm_90 instructions (1,181 since 2026-12-04j:
+# metadata fields read per channel and row, the token reductions joined; untimed).
 MIN_ROWS = 1
 ROWS_AS_N = True
 # Up to this many padded rows: the MMAs' N dimension is 8, and at 16 rows the M dimension is faster (0.455 vs 0.394
