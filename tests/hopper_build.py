@@ -56,8 +56,8 @@ def compression_kernels(name: str) -> None:
     compile_for_hopper(pack._compact_kernel, dict(BLOCK=256), {})
     rings = {n: "*bf16" for n in ("k_ptr", "v_ptr", "ring_k_ptr", "ring_v_ptr")}
     for rotate in (False, True):  # the decode-token kernel with and without its Hadamard product
-        compile_for_hopper(token._append_token_kernel, dict(T=T, D=D, HP=max(16, next_pow2(lay.num_heads)),
-                           ROTATE=rotate, NATIVE=True), rings | {"inv_sqrt": "fp32"})  # fmt: skip
+        compile_for_hopper(token._append_token_kernel, dict(T=T, D=D, HP=next_pow2(lay.num_heads), ROTATE=rotate),
+                           rings | {"inv_sqrt": "fp32"})  # fmt: skip
     for stream, s in (("k", lay.k), ("v", lay.v)):  # the paper's mat-vec pair decoded as the attention decodes
         if matvec.windows_fit(lay, stream):
             kernel = matvec._k_matvec_windows_kernel if stream == "k" else matvec._v_matvec_windows_kernel

@@ -7,9 +7,12 @@ import dataclasses
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from packkv.ops import Layout, PackedLayer, PackKVConfig, reference
 from packkv.ops.kernels import gpu
+from packkv.ops.kernels.hadamard import fwht_rows
 from packkv.ops.reference import flush_count
 from packkv.ops.rotation import rotate
 
@@ -517,19 +520,37 @@ def test_kernels_with_a_register_cap_compile_in_process_the_rest_in_the_workers(
     assert AsyncCompile.use_process_pool()  # restored after the capped kernel
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_can_rotate_its_query_and_output_in_the_kernels(dtype):
+@pytest.mark.parametrize("dtype, dim", [(torch.float32, 64), (torch.bfloat16, 64), (torch.bfloat16, 256)])
+def test_attention_can_rotate_its_query_and_output_in_the_kernels(dtype, dim):
     """On a Hadamard-rotated cache, ``rotate=True`` takes the query and returns the output in the model's
-    coordinates: the same as rotating around the kernels, ``rotate(attention(rotate(q)))``."""
+    coordinates: the same as rotating around the kernels, ``rotate(attention(rotate(q)))``, for every head_dim."""
     from packkv.ops.layout import ROTATION_CODES
 
     had = ROTATION_CODES["hadamard"]
-    _, ker, _, _ = build(PackKVConfig(block_size=32, window=32), [100, 77], heads=2, dtype=dtype)
-    q = torch.randn(2, 8, 1, 64, device=DEV).to(dtype)
+    _, ker, _, _ = build(PackKVConfig(block_size=32, window=32), [100, 77], heads=2, dim=dim, dtype=dtype)
+    q = torch.randn(2, 8, 1, dim, device=DEV).to(dtype)
     around = rotate(gpu.attention(rotate(q, had), ker, 190, None, False, None), had)
     inside = gpu.attention(q, ker, 190, None, False, None, rotate=True)
     tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]  # bf16: the output is rounded once, not twice
     torch.testing.assert_close(inside.float(), around.float(), rtol=tol, atol=tol)
     assert not torch.allclose(inside.float(), gpu.attention(q, ker, 190, None, False, None).float(), atol=tol)
-    with pytest.raises(ValueError, match="head_dim <= 128"):
-        gpu.attention(torch.randn(2, 2, 1, 256, device=DEV), ker, 190, None, False, None, rotate=True)
+
+
+@triton.jit
+def _hadamard_rows(x_ptr, y_ptr, M: tl.constexpr, D: tl.constexpr):
+    i = tl.arange(0, M)[:, None] * D + tl.arange(0, D)[None, :]
+    tl.store(y_ptr + i, fwht_rows(tl.load(x_ptr + i), M, D))
+
+
+@pytest.mark.parametrize("rows, dim", [(1, 16), (4, 64), (16, 128), (2, 256)])
+def test_the_kernels_hadamard_transform_is_the_product_with_the_sylvester_matrix(rows, dim):
+    """``hadamard.fwht_rows`` (the kernels' query, output and new-token rotations) is ``x @ S``, ``S`` the Sylvester
+    matrix without its ``1/sqrt(D)``: fp32 sums of the exact terms, as an fp64 product gives them to rounding."""
+    from packkv.ops.rotation import hadamard
+
+    x = torch.randn(rows, dim, device=DEV)
+    y = torch.empty_like(x)
+    _hadamard_rows[(1,)](x, y, M=rows, D=dim)
+    want = x.double() @ (hadamard(dim).double() * dim**0.5)
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
+    assert not torch.allclose(y, x)  # it did transform

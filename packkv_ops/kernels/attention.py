@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ..storage import PackedLayer
 from ._launch import INTERPRET, launch, next_pow2, num_sms, resident_programs
-from .hadamard import hadamard_signs
+from .hadamard import fwht_rows
 from .inductor_compat import keep_maxnreg
 from .tiles import (
     decode_operand, decode_pair_windows, exact_rows, group_scale_rows, ints_to_f16, pair_bits, pair_fields, pair_values,
@@ -250,11 +250,7 @@ def _attention_kernel(
     q = tl.load(q_ptr + ((b * HQ + hq) * TQ + qi)[:, None] * D + cc[None, :], mask=row_ok[:, None], other=0.0)
     q = q.to(tl.float32)
     if ROTATE:  # the query in the cache's coordinates, as rotation.rotate gives it: fp32 sums, one rounding
-        if USE_ASM and q_ptr.dtype.element_ty != tl.float32:  # bf16/fp16 times +-1: exact tensor-core products
-            y = tl.dot(q.to(q_ptr.dtype.element_ty), hadamard_signs(D).to(q_ptr.dtype.element_ty))
-        else:
-            y = tl.dot(q, hadamard_signs(D), input_precision="ieee")
-        q = (y * ROT_SCALE).to(q_ptr.dtype.element_ty).to(tl.float32)
+        q = (fwht_rows(q, M_PAD, D) * ROT_SCALE).to(q_ptr.dtype.element_ty).to(tl.float32)
     # Compressed tokens multiply the raw ints by a normalized query (fp16 tensor cores), then apply the
     # group's scale and zero to the scores: q . (Q + z) s = s (q . Q + z sum(q)) for token groups.
     inv = _pow2_normalizer(q)
@@ -492,10 +488,10 @@ SPLIT_FACTOR = 8  # the former rule's programs per SM (benchmark variant: split_
 # ops.attention on a Hadamard-rotated cache: rotate the query and the output inside the attention and merge kernels
 # (rotate=True) instead of two fused Inductor kernels per layer around the op (~3 us each at batch 1, 64 graph
 # nodes per step): 64K e2e step 10.73 vs 11.14 ms (H200, 2026-12-04h; decode_e2e.py --rotate-around-kernel for the
-# old path). The in-kernel matrix needs head_dim <= ROTATE_MAX_DIM (its tensor-core operand goes through shared
-# memory); larger heads keep the rotations around the op.
+# old path). Until 2026-12-04j the kernels multiplied by the D x D matrix built in registers, which needed head_dim
+# <= 128; the fast Walsh-Hadamard transform (hadamard.fwht_rows) does every supported head_dim.
 ROTATE_IN_KERNEL = True
-ROTATE_MAX_DIM = 128
+ROTATE_MAX_DIM = 256
 
 
 @functools.cache
@@ -690,7 +686,7 @@ def _merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, NS, D: tl.constexpr, BS: tl.co
         num += tl.sum(a * w[:, None], 0)
     o = num / tl.sum(den, 0)
     if ROTATE:
-        o = tl.sum(o[:, None] * hadamard_signs(D), 0) * ROT_SCALE
+        o = tl.reshape(fwht_rows(tl.reshape(o, (1, D)), 1, D), (D,)) * ROT_SCALE
     tl.store(out_ptr + row * D + cc, o.to(out_ptr.dtype.element_ty))
 
 

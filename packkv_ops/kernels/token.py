@@ -18,8 +18,8 @@ import triton.language as tl
 
 from ..rotation import is_hadamard
 from ..storage import PackedLayer
-from ._launch import INTERPRET, launch, next_pow2
-from .hadamard import hadamard_signs
+from ._launch import launch, next_pow2
+from .hadamard import fwht_rows
 
 
 @triton.jit
@@ -30,17 +30,12 @@ def _non_finite(x):
 
 
 @triton.jit
-def _token(ptr, sb, sh, i, h, c, m, signs, inv_sqrt, ROTATE: tl.constexpr, NATIVE: tl.constexpr):
+def _token(ptr, sb, sh, i, h, c, m, inv_sqrt, HP: tl.constexpr, D: tl.constexpr, ROTATE: tl.constexpr):
     """Sequence ``i``'s new token ``[HP, D]`` in the ring's dtype, rotated if ``ROTATE`` (as ``rotation.rotate``:
-    fp32 sums, one rounding to the dtype)."""
+    fp32 sums of the exact terms, one rounding to the dtype)."""
     x = tl.load(ptr + i * sb + h * sh + c, mask=m, other=0.0)
     if ROTATE:
-        if NATIVE and x.dtype != tl.float32:
-            # bf16/fp16 values times +-1 are exact products on the tensor cores, summed in fp32.
-            y = tl.dot(x, signs.to(x.dtype))
-        else:  # fp32 tokens (and the interpreter): fp32 products
-            y = tl.dot(x.to(tl.float32), signs, input_precision="ieee")
-        x = (y * inv_sqrt).to(ptr.dtype.element_ty)
+        x = (fwht_rows(x.to(tl.float32), HP, D) * inv_sqrt).to(ptr.dtype.element_ty)
     return x
 
 
@@ -48,27 +43,23 @@ def _token(ptr, sb, sh, i, h, c, m, signs, inv_sqrt, ROTATE: tl.constexpr, NATIV
 def _append_token_kernel(
     k_ptr, v_ptr, ring_k_ptr, ring_v_ptr, n_blocks_ptr, n_win_ptr,
     B, H, S, skb, skh, svb, svh, inv_sqrt,
-    T: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, ROTATE: tl.constexpr, NATIVE: tl.constexpr,
+    T: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, ROTATE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     h = tl.arange(0, HP)[:, None]
     c = tl.arange(0, D)[None, :]
     m = h < H
     inv_sqrt = tl.cast(inv_sqrt, tl.float32)
-    if ROTATE:
-        signs = hadamard_signs(D)
-    else:
-        signs = tl.zeros((1, 1), tl.float32)  # unused
     bad = tl.zeros((HP, D), tl.int32)
     for i in range(B):  # every program checks the whole batch (a few KB per sequence, from L2)
-        bad |= _non_finite(_token(k_ptr, skb, skh, i, h, c, m, signs, inv_sqrt, ROTATE, NATIVE))
-        bad |= _non_finite(_token(v_ptr, svb, svh, i, h, c, m, signs, inv_sqrt, ROTATE, NATIVE))
+        bad |= _non_finite(_token(k_ptr, skb, skh, i, h, c, m, inv_sqrt, HP, D, ROTATE))
+        bad |= _non_finite(_token(v_ptr, svb, svh, i, h, c, m, inv_sqrt, HP, D, ROTATE))
     if tl.max(tl.max(bad, 1), 0) == 0:
         nw = tl.load(n_win_ptr + b)
         slot = (tl.load(n_blocks_ptr + b) * T + nw) % S
         dst = ((b * H + h).to(tl.int64) * S + slot) * D + c
-        tl.store(ring_k_ptr + dst, _token(k_ptr, skb, skh, b, h, c, m, signs, inv_sqrt, ROTATE, NATIVE), mask=m)
-        tl.store(ring_v_ptr + dst, _token(v_ptr, svb, svh, b, h, c, m, signs, inv_sqrt, ROTATE, NATIVE), mask=m)
+        tl.store(ring_k_ptr + dst, _token(k_ptr, skb, skh, b, h, c, m, inv_sqrt, HP, D, ROTATE), mask=m)
+        tl.store(ring_v_ptr + dst, _token(v_ptr, svb, svh, b, h, c, m, inv_sqrt, HP, D, ROTATE), mask=m)
         tl.store(n_win_ptr + b, nw + 1)
 
 
@@ -81,10 +72,9 @@ def append_token(st: PackedLayer, new_k: torch.Tensor, new_v: torch.Tensor, rota
         new_k = new_k.contiguous()
     if new_v.stride(-1) != 1:
         new_v = new_v.contiguous()
-    # tl.dot needs 16 rows: heads are padded (masked) when rotating.
-    hp = max(16, next_pow2(H)) if rotate else next_pow2(H)
+    hp = next_pow2(H)
     launch(_append_token_kernel)[(B,)](
         new_k, new_v, st.ring_k, st.ring_v, st.n_blocks, st.n_win,
         B, H, st.layout.ring_size, new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1),
-        1.0 / math.sqrt(D), T=st.layout.block_size, D=D, HP=hp, ROTATE=rotate, NATIVE=not INTERPRET,
+        1.0 / math.sqrt(D), T=st.layout.block_size, D=D, HP=hp, ROTATE=rotate,
     )  # fmt: skip
