@@ -268,9 +268,9 @@ def _attention_kernel(
     # after them (ring tokens, then zero keys up to out_len). In a compiled step out_len is the storage's capacity,
     # up to twice the length: cut over out_len alone (BALANCED=False, a benchmark variant), half the splits would
     # get only cheap zero tiles. The virtual blocks go to the splits in reverse order: the last splits hold the
-    # remainder of the compressed blocks (often none at batch 1: 1,021 blocks in 66 splits of 16 leave 2 idle), and a
-    # ring tile costs ~1.7 compressed ones (2,050 vs 1,181 sm_90 instructions, and exact K/V to read). Splits 0-2
-    # took them before: in one wave the slowest program sets the kernel's time, ~10% over the others at B1/64K.
+    # remainder of the compressed blocks (often none at batch 1: 1,022 blocks in 66 splits of 16 leave 2 idle), and a
+    # ring tile costs one or two compressed ones (32 KB of exact K/V to read). Splits 0-2 took them before: in one
+    # wave the slowest program sets the kernel's time, 6-10% over the others at B1/64K (modelled, untimed).
     nbv = tl.minimum(nb, n_virtual)  # blocks past out_len are not attended
     if BALANCED:
         c_per = tl.cdiv(nbv, NS)
