@@ -211,12 +211,16 @@ def run_case(cfg, batch, length, heads, q_heads, dim, data, device, paper: bool)
 VARIANTS = {  # name -> attention() keyword arguments, each a change from the default ({})
     "v3 (per-value reads, fp32-exact products, tile 32, 2/SM)": dict(
         packwise=False, exact=True, sub_tile=32, maxnreg=None, split_factor=2),
-    "default (32-bit windows, paired scan, paired extraction, channel-major tiles, early side loads, next block's fields prefetched, tile 64, maxnreg 128, 1 wave)": {},
+    "default (32-bit windows, paired scan, lane extraction, channel-major tiles, early side loads, next block's fields prefetched, tile 64, maxnreg 128, 1 wave)": {},
     "  splits: the former rule, 8 programs per SM (before 2026-12-04f)": dict(split_factor=8),
     "  2 waves": dict(waves=2),
     "  3 waves": dict(waves=3),
     "  scales, zeros, permutation loaded after the decode (before 2026-12-04f)": dict(early_loads=False),
-    "  one LOP3 per value instead of two values per asm block (before 2026-12-04f)": dict(pairs=False),
+    # Lane extraction (2026-12-05, untimed): ints of <= 4 bits two per shift from lane-paired windows, tiles and
+    # scales in lane order; sm_90 loop 1,053 instructions vs 1,150 in token order and 1,181 without.
+    "  no lane extraction: two values per 4-instruction asm block (before 2026-12-05)": dict(lanes=0),
+    "  lane extraction with the tiles' rows in token order": dict(lanes=1),
+    "  one LOP3 per value instead of two values per asm block (before 2026-12-04f)": dict(pairs=False, lanes=0),
     "  token-major tiles (2026-12-04c default)": dict(channel_rows=False),
     "  one pack-start scan per stream (2026-12-04 default)": dict(paired=False, channel_rows=False),
     "  pack-wise extraction with a select per value (2026-12-03)": dict(windows=False, paired=False),

@@ -27,8 +27,8 @@ def attention_source(overrides: dict, d: int = 128, k_rel: float = 0.1, v_rel: f
     from packkv.ops import Layout, PackKVConfig
     from packkv.ops.kernels import attention as A
 
-    cfg = PackKVConfig(k_rel=k_rel, v_rel=v_rel, rotation="none")
-    d = overrides.get("D", d)  # the layout's metadata words follow the head_dim
+    cfg = PackKVConfig(k_rel=k_rel, v_rel=v_rel, rotation="none", pack_size=overrides.get("P", 16))
+    d = overrides.get("D", d)  # the layout's metadata words follow the head_dim and the pack size
     lay = Layout.from_config(cfg, num_heads=8, head_dim=d)
     kernel = A._attention_kernel
     consts = dict(

@@ -28,7 +28,8 @@ def test_compression_kernels_compile_for_sm90(name):
 # The attention kernel's switches as the GPU compiles them: the launcher's defaults (the query rows as the
 # products' N dimension, padded to 4), the decode step's padding mask with in-kernel rotations, fp32-exact products,
 # the causal path without prefetch or spans, 8 rows (GQA 8), the rows as the M dimension (16 rows and more), the
-# largest chunk of a long query block, and head_dim 256 with the decode step's mask and rotations.
+# largest chunk of a long query block, head_dim 256 with the decode step's mask and rotations, packs of 8, and the
+# extraction without lanes.
 ATTENTION_BUILDS = {
     "defaults": [],
     "row_mask_rotate": ["HAS_MASK=True", "MASK_ROW=True", "ROTATE=True"],
@@ -39,6 +40,8 @@ ATTENTION_BUILDS = {
     "rows_as_m_16_rows_exact": ["ROWS_AS_N=False", "M_PAD=16", "EXACT=True"],
     "causal_chunk_of_64_rows": ["ROWS_AS_N=False", "M_PAD=64", "IS_CAUSAL=True"],  # attention.MAX_ROWS
     "head_dim_256_row_mask_rotate": ["D=256", "HAS_MASK=True", "MASK_ROW=True", "ROTATE=True"],
+    "pack_8_lanes": ["P=8"],  # lane extraction from one window per pack (16: two)
+    "no_lanes": ["LANES=0"],
 }
 
 

@@ -359,8 +359,9 @@ def test_attention_with_wide_integers_matches_the_reference(k_rel, v_rel):
 def test_packwise_and_per_value_extraction_agree(pack_size, k_rel, v_rel):
     """Packs of at most 64 bits are decoded from their words at once (as two 32-bit windows built channel-major
     or token-major, or with a select per value; K and V pack starts from one scan or one each; scales loaded
-    before or after the decode; on the GPU, two values per asm block or one per LOP3); wider packs fall back to
-    per-value reads. All give the same attention, for every pack size."""
+    before or after the decode; on the GPU, two values per asm block or one per LOP3; narrow ints two per shift
+    from lane-paired windows); wider packs fall back to per-value reads. All give the same attention, for every
+    pack size."""
     cfg = PackKVConfig(block_size=32, window=32, pack_size=pack_size, k_rel=k_rel, v_rel=v_rel)
     ref, ker, _, _ = build(cfg, [100], heads=2)
     q = torch.randn(2, 4, 1, 64, device=DEV)
@@ -372,9 +373,15 @@ def test_packwise_and_per_value_extraction_agree(pack_size, k_rel, v_rel):
     token_major = gpu.attention(q, ker, 100, None, False, None, channel_rows=False)
     fused = gpu.attention(q, ker, 100, None, False, None, fused_reductions=True)
     late_loads = gpu.attention(q, ker, 100, None, False, None, early_loads=False)
-    one_per_value = gpu.attention(q, ker, 100, None, False, None, pairs=False)  # differs on the GPU only (asm)
+    one_per_value = gpu.attention(q, ker, 100, None, False, None, pairs=False, lanes=0)  # on the GPU: no asm
+    # ints of <= 4 bits in packs of 8 or 16 (here all but pack 32): two values per shift from lane-paired windows,
+    # the tiles' rows (and their scales) in lane order or in token order, or no lane extraction: the same sums
+    no_lanes = gpu.attention(q, ker, 100, None, False, None, lanes=0)
+    lanes_in_token_order = gpu.attention(q, ker, 100, None, False, None, lanes=1)
     torch.testing.assert_close(fast, late_loads, rtol=0, atol=0)
-    torch.testing.assert_close(fast, one_per_value, rtol=0, atol=0)
+    torch.testing.assert_close(no_lanes, one_per_value, rtol=0, atol=0)
+    torch.testing.assert_close(fast, no_lanes, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast, lanes_in_token_order, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fast, select, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fast, one_scan_per_stream, rtol=1e-6, atol=1e-6)

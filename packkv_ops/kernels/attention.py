@@ -23,8 +23,8 @@ from ._launch import INTERPRET, launch, next_pow2, num_sms, resident_programs
 from .hadamard import fwht_rows
 from .inductor_compat import keep_maxnreg
 from .tiles import (
-    decode_operand, decode_pair_windows, exact_rows, group_scale_rows, ints_to_f16, pair_bits, pair_fields, pair_values,
-    paired_scan_fits,
+    decode_operand, decode_pair_windows, exact_rows, group_scale_rows, ints_to_f16, lane_order_tokens, pair_bits,
+    pair_fields, pair_values, paired_scan_fits,
 )
 
 log = logging.getLogger(__name__)
@@ -117,16 +117,16 @@ def _visible(pos, qi, row_ok, b, hq, out_len, mask_ptr, smb, smh, smq, sml,
 def _tile_side_loads(
     b, v, kvh, r, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, perm_ptr, out_len, NB, H,
     T: tl.constexpr, TS: tl.constexpr, D: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
-    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, LANE_ORDER: tl.constexpr = False,
 ):  # fmt: skip
-    """A compressed tile's scales, zeros and (where needed) permutation: loads that do not depend on the decode,
-    issued before it so their latency overlaps it."""
-    ks, kz = group_scale_rows(k_scale_ptr, k_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, K_GROUP)
-    vs, vz = group_scale_rows(v_scale_ptr, v_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, V_GROUP)
+    """A compressed tile's scales, zeros and (where needed) permutation, in the order of the decoded tiles' rows:
+    loads that do not depend on the decode, issued before it so their latency overlaps it."""
+    ks, kz = group_scale_rows(k_scale_ptr, k_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, K_GROUP, LANE_ORDER)
+    vs, vz = group_scale_rows(v_scale_ptr, v_zero_ptr, b, v, kvh, NB, H, r * TS, T, TS, D, V_GROUP, LANE_ORDER)
     # Original positions matter only to a mask, causality, or a block cut by out_len: otherwise the permutation
     # is not read (the load is predicated off).
     need = HAS_MASK or IS_CAUSAL or (v + 1) * T > out_len
-    perm = tl.load(perm_ptr + (b * NB + v) * T + r * TS + tl.arange(0, TS), mask=need, other=0)
+    perm = tl.load(perm_ptr + (b * NB + v) * T + r * TS + lane_order_tokens(TS, LANE_ORDER), mask=need, other=0)
     return ks, kz, vs, vz, perm
 
 
@@ -232,9 +232,18 @@ def _attention_kernel(
     EARLY_LOADS: tl.constexpr = True, PAIRS: tl.constexpr = True, ZERO_COUNT: tl.constexpr = True,
     PREFETCH: tl.constexpr = 1, ZERO_SPAN: tl.constexpr = True, ZCHUNK: tl.constexpr = 1024,
     ROTATE: tl.constexpr = False, ROT_SCALE: tl.constexpr = 1.0, ROWS_AS_N: tl.constexpr = False,
+    LANES: tl.constexpr = 2,
 ):  # fmt: skip
     # Tokens per tile: the requested TILE, clamped to whole pack rows within a block.
     TS: tl.constexpr = T if TILE >= T else (P if TILE <= P else TILE)
+    # The query rows as the MMAs' N dimension in the compressed-block loop (_compressed_tile_t).
+    ROWS_N: tl.constexpr = ROWS_AS_N and K_GROUP != 2 and V_GROUP != 2 and K_QBITS <= 10 and V_QBITS <= 10
+    # Lane order (tiles._lane_values): both streams' tiles, and so their scales and permutation, in the order two
+    # values of a pack leave one extraction. Only with the rows as N: with the rows as M (16 rows) the lanes cost
+    # more than they save (1,373 / 1,406 in lane / token order vs 1,354 sm_90 loop instructions).
+    LANE_ORDER: tl.constexpr = (LANES == 2 and PAIRED and ROWS_N and (P == 8 or P == 16) and K_QBITS <= 4
+                                and V_QBITS <= 4)  # fmt: skip
+    LANE_MODE: tl.constexpr = 2 if LANE_ORDER else (1 if LANES == 1 else 0)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // H
@@ -300,8 +309,7 @@ def _attention_kernel(
             nxt_k_lo, nxt_k_hi, nxt_v_lo, nxt_v_hi, _kb, _vb = pair_bits(
                 fk, fv, pool_ptr + k_off, pool_ptr + v_off, 0, 0, c_lo < c_hi, P, K_QBITS, V_QBITS, USE_ASM, False,
                 True)  # fmt: skip
-        ROWS_N: tl.constexpr = ROWS_AS_N and K_GROUP != 2 and V_GROUP != 2 and K_QBITS <= 10 and V_QBITS <= 10
-        if ROWS_N:  # the query rows as the MMAs' N dimension in this loop (_compressed_tile_t)
+        if ROWS_N:
             acc_t = tl.trans(acc)
             q_hi_t = tl.trans(q_hi)
             q_lo_t = tl.trans(q_lo)
@@ -309,7 +317,7 @@ def _attention_kernel(
         for v in range(c_lo, c_hi):
             ks, kz, vs, vz, perm = _tile_side_loads(b, v, kvh, 0, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
                                                     perm_ptr, out_len, NB, H, T, TS, D, K_GROUP, V_GROUP, HAS_MASK,
-                                                    IS_CAUSAL)  # fmt: skip
+                                                    IS_CAUSAL, LANE_ORDER)  # fmt: skip
             chunk = (b * NB + tl.minimum(v + 1, c_hi - 1)) * H + kvh
             fk_c, fv_c = fk, fv
             k_off_n = tl.load(k_off_ptr + chunk)
@@ -326,7 +334,7 @@ def _attention_kernel(
                     fk_c, fv_c, pool_ptr + k_off, pool_ptr + v_off, 0, 0, None, P, K_QBITS, V_QBITS, USE_ASM, False)
             k_off, v_off = k_off_n, v_off_n
             kx, vt = pair_values(fk_c, fv_c, cur_k_lo, cur_k_hi, cur_v_lo, cur_v_hi, TS, D, P, K_QBITS, V_QBITS,
-                                 USE_ASM, CHANNEL_ROWS, PAIRS)  # fmt: skip
+                                 USE_ASM, CHANNEL_ROWS, PAIRS, LANE_MODE)  # fmt: skip
             if ROWS_N:
                 m_i, l_i, acc_t = _compressed_tile_t(
                     kx, vt, m_i, l_i, acc_t, b, v, ks, kz, vs, vz, perm,
@@ -351,14 +359,15 @@ def _attention_kernel(
             if EARLY_LOADS:
                 ks, kz, vs, vz, perm = _tile_side_loads(b, v, kvh, r, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                                                         v_zero_ptr, perm_ptr, out_len, NB, H, T, TS, D, K_GROUP,
-                                                        V_GROUP, HAS_MASK, IS_CAUSAL)  # fmt: skip
+                                                        V_GROUP, HAS_MASK, IS_CAUSAL, LANE_ORDER)  # fmt: skip
             if SKIP_DECODE:  # benchmark only: the rest of the kernel without value extraction
                 kx = _exact_operand(tl.zeros((TS, D), tl.int32) + (tl.load(k_base + r) & 7), K_QBITS)
                 vt = _exact_operand(tl.zeros((TS, D), tl.int32) + (tl.load(v_base + r) & 7), V_QBITS)
             elif PAIRED:
                 kx, vt, k_bits, v_bits = decode_pair_windows(
                     k_base, k_meta_ptr + chunk * K_MW, v_base, v_meta_ptr + chunk * V_MW, r * (TS // P), k_bits,
-                    v_bits, TS, D, P, K_QBITS, K_MBITS, V_QBITS, V_MBITS, USE_ASM, CHANNEL_ROWS, TS < T or not FUSED_RED, PAIRS)
+                    v_bits, TS, D, P, K_QBITS, K_MBITS, V_QBITS, V_MBITS, USE_ASM, CHANNEL_ROWS, TS < T or not FUSED_RED, PAIRS,
+                    LANE_MODE)
             else:
                 kx, k_bits = decode_operand(k_base, k_meta_ptr + chunk * K_MW, r * (TS // P), k_bits,
                                             TS, D, P, K_QBITS, K_MBITS, USE_ASM, PACKWISE, WINDOWS)  # fmt: skip
@@ -367,7 +376,7 @@ def _attention_kernel(
             if not EARLY_LOADS:  # after the decode (before 2026-12-04f)
                 ks, kz, vs, vz, perm = _tile_side_loads(b, v, kvh, r, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                                                         v_zero_ptr, perm_ptr, out_len, NB, H, T, TS, D, K_GROUP,
-                                                        V_GROUP, HAS_MASK, IS_CAUSAL)  # fmt: skip
+                                                        V_GROUP, HAS_MASK, IS_CAUSAL, LANE_ORDER)  # fmt: skip
             m_i, l_i, acc = _compressed_tile(
                 kx, vt, m_i, l_i, acc, b, v, ks, kz, vs, vz, perm,
                 qn, q_hi, q_lo, qsum, score_scale, qv, row_ok, hq, out_len, mask_ptr, smb, smh, smq, sml,
@@ -541,6 +550,7 @@ def attention(
     rotate: bool = False,
     min_rows: int | None = None,
     rows_as_n: bool | None = None,
+    lanes: int = 2,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(q, *decompress(st, out_len), attn_mask=mask, ...)`` without materialising K/V.
 
@@ -557,6 +567,11 @@ def attention(
       instructions at 16 rows, untimed; the ``rows_as_n`` path always joins its reductions);
       ``early_loads``: scales, zeros and permutation loaded before the decode (False: after it); ``pairs``: on
       the GPU, values are extracted two per asm block (``tiles._halves_1024``; False: one LOP3 per value);
+      ``lanes``: with the rows as N (``rows_as_n``) and both streams' ints of <= 4 bits in packs of 8 or 16, the
+      values are extracted two per shift from lane-paired windows (``tiles._lane_values``) and the tiles, their
+      scales and permutation are in lane order (2, the default; sm_90 loop 1,053 vs 1,181 instructions, untimed);
+      1: lane extraction wherever a stream fits, rows in token order (1,150); 0: ``pairs`` alone (before
+      2026-12-05);
     * ``zero_count``: zero keys past the length (up to ``out_len``) enter the softmax as one count per tile where
       their scores are all 0 (no mask, or a bool mask read as one row; not causal); False: as a softmax tile;
       ``zero_span`` (the default): count a split's zero keys in one pass after its ring tiles (closed form without
@@ -629,7 +644,7 @@ def attention(
         _launch_rows(kernel, meta, qc, oc, q0, st, ns, mask, strides, out_len, n_rep, n_virtual, sm_scale,
                      max(min_rows, next_pow2(n_rep * tq)), is_causal, mask_bool, row_mask, precision, packwise,
                      windows, exact, skip_decode, rows_as_n, channel_rows, fused_reductions, early_loads, pairs,
-                     zero_count, prefetch, zero_span, zero_chunk, rotate, balanced, paired, sub_tile)  # fmt: skip
+                     zero_count, prefetch, zero_span, zero_chunk, rotate, balanced, paired, sub_tile, lanes)  # fmt: skip
         if oc is not out:
             out[:, :, q0 : q0 + tq] = oc
     return out
@@ -639,7 +654,7 @@ def _launch_rows(
     kernel, meta, q, out, q0, st, ns, mask, strides, out_len, n_rep, n_virtual, sm_scale, m_pad, is_causal,
     mask_bool, row_mask, precision, packwise, windows, exact, skip_decode, rows_as_n, channel_rows,
     fused_reductions, early_loads, pairs, zero_count, prefetch, zero_span, zero_chunk, rotate, balanced, paired,
-    sub_tile,
+    sub_tile, lanes,
 ) -> None:  # fmt: skip
     """One attention launch and its merge for the query rows ``q0 ..`` of a query block (``attention``)."""
     lay = st.layout
@@ -659,7 +674,7 @@ def _launch_rows(
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=precision, USE_ASM=not INTERPRET,
         PACKWISE=packwise, WINDOWS=windows, EXACT=q.dtype == torch.float32 if exact is None else exact, SKIP_DECODE=skip_decode,
-        ROWS_AS_N=rows_as_n and m_pad <= ROWS_AS_N_MAX, CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, EARLY_LOADS=early_loads, PAIRS=pairs, ZERO_COUNT=zero_count, PREFETCH=prefetch, ZERO_SPAN=zero_span, ZCHUNK=zero_chunk, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), BALANCED=balanced, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
+        ROWS_AS_N=rows_as_n and m_pad <= ROWS_AS_N_MAX, CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, EARLY_LOADS=early_loads, PAIRS=pairs, ZERO_COUNT=zero_count, PREFETCH=prefetch, ZERO_SPAN=zero_span, ZCHUNK=zero_chunk, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), BALANCED=balanced, LANES=lanes, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
             min(max(sub_tile, lay.pack_size), T), D, lay.pack_size, lay.k.qbits, lay.v.qbits), **meta,
     )  # fmt: skip
     launch(_merge_kernel)[(B * HQ * TQ,)](acc, m, l, out, ns, D=D, BS=32, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D))

@@ -24,7 +24,7 @@ from ..layout import Layout
 from ..storage import PackedLayer
 from ._launch import INTERPRET, launch, num_sms, resident_programs
 from .attention import _pow2_normalizer, _split
-from .tiles import decode_block_windows, decode_chunk, group_scale_rows
+from .tiles import decode_block_windows, decode_chunk, group_scale_rows, lane_order_tokens
 
 # Untimed on the GPU (2026-12-04i: written and interpreter-tested without one), so the first pair stays the default.
 WINDOWS = False
@@ -87,16 +87,17 @@ def _k_matvec_windows_kernel(
     q_hi_t = tl.trans(q_hi)
     q_lo_t = tl.trans(q_lo)
     lo, hi = _block_range(tl.program_id(1), n_blocks, NS)
+    LANE_ORDER: tl.constexpr = QBITS <= 4 and (P == 8 or P == 16)  # rows in lane order (tiles.lane_order_fits)
     for n in range(lo, hi):
         chunk = (b * NB + n) * H + kvh
         base = pool_ptr + tl.load(off_ptr + chunk)
-        x = decode_block_windows(base, meta_ptr + chunk * MW, T, D, P, QBITS, MBITS, USE_ASM)
+        x = decode_block_windows(base, meta_ptr + chunk * MW, T, D, P, QBITS, MBITS, USE_ASM, LANE_ORDER)
         raw = tl.dot(x, q_hi_t)
         if EXACT:  # a bf16 / fp16 query is exact in its fp16 high half (pow2-normalized): no second product
             raw += tl.dot(x, q_lo_t)
         raw = tl.sum(raw, 1)
-        s, z = group_scale_rows(scale_ptr, zero_ptr, b, n, kvh, NB, H, 0, T, T, D, GROUP)
-        tl.store(out_ptr + (pid * NB + n) * T + tl.arange(0, T), (raw + z * qsum) * s / inv)
+        s, z = group_scale_rows(scale_ptr, zero_ptr, b, n, kvh, NB, H, 0, T, T, D, GROUP, LANE_ORDER)
+        tl.store(out_ptr + (pid * NB + n) * T + lane_order_tokens(T, LANE_ORDER), (raw + z * qsum) * s / inv)
 
 
 @triton.jit
@@ -112,12 +113,13 @@ def _v_matvec_windows_kernel(
     # sum_t w_t (Q_t + z_t) s_t = Q^T u + sum_t u_t z_t with u = w s: the ints times the block's normalized u.
     acc = tl.zeros((D, 1), tl.float32)
     lo, hi = _block_range(split, n_blocks, NS)
+    LANE_ORDER: tl.constexpr = QBITS <= 4 and (P == 8 or P == 16)  # rows in lane order (tiles.lane_order_fits)
     for n in range(lo, hi):
         chunk = (b * NB + n) * H + kvh
         base = pool_ptr + tl.load(off_ptr + chunk)
-        x = decode_block_windows(base, meta_ptr + chunk * MW, T, D, P, QBITS, MBITS, USE_ASM)
-        s, z = group_scale_rows(scale_ptr, zero_ptr, b, n, kvh, NB, H, 0, T, T, D, GROUP)
-        u = tl.load(w_ptr + (pid * n_blocks + n) * T + tl.arange(0, T)).to(tl.float32) * s
+        x = decode_block_windows(base, meta_ptr + chunk * MW, T, D, P, QBITS, MBITS, USE_ASM, LANE_ORDER)
+        s, z = group_scale_rows(scale_ptr, zero_ptr, b, n, kvh, NB, H, 0, T, T, D, GROUP, LANE_ORDER)
+        u = tl.load(w_ptr + (pid * n_blocks + n) * T + lane_order_tokens(T, LANE_ORDER)).to(tl.float32) * s
         inv = tl.sum(_pow2_normalizer(u[None, :]), 0)
         u_hi, u_lo = _split((u * inv)[:, None])
         xt = tl.trans(x)

@@ -181,15 +181,16 @@ def decode_rows(
 @triton.jit
 def group_scale_rows(
     scale_ptr, zero_ptr, b, n, kvh, NB, H, t0, T: tl.constexpr, TS: tl.constexpr, D: tl.constexpr,
-    GROUP: tl.constexpr,
+    GROUP: tl.constexpr, LANE_ORDER: tl.constexpr = False,
 ):  # fmt: skip
-    """(scale, zero) as fp32 for tokens ``t0 .. t0+TS`` of a block: ``[TS]``, or ``[D]`` for channel grouping."""
+    """(scale, zero) as fp32 for tokens ``t0 .. t0+TS`` of a block: ``[TS]`` (in lane order with ``LANE_ORDER``,
+    ``lane_order_tokens``), or ``[D]`` for channel grouping."""
     if GROUP == 2:
         g = (b * NB + n) * H * D + kvh * D + tl.arange(0, D)
     elif GROUP == 1:
-        g = (b * NB + n) * H * T + kvh * T + t0 + tl.arange(0, TS)
+        g = (b * NB + n) * H * T + kvh * T + t0 + lane_order_tokens(TS, LANE_ORDER)
     else:
-        g = (b * NB + n) * T + t0 + tl.arange(0, TS)
+        g = (b * NB + n) * T + t0 + lane_order_tokens(TS, LANE_ORDER)
     return tl.load(scale_ptr + g).to(tl.float32), tl.load(zero_ptr + g).to(tl.float32)
 
 
@@ -367,9 +368,91 @@ def _halves_1024(win, o, m):
 
 
 @triton.jit
+def _lanes_1024(win, o, m2, mu2, USE_ASM: tl.constexpr):
+    """Two values of one pack from a lane-paired window (``_lane_values``), as fp16 ``min + delta``: the window
+    shifted once (both lanes), masked into the halves ``1024 + delta`` (``(r & (m | m << 16)) | 0x64006400``) and
+    the pack minimum minus 1024 added to both (``mu2``: that half twice; exact, all terms are ints below 2048). On
+    the GPU one SHR, one LOP3 and one HADD2 per two values; returns the low lane's values and the high lane's."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 r; shr.b32 r, $2, $3; lop3.b32 r, r, $4, 0x64006400, 0xea; add.rn.f16x2 r, r, $5; "
+            "mov.b32 {$0, $1}, r; }",
+            "=h,=h,r,r,r,r", [win, o, m2, mu2], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)  # fmt: skip
+    else:
+        r = ((win >> o) & m2) | 0x64006400
+        mu = (mu2 & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+        x0 = (r & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True) + mu
+        x1 = (r >> 16).to(tl.uint16).to(tl.float16, bitcast=True) + mu
+        return x0, x1
+
+
+@triton.jit
+def _lane_join(win, sh, USE_ASM: tl.constexpr):
+    """``win``'s low 16 bits, and those of ``win >> sh`` as the high half: one SHR and one PRMT on the GPU."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; shr.b32 t, $1, $2; prmt.b32 $0, $1, t, 0x5410; }", "=r,r,r", [win, sh], dtype=tl.uint32,
+            is_pure=True, pack=1)  # fmt: skip
+    else:
+        return (win & 0xFFFF) | ((win >> sh) << 16)
+
+
+@triton.jit
+def _lane_values(
+    f, lo, hi, TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr, USE_ASM: tl.constexpr,
+    CHANNEL_ROWS: tl.constexpr = True, LANE_ORDER: tl.constexpr = False,
+):  # fmt: skip
+    """``_window_values`` for ints of at most 4 bits in packs of 8 or 16 values. Every 4 consecutive values of a
+    pack span at most 16 bits, so a pack's 8-value window (bits ``8pw ..``, ``p < P / 8``) is rearranged once into
+    two 16-bit lanes, values 0-3 in the low lane and 4-7 in the high lane (``(x & 0xFFFF) | (x >> 4w) << 16``);
+    then one shift by ``j * w`` aligns value ``j`` in the low lane and value ``4 + j`` in the high one, and a mask
+    makes both fp16 halves at once (``_lanes_1024``): per two values one shift, one LOP3 and one HADD2 with the
+    minimum, against two shifts, two PRMTs, one LOP3 and one HADD2 in ``_halves_1024``."""
+    RS: tl.constexpr = TS // P
+    NP: tl.constexpr = P // 8
+    f = tl.reshape(f, (RS, D))
+    lo = tl.reshape(lo, (RS, D))
+    w = f >> QBITS
+    w4 = (w * 4).to(tl.uint32)
+    if NP == 1:
+        win = lo[:, None, :]  # [RS, 1, D]
+    else:
+        hi = tl.reshape(hi, (RS, D))
+        lo1 = funnel_clamp(lo, hi, w4 * 2, USE_ASM)  # values 8-15: bits 8w .., 8w <= 32
+        win = tl.permute(tl.join(lo, lo1), (0, 2, 1))  # [RS, 2, D]
+    win = _lane_join(win, w4[:, None, :], USE_ASM)[:, :, None, :]  # [RS, NP, 1, D], lanes of 4 values
+    o = (tl.arange(0, 4)[None, None, :, None] * w[:, None, None, :]).to(tl.uint32)  # [RS, 1, 4, D], <= 12
+    m = (1 << w) - 1
+    m2 = (m | (m << 16)).to(tl.uint32)[:, None, None, :]
+    # The pack minimum minus 1024 in both halves: the fp16 bits of min - 1024 are 0xE400 - 2 min for min <= 512.
+    mu2 = (0xE400E400 - (f & ((1 << QBITS) - 1)).to(tl.uint32) * 0x20002)[:, None, None, :]
+    x0, x1 = _lanes_1024(win, o, m2, mu2, USE_ASM)  # [RS, NP, 4, D]: values 8p + j and 8p + 4 + j
+    x = tl.join(x0, x1)  # [RS, NP, 4, D, 2]
+    if LANE_ORDER:  # row 8p + 2j + lane: a lane pair stays one register (``lane_order_tokens``)
+        if CHANNEL_ROWS:
+            return tl.trans(tl.reshape(tl.permute(x, (3, 0, 1, 2, 4)), (D, TS)))
+        return tl.reshape(tl.permute(x, (0, 1, 2, 4, 3)), (TS, D))
+    if CHANNEL_ROWS:  # row 8p + 4 lane + j
+        return tl.trans(tl.reshape(tl.permute(x, (3, 0, 1, 4, 2)), (D, TS)))
+    return tl.reshape(tl.permute(x, (0, 1, 4, 2, 3)), (TS, D))
+
+
+@triton.jit
+def lane_order_tokens(TS: tl.constexpr, LANE_ORDER: tl.constexpr):
+    """Token of each row of a tile decoded by ``_lane_values``, relative to the tile's first token: with
+    ``LANE_ORDER`` rows ``8p + 2j + lane`` hold tokens ``8p + 4 lane + j``, else row i is token i. The attention
+    loads the tile's scales, zeros and permutation in this order (the products and the softmax do not care)."""
+    i = tl.arange(0, TS)
+    if LANE_ORDER:
+        k = i % 8
+        return i - k + (k & 1) * 4 + (k >> 1)
+    return i
+
+
+@triton.jit
 def _window_values(
     f, lo, hi, TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr, USE_ASM: tl.constexpr,
-    CHANNEL_ROWS: tl.constexpr = True, PAIRS: tl.constexpr = True,
+    CHANNEL_ROWS: tl.constexpr = True, PAIRS: tl.constexpr = True, LANES: tl.constexpr = 1,
 ):  # fmt: skip
     """``windows_operand`` from flat ``[RS * D]`` fields and pack bits (lo, hi already aligned). ``CHANNEL_ROWS``
     (the default): the tile is built as ``[D, TS]`` and transposed, so each thread's consecutive tokens lie along
@@ -377,6 +460,8 @@ def _window_values(
     thread and block, 1,510 instead of 1,652 instructions) through a layout conversion with 34 instead of 16
     barriers per block (``scripts/kernel_sass.py``): 0.393 vs 0.442 ms at B8/32K on the H200, so instructions
     outweigh barriers here."""
+    if LANES > 0 and QBITS <= 4 and (P == 8 or P == 16):
+        return _lane_values(f, lo, hi, TS, D, P, QBITS, USE_ASM, CHANNEL_ROWS, LANES == 2)
     RS: tl.constexpr = TS // P
     VW: tl.constexpr = P // 2
     f = tl.reshape(f, (RS, D))
@@ -455,10 +540,12 @@ def pair_bits(
 def pair_values(
     fk, fv, k_lo, k_hi, v_lo, v_hi, TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, K_QBITS: tl.constexpr,
     V_QBITS: tl.constexpr, USE_ASM: tl.constexpr, CHANNEL_ROWS: tl.constexpr = True, PAIRS: tl.constexpr = True,
+    LANES: tl.constexpr = 1,
 ):  # fmt: skip
-    """The last stage of ``decode_pair_windows``: the K and V fp16 operands from the fields and the pack bits."""
-    kx = _window_values(fk, k_lo, k_hi, TS, D, P, K_QBITS, USE_ASM, CHANNEL_ROWS, PAIRS)
-    vt = _window_values(fv, v_lo, v_hi, TS, D, P, V_QBITS, USE_ASM, CHANNEL_ROWS, PAIRS)
+    """The last stage of ``decode_pair_windows``: the K and V fp16 operands from the fields and the pack bits.
+    ``LANES`` 2 (both streams must fit ``lane_order_fits``) returns both tiles' rows in lane order."""
+    kx = _window_values(fk, k_lo, k_hi, TS, D, P, K_QBITS, USE_ASM, CHANNEL_ROWS, PAIRS, LANES)
+    vt = _window_values(fv, v_lo, v_hi, TS, D, P, V_QBITS, USE_ASM, CHANNEL_ROWS, PAIRS, LANES)
     return kx, vt
 
 
@@ -467,7 +554,7 @@ def decode_pair_windows(
     k_base, k_meta, v_base, v_meta, r0, k_bit0, v_bit0,
     TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, K_QBITS: tl.constexpr, K_MBITS: tl.constexpr,
     V_QBITS: tl.constexpr, V_MBITS: tl.constexpr, USE_ASM: tl.constexpr, CHANNEL_ROWS: tl.constexpr = True,
-    NEXT: tl.constexpr = True, PAIRS: tl.constexpr = True,
+    NEXT: tl.constexpr = True, PAIRS: tl.constexpr = True, LANES: tl.constexpr = 1,
 ):  # fmt: skip
     """K and V operands of one tile (``decode_rows_windows`` for both streams) with one prefix scan for both, in
     three stages that a pipelined caller may spread over iterations: fields (``pair_fields``), pack bits
@@ -476,22 +563,30 @@ def decode_pair_windows(
     fk, fv = pair_fields(k_meta, v_meta, r0, TS, D, P, K_MBITS, V_MBITS, USE_ASM)
     k_lo, k_hi, v_lo, v_hi, k_next, v_next = pair_bits(fk, fv, k_base, v_base, k_bit0, v_bit0, None, P, K_QBITS,
                                                        V_QBITS, USE_ASM, NEXT)  # fmt: skip
-    kx, vt = pair_values(fk, fv, k_lo, k_hi, v_lo, v_hi, TS, D, P, K_QBITS, V_QBITS, USE_ASM, CHANNEL_ROWS, PAIRS)
+    kx, vt = pair_values(fk, fv, k_lo, k_hi, v_lo, v_hi, TS, D, P, K_QBITS, V_QBITS, USE_ASM, CHANNEL_ROWS, PAIRS,
+                         LANES)  # fmt: skip
     return kx, vt, k_next, v_next
 
 
 @triton.jit
 def decode_block_windows(
     base_ptr, meta_ptr, T: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr,
-    MBITS: tl.constexpr, USE_ASM: tl.constexpr,
+    MBITS: tl.constexpr, USE_ASM: tl.constexpr, LANE_ORDER: tl.constexpr = False,
 ):  # fmt: skip
     """One stream's exact fp16 ints ``[T, D]`` of a whole block, decoded as the attention decodes a tile (fields
     read flat, one prefix scan for the pack starts, two 32-bit windows per pack, values two per asm block): for
-    kernels that read one stream (the paper's mat-vec pair). Packs of <= 64 bits, ints below 1024."""
+    kernels that read one stream (the paper's mat-vec pair). Packs of <= 64 bits, ints below 1024. Rows in lane
+    order with ``LANE_ORDER`` (the stream must fit ``lane_order_fits``)."""
     f = field_rows(meta_ptr, 0, (T // P) * D, D, MBITS, USE_ASM)
     size = (f >> QBITS) * P
     lo, hi = _pack_bits(base_ptr, tl.cumsum(size, 0) - size, size, USE_ASM)
-    return _window_values(f, lo, hi, T, D, P, QBITS, USE_ASM)
+    return _window_values(f, lo, hi, T, D, P, QBITS, USE_ASM, LANES=2 if LANE_ORDER else 1)
+
+
+def lane_order_fits(p: int, k_qbits: int, v_qbits: int) -> bool:
+    """Whether both streams' tiles take ``_lane_values`` (ints of <= 4 bits, packs of 8 or 16), so the attention
+    can decode them in lane order."""
+    return p in (8, 16) and k_qbits <= 4 and v_qbits <= 4
 
 
 def paired_scan_fits(ts: int, d: int, p: int, k_qbits: int, v_qbits: int) -> bool:
