@@ -1,9 +1,12 @@
 """Compile a PackKV Triton kernel for sm_90 on a machine without a GPU and summarise its SASS.
 
-    python scripts/kernel_sass.py [NAME=value ...] [--maxnreg 128] [--dump out.sass]
+    python scripts/kernel_sass.py [NAME=value ...] [--maxnreg 128] [--aligned] [--dump out.sass]
 
 NAME=value overrides a constexpr of the attention kernel (the launcher's defaults otherwise, e.g. M_PAD=16
 ROWS_AS_N=False for the rows as before 2026-12-04i). SASS_LINES=1 keeps the source lines in the dump.
+``--aligned`` compiles as a real launch does (pointers known 16-byte aligned): vector loads of contiguous data
+(the ring tiles, scales) and far fewer spills; the compressed-block loop's count barely moves (it gathers). Counts
+in the NOTES before 2026-12-05 are without it.
 
 Developer tool: instruction counts are the cheap proxy for the per-element cost that bounds these kernels
 (``packkv_ops/kernels/NOTES.md``); times only come from the GPU. Uses the ptxas/nvdisasm that ship with Triton.
@@ -23,7 +26,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource
 
 
-def attention_source(overrides: dict, d: int = 128, k_rel: float = 0.1, v_rel: float = 0.2) -> tuple[ASTSource, dict]:
+def attention_source(overrides: dict, d: int = 128, k_rel: float = 0.1, v_rel: float = 0.2,
+                     aligned: bool = False) -> tuple[ASTSource, dict]:
     from packkv.ops import Layout, PackKVConfig
     from packkv.ops.kernels import attention as A
 
@@ -60,7 +64,11 @@ def attention_source(overrides: dict, d: int = 128, k_rel: float = 0.1, v_rel: f
     for name in ("k_zero_ptr", "v_zero_ptr"):
         sig[name] = "*i16"
     sig["perm_ptr"] = "*u8"
-    return ASTSource(kernel, sig, constexprs=consts), {}
+    attrs = {}
+    if aligned:  # as a launch specializes 16-byte aligned tensors (torch's allocations) and the ring's slot count
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+                 if sig.get(name, "").startswith("*") or name == "S"}  # fmt: skip
+    return ASTSource(kernel, sig, constexprs=consts, attrs=attrs), {}
 
 
 def main() -> None:
@@ -69,11 +77,13 @@ def main() -> None:
     ap.add_argument("--dump")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--maxnreg", type=int)
+    ap.add_argument("--aligned", action="store_true",
+                    help="pointers 16-byte aligned, as launches on torch tensors specialize them (vector loads)")
     args = ap.parse_args()
     # True/False stay bools: a flag used in `or` (HAS_MASK) must not turn a mask into an int tensor.
     overrides = {k: {"True": True, "False": False}.get(v, None) if v in ("True", "False") else int(v)
                  for k, v in (o.split("=") for o in args.overrides)}
-    src, _ = attention_source(overrides)
+    src, _ = attention_source(overrides, aligned=args.aligned)
     ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": args.warps, "num_stages": 1, **({"maxnreg": args.maxnreg} if args.maxnreg else {})})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
