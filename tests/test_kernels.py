@@ -4,6 +4,7 @@ CPU (and natively on a GPU: the same tests run there with -m cuda)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -345,14 +346,42 @@ def test_paper_matvec_kernels_match_the_dequantized_cache(cfg, windows):
         assert (got.double() - exact).abs().max() <= bound
 
 
-@pytest.mark.parametrize("k_rel,v_rel", [(0.0005, 0.3), (0.3, 0.0005)])
-def test_attention_with_wide_integers_matches_the_reference(k_rel, v_rel):
-    """More than 10-bit integers do not fit the fp16 fast path: the kernel switches to fp32 products."""
+@pytest.mark.parametrize("k_rel,v_rel,slow", [(0.0005, 0.3, "K"), (0.3, 0.0005, "V")])
+def test_attention_with_wide_integers_matches_the_reference(k_rel, v_rel, slow, caplog, monkeypatch):
+    """More than 10-bit integers do not fit the fp16 fast path: the kernel switches to fp32 products, decodes
+    their packs value by value, and says so once (with the way back to the fast path, if any)."""
+    from packkv.ops.kernels import attention as kernel
+
+    monkeypatch.setattr(kernel, "_warned_slow", set())
     cfg = PackKVConfig(block_size=32, window=32, k_rel=k_rel, v_rel=v_rel)
     ref, ker, _, _ = build(cfg, [100], heads=2)
     q = torch.randn(2, 4, 1, 64, device=DEV)
-    torch.testing.assert_close(gpu.attention(q, ker, 100, None, False, None), reference.attention(q, ref, 100, None, False, None),
-                               rtol=2e-5, atol=2e-5)  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        got = gpu.attention(q, ker, 100, None, False, None)
+        gpu.attention(q, ker, 100, None, False, None)
+    torch.testing.assert_close(got, reference.attention(q, ref, 100, None, False, None), rtol=2e-5, atol=2e-5)
+    said = [r.getMessage() for r in caplog.records if "value by value" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"PackKV attention: {slow} packs of 16 x 11-bit ints"), said
+    assert "no pack size does at 11-bit ints" in said[0]
+
+
+def test_a_tighter_bound_names_the_pack_size_that_keeps_the_fast_decode(caplog, monkeypatch):
+    """5-bit keys (k_rel 0.05) in packs of 16 reach 80 bits: decoded value by value; packs of 8 would not."""
+    from packkv.ops.kernels import attention as kernel
+    from packkv.ops.kernels.tiles import decode_path
+
+    assert [decode_path(p, 5) for p in (8, 16, 32)] == ["windows", "per-value", "per-value"]
+    assert [decode_path(p, 4) for p in (8, 16, 32)] == ["lanes", "lanes", "per-value"]
+    assert decode_path(32, 2) == "windows" and decode_path(8, 11) == "per-value"
+    monkeypatch.setattr(kernel, "_warned_slow", set())
+    cfg = PackKVConfig(block_size=32, window=32, k_rel=0.05)
+    ref, ker, _, _ = build(cfg, [70], heads=2)
+    q = torch.randn(2, 4, 1, 64, device=DEV)
+    with caplog.at_level(logging.WARNING):
+        got = gpu.attention(q, ker, 70, None, False, None)
+    torch.testing.assert_close(got, reference.attention(q, ref, 70, None, False, None), rtol=2e-5, atol=2e-5)
+    said = [r.getMessage() for r in caplog.records if "value by value" in r.getMessage()]
+    assert len(said) == 1 and "K packs of 16 x 5-bit ints" in said[0] and "pack_size=8 keeps" in said[0], said
 
 
 @pytest.mark.parametrize("pack_size,k_rel,v_rel", [(8, 0.1, 0.2), (16, 0.07, 0.15), (32, 0.3, 0.5), (32, 0.1, 0.2)])

@@ -18,16 +18,34 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import Layout
 from ..storage import PackedLayer
 from ._launch import INTERPRET, launch, next_pow2, num_sms, resident_programs
 from .hadamard import fwht_rows
 from .inductor_compat import keep_maxnreg
 from .tiles import (
     decode_operand, decode_pair_windows, exact_rows, group_scale_rows, ints_to_f16, lane_order_tokens, pair_bits,
-    pair_fields, pair_values, paired_scan_fits,
+    decode_path, pair_fields, pair_values, paired_scan_fits,
 )
 
 log = logging.getLogger(__name__)
+_warned_slow: set[tuple[str, int, int]] = set()
+
+
+def _warn_if_per_value(lay: Layout) -> None:
+    """Say once per stream and width when a configuration leaves the fast decode (packs wider than 64 bits):
+    nothing else would tell a user why a tighter error bound made attention several times slower."""
+    for stream in ("k", "v"):
+        qbits = getattr(lay, stream).qbits
+        key = (stream, lay.pack_size, qbits)
+        if decode_path(lay.pack_size, qbits) != "per-value" or key in _warned_slow:
+            continue
+        _warned_slow.add(key)
+        fits = [p for p in (8, 16, 32) if decode_path(p, qbits) != "per-value"]
+        hint = (f"pack_size={max(fits)} keeps the fast path" if fits else
+                f"no pack size does at {qbits}-bit ints; {stream}_rel > 1/255 (<= 8 bits) with pack_size=8 would")
+        log.warning("PackKV attention: %s packs of %d x %d-bit ints can exceed 64 bits, so they are decoded value by "
+                    "value on the GPU (about 2.6x slower attention); %s", stream.upper(), lay.pack_size, qbits, hint)
 LOG2E = 1.4426950408889634
 # tf32x3 keeps fp32 accuracy on tensor cores; the interpreter computes in fp32 whatever is asked.
 DOT_PRECISION = "ieee" if INTERPRET else "tf32x3"
@@ -600,6 +618,7 @@ def attention(
     fp32 queries get fp32-accurate products (``exact``); bf16/fp16 queries get fp16 tensor-core operands, finer
     than their own rounding."""
     lay = st.layout
+    _warn_if_per_value(lay)
     B, HQ, TQ, D = q.shape
     min_rows = MIN_ROWS if min_rows is None else min_rows
     rows_as_n = ROWS_AS_N if rows_as_n is None else rows_as_n

@@ -583,6 +583,16 @@ def decode_block_windows(
     return _window_values(f, lo, hi, T, D, P, QBITS, USE_ASM, LANES=2 if LANE_ORDER else 1)
 
 
+def decode_path(pack_size: int, qbits: int) -> str:
+    """How the attention decodes one stream's packs on the GPU: ``"lanes"`` (ints of <= 4 bits in packs of 8 or
+    16: two values per shift), ``"windows"`` (packs of <= 64 bits, ints below 1024: two 32-bit windows per pack),
+    else ``"per-value"`` (two gathered loads and a funnel shift per value; the attention was 2.6x slower that way,
+    H200 2026-12-03)."""
+    if pack_size * qbits > 64 or qbits > 10:
+        return "per-value"
+    return "lanes" if qbits <= 4 and pack_size in (8, 16) else "windows"
+
+
 def lane_order_fits(p: int, k_qbits: int, v_qbits: int) -> bool:
     """Whether both streams' tiles take ``_lane_values`` (ints of <= 4 bits, packs of 8 or 16), so the attention
     can decode them in lane order."""
