@@ -383,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--k-rel", type=float, default=0.1)
     p.add_argument("--v-rel", type=float, default=0.2)
+    p.add_argument("--pack-size", type=int, default=16, choices=(8, 16, 32),
+                   help="e.g. 32, or --k-rel 0.05: packs wider than 64 bits, decoded as halves")
     p.add_argument("--rotation", choices=("none", "hadamard"), default="none",
                    help="the paper's setting has none; the library default is hadamard (two small matmuls per call)")
     p.add_argument("--data", choices=("real", "random"), default="real")
@@ -397,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = PackKVConfig(k_rel=args.k_rel, v_rel=args.v_rel, rotation=args.rotation)
+    cfg = PackKVConfig(k_rel=args.k_rel, v_rel=args.v_rel, rotation=args.rotation, pack_size=args.pack_size)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     if args.variants_only:

@@ -77,13 +77,15 @@ def main() -> None:
     ap.add_argument("--dump")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--maxnreg", type=int)
+    ap.add_argument("--k-rel", type=float, default=0.1, help="error bounds of the layout (integer widths)")
+    ap.add_argument("--v-rel", type=float, default=0.2)
     ap.add_argument("--aligned", action="store_true",
                     help="pointers 16-byte aligned, as launches on torch tensors specialize them (vector loads)")
     args = ap.parse_args()
     # True/False stay bools: a flag used in `or` (HAS_MASK) must not turn a mask into an int tensor.
     overrides = {k: {"True": True, "False": False}.get(v, None) if v in ("True", "False") else int(v)
                  for k, v in (o.split("=") for o in args.overrides)}
-    src, _ = attention_source(overrides, aligned=args.aligned)
+    src, _ = attention_source(overrides, k_rel=args.k_rel, v_rel=args.v_rel, aligned=args.aligned)
     ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": args.warps, "num_stages": 1, **({"maxnreg": args.maxnreg} if args.maxnreg else {})})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")

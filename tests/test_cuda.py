@@ -100,6 +100,27 @@ def test_real_size_attention_matches_the_reference(n_rep, mask_kind):
         torch.testing.assert_close(got.float(), got16.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("cfg", [PackKVConfig(k_rel=0.05, v_rel=0.15, rotation="none"),
+                                 PackKVConfig(k_rel=0.1, v_rel=0.2, pack_size=32, rotation="none")],
+                         ids=["5_bit_keys_split", "pack_32_split_lanes"])  # fmt: skip
+def test_real_size_attention_on_packs_wider_than_64_bits(cfg):
+    """Packs of up to 128 bits are read as two halves (tiles.split_packs) and match the reference."""
+    from packkv.ops.kernels import attention as kernel
+    from packkv.ops.kernels.tiles import decode_paths
+
+    B, H, L, D = 2, 8, 4096 + 11, 128
+    k = (torch.randn(B, H, L, D) * 3).bfloat16().cuda()
+    v = torch.randn(B, H, L, D).bfloat16().cuda()
+    st = fill_cuda(cfg, k, v, [L - 1, 1])
+    lay = st.layout
+    assert "split" in decode_paths(lay.pack_size, D, lay.block_size, lay.k.qbits, lay.v.qbits)
+    q = torch.randn(B, H * 4, 1, D, device="cuda")
+    want = reference.attention(q, st, L, None, False, None)
+    torch.testing.assert_close(kernel.attention(q, st, L, None, False, None), want, rtol=1e-4, atol=1e-4)
+    per_value = kernel.attention(q, st, L, None, False, None, paired=False)  # the path they took before
+    torch.testing.assert_close(per_value, want, rtol=1e-4, atol=1e-4)
+
+
 def test_real_kv_error_bound_and_attention():
     from safetensors.torch import load_file
 

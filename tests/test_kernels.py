@@ -365,32 +365,52 @@ def test_attention_with_wide_integers_matches_the_reference(k_rel, v_rel, slow, 
     assert "no pack size does at 11-bit ints" in said[0]
 
 
-def test_a_tighter_bound_names_the_pack_size_that_keeps_the_fast_decode(caplog, monkeypatch):
-    """5-bit keys (k_rel 0.05) in packs of 16 reach 80 bits: decoded value by value; packs of 8 would not."""
-    from packkv.ops.kernels import attention as kernel
-    from packkv.ops.kernels.tiles import decode_path
+def test_decode_paths_follow_the_pack_width():
+    """Packs of <= 64 bits are decoded from two 32-bit windows (lanes for ints of <= 4 bits in packs of 8 or 16),
+    wider ones as two halves of <= 64 bits where halves fit, else value by value; all but the last need both
+    streams in one prefix scan, whose 16-bit lanes bound a tile's bits per stream."""
+    from packkv.ops.kernels.tiles import decode_paths
 
-    assert [decode_path(p, 5) for p in (8, 16, 32)] == ["windows", "per-value", "per-value"]
-    assert [decode_path(p, 4) for p in (8, 16, 32)] == ["lanes", "lanes", "per-value"]
-    assert decode_path(32, 2) == "windows" and decode_path(8, 11) == "per-value"
+    assert decode_paths(16, 128, 64, 4, 3) == ("lanes", "lanes")  # the defaults
+    assert decode_paths(32, 128, 64, 4, 3) == ("split", "split")  # halves of 16 values, both in lanes
+    assert decode_paths(16, 128, 64, 5, 3) == ("split", "windows")  # k_rel 0.05: lanes for both or neither
+    assert decode_paths(8, 128, 64, 5, 3) == ("windows", "windows")
+    assert decode_paths(32, 128, 64, 4, 2) == ("split", "windows")
+    assert decode_paths(32, 128, 64, 5, 3) == ("per-value", "per-value")  # halves of 80 bits: no paired scan
+    assert decode_paths(16, 128, 64, 8, 3) == ("per-value", "windows")  # 64 x 128 x 8 bits overflow the scan lanes
+    assert decode_paths(16, 64, 32, 8, 3) == ("split", "windows")
+    assert decode_paths(16, 128, 64, 11, 3) == ("per-value", "windows")
+
+
+def test_a_tighter_bound_names_the_pack_size_that_keeps_the_fast_decode(caplog, monkeypatch):
+    """5-bit keys (k_rel 0.05) in packs of 32 reach 160 bits (halves of 80): decoded value by value, and the values
+    with them; packs of 16 would be split into halves of 40 bits. Said once per stream."""
+    from packkv.ops.kernels import attention as kernel
+
     monkeypatch.setattr(kernel, "_warned_slow", set())
-    cfg = PackKVConfig(block_size=32, window=32, k_rel=0.05)
+    cfg = PackKVConfig(block_size=32, window=32, k_rel=0.05, pack_size=32)
     ref, ker, _, _ = build(cfg, [70], heads=2)
     q = torch.randn(2, 4, 1, 64, device=DEV)
     with caplog.at_level(logging.WARNING):
         got = gpu.attention(q, ker, 70, None, False, None)
     torch.testing.assert_close(got, reference.attention(q, ref, 70, None, False, None), rtol=2e-5, atol=2e-5)
-    said = [r.getMessage() for r in caplog.records if "value by value" in r.getMessage()]
-    assert len(said) == 1 and "K packs of 16 x 5-bit ints" in said[0] and "pack_size=8 keeps" in said[0], said
+    said = sorted(r.getMessage() for r in caplog.records if "value by value" in r.getMessage())
+    # V's 96-bit packs would split, but only in the prefix scan shared with K: both are read value by value
+    assert len(said) == 2 and all("pack_size=16 keeps the fast path" in m for m in said), said
+    assert "K packs of 32 x 5-bit ints" in said[0] and "V packs of 32 x 3-bit ints" in said[1], said
 
 
-@pytest.mark.parametrize("pack_size,k_rel,v_rel", [(8, 0.1, 0.2), (16, 0.07, 0.15), (32, 0.3, 0.5), (32, 0.1, 0.2)])
+# Packs of 8 and 16 with 3-4 bit ints (lanes, in lane order); of 32: 2-bit V (windows) with 3-bit K (split into
+# halves of 16 values, lanes in token order), 3-4 bit K and V (both split, lanes in lane order); of 16: 5-bit and
+# 8-bit K (split into halves of 8 values, windows).
+@pytest.mark.parametrize("pack_size,k_rel,v_rel", [(8, 0.1, 0.2), (16, 0.07, 0.15), (32, 0.3, 0.5), (32, 0.1, 0.2),
+                                                   (16, 0.05, 0.15), (16, 0.005, 0.3)])  # fmt: skip
 def test_packwise_and_per_value_extraction_agree(pack_size, k_rel, v_rel):
     """Packs of at most 64 bits are decoded from their words at once (as two 32-bit windows built channel-major
     or token-major, or with a select per value; K and V pack starts from one scan or one each; scales loaded
     before or after the decode; on the GPU, two values per asm block or one per LOP3; narrow ints two per shift
-    from lane-paired windows); wider packs fall back to per-value reads. All give the same attention, for every
-    pack size."""
+    from lane-paired windows); wider packs are split into halves of at most 64 bits, or read value by value. All
+    give the same attention, for every pack size."""
     cfg = PackKVConfig(block_size=32, window=32, pack_size=pack_size, k_rel=k_rel, v_rel=v_rel)
     ref, ker, _, _ = build(cfg, [100], heads=2)
     q = torch.randn(2, 4, 1, 64, device=DEV)

@@ -25,27 +25,30 @@ from .hadamard import fwht_rows
 from .inductor_compat import keep_maxnreg
 from .tiles import (
     decode_operand, decode_pair_windows, exact_rows, group_scale_rows, ints_to_f16, lane_order_tokens, pair_bits,
-    decode_path, pair_fields, pair_values, paired_scan_fits,
+    decode_paths, pair_fields, pair_values, paired_scan_fits,
 )
 
 log = logging.getLogger(__name__)
-_warned_slow: set[tuple[str, int, int]] = set()
+_warned_slow: set[tuple] = set()
 
 
-def _warn_if_per_value(lay: Layout) -> None:
-    """Say once per stream and width when a configuration leaves the fast decode (packs wider than 64 bits):
+def _warn_if_per_value(lay: Layout, ts: int) -> None:
+    """Say once per stream and layout when a configuration leaves the fast decode (``tiles.decode_paths``):
     nothing else would tell a user why a tighter error bound made attention several times slower."""
-    for stream in ("k", "v"):
-        qbits = getattr(lay, stream).qbits
-        key = (stream, lay.pack_size, qbits)
-        if decode_path(lay.pack_size, qbits) != "per-value" or key in _warned_slow:
+    p, d, kq, vq = lay.pack_size, lay.head_dim, lay.k.qbits, lay.v.qbits
+    for i, stream in enumerate("kv"):
+        key = (stream, p, d, ts, kq, vq)
+        if decode_paths(p, d, ts, kq, vq)[i] != "per-value" or key in _warned_slow:
             continue
         _warned_slow.add(key)
-        fits = [p for p in (8, 16, 32) if decode_path(p, qbits) != "per-value"]
+        fits = [c for c in (8, 16, 32) if decode_paths(c, d, min(max(ts, c), lay.block_size), kq, vq)[i] != "per-value"]
+        qbits = (kq, vq)[i]
         hint = (f"pack_size={max(fits)} keeps the fast path" if fits else
                 f"no pack size does at {qbits}-bit ints; {stream}_rel > 1/255 (<= 8 bits) with pack_size=8 would")
-        log.warning("PackKV attention: %s packs of %d x %d-bit ints can exceed 64 bits, so they are decoded value by "
-                    "value on the GPU (about 2.6x slower attention); %s", stream.upper(), lay.pack_size, qbits, hint)
+        log.warning("PackKV attention: %s packs of %d x %d-bit ints are decoded value by value on the GPU (about "
+                    "2.6x slower attention); %s", stream.upper(), p, qbits, hint)
+
+
 LOG2E = 1.4426950408889634
 # tf32x3 keeps fp32 accuracy on tensor cores; the interpreter computes in fp32 whatever is asked.
 DOT_PRECISION = "ieee" if INTERPRET else "tf32x3"
@@ -259,8 +262,11 @@ def _attention_kernel(
     # Lane order (tiles._lane_values): both streams' tiles, and so their scales and permutation, in the order two
     # values of a pack leave one extraction. Only with the rows as N: with the rows as M (16 rows) the lanes cost
     # more than they save (1,373 / 1,406 in lane / token order vs 1,354 sm_90 loop instructions).
-    LANE_ORDER: tl.constexpr = (LANES == 2 and PAIRED and ROWS_N and (P == 8 or P == 16) and K_QBITS <= 4
-                                and V_QBITS <= 4)  # fmt: skip
+    # Packs wider than 64 bits decode as halves (tiles.split_packs; PAIRED guarantees the halves fit).
+    K_PE: tl.constexpr = P // 2 if P * K_QBITS > 64 else P
+    V_PE: tl.constexpr = P // 2 if P * V_QBITS > 64 else P
+    LANE_ORDER: tl.constexpr = (LANES == 2 and PAIRED and ROWS_N and (K_PE == 8 or K_PE == 16) and
+                                (V_PE == 8 or V_PE == 16) and K_QBITS <= 4 and V_QBITS <= 4)  # fmt: skip
     LANE_MODE: tl.constexpr = 2 if LANE_ORDER else (1 if LANES == 1 else 0)
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -618,7 +624,7 @@ def attention(
     fp32 queries get fp32-accurate products (``exact``); bf16/fp16 queries get fp16 tensor-core operands, finer
     than their own rounding."""
     lay = st.layout
-    _warn_if_per_value(lay)
+    _warn_if_per_value(lay, min(max(sub_tile, lay.pack_size), lay.block_size))
     B, HQ, TQ, D = q.shape
     min_rows = MIN_ROWS if min_rows is None else min_rows
     rows_as_n = ROWS_AS_N if rows_as_n is None else rows_as_n

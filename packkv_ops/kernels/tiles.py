@@ -531,9 +531,33 @@ def pair_bits(
         tot = tl.zeros((), tl.uint32)
     k_start = k_bit0 + (excl & 0xFFFF).to(tl.int32)
     v_start = v_bit0 + (excl >> 16).to(tl.int32)
-    k_lo, k_hi = _pack_bits(k_base, k_start, sk, USE_ASM, valid, CHECK)
-    v_lo, v_hi = _pack_bits(v_base, v_start, sv, USE_ASM, valid, CHECK)
+    k_lo, k_hi = _stream_bits(k_base, k_start, sk, P, K_QBITS, USE_ASM, valid, CHECK)
+    v_lo, v_hi = _stream_bits(v_base, v_start, sv, P, V_QBITS, USE_ASM, valid, CHECK)
     return k_lo, k_hi, v_lo, v_hi, k_bit0 + (tot & 0xFFFF).to(tl.int32), v_bit0 + (tot >> 16).to(tl.int32)
+
+
+@triton.jit
+def _stream_bits(base_ptr, start, size, P: tl.constexpr, QBITS: tl.constexpr, USE_ASM: tl.constexpr, valid=None,
+                 CHECK: tl.constexpr = False):  # fmt: skip
+    """One stream's pack bits for ``pair_bits``: ``[N]`` (lo, hi) for packs of <= 64 bits; for wider packs that
+    ``split_packs`` halves, ``[N, 2]``: each half's 64 bits (the second half starts ``size / 2`` bits in)."""
+    SPLIT: tl.constexpr = P * QBITS > 64 and P >= 16 and (P // 2) * QBITS <= 64 and QBITS <= 10  # split_packs
+    if SPLIT:  # one return below: Triton checks the types of every return, constexpr branches included
+        half = size // 2
+        lo, hi = _pack_bits(base_ptr, tl.join(start, start + half), tl.join(half, half), USE_ASM, valid, CHECK)
+    else:
+        lo, hi = _pack_bits(base_ptr, start, size, USE_ASM, valid, CHECK)
+    return lo, hi
+
+
+@triton.jit
+def _split_rows(f, lo, hi, RS: tl.constexpr, D: tl.constexpr):
+    """Fields and half-pack bits of split packs as the flat tensors of twice the pack rows (row ``2r + h`` is half
+    ``h`` of pack row ``r``), for ``_window_values`` at ``P / 2``."""
+    f2 = tl.reshape(tl.permute(tl.reshape(tl.join(f, f), (RS, D, 2)), (0, 2, 1)), (2 * RS * D,))
+    lo2 = tl.reshape(tl.permute(tl.reshape(lo, (RS, D, 2)), (0, 2, 1)), (2 * RS * D,))
+    hi2 = tl.reshape(tl.permute(tl.reshape(hi, (RS, D, 2)), (0, 2, 1)), (2 * RS * D,))
+    return f2, lo2, hi2
 
 
 @triton.jit
@@ -544,9 +568,24 @@ def pair_values(
 ):  # fmt: skip
     """The last stage of ``decode_pair_windows``: the K and V fp16 operands from the fields and the pack bits.
     ``LANES`` 2 (both streams must fit ``lane_order_fits``) returns both tiles' rows in lane order."""
-    kx = _window_values(fk, k_lo, k_hi, TS, D, P, K_QBITS, USE_ASM, CHANNEL_ROWS, PAIRS, LANES)
-    vt = _window_values(fv, v_lo, v_hi, TS, D, P, V_QBITS, USE_ASM, CHANNEL_ROWS, PAIRS, LANES)
+    kx = _stream_values(fk, k_lo, k_hi, TS, D, P, K_QBITS, USE_ASM, CHANNEL_ROWS, PAIRS, LANES)
+    vt = _stream_values(fv, v_lo, v_hi, TS, D, P, V_QBITS, USE_ASM, CHANNEL_ROWS, PAIRS, LANES)
     return kx, vt
+
+
+@triton.jit
+def _stream_values(
+    f, lo, hi, TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr, USE_ASM: tl.constexpr,
+    CHANNEL_ROWS: tl.constexpr, PAIRS: tl.constexpr, LANES: tl.constexpr,
+):  # fmt: skip
+    """One stream's operand for ``pair_values`` (split packs as twice the rows of half packs)."""
+    SPLIT: tl.constexpr = P * QBITS > 64 and P >= 16 and (P // 2) * QBITS <= 64 and QBITS <= 10  # split_packs
+    if SPLIT:  # if / else: Triton also compiles the code after a constexpr branch that returns
+        f2, lo2, hi2 = _split_rows(f, lo, hi, TS // P, D)
+        x = _window_values(f2, lo2, hi2, TS, D, P // 2, QBITS, USE_ASM, CHANNEL_ROWS, PAIRS, LANES)
+    else:
+        x = _window_values(f, lo, hi, TS, D, P, QBITS, USE_ASM, CHANNEL_ROWS, PAIRS, LANES)
+    return x
 
 
 @triton.jit
@@ -583,23 +622,42 @@ def decode_block_windows(
     return _window_values(f, lo, hi, T, D, P, QBITS, USE_ASM, LANES=2 if LANE_ORDER else 1)
 
 
-def decode_path(pack_size: int, qbits: int) -> str:
-    """How the attention decodes one stream's packs on the GPU: ``"lanes"`` (ints of <= 4 bits in packs of 8 or
-    16: two values per shift), ``"windows"`` (packs of <= 64 bits, ints below 1024: two 32-bit windows per pack),
-    else ``"per-value"`` (two gathered loads and a funnel shift per value; the attention was 2.6x slower that way,
-    H200 2026-12-03)."""
-    if pack_size * qbits > 64 or qbits > 10:
-        return "per-value"
-    return "lanes" if qbits <= 4 and pack_size in (8, 16) else "windows"
+def split_packs(p: int, qbits: int) -> bool:
+    """Packs wider than 64 bits whose halves are not (``p`` 16 or 32, ints below 1024): the paired decode reads
+    them as two packs of ``p / 2`` values sharing one field (``_stream_bits``, ``_split_rows``)."""
+    return p * qbits > 64 and p >= 16 and p // 2 * qbits <= 64 and qbits <= 10
+
+
+def decode_paths(p: int, d: int, ts: int, k_qbits: int, v_qbits: int) -> tuple[str, str]:
+    """How the attention decodes the K and V packs on the GPU (packs of ``p`` values, head_dim ``d``, tiles of
+    ``ts`` tokens; token groupings): ``"lanes"`` (both streams' ints of <= 4 bits in packs or split halves of 8 or
+    16: two values per shift, ``lane_order_fits``), ``"windows"``
+    (packs of <= 64 bits, ints below 1024: two 32-bit windows per pack), ``"split"`` (wider packs read as two
+    halves of <= 64 bits), else ``"per-value"`` (two gathered loads and a funnel shift per value: the attention was
+    2.6x slower that way, H200 2026-12-03). The first three need both streams in one prefix scan
+    (``paired_scan_fits``); without it a stream of <= 64-bit packs still takes windows."""
+    paired = paired_scan_fits(ts, d, p, k_qbits, v_qbits)
+    lanes = paired and lane_order_fits(p, k_qbits, v_qbits)  # the attention takes lanes for both or neither
+    paths = []
+    for q in (k_qbits, v_qbits):
+        fits = p * q <= 64 and q <= 10
+        if paired and fits:
+            paths.append("lanes" if lanes else "windows")
+        elif paired and split_packs(p, q):
+            paths.append("split")
+        else:
+            paths.append("windows" if fits else "per-value")
+    return paths[0], paths[1]
 
 
 def lane_order_fits(p: int, k_qbits: int, v_qbits: int) -> bool:
-    """Whether both streams' tiles take ``_lane_values`` (ints of <= 4 bits, packs of 8 or 16), so the attention
-    can decode them in lane order."""
-    return p in (8, 16) and k_qbits <= 4 and v_qbits <= 4
+    """Whether both streams' tiles take ``_lane_values`` (ints of <= 4 bits in packs, or split halves of packs, of
+    8 or 16 values), so the attention can decode them in lane order (the attention kernel's ``LANE_ORDER``)."""
+    return all((p // 2 if split_packs(p, q) else p) in (8, 16) and q <= 4 for q in (k_qbits, v_qbits))
 
 
 def paired_scan_fits(ts: int, d: int, p: int, k_qbits: int, v_qbits: int) -> bool:
-    """Whether ``decode_pair_windows`` applies: both streams take the window extraction (packs of <= 64 bits,
-    ints below 1024) and a tile's packs hold fewer than 2^16 bits per stream (its 16-bit lanes cannot carry)."""
-    return all(p * q <= 64 and q <= 10 and ts * d * q < (1 << 16) for q in (k_qbits, v_qbits))
+    """Whether ``decode_pair_windows`` applies: both streams take the window extraction (packs of <= 64 bits, or
+    split into two halves of <= 64 bits: ``split_packs``; ints below 1024) and a tile's packs hold fewer than 2^16
+    bits per stream (its 16-bit lanes cannot carry)."""
+    return all((p * q <= 64 or split_packs(p, q)) and q <= 10 and ts * d * q < (1 << 16) for q in (k_qbits, v_qbits))
