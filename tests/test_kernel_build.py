@@ -43,7 +43,8 @@ ATTENTION_BUILDS = {
     "pack_8_lanes": ["P=8"],  # lane extraction from one window per pack (16: two)
     "no_lanes": ["LANES=0"],
     "pack_32_split_lanes": ["P=32"],  # 4- and 3-bit packs of 32 read as halves of 16, in lanes
-    "split_5_bit_keys": ["--k-rel", "0.05", "--v-rel", "0.15"],  # 80-bit key packs as halves of 40 bits
+    "split_5_bit_keys": ["--k-rel", "0.05", "--v-rel", "0.15"],  # 80-bit key packs as halves; V in 4 windows
+    "pack_8_lanes_of_2": ["P=8", "--k-rel", "0.05", "--v-rel", "0.02"],  # 5- and 6-bit ints, lanes of 2 values
 }
 
 

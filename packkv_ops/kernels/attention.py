@@ -265,9 +265,11 @@ def _attention_kernel(
     # Packs wider than 64 bits decode as halves (tiles.split_packs; PAIRED guarantees the halves fit).
     K_PE: tl.constexpr = P // 2 if P * K_QBITS > 64 else P
     V_PE: tl.constexpr = P // 2 if P * V_QBITS > 64 else P
-    LANE_ORDER: tl.constexpr = (LANES == 2 and PAIRED and ROWS_N and (K_PE == 8 or K_PE == 16) and
-                                (V_PE == 8 or V_PE == 16) and K_QBITS <= 4 and V_QBITS <= 4)  # fmt: skip
-    LANE_MODE: tl.constexpr = 2 if LANE_ORDER else (1 if LANES == 1 else 0)
+    # LANE_ORDER is the lane width: 4 values when both streams' ints have <= 4 bits, else 2 (<= 8 bits); 0: none.
+    LANE_ORDER: tl.constexpr = (4 if K_QBITS <= 4 and V_QBITS <= 4 else 2) if (
+        LANES == 2 and PAIRED and ROWS_N and (K_PE == 8 or K_PE == 16) and (V_PE == 8 or V_PE == 16) and K_QBITS <= 8
+        and V_QBITS <= 8) else 0  # fmt: skip
+    LANE_MODE: tl.constexpr = LANE_ORDER if LANE_ORDER else (1 if LANES == 1 else 0)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // H

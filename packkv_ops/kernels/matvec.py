@@ -87,7 +87,8 @@ def _k_matvec_windows_kernel(
     q_hi_t = tl.trans(q_hi)
     q_lo_t = tl.trans(q_lo)
     lo, hi = _block_range(tl.program_id(1), n_blocks, NS)
-    LANE_ORDER: tl.constexpr = QBITS <= 4 and (P == 8 or P == 16)  # rows in lane order (tiles._lane_values)
+    # rows in lane order (tiles._lane_values), lanes of 4 values for ints of <= 4 bits, else of 2; 0: none
+    LANE_ORDER: tl.constexpr = (4 if QBITS <= 4 else 2) if QBITS <= 8 and (P == 8 or P == 16) else 0
     for n in range(lo, hi):
         chunk = (b * NB + n) * H + kvh
         base = pool_ptr + tl.load(off_ptr + chunk)
@@ -113,7 +114,8 @@ def _v_matvec_windows_kernel(
     # sum_t w_t (Q_t + z_t) s_t = Q^T u + sum_t u_t z_t with u = w s: the ints times the block's normalized u.
     acc = tl.zeros((D, 1), tl.float32)
     lo, hi = _block_range(split, n_blocks, NS)
-    LANE_ORDER: tl.constexpr = QBITS <= 4 and (P == 8 or P == 16)  # rows in lane order (tiles._lane_values)
+    # rows in lane order (tiles._lane_values), lanes of 4 values for ints of <= 4 bits, else of 2; 0: none
+    LANE_ORDER: tl.constexpr = (4 if QBITS <= 4 else 2) if QBITS <= 8 and (P == 8 or P == 16) else 0
     for n in range(lo, hi):
         chunk = (b * NB + n) * H + kvh
         base = pool_ptr + tl.load(off_ptr + chunk)

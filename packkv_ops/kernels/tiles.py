@@ -400,39 +400,47 @@ def _lane_join(win, sh, USE_ASM: tl.constexpr):
 @triton.jit
 def _lane_values(
     f, lo, hi, TS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr, USE_ASM: tl.constexpr,
-    CHANNEL_ROWS: tl.constexpr = True, LANE_ORDER: tl.constexpr = False,
+    CHANNEL_ROWS: tl.constexpr = True, LW: tl.constexpr = 4, LANE_ORDER: tl.constexpr = False,
 ):  # fmt: skip
-    """``_window_values`` for ints of at most 4 bits in packs of 8 or 16 values. Every 4 consecutive values of a
-    pack span at most 16 bits, so a pack's 8-value window (bits ``8pw ..``, ``p < P / 8``) is rearranged once into
-    two 16-bit lanes, values 0-3 in the low lane and 4-7 in the high lane (``(x & 0xFFFF) | (x >> 4w) << 16``);
-    then one shift by ``j * w`` aligns value ``j`` in the low lane and value ``4 + j`` in the high one, and a mask
-    makes both fp16 halves at once (``_lanes_1024``): per two values one shift, one LOP3 and one HADD2 with the
-    minimum, against two shifts, two PRMTs, one LOP3 and one HADD2 in ``_halves_1024``."""
+    """``_window_values`` for packs of 8 or 16 values whose ``LW`` consecutive values span at most 16 bits (``LW``
+    4: ints of <= 4 bits; 2: <= 8 bits). Each window of ``2 LW`` values of a pack (bits ``2 LW k w ..``, ``k < P /
+    (2 LW)``) is rearranged once into two 16-bit lanes, values ``0 .. LW-1`` in the low lane and the next ``LW`` in
+    the high lane (``(x & 0xFFFF) | (x >> LW w) << 16``); then one shift by ``j * w`` aligns value ``j`` in the low
+    lane and value ``LW + j`` in the high one, and a mask makes both fp16 halves at once (``_lanes_1024``): per two
+    values one shift, one LOP3 and one HADD2 with the minimum, against two shifts, two PRMTs, one LOP3 and one HADD2
+    in ``_halves_1024``."""
     RS: tl.constexpr = TS // P
-    NP: tl.constexpr = P // 8
+    NP: tl.constexpr = P // (2 * LW)  # windows per pack: 1, 2 or 4
     f = tl.reshape(f, (RS, D))
     lo = tl.reshape(lo, (RS, D))
     w = f >> QBITS
-    w4 = (w * 4).to(tl.uint32)
+    wl = (w * LW).to(tl.uint32)  # a lane's bits; a window's are 2 wl <= 32
     if NP == 1:
         win = lo[:, None, :]  # [RS, 1, D]
-    else:
+    elif NP == 2:
         hi = tl.reshape(hi, (RS, D))
-        lo1 = funnel_clamp(lo, hi, w4 * 2, USE_ASM)  # values 8-15: bits 8w .., 8w <= 32
+        lo1 = funnel_clamp(lo, hi, wl * 2, USE_ASM)  # the second window, from bit 2 LW w <= 32
         win = tl.permute(tl.join(lo, lo1), (0, 2, 1))  # [RS, 2, D]
-    win = _lane_join(win, w4[:, None, :], USE_ASM)[:, :, None, :]  # [RS, NP, 1, D], lanes of 4 values
-    o = (tl.arange(0, 4)[None, None, :, None] * w[:, None, None, :]).to(tl.uint32)  # [RS, 1, 4, D], <= 12
+    else:  # packs of 16 with LW 2 (ints of <= 4 bits, lanes of 2 for the other stream's sake): windows of 16 bits
+        hi = tl.reshape(hi, (RS, D))
+        b3 = wl * 6  # the fourth window's first bit, <= 48
+        w3 = tl.where(b3 <= 32, funnel_clamp(lo, hi, b3, USE_ASM), funnel_clamp(hi, tl.zeros_like(hi), b3 - 32, USE_ASM))
+        four = tl.join(tl.join(lo, funnel_clamp(lo, hi, wl * 2, USE_ASM)),
+                       tl.join(funnel_clamp(lo, hi, wl * 4, USE_ASM), w3))  # [RS, D, 2, 2]: window 2j + i at [i, j]
+        win = tl.permute(tl.reshape(tl.permute(four, (0, 1, 3, 2)), (RS, D, 4)), (0, 2, 1))  # [RS, 4, D]
+    win = _lane_join(win, wl[:, None, :], USE_ASM)[:, :, None, :]  # [RS, NP, 1, D], lanes of LW values
+    o = (tl.arange(0, LW)[None, None, :, None] * w[:, None, None, :]).to(tl.uint32)  # [RS, 1, LW, D], < 16
     m = (1 << w) - 1
     m2 = (m | (m << 16)).to(tl.uint32)[:, None, None, :]
     # The pack minimum minus 1024 in both halves: the fp16 bits of min - 1024 are 0xE400 - 2 min for min <= 512.
     mu2 = (0xE400E400 - (f & ((1 << QBITS) - 1)).to(tl.uint32) * 0x20002)[:, None, None, :]
-    x0, x1 = _lanes_1024(win, o, m2, mu2, USE_ASM)  # [RS, NP, 4, D]: values 8p + j and 8p + 4 + j
-    x = tl.join(x0, x1)  # [RS, NP, 4, D, 2]
-    if LANE_ORDER:  # row 8p + 2j + lane: a lane pair stays one register (``lane_order_tokens``)
+    x0, x1 = _lanes_1024(win, o, m2, mu2, USE_ASM)  # [RS, NP, LW, D]: values 2 LW k + j and 2 LW k + LW + j
+    x = tl.join(x0, x1)  # [RS, NP, LW, D, 2]
+    if LANE_ORDER:  # row 2 LW k + 2j + lane: a lane pair stays one register (``lane_order_tokens``)
         if CHANNEL_ROWS:
             return tl.trans(tl.reshape(tl.permute(x, (3, 0, 1, 2, 4)), (D, TS)))
         return tl.reshape(tl.permute(x, (0, 1, 2, 4, 3)), (TS, D))
-    if CHANNEL_ROWS:  # row 8p + 4 lane + j
+    if CHANNEL_ROWS:  # row 2 LW k + LW lane + j
         return tl.trans(tl.reshape(tl.permute(x, (3, 0, 1, 4, 2)), (D, TS)))
     return tl.reshape(tl.permute(x, (0, 1, 4, 2, 3)), (TS, D))
 
@@ -440,12 +448,13 @@ def _lane_values(
 @triton.jit
 def lane_order_tokens(TS: tl.constexpr, LANE_ORDER: tl.constexpr):
     """Token of each row of a tile decoded by ``_lane_values``, relative to the tile's first token: with
-    ``LANE_ORDER`` rows ``8p + 2j + lane`` hold tokens ``8p + 4 lane + j``, else row i is token i. The attention
-    loads the tile's scales, zeros and permutation in this order (the products and the softmax do not care)."""
+    ``LANE_ORDER`` (the lane width ``LW``: 4 or 2; 0: none) rows ``2 LW k + 2j + lane`` hold tokens ``2 LW k + LW
+    lane + j``, else row i is token i. The attention loads the tile's scales, zeros and permutation in this order
+    (the products and the softmax do not care)."""
     i = tl.arange(0, TS)
     if LANE_ORDER:
-        k = i % 8
-        return i - k + (k & 1) * 4 + (k >> 1)
+        k = i % (2 * LANE_ORDER)
+        return i - k + (k & 1) * LANE_ORDER + (k >> 1)
     return i
 
 
@@ -460,8 +469,11 @@ def _window_values(
     thread and block, 1,510 instead of 1,652 instructions) through a layout conversion with 34 instead of 16
     barriers per block (``scripts/kernel_sass.py``): 0.393 vs 0.442 ms at B8/32K on the H200, so instructions
     outweigh barriers here."""
-    if LANES > 0 and QBITS <= 4 and (P == 8 or P == 16):
-        return _lane_values(f, lo, hi, TS, D, P, QBITS, USE_ASM, CHANNEL_ROWS, LANES == 2)
+    # LANES: 0 none; 1 lanes of 4 (ints of <= 4 bits) or 2 (<= 8 bits), rows in token order; 2 or 4: lanes of that
+    # width, rows in lane order (the caller's choice for both streams: ``lane_order_fits``).
+    LW: tl.constexpr = (4 if QBITS <= 4 else 2) if LANES == 1 else LANES
+    if LANES > 0 and QBITS <= 8 and LW * QBITS <= 16 and (P == 8 or P == 16):
+        return _lane_values(f, lo, hi, TS, D, P, QBITS, USE_ASM, CHANNEL_ROWS, LW, LANES > 1)
     RS: tl.constexpr = TS // P
     VW: tl.constexpr = P // 2
     f = tl.reshape(f, (RS, D))
@@ -567,7 +579,8 @@ def pair_values(
     LANES: tl.constexpr = 1,
 ):  # fmt: skip
     """The last stage of ``decode_pair_windows``: the K and V fp16 operands from the fields and the pack bits.
-    ``LANES`` 2 (both streams must fit ``lane_order_fits``) returns both tiles' rows in lane order."""
+    ``LANES`` 2 or 4 (both streams must fit ``lane_order_fits``) returns both tiles' rows in lane order, lanes of
+    that width."""
     kx = _stream_values(fk, k_lo, k_hi, TS, D, P, K_QBITS, USE_ASM, CHANNEL_ROWS, PAIRS, LANES)
     vt = _stream_values(fv, v_lo, v_hi, TS, D, P, V_QBITS, USE_ASM, CHANNEL_ROWS, PAIRS, LANES)
     return kx, vt
@@ -615,11 +628,11 @@ def decode_block_windows(
     """One stream's exact fp16 ints ``[T, D]`` of a whole block, decoded as the attention decodes a tile (fields
     read flat, one prefix scan for the pack starts, two 32-bit windows per pack, values two per asm block): for
     kernels that read one stream (the paper's mat-vec pair). Packs of <= 64 bits, ints below 1024. Rows in lane
-    order with ``LANE_ORDER`` (the stream must fit ``lane_order_fits``)."""
+    order with ``LANE_ORDER`` (the lane width, 4 or 2; 0: token order)."""
     f = field_rows(meta_ptr, 0, (T // P) * D, D, MBITS, USE_ASM)
     size = (f >> QBITS) * P
     lo, hi = _pack_bits(base_ptr, tl.cumsum(size, 0) - size, size, USE_ASM)
-    return _window_values(f, lo, hi, T, D, P, QBITS, USE_ASM, LANES=2 if LANE_ORDER else 1)
+    return _window_values(f, lo, hi, T, D, P, QBITS, USE_ASM, LANES=LANE_ORDER if LANE_ORDER else 1)
 
 
 def split_packs(p: int, qbits: int) -> bool:
@@ -651,9 +664,10 @@ def decode_paths(p: int, d: int, ts: int, k_qbits: int, v_qbits: int) -> tuple[s
 
 
 def lane_order_fits(p: int, k_qbits: int, v_qbits: int) -> bool:
-    """Whether both streams' tiles take ``_lane_values`` (ints of <= 4 bits in packs, or split halves of packs, of
-    8 or 16 values), so the attention can decode them in lane order (the attention kernel's ``LANE_ORDER``)."""
-    return all((p // 2 if split_packs(p, q) else p) in (8, 16) and q <= 4 for q in (k_qbits, v_qbits))
+    """Whether both streams' tiles take ``_lane_values`` (ints of <= 8 bits in packs, or split halves of packs, of
+    8 or 16 values), so the attention can decode them in lane order (the attention kernel's ``LANE_ORDER``: lanes
+    of 4 values when both streams' ints have <= 4 bits, else of 2)."""
+    return all((p // 2 if split_packs(p, q) else p) in (8, 16) and q <= 8 for q in (k_qbits, v_qbits))
 
 
 def paired_scan_fits(ts: int, d: int, p: int, k_qbits: int, v_qbits: int) -> bool:
