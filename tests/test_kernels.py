@@ -380,8 +380,9 @@ def test_decode_paths_follow_the_pack_width():
     assert decode_paths(32, 128, 64, 2, 2) == ("windows", "windows")  # lanes: packs (or halves) of 8 or 16
     assert decode_paths(32, 128, 64, 4, 2) == ("split", "windows")
     assert decode_paths(32, 128, 64, 5, 3) == ("per-value", "per-value")  # halves of 80 bits: no paired scan
-    assert decode_paths(16, 128, 64, 8, 3) == ("per-value", "windows")  # 64 x 128 x 8 bits overflow the scan lanes
-    assert decode_paths(16, 64, 32, 8, 3) == ("split", "lanes")
+    assert decode_paths(16, 128, 64, 8, 3) == ("split", "lanes")  # packs start below bit 65,408 of a tile
+    assert decode_paths(16, 256, 64, 4, 3) == ("lanes", "lanes")  # 65,472: the last pack may end at bit 2^16
+    assert decode_paths(16, 256, 64, 5, 3) == ("per-value", "windows")  # 81,840 overflows the scan's 16-bit lanes
     assert decode_paths(16, 128, 64, 11, 3) == ("per-value", "windows")
 
 
@@ -443,6 +444,35 @@ def test_packwise_and_per_value_extraction_agree(pack_size, k_rel, v_rel):
     torch.testing.assert_close(fast, token_major, **tol)
     torch.testing.assert_close(fast, fused, **tol)
     torch.testing.assert_close(fast, want, rtol=2e-5, atol=2e-5)
+
+
+def test_head_dim_256_tiles_of_full_width_packs_share_one_pack_start_scan():
+    """A 64-token tile of head_dim 256 with 4-bit ints holds up to 2^16 bits per stream: every pack but the last
+    starts below bit 2^16, so K and V still share one prefix scan in 16-bit lanes; the tile's total, which reaches
+    2^16 when every pack has the full width (as here), is summed per stream for the next tile of the block."""
+    from packkv.ops.codec import unpack_meta
+    from packkv.ops.kernels.tiles import paired_scan_fits
+
+    cfg = PackKVConfig(block_size=128, window=128, rotation="none")  # k_rel 0.07: 4-bit keys
+    t, c = torch.arange(300)[:, None], torch.arange(256)[None, :]
+    # Every pack (16 tokens of one channel) holds both extremes of its tokens' range: the full width, 4 bits.
+    k = (((t + c) % 2) * 2 - 1).to(torch.bfloat16)[None, None].to(DEV)
+    v = torch.randn(1, 1, 300, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(DEV)
+    lay = Layout.from_config(cfg, 1, 256)
+    assert paired_scan_fits(64, 256, 16, lay.k.qbits, lay.v.qbits) and lay.k.qbits == 4
+    stores = []
+    for append in (reference.append_, gpu.append_):
+        st = PackedLayer.empty(lay, 1, torch.bfloat16, DEV, 4, 4 * (lay.max_chunk_words(lay.k) + lay.max_chunk_words(lay.v)))
+        append(st, k, v, flush_count(0, 300, lay))
+        stores.append(st)
+    ref, ker = stores
+    _, widths = unpack_meta(ker.k_meta[:, : int(ker.n_blocks[0])], lay.k, lay)
+    assert bool((widths == 4).all())  # so each 64-token tile's K packs total exactly 2^16 bits
+    q = torch.randn(1, 4, 1, 256, device=DEV)
+    want = reference.attention(q, ref, 300, None, False, None)
+    for sub_tile in (64, 128):  # two tiles per block (one scan per tile), or the whole block (a scan per stream)
+        got = gpu.attention(q, ker, 300, None, False, None, sub_tile=sub_tile, splits=2)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 
 def test_bf16_queries_use_single_fp16_operands_within_bf16_rounding():

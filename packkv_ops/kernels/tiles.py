@@ -536,16 +536,23 @@ def pair_bits(
     sv = (fv >> V_QBITS) * P
     both = (sk | (sv << 16)).to(tl.uint32, bitcast=True)
     incl = tl.cumsum(both, 0)
-    excl = incl - both
-    if NEXT:  # the next tile's offsets (a reduction: skipped when the tile is the whole block)
+    excl = incl - both  # exact mod 2^32: each exclusive prefix stays below 2^16 per stream (paired_scan_fits)
+    N: tl.constexpr = fk.shape[0]
+    if NEXT and (N * P * K_QBITS >= 65536 or N * P * V_QBITS >= 65536):  # a full tile may carry: a sum per stream
+        k_tot = tl.sum(sk, 0)
+        v_tot = tl.sum(sv, 0)
+    elif NEXT:  # the next tile's offsets (a reduction: skipped when the tile is the whole block)
         tot = tl.sum(both, 0)
+        k_tot = (tot & 0xFFFF).to(tl.int32)
+        v_tot = (tot >> 16).to(tl.int32)
     else:
-        tot = tl.zeros((), tl.uint32)
+        k_tot = tl.zeros((), tl.int32)
+        v_tot = tl.zeros((), tl.int32)
     k_start = k_bit0 + (excl & 0xFFFF).to(tl.int32)
     v_start = v_bit0 + (excl >> 16).to(tl.int32)
     k_lo, k_hi = _stream_bits(k_base, k_start, sk, P, K_QBITS, USE_ASM, valid, CHECK)
     v_lo, v_hi = _stream_bits(v_base, v_start, sv, P, V_QBITS, USE_ASM, valid, CHECK)
-    return k_lo, k_hi, v_lo, v_hi, k_bit0 + (tot & 0xFFFF).to(tl.int32), v_bit0 + (tot >> 16).to(tl.int32)
+    return k_lo, k_hi, v_lo, v_hi, k_bit0 + k_tot, v_bit0 + v_tot
 
 
 @triton.jit
@@ -672,6 +679,8 @@ def lane_order_fits(p: int, k_qbits: int, v_qbits: int) -> bool:
 
 def paired_scan_fits(ts: int, d: int, p: int, k_qbits: int, v_qbits: int) -> bool:
     """Whether ``decode_pair_windows`` applies: both streams take the window extraction (packs of <= 64 bits, or
-    split into two halves of <= 64 bits: ``split_packs``; ints below 1024) and a tile's packs hold fewer than 2^16
-    bits per stream (its 16-bit lanes cannot carry)."""
-    return all((p * q <= 64 or split_packs(p, q)) and q <= 10 and ts * d * q < (1 << 16) for q in (k_qbits, v_qbits))
+    split into two halves of <= 64 bits: ``split_packs``; ints below 1024) and every pack but a tile's last starts
+    below bit 2^16 of the tile in both streams (the scan's 16-bit lanes: an exclusive prefix cannot carry; the
+    tile's total, which may, is summed per stream). 64-token tiles of head_dim 256 take 4-bit ints, of 128 8-bit."""
+    return all((p * q <= 64 or split_packs(p, q)) and q <= 10 and (ts * d - p) * q < (1 << 16)
+               for q in (k_qbits, v_qbits))  # fmt: skip
