@@ -121,6 +121,23 @@ def test_real_size_attention_on_packs_wider_than_64_bits(cfg):
     torch.testing.assert_close(per_value, want, rtol=1e-4, atol=1e-4)
 
 
+def test_real_size_head_dim_256_attention_shares_one_pack_start_scan():
+    """head_dim 256 with 4-bit keys: 64-token tiles of up to 2^16 bits per stream, on the paired scan and lanes."""
+    from packkv.ops.kernels import attention as kernel
+    from packkv.ops.kernels.tiles import decode_paths
+
+    B, H, L, D = 2, 4, 4096 + 11, 256
+    k = (torch.randn(B, H, L, D) * 3).bfloat16().cuda()
+    v = torch.randn(B, H, L, D).bfloat16().cuda()
+    st = fill_cuda(PLAIN, k, v, [L - 1, 1])
+    lay = st.layout
+    assert decode_paths(lay.pack_size, D, lay.block_size, lay.k.qbits, lay.v.qbits) == ("lanes", "lanes")
+    q = torch.randn(B, H * 2, 1, D, device="cuda")
+    want = reference.attention(q, st, L, None, False, None)
+    torch.testing.assert_close(kernel.attention(q, st, L, None, False, None), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kernel.attention(q, st, L, None, False, None, paired=False), want, rtol=1e-4, atol=1e-4)
+
+
 def test_real_kv_error_bound_and_attention():
     from safetensors.torch import load_file
 
