@@ -472,7 +472,9 @@ def _window_values(
     # LANES: 0 none; 1 lanes of 4 (ints of <= 4 bits) or 2 (<= 8 bits), rows in token order; 2 or 4: lanes of that
     # width, rows in lane order (the caller's choice for both streams: ``lane_order_fits``).
     LW: tl.constexpr = (4 if QBITS <= 4 else 2) if LANES == 1 else LANES
-    if LANES > 0 and QBITS <= 8 and LW * QBITS <= 16 and (P == 8 or P == 16):
+    FITS: tl.constexpr = QBITS <= 8 and LW * QBITS <= 16 and (P == 8 or P == 16)
+    tl.static_assert(LANES < 2 or FITS, "lane order needs both streams in lanes: a stream here would not be")
+    if LANES > 0 and FITS:
         return _lane_values(f, lo, hi, TS, D, P, QBITS, USE_ASM, CHANNEL_ROWS, LW, LANES > 1)
     RS: tl.constexpr = TS // P
     VW: tl.constexpr = P // 2
@@ -643,19 +645,19 @@ def decode_block_windows(
 
 
 def split_packs(p: int, qbits: int) -> bool:
-    """Packs wider than 64 bits whose halves are not (``p`` 16 or 32, ints below 1024): the paired decode reads
-    them as two packs of ``p / 2`` values sharing one field (``_stream_bits``, ``_split_rows``)."""
+    """Whether packs are wider than 64 bits but their halves are not (``p`` 16 or 32, ints below 1024): the paired
+    decode then reads each as two packs of ``p / 2`` values sharing one field (``_stream_bits``, ``_split_rows``)."""
     return p * qbits > 64 and p >= 16 and p // 2 * qbits <= 64 and qbits <= 10
 
 
 def decode_paths(p: int, d: int, ts: int, k_qbits: int, v_qbits: int) -> tuple[str, str]:
     """How the attention decodes the K and V packs on the GPU (packs of ``p`` values, head_dim ``d``, tiles of
-    ``ts`` tokens; token groupings): ``"lanes"`` (both streams' ints of <= 4 bits in packs or split halves of 8 or
-    16: two values per shift, ``lane_order_fits``), ``"windows"``
-    (packs of <= 64 bits, ints below 1024: two 32-bit windows per pack), ``"split"`` (wider packs read as two
-    halves of <= 64 bits), else ``"per-value"`` (two gathered loads and a funnel shift per value: the attention was
-    2.6x slower that way, H200 2026-12-03). The first three need both streams in one prefix scan
-    (``paired_scan_fits``); without it a stream of <= 64-bit packs still takes windows."""
+    ``ts`` tokens; token groupings): ``"lanes"`` (both streams' ints of <= 8 bits in packs, or split halves, of 8
+    or 16 values: two values per shift, ``lane_order_fits``), ``"windows"`` (packs of <= 64 bits, ints below 1024:
+    two 32-bit windows per pack), ``"split"`` (wider packs read as two halves of <= 64 bits), else ``"per-value"``
+    (two gathered loads and a funnel shift per value: the attention was 2.6x slower that way, H200 2026-12-03). The
+    first three need both streams in one prefix scan (``paired_scan_fits``); without it a stream of <= 64-bit packs
+    still takes windows."""
     paired = paired_scan_fits(ts, d, p, k_qbits, v_qbits)
     lanes = paired and lane_order_fits(p, k_qbits, v_qbits)  # the attention takes lanes for both or neither
     paths = []
