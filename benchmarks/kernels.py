@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from packkv.ops import Layout, PackedLayer, PackKVConfig, ops
 from packkv.ops.accounting import exact_bytes
 from packkv.ops.kernels import matvec
+from packkv.ops.kernels.attention import TILE
 from packkv.ops.kernels.attention import attention as attention_kernel
+from packkv.ops.kernels.tiles import decode_paths
 from packkv.ops.reference import flush_count
 
 REAL_KV = Path(__file__).resolve().parents[1] / "tests" / "data" / "smollm2_kv.safetensors"
@@ -400,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = PackKVConfig(k_rel=args.k_rel, v_rel=args.v_rel, rotation=args.rotation, pack_size=args.pack_size)
+    lay = Layout.from_config(cfg, args.heads, args.head_dim)
+    paths = decode_paths(cfg.pack_size, args.head_dim, min(max(TILE, cfg.pack_size), cfg.block_size), lay.k.qbits,
+                         lay.v.qbits)  # fmt: skip
+    print(f"{lay.k.qbits}-bit K / {lay.v.qbits}-bit V ints in packs of {cfg.pack_size}: decoded as {paths[0]} / "
+          f"{paths[1]} (tiles.decode_paths)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     if args.variants_only:
@@ -413,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(var: list[dict]) -> None:  # after the main rows and again after the variants: a partial run keeps data
         result = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                      config=json.loads(cfg.to_json()), torch=torch.__version__, rows=rows, variants=var)  # fmt: skip
+                      config=json.loads(cfg.to_json()), decode_paths=paths, torch=torch.__version__, rows=rows,
+                      variants=var)  # fmt: skip
         (args.out / ("kernels.json" if rows else "variants.json")).write_text(json.dumps(result, indent=1))
 
     if rows:
