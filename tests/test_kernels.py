@@ -643,6 +643,6 @@ def test_the_kernels_hadamard_transform_is_the_product_with_the_sylvester_matrix
     x = torch.randn(rows, dim, device=DEV)
     y = torch.empty_like(x)
     _hadamard_rows[(1,)](x, y, M=rows, D=dim)
-    want = x.double() @ (hadamard(dim).double() * dim**0.5)
+    want = x.double() @ (hadamard(dim).to(DEV).double() * dim**0.5)
     torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
     assert not torch.allclose(y, x)  # it did transform

@@ -28,6 +28,7 @@ from .tiles import decode_block_windows, decode_chunk, group_scale_rows, lane_or
 
 # Untimed on the GPU (2026-12-04i: written and interpreter-tested without one), so the first pair stays the default.
 WINDOWS = False
+LANES = True  # the windows pair decodes ints in lane order (tiles._lane_values) where they fit
 
 
 @triton.jit
@@ -74,6 +75,7 @@ def _k_matvec_windows_kernel(
     q_ptr, out_ptr, pool_ptr, meta_ptr, off_ptr, scale_ptr, zero_ptr, NB, H, n_blocks, NS,
     T: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr, MBITS: tl.constexpr,
     MW: tl.constexpr, GROUP: tl.constexpr, USE_ASM: tl.constexpr, EXACT: tl.constexpr = True,
+    LANES: tl.constexpr = True,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = pid // H
@@ -88,7 +90,7 @@ def _k_matvec_windows_kernel(
     q_lo_t = tl.trans(q_lo)
     lo, hi = _block_range(tl.program_id(1), n_blocks, NS)
     # rows in lane order (tiles._lane_values), lanes of 4 values for ints of <= 4 bits, else of 2; 0: none
-    LANE_ORDER: tl.constexpr = (4 if QBITS <= 4 else 2) if QBITS <= 8 and (P == 8 or P == 16) else 0
+    LANE_ORDER: tl.constexpr = (4 if QBITS <= 4 else 2) if LANES and QBITS <= 8 and (P == 8 or P == 16) else 0
     for n in range(lo, hi):
         chunk = (b * NB + n) * H + kvh
         base = pool_ptr + tl.load(off_ptr + chunk)
@@ -105,7 +107,7 @@ def _k_matvec_windows_kernel(
 def _v_matvec_windows_kernel(
     w_ptr, out_ptr, pool_ptr, meta_ptr, off_ptr, scale_ptr, zero_ptr, NB, H, n_blocks, NS,
     T: tl.constexpr, D: tl.constexpr, P: tl.constexpr, QBITS: tl.constexpr, MBITS: tl.constexpr,
-    MW: tl.constexpr, GROUP: tl.constexpr, USE_ASM: tl.constexpr,
+    MW: tl.constexpr, GROUP: tl.constexpr, USE_ASM: tl.constexpr, LANES: tl.constexpr = True,
 ):  # fmt: skip
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -115,7 +117,7 @@ def _v_matvec_windows_kernel(
     acc = tl.zeros((D, 1), tl.float32)
     lo, hi = _block_range(split, n_blocks, NS)
     # rows in lane order (tiles._lane_values), lanes of 4 values for ints of <= 4 bits, else of 2; 0: none
-    LANE_ORDER: tl.constexpr = (4 if QBITS <= 4 else 2) if QBITS <= 8 and (P == 8 or P == 16) else 0
+    LANE_ORDER: tl.constexpr = (4 if QBITS <= 4 else 2) if LANES and QBITS <= 8 and (P == 8 or P == 16) else 0
     for n in range(lo, hi):
         chunk = (b * NB + n) * H + kvh
         base = pool_ptr + tl.load(off_ptr + chunk)
@@ -161,7 +163,7 @@ def k_matvec(q: torch.Tensor, st: PackedLayer, n_blocks: int, windows: bool | No
         ns = _splits(st, q.device, n_blocks)
         launch(_k_matvec_windows_kernel)[(B * H, ns)](
             q.contiguous(), out, st.pool, *tensors, st.block_capacity, H, n_blocks, ns, USE_ASM=not INTERPRET,
-            EXACT=q.dtype == torch.float32, num_warps=4, num_stages=1, **consts,
+            EXACT=q.dtype == torch.float32, LANES=LANES, num_warps=4, num_stages=1, **consts,
         )  # fmt: skip
     else:
         launch(_k_matvec_kernel)[(B * H, n_blocks)](q.contiguous(), out, st.pool, *tensors, st.block_capacity, H, **consts)
@@ -179,7 +181,7 @@ def v_matvec(w: torch.Tensor, st: PackedLayer, n_blocks: int, windows: bool | No
             w = torch.nn.functional.pad(w[..., : n_blocks * T], (0, max(0, n_blocks * T - w.shape[-1])))
         launch(_v_matvec_windows_kernel)[(B * H, ns)](
             w.contiguous(), part, st.pool, *tensors, st.block_capacity, H, n_blocks, ns,
-            USE_ASM=not INTERPRET, num_warps=4, num_stages=1, **consts,
+            USE_ASM=not INTERPRET, LANES=LANES, num_warps=4, num_stages=1, **consts,
         )  # fmt: skip
         return part.sum(2)
     wpad = torch.zeros(B, H, st.block_capacity * T, dtype=torch.float32, device=w.device)
