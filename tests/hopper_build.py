@@ -3,7 +3,9 @@ process without ``TRITON_INTERPRET``: interpreted kernels cannot be compiled).""
 
 from __future__ import annotations
 
+import inspect
 import sys
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource
@@ -16,7 +18,10 @@ HOPPER = GPUTarget("cuda", 90, 32)
 
 
 def compile_for_hopper(kernel, consts: dict, types: dict) -> str:
-    """PTX of ``kernel`` with these constexprs; pointers default to int32, scalars to i32."""
+    """PTX of ``kernel`` with these constexprs (and its constexpr defaults, as a launch applies them); pointers
+    default to int32, scalars to i32."""
+    defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.default is not inspect.Parameter.empty}
+    consts = defaults | consts
     sig = {}
     for name in kernel.arg_names:
         if name in consts:
