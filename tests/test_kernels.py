@@ -313,7 +313,7 @@ def test_a_long_query_block_runs_in_chunks_of_rows_and_matches_the_reference(mas
     assert starts == [0, 4, 8]
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
-# fp32 roundings (2^-24) of the summed terms' magnitude the mat-vec pairs may lose. Below 1 in the interpreter. The
+# fp32 roundings (2^-24) of the summed terms' magnitude the mat-vec pairs may lose: at most 1 in the interpreter. The
 # windows pair's tensor cores lose more: the fp16 halves keep 22 bits of the operand, and the MMA's fp32 sums
 # truncate; on the H200 (2026-12-05) it missed the first pair's bound, 1e-6 of the largest result, by up to 2.5x.
 MATVEC_ROUNDINGS = 64
