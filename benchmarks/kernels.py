@@ -223,6 +223,8 @@ VARIANTS = {  # name -> attention() keyword arguments, each a change from the de
     "  no lane extraction: two values per 4-instruction asm block (before 2026-12-05)": dict(lanes=0),
     "  lane extraction with the tiles' rows in token order": dict(lanes=1),
     "  one LOP3 per value instead of two values per asm block (before 2026-12-04f)": dict(pairs=False, lanes=0),
+    # 2026-12-05c, untimed: sm_90 loop 1,042 vs 1,069 instructions, 13 spill loads/stores in it (76 vs 44 bytes).
+    "  softmax sums and V zeros' terms per token, summed once per split (defer_sums)": dict(defer_sums=True),
     "  token-major tiles (2026-12-04c default)": dict(channel_rows=False),
     "  one pack-start scan per stream (2026-12-04 default)": dict(paired=False, channel_rows=False),
     "  pack-wise extraction with a select per value (2026-12-03)": dict(windows=False, paired=False),

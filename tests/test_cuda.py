@@ -89,11 +89,12 @@ def test_real_size_attention_matches_the_reference(n_rep, mask_kind):
     got16 = torch.ops.packkv.attention(q.bfloat16(), *st.tensors(), out_len, mask, mask_kind == "causal", None, *spec(st.layout))
     torch.testing.assert_close(got16.float(), want, rtol=2e-2, atol=2e-2)
     # Variants: the query rows padded to 4 (min_rows=1), and as the products' N dimension (rows_as_n); without
-    # lane extraction (lanes=0: the former asm), and lanes with the tiles' rows in token order (lanes=1)
+    # lane extraction (lanes=0: the former asm), and lanes with the tiles' rows in token order (lanes=1); the
+    # softmax sums kept per token and summed once per split (defer_sums)
     from packkv.ops.kernels import attention as kernel
 
     for kw in (dict(min_rows=1), dict(rows_as_n=True), dict(rows_as_n=True, min_rows=1), dict(lanes=0),
-               dict(lanes=1), dict(lanes=0, pairs=False)):  # fmt: skip
+               dict(lanes=1), dict(lanes=0, pairs=False), dict(defer_sums=True)):  # fmt: skip
         got = kernel.attention(q, st, out_len, mask, mask_kind == "causal", None, **kw)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         got = kernel.attention(q.bfloat16(), st, out_len, mask, mask_kind == "causal", None, **kw)

@@ -29,7 +29,8 @@ def test_compression_kernels_compile_for_sm90(name):
 # products' N dimension, padded to 4), the decode step's padding mask with in-kernel rotations, fp32-exact products,
 # the causal path without prefetch or spans, 8 rows (GQA 8), the rows as the M dimension (16 rows and more), the
 # largest chunk of a long query block, head_dim 256 with the decode step's mask and rotations, packs of 8, the
-# extraction without lanes, and packs wider than 64 bits split into halves.
+# extraction without lanes, the softmax sums deferred to the end of a split, and packs wider than 64 bits split
+# into halves.
 ATTENTION_BUILDS = {
     "defaults": [],
     "row_mask_rotate": ["HAS_MASK=True", "MASK_ROW=True", "ROTATE=True"],
@@ -42,6 +43,7 @@ ATTENTION_BUILDS = {
     "head_dim_256_row_mask_rotate": ["D=256", "HAS_MASK=True", "MASK_ROW=True", "ROTATE=True"],
     "pack_8_lanes": ["P=8"],  # lane extraction from one window per pack (16: two)
     "no_lanes": ["LANES=0"],
+    "deferred_sums": ["DEFER_SUMS=True"],
     "pack_32_split_lanes": ["P=32"],  # 4- and 3-bit packs of 32 read as halves of 16, in lanes
     "split_5_bit_keys": ["--k-rel", "0.05", "--v-rel", "0.15"],  # 80-bit key packs as halves; V in 4 windows
     "pack_8_lanes_of_2": ["P=8", "--k-rel", "0.05", "--v-rel", "0.02"],  # 5- and 6-bit ints, lanes of 2 values

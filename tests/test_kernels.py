@@ -436,8 +436,8 @@ def test_packwise_and_per_value_extraction_agree(pack_size, k_rel, v_rel):
     """Packs of at most 64 bits are decoded from their words at once (as two 32-bit windows built channel-major
     or token-major, or with a select per value; K and V pack starts from one scan or one each; scales loaded
     before or after the decode; on the GPU, two values per asm block or one per LOP3; narrow ints two per shift
-    from lane-paired windows); wider packs are split into halves of at most 64 bits, or read value by value. All
-    give the same attention, for every pack size."""
+    from lane-paired windows; the softmax sums per tile or per split); wider packs are split into halves of at most
+    64 bits, or read value by value. All give the same attention, for every pack size."""
     cfg = PackKVConfig(block_size=32, window=32, pack_size=pack_size, k_rel=k_rel, v_rel=v_rel)
     ref, ker, _, _ = build(cfg, [100], heads=2)
     q = torch.randn(2, 4, 1, 64, device=DEV)
@@ -454,6 +454,9 @@ def test_packwise_and_per_value_extraction_agree(pack_size, k_rel, v_rel):
     # scales) in lane order or in token order, or no lane extraction: the same sums
     no_lanes = gpu.attention(q, ker, 100, None, False, None, lanes=0)
     lanes_in_token_order = gpu.attention(q, ker, 100, None, False, None, lanes=1)
+    # the softmax sums and the V zeros' terms kept per token and summed once per split (one split: rescaled over
+    # several blocks)
+    deferred_sums = gpu.attention(q, ker, 100, None, False, None, defer_sums=True, splits=1)
     torch.testing.assert_close(fast, late_loads, rtol=0, atol=0)
     torch.testing.assert_close(no_lanes, one_per_value, rtol=0, atol=0)
     # The same values summed in another order within a tile: fp32 rounding (a few ulps of the largest terms, which
@@ -466,6 +469,7 @@ def test_packwise_and_per_value_extraction_agree(pack_size, k_rel, v_rel):
     torch.testing.assert_close(fast, one_scan_per_stream, **tol)
     torch.testing.assert_close(fast, token_major, **tol)
     torch.testing.assert_close(fast, fused, **tol)
+    torch.testing.assert_close(fast, deferred_sums, **tol)
     torch.testing.assert_close(fast, want, rtol=2e-5, atol=2e-5)
 
 

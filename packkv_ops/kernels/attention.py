@@ -204,14 +204,19 @@ def _compressed_tile(
 
 @triton.jit
 def _compressed_tile_t(
-    kx, vt, m_i, l_i, acc_t, b, v, ks, kz, vs, vz, perm,
+    kx, vt, m_i, l_i, acc_t, l_t, z_t, b, v, ks, kz, vs, vz, perm,
     q_hi_t, q_lo_t, qsum, score_scale, qi, row_ok, hq, out_len, mask_ptr, smb, smh, smq, sml,
     T: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    EXACT: tl.constexpr, MASK_ROW: tl.constexpr,
+    EXACT: tl.constexpr, MASK_ROW: tl.constexpr, DEFER_SUMS: tl.constexpr,
 ):  # fmt: skip
     """``_compressed_tile`` with the query rows as the MMAs' N dimension (token groups, ints below 1024): scores
     ``K @ q^T`` ``[TS, M]`` and ``acc^T += V^T @ P^T`` ``[D, M]``, so the decoded tiles are the A operands and the
-    few query rows are padded to the MMA's 8 columns instead of its 16 rows."""
+    few query rows are padded to the MMA's 8 columns instead of its 16 rows.
+
+    With ``DEFER_SUMS`` the softmax denominators and the V zeros' terms (``sum_t p s_t z_t``, one per row) stay
+    per token in ``l_t`` / ``z_t`` ``[TS, M]``, rescaled like ``acc_t``, and are summed over the tokens once after
+    the loop (``_fold_deferred_sums``): the token sum ran across the warps, a shared-memory round trip and
+    barriers per tile; the elementwise update is a few FMAs per thread."""
     raw = tl.dot(kx, q_hi_t)
     if EXACT:
         raw += tl.dot(kx, q_lo_t)
@@ -225,15 +230,20 @@ def _compressed_tile_t(
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_safe[None, :])
     alpha = tl.exp2(m_i - m_safe)
-    w = p * vs[:, None] * (1.0 / smax)[None, :]
+    pvs = p * vs[:, None]
+    w = pvs * (1.0 / smax)[None, :]
     if EXACT:
         pv = _dot_split(tl.trans(w), vt)
         blk = tl.trans(pv)
     else:
         blk = tl.dot(tl.trans(vt), w.to(tl.float16))
+    if DEFER_SUMS:
+        l_t = l_t * alpha[None, :] + p
+        z_t = z_t * alpha[None, :] + pvs * vz[:, None]
+        return m_new, l_i * alpha, acc_t * alpha[None, :] + blk * smax[None, :], l_t, z_t
     p_sum, wz = tl.split(tl.sum(tl.join(p, w * vz[:, None]), 0))
     blk = (blk + wz[None, :]) * smax[None, :]
-    return m_new, l_i * alpha + p_sum, acc_t * alpha[None, :] + blk
+    return m_new, l_i * alpha + p_sum, acc_t * alpha[None, :] + blk, l_t, z_t
 
 
 @triton.jit
@@ -253,7 +263,7 @@ def _attention_kernel(
     EARLY_LOADS: tl.constexpr = True, PAIRS: tl.constexpr = True, ZERO_COUNT: tl.constexpr = True,
     PREFETCH: tl.constexpr = 1, ZERO_SPAN: tl.constexpr = True, ZCHUNK: tl.constexpr = 1024,
     ROTATE: tl.constexpr = False, ROT_SCALE: tl.constexpr = 1.0, ROWS_AS_N: tl.constexpr = False,
-    LANES: tl.constexpr = 2,
+    LANES: tl.constexpr = 2, DEFER_SUMS: tl.constexpr = False,
 ):  # fmt: skip
     # Tokens per tile: the requested TILE, clamped to whole pack rows within a block.
     TS: tl.constexpr = T if TILE >= T else (P if TILE <= P else TILE)
@@ -340,6 +350,8 @@ def _attention_kernel(
             q_hi_t = tl.trans(q_hi)
             q_lo_t = tl.trans(q_lo)
             scale_rows = tl.reshape(score_scale, (M_PAD,))
+            l_t = tl.zeros((TS, M_PAD), tl.float32)  # DEFER_SUMS: per-token partial sums (see _compressed_tile_t)
+            z_t = tl.zeros((TS, M_PAD), tl.float32)
         for v in range(c_lo, c_hi):
             ks, kz, vs, vz, perm = _tile_side_loads(b, v, kvh, 0, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
                                                     perm_ptr, out_len, NB, H, T, TS, D, K_GROUP, V_GROUP, HAS_MASK,
@@ -362,10 +374,10 @@ def _attention_kernel(
             kx, vt = pair_values(fk_c, fv_c, cur_k_lo, cur_k_hi, cur_v_lo, cur_v_hi, TS, D, P, K_QBITS, V_QBITS,
                                  USE_ASM, CHANNEL_ROWS, PAIRS, LANE_MODE)  # fmt: skip
             if ROWS_N:
-                m_i, l_i, acc_t = _compressed_tile_t(
-                    kx, vt, m_i, l_i, acc_t, b, v, ks, kz, vs, vz, perm,
+                m_i, l_i, acc_t, l_t, z_t = _compressed_tile_t(
+                    kx, vt, m_i, l_i, acc_t, l_t, z_t, b, v, ks, kz, vs, vz, perm,
                     q_hi_t, q_lo_t, qsum, scale_rows, qv, row_ok, hq, out_len, mask_ptr, smb, smh, smq, sml,
-                    T, HAS_MASK, MASK_BOOL, IS_CAUSAL, EXACT, MASK_ROW)  # fmt: skip
+                    T, HAS_MASK, MASK_BOOL, IS_CAUSAL, EXACT, MASK_ROW, DEFER_SUMS)  # fmt: skip
             else:
                 m_i, l_i, acc = _compressed_tile(
                     kx, vt, m_i, l_i, acc, b, v, ks, kz, vs, vz, perm,
@@ -373,6 +385,9 @@ def _attention_kernel(
                     T, TS, D, K_QBITS, K_GROUP, V_QBITS, V_GROUP, HAS_MASK, MASK_BOOL, IS_CAUSAL, DOT, EXACT,
                     FUSED_RED, MASK_ROW)  # fmt: skip
         if ROWS_N:
+            if DEFER_SUMS:  # l_t, z_t carry the scale of the final m_i like acc_t and l_i
+                l_i += tl.sum(l_t, 0)
+                acc_t += tl.sum(z_t, 0)[None, :]
             acc = tl.trans(acc_t)
         c_hi = c_lo  # done: the loop below runs no iteration
     for v in range(c_lo, c_hi):  # compressed blocks
@@ -577,6 +592,7 @@ def attention(
     min_rows: int | None = None,
     rows_as_n: bool | None = None,
     lanes: int = 2,
+    defer_sums: bool = False,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(q, *decompress(st, out_len), attn_mask=mask, ...)`` without materialising K/V.
 
@@ -671,7 +687,7 @@ def attention(
         _launch_rows(kernel, meta, qc, oc, q0, st, ns, mask, strides, out_len, n_rep, n_virtual, sm_scale,
                      max(min_rows, next_pow2(n_rep * tq)), is_causal, mask_bool, row_mask, precision, packwise,
                      windows, exact, skip_decode, rows_as_n, channel_rows, fused_reductions, early_loads, pairs,
-                     zero_count, prefetch, zero_span, zero_chunk, rotate, balanced, paired, sub_tile, lanes)  # fmt: skip
+                     zero_count, prefetch, zero_span, zero_chunk, rotate, balanced, paired, sub_tile, lanes, defer_sums)  # fmt: skip
         if oc is not out:
             out[:, :, q0 : q0 + tq] = oc
     return out
@@ -681,7 +697,7 @@ def _launch_rows(
     kernel, meta, q, out, q0, st, ns, mask, strides, out_len, n_rep, n_virtual, sm_scale, m_pad, is_causal,
     mask_bool, row_mask, precision, packwise, windows, exact, skip_decode, rows_as_n, channel_rows,
     fused_reductions, early_loads, pairs, zero_count, prefetch, zero_span, zero_chunk, rotate, balanced, paired,
-    sub_tile, lanes,
+    sub_tile, lanes, defer_sums,
 ) -> None:  # fmt: skip
     """One attention launch and its merge for the query rows ``q0 ..`` of a query block (``attention``)."""
     lay = st.layout
@@ -701,7 +717,7 @@ def _launch_rows(
         V_QBITS=lay.v.qbits, V_MBITS=lay.v.mbits, V_MW=lay.meta_words(lay.v), V_GROUP=lay.v.grouping,
         HAS_MASK=mask is not None, MASK_BOOL=mask_bool, IS_CAUSAL=is_causal, DOT=precision, USE_ASM=not INTERPRET,
         PACKWISE=packwise, WINDOWS=windows, EXACT=q.dtype == torch.float32 if exact is None else exact, SKIP_DECODE=skip_decode,
-        ROWS_AS_N=rows_as_n and m_pad <= ROWS_AS_N_MAX, CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, EARLY_LOADS=early_loads, PAIRS=pairs, ZERO_COUNT=zero_count, PREFETCH=prefetch, ZERO_SPAN=zero_span, ZCHUNK=zero_chunk, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), BALANCED=balanced, LANES=lanes, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
+        ROWS_AS_N=rows_as_n and m_pad <= ROWS_AS_N_MAX, CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, EARLY_LOADS=early_loads, PAIRS=pairs, ZERO_COUNT=zero_count, PREFETCH=prefetch, ZERO_SPAN=zero_span, ZCHUNK=zero_chunk, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), BALANCED=balanced, LANES=lanes, DEFER_SUMS=defer_sums, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
             min(max(sub_tile, lay.pack_size), T), D, lay.pack_size, lay.k.qbits, lay.v.qbits), **meta,
     )  # fmt: skip
     launch(_merge_kernel)[(B * HQ * TQ,)](acc, m, l, out, ns, D=D, BS=32, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D))
