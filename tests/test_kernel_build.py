@@ -59,3 +59,21 @@ def test_attention_kernel_compiles_for_sm90_within_its_register_cap(name):
     assert done.returncode == 0, done.stderr[-3000:]
     registers = int(re.search(r"Used (\d+) registers", done.stdout).group(1))
     assert registers <= 128
+
+
+# The Gluon examples (scripts/gluon_sm90): the pieces a warp-specialized decode would be built from still compile
+# with the pinned Triton (Gluon has no interpreter, so a build is all the CPU can check of it).
+GLUON_BUILDS = {
+    "wgmma.py": [r"64x8x128, A in shared memory: .*\n   HGMMA 8,", r"from TMA: .*\n   HGMMA 4, .*UTMALDG 2"],
+    "warp_specialize.py": [r"TMA producer .*8 warps.*\n   HGMMA 4, SYNCS \d+", r"load producer .*\n   HGMMA 4,"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(GLUON_BUILDS))
+def test_gluon_examples_compile_for_sm90_with_hopper_instructions(script):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    path = Path(__file__).parents[1] / "scripts" / "gluon_sm90" / script
+    done = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for pattern in GLUON_BUILDS[script]:
+        assert re.search(pattern, done.stdout), (pattern, done.stdout)
