@@ -66,6 +66,8 @@ def test_attention_kernel_compiles_for_sm90_within_its_register_cap(name):
 GLUON_BUILDS = {
     "wgmma.py": [r"64x8x128, A in shared memory: .*\n   HGMMA 8,", r"from TMA: .*\n   HGMMA 4, .*UTMALDG 2"],
     "warp_specialize.py": [r"TMA producer .*8 warps.*\n   HGMMA 4, SYNCS \d+", r"load producer .*\n   HGMMA 4,"],
+    # S = K q^T as 8 HGMMA.64x8x16 and O^T += V^T P as 8 more, per 64-token tile
+    "decode_attention_pipeline.py": [r"\n   HGMMA 16,", r"consumer loop: \d+ instructions .*HGMMA 16"],
 }
 
 
