@@ -12,7 +12,8 @@ instructions per warp and tile); the consumer's loop is the rest, which the Trit
 script prints the consumer loop's count, the number to compare (``packkv_ops/kernels/NOTES.md``, 2026-12-05c).
 
 Per-token scales and zeros, masks, the exact window and the split merge are left out: they add loads per tile, not
-structure. On a GPU the kernel would be checked against ``F.scaled_dot_product_attention`` before any timing.
+structure. On a GPU, ``--gpu`` checks it against ``F.scaled_dot_product_attention`` and times both (untried: no
+GPU was lent when it was written).
 """
 
 from __future__ import annotations
@@ -82,9 +83,14 @@ def _tma_producer(k_desc, v_desc, k_bufs, v_bufs, ready, empty, row0, n_tiles, T
 @gluon.jit
 def decode_attention(q_ptr, k_desc, v_desc, o_ptr, m_ptr, l_ptr, n_tiles, qk_scale, R: gl.constexpr,
                      STAGES: gl.constexpr):  # fmt: skip
+    """Program (head, split): the ``R`` query rows of KV head ``head`` (a row of K/V per token, ``L`` tokens per
+    head, ``n_tiles`` 64-token tiles per split) against its split's tiles; writes the split's unnormalized ``O``,
+    row maxima (log2 units) and sums for a merge."""
     T: gl.constexpr = k_desc.block_type.shape[0]
     D: gl.constexpr = k_desc.block_type.shape[1]
     head = gl.program_id(0)
+    split = gl.program_id(1)
+    part = head * gl.num_programs(1) + split
     # The query rows, K-major as the wgmma's B operand wants them ([R, D], read as [D, R] through permute).
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
     q = gl.load(q_ptr + (head * R + gl.arange(0, R, gl.SliceLayout(1, ld)))[:, None] * D
@@ -101,9 +107,9 @@ def decode_attention(q_ptr, k_desc, v_desc, o_ptr, m_ptr, l_ptr, n_tiles, qk_sca
         mbarrier.init(empty.index(s), count=1)
     fence_async_shared()
     gl.warp_specialize([
-        (_consumer, (q_s, k_bufs, v_bufs, p_s, ready, empty, o_ptr + head * R * D, m_ptr + head * R,
-                     l_ptr + head * R, n_tiles, qk_scale, T, D, R, STAGES)),
-        (_tma_producer, (k_desc, v_desc, k_bufs, v_bufs, ready, empty, head * n_tiles * T, n_tiles, T, STAGES)),
+        (_consumer, (q_s, k_bufs, v_bufs, p_s, ready, empty, o_ptr + part * R * D, m_ptr + part * R,
+                     l_ptr + part * R, n_tiles, qk_scale, T, D, R, STAGES)),
+        (_tma_producer, (k_desc, v_desc, k_bufs, v_bufs, ready, empty, part * n_tiles * T, n_tiles, T, STAGES)),
     ], [1], [24])  # fmt: skip
 
 
@@ -122,6 +128,52 @@ def innermost_loop(sass: str, opcode: str) -> tuple[int, str]:
     return min(loops)
 
 
+def run_on_gpu(batch: int, context: int, heads: int = 8, n_rep: int = 4, d: int = 128, splits: int = 16) -> None:
+    """Check against SDPA and time both (medians of ``triton.testing.do_bench``). fp16 K/V: this measures the
+    pipeline's structure without the decode, so it bounds what a decoding producer could reach."""
+    import torch
+    import torch.nn.functional as F
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.testing import do_bench
+
+    t, r = 64, 8
+    assert context % (t * splits) == 0 and n_rep <= r
+    dev = "cuda"
+    q = torch.randn(batch, heads * n_rep, 1, d, device=dev, dtype=torch.float16)
+    k = torch.randn(batch, heads, context, d, device=dev, dtype=torch.float16)
+    v = torch.randn(batch, heads, context, d, device=dev, dtype=torch.float16)
+    rows = torch.zeros(batch * heads, r, d, device=dev, dtype=torch.float16)  # n_rep real rows, the rest zero
+    rows[:, :n_rep] = q.view(batch * heads, n_rep, d)
+    layout = gl.NVMMASharedLayout.get_default_for([t, d], gl.float16)
+    k_desc = TensorDescriptor.from_tensor(k.view(-1, d), [t, d], layout)
+    v_desc = TensorDescriptor.from_tensor(v.view(-1, d), [t, d], layout)
+    n = batch * heads * splits
+    o = torch.empty(n, r, d, device=dev, dtype=torch.float32)
+    m = torch.empty(n, r, device=dev, dtype=torch.float32)
+    l = torch.empty(n, r, device=dev, dtype=torch.float32)
+    n_tiles = context // (t * splits)
+
+    def kernel():
+        decode_attention[(batch * heads, splits)](rows, k_desc, v_desc, o, m, l, n_tiles, LOG2E / d**0.5, R=r,
+                                                  STAGES=3, num_warps=4)  # fmt: skip
+
+    def fused():
+        kernel()
+        w = torch.exp2(m - m.view(batch * heads, splits, r).amax(1).repeat_interleave(splits, 0))
+        w = w.view(batch * heads, splits, r)
+        out = (o.view(batch * heads, splits, r, d) * w[..., None]).sum(1) / (l.view(batch * heads, splits, r) * w).sum(1)[..., None]
+        return out[:, :n_rep].reshape(batch, heads * n_rep, 1, d)
+
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+    got = fused()
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    sdpa = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), return_mode="median")
+    alone = do_bench(kernel, return_mode="median")
+    ours = do_bench(fused, return_mode="median")
+    print(f"B{batch} / {context}: max error {err:.2e} of the largest output; pipeline kernel {alone:.3f} ms, "
+          f"{ours:.3f} ms with a torch merge; SDPA {sdpa:.3f} ms")  # fmt: skip
+
+
 def main() -> None:
     t, d, r, stages = 64, 128, 8, 3
     sig = {"q_ptr": "*fp16", "k_desc": descriptor_type("fp16", [t, d], gl.float16),
@@ -137,4 +189,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "--gpu" in sys.argv:  # on the GPU machine: correctness against SDPA, then times side by side
+        for b, ctx in ((8, 32768), (1, 131072)):
+            run_on_gpu(b, ctx, splits=16 if b == 8 else 64)
+    else:
+        main()
