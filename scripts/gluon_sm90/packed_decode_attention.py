@@ -1,0 +1,352 @@
+"""PackKV's decode attention as a warp-specialized Gluon kernel: a prototype compiled for sm_90 without a GPU,
+never run (Gluon has no interpreter). It measures what the structure would cost per tile, the number the
+Triton kernel cannot get below (``packkv_ops/kernels/NOTES.md``, 2026-12-05c).
+
+    python scripts/gluon_sm90/packed_decode_attention.py
+
+One program attends one KV head's query rows (8: Llama-3.1-8B's 4 padded to the wgmma's N) to a run of compressed
+64-token blocks in PackKV's format, for one layout: packs of 16 tokens, 4-bit K ints with 7-bit fields, 3-bit V
+ints with 5-bit fields (``k_rel`` 0.1 / ``v_rel`` 0.2 and the defaults 0.07 / 0.15), token-grouped scales and
+zeros, no rotation, no mask, no exact window, no split merge. Four producer warps decode a block as the Triton
+kernel does (``tiles.py``: fields per channel and row, one prefix scan for both streams' pack starts, each pack's 64
+bits, lane extraction), but each thread owns 4 consecutive packs in stream order (one warp scan instead of four)
+and stores its channels' 16 tokens as 32-byte runs into a shared stage ``[D, T]``; the consumer warpgroup runs
+``S = K q^T`` and ``O^T += V^T P`` as wgmma from the stages, with the softmax and the scales in between.
+
+Compiled here: producer loop 571 sm_90 instructions per block and warp (176 of them the lane extraction, as in the
+Triton kernel; the scan 34 instead of ~127), consumer loop 179; 4 + 4 warps, 68 KB of shared memory with 2 stages.
+Never run: ``--gpu`` (on the GPU machine) compares it with the Triton kernel over the same compressed blocks of a
+real ``PackedLayer`` and times both beside SDPA.
+"""
+
+from __future__ import annotations
+
+from decode_attention_pipeline import innermost_loop
+from sass import compile_gluon, report, sass_of
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+
+@gluon.jit
+def _funnel(lo, hi, sh):
+    """Low 32 bits of (hi:lo) >> sh, sh < 32."""
+    return gl.inline_asm_elementwise("shf.r.wrap.b32 $0, $1, $2, $3;", "=r,r,r,r", [lo, hi, sh], dtype=gl.uint32,
+                                     is_pure=True, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _funnel_clamp(lo, hi, sh):
+    """Low 32 bits of (hi:lo) >> sh, sh <= 32."""
+    return gl.inline_asm_elementwise("shf.r.clamp.b32 $0, $1, $2, $3;", "=r,r,r,r", [lo, hi, sh], dtype=gl.uint32,
+                                     is_pure=True, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _lane_join(win, sh):
+    """``win``'s low 16 bits, and those of ``win >> sh`` as the high half (``tiles._lane_join``)."""
+    return gl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, $2; prmt.b32 $0, $1, t, 0x5410; }", "=r,r,r",
+                                     [win, sh], dtype=gl.uint32, is_pure=True, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _lanes_1024(win, o, m2, mu2):
+    """Two values per shift as fp16 ``min + delta`` (``tiles._lanes_1024``), left packed in one register: the
+    inputs are ``[..., 2]`` with both elements equal (a broadcast, no register), the output's pair is the low lane's
+    value then the high lane's, i.e. two consecutive rows in lane order."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .b32 r; shr.b32 r, $1, $3; lop3.b32 r, r, $5, 0x64006400, 0xea; add.rn.f16x2 $0, r, $7; }",
+        "=r,r,r,r,r,r,r,r,r", [win, o, m2, mu2], dtype=gl.float16, is_pure=True, pack=2)  # fmt: skip
+
+
+@gluon.jit
+def _per_pair(x, z3):
+    """``[N]`` -> ``[N, 4, 2]``, equal along the new axes (``z3``: zeros of that shape and layout, folded away)."""
+    return gl.expand_dims(gl.expand_dims(x, 1), 2) + z3
+
+
+@gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _fields(meta_ptr, e, D: gl.constexpr, MBITS: gl.constexpr):
+    """Field of pack ``e`` (row ``e // D``, channel ``e % D``): a row of fields fills whole words."""
+    RW: gl.constexpr = D * MBITS // 32
+    cb = (e % D) * MBITS
+    widx = (e // D) * RW + (cb >> 5)
+    sh = (cb & 31).to(gl.uint32)
+    lo = gl.load(meta_ptr + widx).to(gl.uint32, bitcast=True)
+    hi = gl.load(meta_ptr + widx + 1, mask=sh + MBITS > 32, other=0).to(gl.uint32, bitcast=True)
+    return _funnel(lo, hi, sh) & ((1 << MBITS) - 1)
+
+
+@gluon.jit
+def _pack_bits(base_ptr, start, size):
+    wi = start >> 5
+    sh = start & 31
+    used = sh + size
+    w0 = gl.load(base_ptr + wi).to(gl.uint32, bitcast=True)
+    w1 = gl.load(base_ptr + wi + 1, mask=used > 32, other=0).to(gl.uint32, bitcast=True)
+    w2 = gl.load(base_ptr + wi + 2, mask=used > 64, other=0).to(gl.uint32, bitcast=True)
+    return _funnel(w0, w1, sh), _funnel(w1, w2, sh)
+
+
+@gluon.jit
+def _pack_values(f, lo, hi, QBITS: gl.constexpr, L2: gl.constexpr):
+    """The 16 values of each pack (lanes of 4), as ``[N, 16]`` fp16 in lane order (row ``8k + 2j + lane`` is token
+    ``8k + 4 lane + j``: ``tiles.lane_order_tokens``)."""
+    w = f >> QBITS
+    wl = w * 4
+    lj0 = _lane_join(lo, wl)
+    lj1 = _lane_join(_funnel_clamp(lo, hi, wl * 2), wl)  # the second window of 8 values, from bit 8 w
+    # [N, 4 (j), 2 (lane)]: the lane axis is the asm's packed pair
+    L3: gl.constexpr = gl.BlockedLayout([4, 4, 2], [32, 1, 1], [gl.num_warps(), 1, 1], [2, 1, 0])
+    PK: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
+    j = gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(2, L3))).to(gl.uint32)
+    w = gl.convert_layout(w, PK)
+    f = gl.convert_layout(f, PK)
+    m = (gl.full(w.shape, 1, gl.uint32, PK) << w) - 1
+
+    z3 = gl.zeros([f.shape[0], 4, 2], gl.uint32, L3)
+    o = gl.expand_dims(gl.expand_dims(w, 1) * gl.expand_dims(j, 0), 2) + z3
+    m2 = _per_pair(m | (m << 16), z3)
+    mu2 = _per_pair(0xE400E400 - (f & ((1 << QBITS) - 1)) * 0x20002, z3)
+    a = _lanes_1024(_per_pair(gl.convert_layout(lj0, PK), z3), o, m2, mu2)  # window 0: rows 2j + lane
+    b = _lanes_1024(_per_pair(gl.convert_layout(lj1, PK), z3), o, m2, mu2)
+    x = gl.join(a, b)  # [N, 4 (j), 2 (lane), 2 (window)]
+    return gl.reshape(gl.permute(x, (0, 3, 1, 2)), (f.shape[0], 16))
+
+
+@gluon.jit
+def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, k_bufs, v_bufs, ready, empty, b, kvh,
+                     lo, hi, NB, H, T: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    P: gl.constexpr = 16
+    N: gl.constexpr = (T // P) * D  # packs per block and stream, in stream order (row-major: row, channel)
+    K_QBITS: gl.constexpr = 4
+    K_MBITS: gl.constexpr = 7
+    V_QBITS: gl.constexpr = 3
+    V_MBITS: gl.constexpr = 5
+    # Each thread: 4 consecutive packs of one row (channels 4l .. 4l+3), warp w = pack row w.
+    L2: gl.constexpr = gl.BlockedLayout([4, 4], [32, 1], [gl.num_warps(), 1], [1, 0])
+    # The same packs per thread as a 1-D layout: the scan does not take a slice layout; the conversions to
+    # SliceLayout(1, L2) below move nothing (same threads, same registers).
+    LB: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])
+    LP: gl.constexpr = gl.SliceLayout(1, L2)
+    e = gl.arange(0, N, LB)
+    for i in range(hi - lo):
+        s = i % STAGES
+        chunk = (b * NB + lo + i) * H + kvh  # PackedLayer's [B, NB, H] chunks
+        fk = _fields(k_meta_ptr + chunk * (N * K_MBITS // 32), e, D, K_MBITS)
+        fv = _fields(v_meta_ptr + chunk * (N * V_MBITS // 32), e, D, V_MBITS)
+        sk = (fk >> K_QBITS) * P
+        sv = (fv >> V_QBITS) * P
+        both = sk | (sv << 16)
+        excl = gl.associative_scan(both, 0, _add) - both  # both streams' pack starts, 16 bits each
+        k_lo, k_hi = _pack_bits(pool_ptr + gl.load(k_off_ptr + chunk), (excl & 0xFFFF).to(gl.int32), sk.to(gl.int32))
+        v_lo, v_hi = _pack_bits(pool_ptr + gl.load(v_off_ptr + chunk), (excl >> 16).to(gl.int32), sv.to(gl.int32))
+        kx = _pack_values(gl.convert_layout(fk, LP), gl.convert_layout(k_lo, LP), gl.convert_layout(k_hi, LP),
+                          K_QBITS, L2)  # [N, 16]: pack (row r, channel c), its 16 tokens  # fmt: skip
+        vx = _pack_values(gl.convert_layout(fv, LP), gl.convert_layout(v_lo, LP), gl.convert_layout(v_hi, LP),
+                          V_QBITS, L2)  # fmt: skip
+        # [D, T]: channel c, token 16 r + t (lane order within each pack)
+        kt = gl.reshape(gl.permute(gl.reshape(kx, (T // P, D, P)), (1, 0, 2)), (D, T))
+        vt = gl.reshape(gl.permute(gl.reshape(vx, (T // P, D, P)), (1, 0, 2)), (D, T))
+        mbarrier.wait(empty.index(s), phase=((i // STAGES) & 1) ^ 1)
+        k_bufs.index(s).store(kt)
+        v_bufs.index(s).store(vt)
+        fence_async_shared()
+        gl.thread_barrier()  # every producer thread's stores before the one arrive
+        mbarrier.arrive(ready.index(s), count=1)
+
+
+@gluon.jit
+def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
+              o_ptr, m_ptr, l_ptr, b, lo, hi, NB, qk_scale, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr,
+              STAGES: gl.constexpr):  # fmt: skip
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
+                                                  instr_shape=[16, R, 16])  # fmt: skip
+    rows: gl.constexpr = gl.SliceLayout(0, mma)
+    toks: gl.constexpr = gl.SliceLayout(1, mma)
+    qs = gl.convert_layout(qsum, rows)
+    i_t = gl.arange(0, T, toks)
+    k8 = i_t % 8
+    lane_tok = i_t - k8 + (k8 & 1) * 4 + (k8 >> 1)  # the stage's rows are in lane order
+    m_i = gl.full([R], float("-inf"), gl.float32, rows)
+    l_t = gl.zeros([T, R], gl.float32, mma)
+    z_t = gl.zeros([T, R], gl.float32, mma)
+    o_t = gl.zeros([D, R], gl.float32, mma)
+    for i in range(hi - lo):
+        s = i % STAGES
+        tok = (b * NB + lo + i) * T + lane_tok  # token-grouped scales and zeros: [B, NB, 1, T, 1]
+        ks = gl.load(k_scale_ptr + tok).to(gl.float32)
+        kz = gl.load(k_zero_ptr + tok).to(gl.float32)
+        vs = gl.load(v_scale_ptr + tok).to(gl.float32)
+        vz = gl.load(v_zero_ptr + tok).to(gl.float32)
+        mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
+        acc = warpgroup_mma(k_bufs.index(s).permute([1, 0]), q_s.permute([1, 0]), gl.zeros([T, R], gl.float32, mma),
+                            use_acc=False, is_async=True)  # fmt: skip
+        raw = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        sc = (raw + gl.expand_dims(kz, 1) * gl.expand_dims(qs, 0)) * gl.expand_dims(ks * qk_scale, 1)
+        m_new = gl.maximum(m_i, gl.max(sc, axis=0))
+        p = gl.exp2(sc - gl.expand_dims(m_new, 0))
+        alpha = gl.expand_dims(gl.exp2(m_i - m_new), 0)
+        pvs = p * gl.expand_dims(vs, 1)
+        l_t = l_t * alpha + p
+        z_t = z_t * alpha + pvs * gl.expand_dims(vz, 1)
+        o_t = o_t * alpha
+        m_i = m_new
+        p_s.store(pvs.to(gl.float16))  # V's scale folded into the weights (no per-tile normalization)
+        fence_async_shared()
+        gl.thread_barrier()
+        acc = warpgroup_mma(v_bufs.index(s), p_s, o_t, is_async=True)
+        o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index(s), count=1)
+    o_t = o_t + gl.expand_dims(gl.sum(z_t, axis=0), 0)
+    cd = gl.arange(0, D, gl.SliceLayout(1, mma))
+    cr = gl.arange(0, R, rows)
+    gl.store(o_ptr + gl.expand_dims(cr, 0) * D + gl.expand_dims(cd, 1), o_t)
+    gl.store(m_ptr + cr, m_i)
+    gl.store(l_ptr + cr, gl.sum(l_t, axis=0))
+
+
+@gluon.jit
+def packed_decode_attention(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, k_scale_ptr, k_zero_ptr,
+                            v_scale_ptr, v_zero_ptr, n_blocks_ptr, o_ptr, m_ptr, l_ptr, NB, H, per_split, qk_scale,
+                            T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """Program (batch x KV head, split): the KV head's ``R`` query rows (``q_ptr``: ``[B * H, R, D]`` fp16) against
+    the split's ``per_split`` compressed blocks of a ``PackedLayer`` (its pool, offsets, metadata, scales and
+    zeros as they are stored); writes the split's unnormalized ``O``, row maxima (log2 units) and sums."""
+    head = gl.program_id(0)
+    split = gl.program_id(1)
+    part = head * gl.num_programs(1) + split
+    b = head // H
+    kvh = head % H
+    nb = gl.load(n_blocks_ptr + b)
+    lo = gl.minimum(split * per_split, nb)
+    hi = gl.minimum(lo + per_split, nb)
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
+    q = gl.load(q_ptr + gl.expand_dims(head * R + gl.arange(0, R, gl.SliceLayout(1, ld)), 1) * D
+                + gl.expand_dims(gl.arange(0, D, gl.SliceLayout(0, ld)), 0))  # fmt: skip
+    qsum = gl.sum(q.to(gl.float32), axis=1)
+    q_s = gl.allocate_shared_memory(gl.float16, [R, D], gl.NVMMASharedLayout.get_default_for([R, D], gl.float16),
+                                    value=q)  # fmt: skip
+    p_s = gl.allocate_shared_memory(gl.float16, [T, R], gl.NVMMASharedLayout.get_default_for([T, R], gl.float16))
+    stage: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, T], gl.float16)
+    k_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, D, T], stage)
+    v_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, D, T], stage)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    fence_async_shared()
+    gl.warp_specialize([
+        (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
+                     o_ptr + part * R * D, m_ptr + part * R, l_ptr + part * R, b, lo, hi, NB, qk_scale, T, D, R,
+                     STAGES)),
+        (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, k_bufs, v_bufs, ready, empty,
+                            b, kvh, lo, hi, NB, H, T, D, STAGES)),
+    ], [4], [160])  # fmt: skip
+
+
+ORDER = ["q_ptr", "pool_ptr", "k_off_ptr", "v_off_ptr", "k_meta_ptr", "v_meta_ptr", "k_scale_ptr", "k_zero_ptr",
+         "v_scale_ptr", "v_zero_ptr", "n_blocks_ptr", "o_ptr", "m_ptr", "l_ptr", "NB", "H", "per_split", "qk_scale",
+         "T", "D", "R", "STAGES"]  # fmt: skip
+
+
+def run_on_gpu(batch: int, context: int) -> None:
+    """On a GPU: a real ``PackedLayer`` (random bf16 K/V compressed by ``append_``, ``k_rel`` 0.1 / ``v_rel`` 0.2,
+    no rotation), this kernel against the Triton kernel over the same compressed blocks, then both timed (medians
+    of CUDA-graph replays, L2 flushed: ``benchmarks/kernels.py``'s ``bench_ms``) beside SDPA on the bf16 cache."""
+    import math
+    import sys
+    from pathlib import Path
+
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from kernels import bench_ms, compress, make_kv
+
+    from packkv.ops import PackKVConfig
+    from packkv.ops.kernels import attention as triton_attention
+    from packkv.ops.kernels._launch import num_sms
+
+    cfg = PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none")
+    heads, n_rep, d, r = 8, 4, 128, 8
+    k, v = make_kv(batch, context, heads, d, "random", "cuda")
+    st, _ = compress(cfg, k, v)
+    lay = st.layout
+    assert (lay.pack_size, lay.block_size, lay.k.qbits, lay.k.mbits, lay.v.qbits, lay.v.mbits) == (16, 64, 4, 7, 3, 5)
+    assert lay.k.grouping == lay.v.grouping == 0, "token-grouped scales and zeros"
+    t = lay.block_size
+    nb = int(st.n_blocks[0])
+    out_len = nb * t  # the compressed blocks only: the prototype has no exact window
+    q = torch.randn(batch, heads * n_rep, 1, d, device="cuda", dtype=torch.bfloat16)
+    rows = torch.zeros(batch * heads, r, d, device="cuda", dtype=torch.float16)
+    rows[:, :n_rep] = q.view(batch * heads, n_rep, d).half()
+    splits = max(1, 3 * num_sms(q.device) // (batch * heads))  # 68 KB of shared memory: 3 programs per SM
+    per = -(-nb // splits)
+    n = batch * heads * splits
+    o = torch.empty(n, r, d, device="cuda", dtype=torch.float32)
+    m = torch.empty(n, r, device="cuda", dtype=torch.float32)
+    l = torch.empty(n, r, device="cuda", dtype=torch.float32)
+    scale = 1.4426950408889634 / math.sqrt(d)
+
+    def kernel():
+        packed_decode_attention[(batch * heads, splits)](
+            rows, st.pool, st.k_offsets, st.v_offsets, st.k_meta, st.v_meta, st.k_scale, st.k_zero, st.v_scale,
+            st.v_zero, st.n_blocks, o, m, l, st.block_capacity, heads, per, scale, T=t, D=d, R=r, STAGES=2,
+            num_warps=4)  # fmt: skip
+
+    def merged():
+        kernel()
+        mm = m.view(batch * heads, splits, r)
+        w = torch.exp2(mm - mm.amax(1, keepdim=True))
+        out = (o.view(batch * heads, splits, r, d) * w[..., None]).sum(1) / (l.view(batch * heads, splits, r) * w).sum(1)[..., None]
+        return out[:, :n_rep].reshape(batch, heads * n_rep, 1, d)
+
+    want = triton_attention.attention(q, st, out_len, None, False, None).float()
+    got = merged()
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    t_proto = bench_ms(kernel)
+    t_triton = bench_ms(lambda: triton_attention.attention(q, st, out_len, None, False, None))
+    kk, vv = k[:, :, :out_len], v[:, :, :out_len]
+    t_sdpa = bench_ms(lambda: F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True))
+    print(f"B{batch} / {out_len} compressed tokens: max error {err:.2e} of the largest output vs the Triton kernel; "
+          f"Gluon kernel {t_proto:.3f} ms (without its merge), Triton kernel {t_triton:.3f} ms (with its merge), "
+          f"SDPA on bf16 {t_sdpa:.3f} ms")  # fmt: skip
+
+
+def main() -> None:
+    sig = {name: "*i32" for name in ("pool_ptr", "k_off_ptr", "v_off_ptr", "k_meta_ptr", "v_meta_ptr", "n_blocks_ptr")}
+    sig |= {"q_ptr": "*fp16", "k_scale_ptr": "*bf16", "v_scale_ptr": "*bf16", "k_zero_ptr": "*i16",
+            "v_zero_ptr": "*i16", "o_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "NB": "i32", "H": "i32",
+            "per_split": "i32", "qk_scale": "fp32", "T": "constexpr", "D": "constexpr", "R": "constexpr",
+            "STAGES": "constexpr"}  # fmt: skip
+    sig = {k: sig[k] for k in ORDER}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(ORDER) if k.endswith("_ptr")}
+    ck = compile_gluon(packed_decode_attention, sig, dict(T=64, D=128, R=8, STAGES=2), aligned)
+    report("PackKV decode attention, warp-specialized (4 decode warps, 4 wgmma warps)", ck,
+           ("HGMMA", "SYNCS", "BAR", "SHFL", "LDG", "STS", "HADD2", "LOP3", "PRMT"))  # fmt: skip
+    sass = sass_of(ck)
+    for part, opcode in (("consumer", "HGMMA"), ("producer", "HADD2")):
+        n, top = innermost_loop(sass, opcode)
+        print(f"{part} loop: {n} instructions per 64-token block and warp ({top})")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--gpu" in sys.argv:  # on the GPU machine
+        for batch, context in ((8, 32768), (1, 131072)):
+            run_on_gpu(batch, context)
+    else:
+        main()
