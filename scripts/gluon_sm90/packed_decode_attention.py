@@ -15,8 +15,10 @@ and stores its channels' 16 tokens as 32-byte runs into a shared stage ``[D, T]`
 
 Compiled here: producer loop 571 sm_90 instructions per block and warp (176 of them the lane extraction, as in the
 Triton kernel; the scan 34 instead of ~127), consumer loop 179; 4 + 4 warps, 68 KB of shared memory with 2 stages.
-Never run: ``--gpu`` (on the GPU machine) compares it with the Triton kernel over the same compressed blocks of a
-real ``PackedLayer`` and times both beside SDPA.
+Its body runs eagerly on the CPU (``eager.py``; ``tests/test_gluon_prototype.py``: 4e-4 of the largest output
+against attention over the decompressed blocks), which checks its logic, not its compilation. Never run on a GPU:
+``--gpu`` (on the GPU machine) compares it with the Triton kernel over the same compressed blocks of a real
+``PackedLayer`` and times both beside SDPA.
 """
 
 from __future__ import annotations

@@ -1,0 +1,340 @@
+"""Run a Gluon kernel's Python body eagerly on torch tensors: the CPU check Gluon's missing interpreter cannot do.
+
+Gluon ops are logical tensor ops (layouts decide where values live, not what they are), so executing a kernel's
+body with ``gl`` replaced by torch equivalents computes what the compiled kernel should: its index arithmetic, its
+reading of PackKV's format, the orientation of its MMA operands. What this cannot check: the compiler's lowering,
+the memory ordering (mbarriers and fences are no-ops; the warp partitions run one after the other, producer
+first), and inline asm, which runs as the torch twin registered here for each asm string used. A ``pack=2`` asm
+is modelled as pairing consecutive elements of the last axis (true for the layouts the prototypes give it).
+
+    run(kernel, grid, *args, **constexprs)   # args: torch tensors (pointers) and numbers, as at a launch
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Callable
+
+import torch
+
+U32 = "u32"
+I32 = "i32"
+F16 = "f16"
+F32 = "f32"
+BOOL = "i1"
+_INT = {U32, I32, BOOL}
+
+
+class Dtype:
+    def __init__(self, name: str):
+        self.name = name
+
+
+class T:
+    """A Gluon tensor: a torch tensor (int64 for every integer type, float32 / float16 for floats) and its type."""
+
+    def __init__(self, data: torch.Tensor, dtype: str):
+        if dtype == U32:
+            data = data & 0xFFFFFFFF
+        elif dtype == I32:
+            data = ((data + 2**31) & 0xFFFFFFFF) - 2**31
+        elif dtype == F16:
+            data = data.to(torch.float16)
+        elif dtype == F32:
+            data = data.to(torch.float32)
+        self.data, self.dtype = data, dtype
+
+    shape = property(lambda self: list(self.data.shape))
+
+    def _bin(self, other, fn, rev=False, result=None):
+        o = other.data if isinstance(other, T) else other
+        odt = other.dtype if isinstance(other, T) else None
+        dt = result or _promote(self.dtype, odt)
+        a, b = (o, self.data) if rev else (self.data, o)
+        if dt in _INT or dt == BOOL:
+            return T(fn(a, b), dt)
+        return T(fn(a.float() if isinstance(a, torch.Tensor) else a, b.float() if isinstance(b, torch.Tensor) else b), dt)
+
+    __add__ = lambda s, o: s._bin(o, lambda a, b: a + b)
+    __radd__ = lambda s, o: s._bin(o, lambda a, b: a + b, True)
+    __sub__ = lambda s, o: s._bin(o, lambda a, b: a - b)
+    __rsub__ = lambda s, o: s._bin(o, lambda a, b: a - b, True)
+    __mul__ = lambda s, o: s._bin(o, lambda a, b: a * b)
+    __rmul__ = lambda s, o: s._bin(o, lambda a, b: a * b, True)
+    __floordiv__ = lambda s, o: s._bin(o, lambda a, b: torch.div(a, b, rounding_mode="trunc"))
+    __mod__ = lambda s, o: s._bin(o, lambda a, b: torch.fmod(a, b) if isinstance(a, torch.Tensor) else a % b)
+    __rshift__ = lambda s, o: s._bin(o, lambda a, b: a >> b)
+    __lshift__ = lambda s, o: s._bin(o, lambda a, b: a << b)
+    __rlshift__ = lambda s, o: s._bin(o, lambda a, b: a << b, True)
+    __and__ = lambda s, o: s._bin(o, lambda a, b: a & b)
+    __or__ = lambda s, o: s._bin(o, lambda a, b: a | b)
+    __xor__ = lambda s, o: s._bin(o, lambda a, b: a ^ b)
+    __gt__ = lambda s, o: s._bin(o, lambda a, b: a > b, result=BOOL)
+    __lt__ = lambda s, o: s._bin(o, lambda a, b: a < b, result=BOOL)
+    __ge__ = lambda s, o: s._bin(o, lambda a, b: a >= b, result=BOOL)
+    __eq__ = lambda s, o: s._bin(o, lambda a, b: a == b, result=BOOL)
+
+    def __truediv__(self, o):
+        return self._bin(o, lambda a, b: a / b, result=F32)
+
+    def __neg__(self):
+        return T(-self.data, self.dtype)
+
+    def __index__(self) -> int:  # a 0-d integer as a loop bound or an index
+        return int(self.data)
+
+    __int__ = __index__
+
+    def to(self, dtype: Dtype, bitcast: bool = False) -> T:
+        name = dtype.name
+        if name in _INT:
+            return T(self.data.long(), name)  # bitcasts between 32-bit ints are the wrap T applies
+        if bitcast:
+            raise NotImplementedError("float bitcasts")
+        return T(self.data.float(), name)
+
+
+def _promote(a: str, b: str | None) -> str:
+    if b is None:
+        return a
+    if F32 in (a, b):
+        return F32
+    if F16 in (a, b):
+        return F16
+    if U32 in (a, b):
+        return U32
+    return a if a != BOOL else b
+
+
+class Ptr:
+    """A pointer into a flat view of a torch tensor."""
+
+    def __init__(self, base: torch.Tensor, offset: Any = 0):
+        self.base, self.offset = base.reshape(-1), offset
+
+    def __add__(self, x):
+        return Ptr(self.base, self.offset + x)
+
+
+def _value_dtype(t: torch.Tensor) -> str:
+    if t.dtype in (torch.float16,):
+        return F16
+    if t.dtype in (torch.float32, torch.bfloat16, torch.float64):
+        return F32
+    return I32
+
+
+def _load(ptr: Ptr, mask=None, other=0) -> T:
+    off = ptr.offset.data if isinstance(ptr.offset, T) else torch.tensor(ptr.offset)
+    ok = torch.ones_like(off, dtype=torch.bool) if mask is None else (mask.data if isinstance(mask, T) else torch.tensor(mask)).expand_as(off).bool()
+    safe = torch.where(ok, off, torch.zeros_like(off)).long()
+    vals = ptr.base[safe]
+    vals = vals.float() if vals.dtype in (torch.bfloat16, torch.float16) else vals.long()
+    vals = torch.where(ok, vals, torch.full_like(vals, other))
+    return T(vals, _value_dtype(ptr.base))
+
+
+def _store(ptr: Ptr, value: T, mask=None) -> None:
+    off = ptr.offset.data if isinstance(ptr.offset, T) else torch.tensor(ptr.offset)
+    v = value.data.expand_as(off) if isinstance(value, T) else torch.full_like(off, value)
+    ptr.base[off.reshape(-1).long()] = v.reshape(-1).to(ptr.base.dtype)
+
+
+# --- inline asm: a torch twin per asm string -------------------------------------------------------------------
+
+
+def _f16_bits(x: torch.Tensor) -> torch.Tensor:
+    return (x & 0xFFFF).to(torch.int32).to(torch.int16).view(torch.float16).float()
+
+
+def _asm_funnel_wrap(lo, hi, sh):
+    return ((hi << 32) | lo) >> (sh & 31)
+
+
+def _asm_funnel_clamp(lo, hi, sh):
+    return ((hi << 32) | lo) >> torch.clamp(sh, max=32)
+
+
+def _asm_lane_join(win, sh):
+    return (win & 0xFFFF) | (((win >> sh) & 0xFFFF) << 16)
+
+
+def _asm_lanes_1024_packed(win, o, m2, mu2):
+    r = ((win >> o) & m2) | 0x64006400
+    lo = _f16_bits(r).half() + _f16_bits(mu2).half()
+    hi = _f16_bits(r >> 16).half() + _f16_bits(mu2 >> 16).half()
+    lane = torch.arange(win.shape[-1]) % 2  # pack=2: the pair is two consecutive elements of the last axis
+    return torch.where(lane == 0, lo, hi)
+
+
+ASM: dict[str, Callable] = {
+    "shf.r.wrap.b32 $0, $1, $2, $3;": _asm_funnel_wrap,
+    "shf.r.clamp.b32 $0, $1, $2, $3;": _asm_funnel_clamp,
+    "{ .reg .b32 t; shr.b32 t, $1, $2; prmt.b32 $0, $1, t, 0x5410; }": _asm_lane_join,
+    "{ .reg .b32 r; shr.b32 r, $1, $3; lop3.b32 r, r, $5, 0x64006400, 0xea; add.rn.f16x2 $0, r, $7; }":
+        _asm_lanes_1024_packed,
+}  # fmt: skip
+
+
+def _inline_asm(asm, constraints, args, dtype, is_pure, pack):
+    fn = ASM[asm]  # a KeyError names an asm string without a twin
+    data = torch.broadcast_tensors(*[a.data if isinstance(a, T) else torch.tensor(a) for a in args])
+    return T(fn(*data), dtype.name)
+
+
+# --- shared memory, barriers, wgmma ------------------------------------------------------------------------------
+
+
+class Smem:
+    """A shared buffer; stages (``.index``) are FIFO queues so that a producer run to completion before its
+    consumer hands over every tile in order."""
+
+    def __init__(self, shape, value: T | None = None):
+        self.shape = list(shape)
+        self.queues: dict[int, list] = {}
+        self.value = value.data.float() if value is not None else None
+
+    def index(self, s):
+        return _Stage(self, int(s))
+
+    def store(self, x: T) -> None:
+        self.value = x.data.float()
+
+    def permute(self, dims):
+        return _View(lambda: self.value.permute(*dims))
+
+    def tensor(self) -> torch.Tensor:
+        return self.value
+
+
+class _Stage:
+    def __init__(self, buf: Smem, s: int):
+        self.buf, self.s = buf, s
+
+    def store(self, x: T) -> None:
+        self.buf.queues.setdefault(self.s, []).append(x.data.float())
+
+    def tensor(self) -> torch.Tensor:
+        return self.buf.queues[self.s][0]
+
+    def permute(self, dims):
+        return _View(lambda: self.tensor().permute(*dims))
+
+    def release(self) -> None:  # the consumer is done with this stage's oldest tile
+        self.buf.queues[self.s].pop(0)
+
+
+class _View:
+    def __init__(self, get):
+        self.tensor = get
+
+
+class _MBarrier:
+    @staticmethod
+    def MBarrierLayout():
+        return None
+
+    init = wait = expect = invalidate = staticmethod(lambda *a, **k: None)
+
+    @staticmethod
+    def arrive(bar, count=1):
+        if isinstance(bar, _Stage) and bar.buf.kind == "empty":  # the consumer released a stage: drop its tiles
+            for buf in bar.buf.stages_of:
+                buf.index(bar.s).release()
+
+
+class _Barriers(Smem):
+    def __init__(self, kind: str, stages_of: list):
+        super().__init__([0])
+        self.kind, self.stages_of = kind, stages_of
+
+
+def _mma(a, b, acc, use_acc=True, is_async=False, **_):
+    a, b = a.tensor(), b.tensor()
+    out = a.half().float() @ b.half().float()
+    return T(out + acc.data if use_acc else out, F32)
+
+
+# --- the gl namespace --------------------------------------------------------------------------------------------
+
+
+class _Layout:
+    def __init__(self, *a, **k):
+        pass
+
+    @staticmethod
+    def get_default_for(*a, **k):
+        return None
+
+
+def _build_gl(state: dict) -> types.SimpleNamespace:
+    def arange(lo, hi, layout=None):
+        return T(torch.arange(lo, hi), I32)
+
+    def full(shape, value, dtype, layout=None):
+        return T(torch.full(list(shape), value, dtype=torch.float64 if dtype.name in (F16, F32) else torch.int64), dtype.name)
+
+    def zeros(shape, dtype, layout=None):
+        return full(shape, 0, dtype)
+
+    def allocate_shared_memory(dtype, shape, layout=None, value=None):
+        if dtype.name == "i64":  # mbarriers: the kernel allocates ready, then empty
+            kind = "ready" if "ready" not in state else "empty"
+            state[kind] = _Barriers(kind, state["stages"])
+            return state[kind]
+        buf = Smem(shape, value)
+        if len(shape) == 3:  # a ring of stages
+            state.setdefault("stages", []).append(buf)
+        return buf
+
+    def reduce_max(x, axis):
+        return T(x.data.float().amax(axis), F32)
+
+    def reduce_sum(x, axis):
+        return T(x.data.sum(axis), x.dtype)
+
+    def warp_specialize(parts, worker_num_warps, worker_num_regs):
+        for fn, args in parts[1:] + parts[:1]:  # producers first, then the default partition
+            fn(*args)
+
+    ns = dict(
+        constexpr=object, float16=Dtype(F16), float32=Dtype(F32), uint32=Dtype(U32), int32=Dtype(I32),
+        int64=Dtype("i64"), BlockedLayout=_Layout, SliceLayout=_Layout, NVMMADistributedLayout=_Layout,
+        NVMMASharedLayout=_Layout, num_warps=lambda: 4, arange=arange, full=full, zeros=zeros,
+        expand_dims=lambda x, axis: T(x.data.unsqueeze(axis), x.dtype), convert_layout=lambda x, layout: x,
+        join=lambda a, b: T(torch.stack(torch.broadcast_tensors(a.data, b.data), -1), _promote(a.dtype, b.dtype)),
+        reshape=lambda x, shape: T(x.data.reshape(list(shape)), x.dtype),
+        permute=lambda x, dims: T(x.data.permute(*dims), x.dtype),
+        associative_scan=lambda x, axis, fn: T(x.data.cumsum(axis), x.dtype),  # the kernels' combine is an add
+        load=_load, store=_store, inline_asm_elementwise=_inline_asm,
+        maximum=lambda a, b: T(torch.maximum(a.data.float(), b.data.float()), F32),
+        minimum=lambda a, b: T(torch.minimum(torch.as_tensor(a.data if isinstance(a, T) else a),
+                                             torch.as_tensor(b.data if isinstance(b, T) else b)), I32),
+        max=reduce_max, sum=reduce_sum, exp2=lambda x: T(torch.exp2(x.data.float()), F32),
+        program_id=lambda axis: state["pid"][axis], num_programs=lambda axis: state["grid"][axis],
+        static_range=range, thread_barrier=lambda: None, allocate_shared_memory=allocate_shared_memory,
+        warp_specialize=warp_specialize,
+    )  # fmt: skip
+    return types.SimpleNamespace(**ns)
+
+
+def _eager(fn, ns: dict) -> Callable:
+    return types.FunctionType(fn.__code__, ns, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def run(kernel, grid: tuple[int, int], *args, module: types.ModuleType, **constexprs) -> None:
+    """Every program of ``kernel`` (a ``gluon.jit`` function of ``module``) in order, eagerly. Tensor arguments
+    are pointers (written in place by stores), numbers stay numbers."""
+    for pid0 in range(grid[0]):
+        for pid1 in range(grid[1]):
+            state: dict = {"pid": (pid0, pid1), "grid": grid}
+            ns = dict(vars(module))
+            ns.update(gl=_build_gl(state), mbarrier=_MBarrier, fence_async_shared=lambda: None,
+                      warpgroup_mma=_mma, warpgroup_mma_wait=lambda num_outstanding=0, deps=(): deps[0])  # fmt: skip
+            for name, value in vars(module).items():
+                if hasattr(value, "fn") and hasattr(value.fn, "__code__"):  # gluon.jit functions
+                    ns[name] = _eager(value.fn, ns)
+            call = [Ptr(a) if isinstance(a, torch.Tensor) else a for a in args]
+            names = kernel.fn.__code__.co_varnames[: kernel.fn.__code__.co_argcount]
+            kw = {n: constexprs[n] for n in names if n in constexprs}
+            ns[kernel.fn.__name__](*call, **kw)
