@@ -13,8 +13,8 @@ bits, lane extraction), but each thread owns 4 consecutive packs in stream order
 and stores its channels' 16 tokens as 32-byte runs into a shared stage ``[D, T]``; the consumer warpgroup runs
 ``S = K q^T`` and ``O^T += V^T P`` as wgmma from the stages, with the softmax and the scales in between.
 
-Compiled here: producer loop 571 sm_90 instructions per block and warp (176 of them the lane extraction, as in the
-Triton kernel; the scan 34 instead of ~127), consumer loop 179; 4 + 4 warps, 68 KB of shared memory with 2 stages.
+Compiled here: producer loop 538 sm_90 instructions per block and warp (176 of them the lane extraction, as in the
+Triton kernel; the scan 33 instead of ~127), consumer loop 179; 4 + 4 warps, 68 KB of shared memory with 2 stages.
 Its body runs eagerly on the CPU (``eager.py``; ``tests/test_gluon_prototype.py``: 4e-4 of the largest output
 against attention over the decompressed blocks), which checks its logic, not its compilation. Never run on a GPU:
 ``--gpu`` (on the GPU machine) compares it with the Triton kernel over the same compressed blocks of a real
@@ -78,15 +78,21 @@ def _add(a, b):
 
 
 @gluon.jit
-def _fields(meta_ptr, e, D: gl.constexpr, MBITS: gl.constexpr):
-    """Field of pack ``e`` (row ``e // D``, channel ``e % D``): a row of fields fills whole words."""
+def _fields_by_4(meta_ptr, N: gl.constexpr, D: gl.constexpr, MBITS: gl.constexpr, LB: gl.constexpr):
+    """``_fields`` for all ``N`` packs, each thread's 4 consecutive packs (4 channels of one row, ``4 MBITS <= 32``
+    bits) from one pair of words instead of a pair per pack."""
+    L4: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [gl.num_warps(), 1], [1, 0])
     RW: gl.constexpr = D * MBITS // 32
-    cb = (e % D) * MBITS
-    widx = (e // D) * RW + (cb >> 5)
-    sh = (cb & 31).to(gl.uint32)
+    g = gl.arange(0, N // 4, gl.SliceLayout(1, L4))
+    gb = (g % (D // 4)) * (4 * MBITS)
+    widx = (g // (D // 4)) * RW + (gb >> 5)
+    sh = (gb & 31).to(gl.uint32)
     lo = gl.load(meta_ptr + widx).to(gl.uint32, bitcast=True)
-    hi = gl.load(meta_ptr + widx + 1, mask=sh + MBITS > 32, other=0).to(gl.uint32, bitcast=True)
-    return _funnel(lo, hi, sh) & ((1 << MBITS) - 1)
+    hi = gl.load(meta_ptr + widx + 1, mask=sh + 4 * MBITS > 32, other=0).to(gl.uint32, bitcast=True)
+    x = gl.expand_dims(_funnel(lo, hi, sh), 1)
+    i = gl.arange(0, 4, gl.SliceLayout(0, L4)).to(gl.uint32)
+    f = (x >> gl.expand_dims(i * MBITS, 0)) & ((1 << MBITS) - 1)
+    return gl.convert_layout(gl.reshape(f, (N,)), LB)
 
 
 @gluon.jit
@@ -141,12 +147,11 @@ def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, k_b
     # SliceLayout(1, L2) below move nothing (same threads, same registers).
     LB: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])
     LP: gl.constexpr = gl.SliceLayout(1, L2)
-    e = gl.arange(0, N, LB)
     for i in range(hi - lo):
         s = i % STAGES
         chunk = (b * NB + lo + i) * H + kvh  # PackedLayer's [B, NB, H] chunks
-        fk = _fields(k_meta_ptr + chunk * (N * K_MBITS // 32), e, D, K_MBITS)
-        fv = _fields(v_meta_ptr + chunk * (N * V_MBITS // 32), e, D, V_MBITS)
+        fk = _fields_by_4(k_meta_ptr + chunk * (N * K_MBITS // 32), N, D, K_MBITS, LB)
+        fv = _fields_by_4(v_meta_ptr + chunk * (N * V_MBITS // 32), N, D, V_MBITS, LB)
         sk = (fk >> K_QBITS) * P
         sv = (fv >> V_QBITS) * P
         both = sk | (sv << 16)
