@@ -226,7 +226,8 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
 @gluon.jit
 def packed_decode_attention(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, k_scale_ptr, k_zero_ptr,
                             v_scale_ptr, v_zero_ptr, n_blocks_ptr, o_ptr, m_ptr, l_ptr, NB, H, per_split, qk_scale,
-                            T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+                            T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
+                            PRODUCER_REGS: gl.constexpr = 160):  # fmt: skip
     """Program (batch x KV head, split): the KV head's ``R`` query rows (``q_ptr``: ``[B * H, R, D]`` fp16) against
     the split's ``per_split`` compressed blocks of a ``PackedLayer`` (its pool, offsets, metadata, scales and
     zeros as they are stored); writes the split's unnormalized ``O``, row maxima (log2 units) and sums."""
@@ -260,18 +261,20 @@ def packed_decode_attention(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                      STAGES)),
         (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, k_bufs, v_bufs, ready, empty,
                             b, kvh, lo, hi, NB, H, T, D, STAGES)),
-    ], [4], [160])  # fmt: skip
+    ], [4], [PRODUCER_REGS])  # fmt: skip
 
 
 ORDER = ["q_ptr", "pool_ptr", "k_off_ptr", "v_off_ptr", "k_meta_ptr", "v_meta_ptr", "k_scale_ptr", "k_zero_ptr",
          "v_scale_ptr", "v_zero_ptr", "n_blocks_ptr", "o_ptr", "m_ptr", "l_ptr", "NB", "H", "per_split", "qk_scale",
-         "T", "D", "R", "STAGES"]  # fmt: skip
+         "T", "D", "R", "STAGES", "PRODUCER_REGS"]  # fmt: skip
 
 
-def run_on_gpu(batch: int, context: int) -> None:
+def run_on_gpu(batch: int, context: int, maxnreg: int | None = None, producer_regs: int = 160) -> None:
     """On a GPU: a real ``PackedLayer`` (random bf16 K/V compressed by ``append_``, ``k_rel`` 0.1 / ``v_rel`` 0.2,
     no rotation), this kernel against the Triton kernel over the same compressed blocks, then both timed (medians
-    of CUDA-graph replays, L2 flushed: ``benchmarks/kernels.py``'s ``bench_ms``) beside SDPA on the bf16 cache."""
+    of CUDA-graph replays, L2 flushed: ``benchmarks/kernels.py``'s ``bench_ms``) beside SDPA on the bf16 cache.
+    ``maxnreg`` caps the registers a launch reserves per thread (uncapped, ptxas reports 255: one program per SM);
+    ``producer_regs`` is what ``setmaxnreg`` gives the decoding warps out of that pool."""
     import math
     import sys
     from pathlib import Path
@@ -311,7 +314,7 @@ def run_on_gpu(batch: int, context: int) -> None:
         packed_decode_attention[(batch * heads, splits)](
             rows, st.pool, st.k_offsets, st.v_offsets, st.k_meta, st.v_meta, st.k_scale, st.k_zero, st.v_scale,
             st.v_zero, st.n_blocks, o, m, l, st.block_capacity, heads, per, scale, T=t, D=d, R=r, STAGES=2,
-            num_warps=4)  # fmt: skip
+            PRODUCER_REGS=producer_regs, num_warps=4, **({"maxnreg": maxnreg} if maxnreg else {}))  # fmt: skip
 
     def merged():
         kernel()
@@ -327,9 +330,9 @@ def run_on_gpu(batch: int, context: int) -> None:
     t_triton = bench_ms(lambda: triton_attention.attention(q, st, out_len, None, False, None))
     kk, vv = k[:, :, :out_len], v[:, :, :out_len]
     t_sdpa = bench_ms(lambda: F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True))
-    print(f"B{batch} / {out_len} compressed tokens: max error {err:.2e} of the largest output vs the Triton kernel; "
+    print(f"maxnreg {maxnreg}, producer registers {producer_regs}: B{batch} / {out_len} compressed tokens: max error {err:.2e} of the largest output vs the Triton kernel; "
           f"Gluon kernel {t_proto:.3f} ms (without its merge), Triton kernel {t_triton:.3f} ms (with its merge), "
-          f"SDPA on bf16 {t_sdpa:.3f} ms")  # fmt: skip
+          f"SDPA on bf16 {t_sdpa:.3f} ms", flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -337,10 +340,10 @@ def main() -> None:
     sig |= {"q_ptr": "*fp16", "k_scale_ptr": "*bf16", "v_scale_ptr": "*bf16", "k_zero_ptr": "*i16",
             "v_zero_ptr": "*i16", "o_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "NB": "i32", "H": "i32",
             "per_split": "i32", "qk_scale": "fp32", "T": "constexpr", "D": "constexpr", "R": "constexpr",
-            "STAGES": "constexpr"}  # fmt: skip
+            "STAGES": "constexpr", "PRODUCER_REGS": "constexpr"}  # fmt: skip
     sig = {k: sig[k] for k in ORDER}
     aligned = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(ORDER) if k.endswith("_ptr")}
-    ck = compile_gluon(packed_decode_attention, sig, dict(T=64, D=128, R=8, STAGES=2), aligned)
+    ck = compile_gluon(packed_decode_attention, sig, dict(T=64, D=128, R=8, STAGES=2, PRODUCER_REGS=160), aligned)
     report("PackKV decode attention, warp-specialized (4 decode warps, 4 wgmma warps)", ck,
            ("HGMMA", "SYNCS", "BAR", "SHFL", "LDG", "STS", "HADD2", "LOP3", "PRMT"))  # fmt: skip
     sass = sass_of(ck)
@@ -352,8 +355,9 @@ def main() -> None:
 if __name__ == "__main__":
     import sys
 
-    if "--gpu" in sys.argv:  # on the GPU machine
-        for batch, context in ((8, 32768), (1, 131072)):
-            run_on_gpu(batch, context)
+    if "--gpu" in sys.argv:  # on the GPU machine; a variant that hangs (setmaxnreg) leaves the lines before it
+        for maxnreg, producer_regs in ((None, 160), (128, 160), (128, 128)):
+            for batch, context in ((8, 32768), (1, 131072)):
+                run_on_gpu(batch, context, maxnreg, producer_regs)
     else:
         main()

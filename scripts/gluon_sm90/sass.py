@@ -24,10 +24,13 @@ OPCODE = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
 def compile_gluon(kernel, signature: dict, constexprs: dict | None = None, attrs: dict | None = None,
-                  num_warps: int = 4):  # fmt: skip
-    """The compiled kernel (``.asm`` has ttgir, ptx and cubin) for sm_90; ``num_warps`` must match the kernel's."""
+                  num_warps: int = 4, maxnreg: int | None = None):  # fmt: skip
+    """The compiled kernel (``.asm`` has ttgir, ptx and cubin) for sm_90; ``num_warps`` must match the kernel's;
+    ``maxnreg`` caps the registers a launch reserves per thread (with warp specialization, ``setmaxnreg`` then moves
+    them between the partitions within that pool)."""
     src = GluonASTSource(kernel, signature, constexprs=constexprs or {}, attrs=attrs or {})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def sass_of(ck) -> str:
