@@ -1,5 +1,5 @@
 """The Gluon prototype of the warp-specialized attention (``scripts/gluon_sm90/packed_decode_attention.py``)
-computes attention over a real ``PackedLayer``'s compressed blocks.
+computes attention over a real ``PackedLayer``: its compressed blocks and its exact window.
 
 Gluon has no interpreter, so its body runs eagerly on torch tensors (``scripts/gluon_sm90/eager.py``: the same
 Python, ``gl`` replaced by torch, each inline asm by its torch twin). That checks the kernel's reading of the format
@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import fill
 
 from packkv.ops import PackKVConfig, reference
@@ -27,16 +26,16 @@ import packed_decode_attention as pda  # noqa: E402
 LOG2E = 1.4426950408889634
 
 
-@pytest.mark.parametrize("splits", [1, 4])  # 4 splits of 3 blocks: one split is empty
-def test_eager_gluon_prototype_matches_attention_over_the_decompressed_blocks(splits):
+@pytest.mark.parametrize("splits", [1, 4])  # 4 splits of 3 blocks: the last one takes the window's tiles alone
+def test_eager_gluon_prototype_matches_the_reference_attention(splits):
     torch.manual_seed(0)
     cfg = PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none")  # the one layout the prototype decodes
     B, H, D, n_rep, R = 2, 2, 128, 4, 8
-    L = 3 * 64 + 150
+    L = 3 * 64 + 150  # 3 compressed blocks, 150 exact tokens in the window (3 tiles, the last one partial)
     k, v = torch.randn(B, H, L, D), torch.randn(B, H, L, D)
     st = fill(cfg, k, v)
     T, nb = st.layout.block_size, int(st.n_blocks[0])
-    assert nb == 3
+    assert nb == 3 and int(st.n_win[0]) == 150
     q = torch.randn(B, H * n_rep, 1, D).half().float()
     rows = torch.zeros(B * H, R, D, dtype=torch.float16)
     rows[:, :n_rep] = q.view(B * H, n_rep, D).half()
@@ -44,15 +43,14 @@ def test_eager_gluon_prototype_matches_attention_over_the_decompressed_blocks(sp
     n = B * H * splits
     o, m, l = torch.zeros(n, R, D), torch.zeros(n, R), torch.zeros(n, R)
     eager.run(pda.packed_decode_attention, (B * H, splits), rows, st.pool, st.k_offsets, st.v_offsets, st.k_meta,
-              st.v_meta, st.k_scale, st.k_zero, st.v_scale, st.v_zero, st.n_blocks, o, m, l, st.block_capacity, H,
-              per, LOG2E / math.sqrt(D), module=pda, T=T, D=D, R=R, STAGES=2)  # fmt: skip
+              st.v_meta, st.k_scale, st.k_zero, st.v_scale, st.v_zero, st.ring_k, st.ring_v, st.n_blocks, st.n_win,
+              o, m, l, st.block_capacity, H, st.layout.ring_size, per, LOG2E / math.sqrt(D), module=pda, T=T, D=D,
+              R=R, STAGES=2)  # fmt: skip
     mm = m.view(B * H, splits, R)
     w = torch.exp2(mm - mm.amax(1, keepdim=True))
     got = (o.view(B * H, splits, R, D) * w[..., None]).sum(1) / (l.view(B * H, splits, R) * w).sum(1)[..., None]
     got = got[:, :n_rep].reshape(B, H * n_rep, 1, D)
-    kk, vv = reference.decompress_fp32(st, L)
-    kk, vv = kk[:, :, : nb * T], vv[:, :, : nb * T]  # the compressed blocks: the prototype has no exact window
-    want = F.scaled_dot_product_attention(q, kk.repeat_interleave(n_rep, 1), vv.repeat_interleave(n_rep, 1))
-    # fp16 products and weights (V's scale folded into P): ~4e-4 of the largest output; a wrong lane order or
-    # window order is off by ~0.7 (mutation-checked)
+    want = reference.attention(q, st, L, None, False, None)
+    # fp16 products and weights (V's scale folded into P): 4e-4 of the largest output. Mutation-checked: a wrong
+    # lane order, window order, ring offset, or keys past the length left unmasked all fail it.
     assert ((got - want).abs().max() / want.abs().max()).item() < 2e-3

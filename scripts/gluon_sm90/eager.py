@@ -129,7 +129,7 @@ def _load(ptr: Ptr, mask=None, other=0) -> T:
     ok = torch.ones_like(off, dtype=torch.bool) if mask is None else (mask.data if isinstance(mask, T) else torch.tensor(mask)).expand_as(off).bool()
     safe = torch.where(ok, off, torch.zeros_like(off)).long()
     vals = ptr.base[safe]
-    vals = vals.float() if vals.dtype in (torch.bfloat16, torch.float16) else vals.long()
+    vals = vals.float() if vals.dtype.is_floating_point else vals.long()
     vals = torch.where(ok, vals, torch.full_like(vals, other))
     return T(vals, _value_dtype(ptr.base))
 
@@ -312,6 +312,9 @@ def _build_gl(state: dict) -> types.SimpleNamespace:
                                              torch.as_tensor(b.data if isinstance(b, T) else b)), I32),
         max=reduce_max, sum=reduce_sum, exp2=lambda x: T(torch.exp2(x.data.float()), F32),
         program_id=lambda axis: state["pid"][axis], num_programs=lambda axis: state["grid"][axis],
+        cdiv=lambda a, b: (a + b - 1) // b,
+        where=lambda c, a, b: T(torch.where(c.data.bool(), *(x.data.float() if isinstance(x, T) else torch.tensor(float(x))
+                                                             for x in (a, b))), F32),
         static_range=range, thread_barrier=lambda: None, allocate_shared_memory=allocate_shared_memory,
         warp_specialize=warp_specialize,
     )  # fmt: skip

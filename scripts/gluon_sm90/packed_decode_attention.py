@@ -7,18 +7,19 @@ Triton kernel cannot get below (``packkv_ops/kernels/NOTES.md``, 2026-12-05c).
 One program attends one KV head's query rows (8: Llama-3.1-8B's 4 padded to the wgmma's N) to a run of compressed
 64-token blocks in PackKV's format, for one layout: packs of 16 tokens, 4-bit K ints with 7-bit fields, 3-bit V
 ints with 5-bit fields (``k_rel`` 0.1 / ``v_rel`` 0.2 and the defaults 0.07 / 0.15), token-grouped scales and
-zeros, no rotation, no mask, no exact window, no split merge. Four producer warps decode a block as the Triton
+zeros and the exact window (the ring's bf16 tokens, as fp16 tiles), no rotation, no mask, no zero keys past the
+length, no split merge (the caller merges). Four producer warps decode a block as the Triton
 kernel does (``tiles.py``: fields per channel and row, one prefix scan for both streams' pack starts, each pack's 64
 bits, lane extraction), but each thread owns 4 consecutive packs in stream order (one warp scan instead of four)
 and stores its channels' 16 tokens as 32-byte runs into a shared stage ``[D, T]``; the consumer warpgroup runs
 ``S = K q^T`` and ``O^T += V^T P`` as wgmma from the stages, with the softmax and the scales in between.
 
-Compiled here: producer loop 538 sm_90 instructions per block and warp (176 of them the lane extraction, as in the
-Triton kernel; the scan 33 instead of ~127), consumer loop 179; 4 + 4 warps, 68 KB of shared memory with 2 stages.
+Compiled here: producer loop 542 sm_90 instructions per block and warp (176 of them the lane extraction, as in the
+Triton kernel; the scan 33 instead of ~127), consumer loop 201; 4 + 4 warps, 68 KB of shared memory with 2 stages.
 Its body runs eagerly on the CPU (``eager.py``; ``tests/test_gluon_prototype.py``: 4e-4 of the largest output
-against attention over the decompressed blocks), which checks its logic, not its compilation. Never run on a GPU:
-``--gpu`` (on the GPU machine) compares it with the Triton kernel over the same compressed blocks of a real
-``PackedLayer`` and times both beside SDPA.
+against the reference attention over the whole cache), which checks its logic, not its compilation. Never run on a GPU:
+``--gpu`` (on the GPU machine) compares it with the Triton kernel on a real ``PackedLayer`` and times both beside
+SDPA.
 """
 
 from __future__ import annotations
@@ -133,8 +134,22 @@ def _pack_values(f, lo, hi, QBITS: gl.constexpr, L2: gl.constexpr):
 
 
 @gluon.jit
-def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, k_bufs, v_bufs, ready, empty, b, kvh,
-                     lo, hi, NB, H, T: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+def _ring_tile(ring_ptr, b, kvh, p0, total, H, S, T: gl.constexpr, D: gl.constexpr):
+    """Exact tokens ``p0 .. p0 + T`` of the window as a ``[D, T]`` fp16 tile (slot ``p % S``; zeros past
+    ``total``)."""
+    LR: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, gl.num_warps()], [0, 1])  # 16-byte loads along D
+    cc = gl.arange(0, D, gl.SliceLayout(1, LR))
+    pos = p0 + gl.arange(0, T, gl.SliceLayout(0, LR))
+    live = gl.expand_dims(pos < total, 0)
+    slot = gl.expand_dims((b * H + kvh) * S + pos % S, 0)
+    x = gl.load(ring_ptr + slot * D + gl.expand_dims(cc, 1), mask=live, other=0.0)
+    return x.to(gl.float16)
+
+
+@gluon.jit
+def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs, v_bufs,
+                     ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T: gl.constexpr,
+                     D: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
     P: gl.constexpr = 16
     N: gl.constexpr = (T // P) * D  # packs per block and stream, in stream order (row-major: row, channel)
     K_QBITS: gl.constexpr = 4
@@ -171,12 +186,26 @@ def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, k_b
         fence_async_shared()
         gl.thread_barrier()  # every producer thread's stores before the one arrive
         mbarrier.arrive(ready.index(s), count=1)
+    # Then the split's tiles of the exact window (the ring), in token order.
+    n_c = hi - lo
+    for j in range(r_hi - r_lo):
+        i = n_c + j
+        s = i % STAGES
+        p0 = (nb + r_lo + j) * T
+        kt = _ring_tile(ring_k_ptr, b, kvh, p0, total, H, S, T, D)
+        vt = _ring_tile(ring_v_ptr, b, kvh, p0, total, H, S, T, D)
+        mbarrier.wait(empty.index(s), phase=((i // STAGES) & 1) ^ 1)
+        k_bufs.index(s).store(kt)
+        v_bufs.index(s).store(vt)
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.arrive(ready.index(s), count=1)
 
 
 @gluon.jit
 def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
-              o_ptr, m_ptr, l_ptr, b, lo, hi, NB, qk_scale, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr,
-              STAGES: gl.constexpr):  # fmt: skip
+              o_ptr, m_ptr, l_ptr, b, lo, hi, r_lo, r_hi, nb, total, NB, qk_scale, T: gl.constexpr, D: gl.constexpr,
+              R: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, R, 16])  # fmt: skip
     rows: gl.constexpr = gl.SliceLayout(0, mma)
@@ -189,18 +218,24 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
     l_t = gl.zeros([T, R], gl.float32, mma)
     z_t = gl.zeros([T, R], gl.float32, mma)
     o_t = gl.zeros([D, R], gl.float32, mma)
-    for i in range(hi - lo):
+    n_c = hi - lo
+    for i in range(n_c + r_hi - r_lo):
         s = i % STAGES
-        tok = (b * NB + lo + i) * T + lane_tok  # token-grouped scales and zeros: [B, NB, 1, T, 1]
-        ks = gl.load(k_scale_ptr + tok).to(gl.float32)
-        kz = gl.load(k_zero_ptr + tok).to(gl.float32)
-        vs = gl.load(v_scale_ptr + tok).to(gl.float32)
-        vz = gl.load(v_zero_ptr + tok).to(gl.float32)
+        # Compressed blocks first (rows in lane order, token-grouped scales and zeros: [B, NB, 1, T, 1]), then the
+        # ring's exact tiles (rows in token order, scale 1, zero 0, positions past the length masked).
+        packed = i < n_c
+        tok = (b * NB + lo + i) * T + lane_tok
+        ks = gl.load(k_scale_ptr + tok, mask=packed & (i_t >= 0), other=1.0).to(gl.float32)
+        kz = gl.load(k_zero_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.float32)
+        vs = gl.load(v_scale_ptr + tok, mask=packed & (i_t >= 0), other=1.0).to(gl.float32)
+        vz = gl.load(v_zero_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.float32)
+        live = packed | ((nb + r_lo + i - n_c) * T + i_t < total)
         mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
         acc = warpgroup_mma(k_bufs.index(s).permute([1, 0]), q_s.permute([1, 0]), gl.zeros([T, R], gl.float32, mma),
                             use_acc=False, is_async=True)  # fmt: skip
         raw = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         sc = (raw + gl.expand_dims(kz, 1) * gl.expand_dims(qs, 0)) * gl.expand_dims(ks * qk_scale, 1)
+        sc = gl.where(gl.expand_dims(live, 1), sc, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(sc, axis=0))
         p = gl.exp2(sc - gl.expand_dims(m_new, 0))
         alpha = gl.expand_dims(gl.exp2(m_i - m_new), 0)
@@ -225,7 +260,8 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
 
 @gluon.jit
 def packed_decode_attention(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, k_scale_ptr, k_zero_ptr,
-                            v_scale_ptr, v_zero_ptr, n_blocks_ptr, o_ptr, m_ptr, l_ptr, NB, H, per_split, qk_scale,
+                            v_scale_ptr, v_zero_ptr, ring_k_ptr, ring_v_ptr, n_blocks_ptr, n_win_ptr, o_ptr, m_ptr,
+                            l_ptr, NB, H, S, per_split, qk_scale,
                             T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
                             PRODUCER_REGS: gl.constexpr = 160):  # fmt: skip
     """Program (batch x KV head, split): the KV head's ``R`` query rows (``q_ptr``: ``[B * H, R, D]`` fp16) against
@@ -237,8 +273,15 @@ def packed_decode_attention(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
     b = head // H
     kvh = head % H
     nb = gl.load(n_blocks_ptr + b)
+    total = nb * T + gl.load(n_win_ptr + b)
     lo = gl.minimum(split * per_split, nb)
     hi = gl.minimum(lo + per_split, nb)
+    # The window's tiles go to the last splits (as in the Triton kernel: the last splits hold the remainder of the
+    # compressed blocks, often none).
+    n_ring = gl.cdiv(total - nb * T, T)
+    r_per = gl.cdiv(n_ring, gl.num_programs(1))
+    r_lo = gl.minimum((gl.num_programs(1) - 1 - split) * r_per, n_ring)
+    r_hi = gl.minimum(r_lo + r_per, n_ring)
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
     q = gl.load(q_ptr + gl.expand_dims(head * R + gl.arange(0, R, gl.SliceLayout(1, ld)), 1) * D
                 + gl.expand_dims(gl.arange(0, D, gl.SliceLayout(0, ld)), 0))  # fmt: skip
@@ -257,21 +300,21 @@ def packed_decode_attention(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
     fence_async_shared()
     gl.warp_specialize([
         (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
-                     o_ptr + part * R * D, m_ptr + part * R, l_ptr + part * R, b, lo, hi, NB, qk_scale, T, D, R,
-                     STAGES)),
-        (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, k_bufs, v_bufs, ready, empty,
-                            b, kvh, lo, hi, NB, H, T, D, STAGES)),
+                     o_ptr + part * R * D, m_ptr + part * R, l_ptr + part * R, b, lo, hi, r_lo, r_hi, nb, total, NB,
+                     qk_scale, T, D, R, STAGES)),
+        (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
+                            v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES)),
     ], [4], [PRODUCER_REGS])  # fmt: skip
 
 
 ORDER = ["q_ptr", "pool_ptr", "k_off_ptr", "v_off_ptr", "k_meta_ptr", "v_meta_ptr", "k_scale_ptr", "k_zero_ptr",
-         "v_scale_ptr", "v_zero_ptr", "n_blocks_ptr", "o_ptr", "m_ptr", "l_ptr", "NB", "H", "per_split", "qk_scale",
-         "T", "D", "R", "STAGES", "PRODUCER_REGS"]  # fmt: skip
+         "v_scale_ptr", "v_zero_ptr", "ring_k_ptr", "ring_v_ptr", "n_blocks_ptr", "n_win_ptr", "o_ptr", "m_ptr",
+         "l_ptr", "NB", "H", "S", "per_split", "qk_scale", "T", "D", "R", "STAGES", "PRODUCER_REGS"]  # fmt: skip
 
 
 def run_on_gpu(batch: int, context: int, maxnreg: int | None = None, producer_regs: int = 160) -> None:
     """On a GPU: a real ``PackedLayer`` (random bf16 K/V compressed by ``append_``, ``k_rel`` 0.1 / ``v_rel`` 0.2,
-    no rotation), this kernel against the Triton kernel over the same compressed blocks, then both timed (medians
+    no rotation), this kernel against the Triton kernel over the whole cache (blocks and window), then both timed (medians
     of CUDA-graph replays, L2 flushed: ``benchmarks/kernels.py``'s ``bench_ms``) beside SDPA on the bf16 cache.
     ``maxnreg`` caps the registers a launch reserves per thread (uncapped, ptxas reports 255: one program per SM);
     ``producer_regs`` is what ``setmaxnreg`` gives the decoding warps out of that pool."""
@@ -297,13 +340,12 @@ def run_on_gpu(batch: int, context: int, maxnreg: int | None = None, producer_re
     assert (lay.pack_size, lay.block_size, lay.k.qbits, lay.k.mbits, lay.v.qbits, lay.v.mbits) == (16, 64, 4, 7, 3, 5)
     assert lay.k.grouping == lay.v.grouping == 0, "token-grouped scales and zeros"
     t = lay.block_size
-    nb = int(st.n_blocks[0])
-    out_len = nb * t  # the compressed blocks only: the prototype has no exact window
+    out_len = int(st.n_blocks[0]) * t + int(st.n_win[0])  # every stored token: compressed blocks and window
     q = torch.randn(batch, heads * n_rep, 1, d, device="cuda", dtype=torch.bfloat16)
     rows = torch.zeros(batch * heads, r, d, device="cuda", dtype=torch.float16)
     rows[:, :n_rep] = q.view(batch * heads, n_rep, d).half()
     splits = max(1, 3 * num_sms(q.device) // (batch * heads))  # 68 KB of shared memory: 3 programs per SM
-    per = -(-nb // splits)
+    per = -(-int(st.n_blocks[0]) // splits)
     n = batch * heads * splits
     o = torch.empty(n, r, d, device="cuda", dtype=torch.float32)
     m = torch.empty(n, r, device="cuda", dtype=torch.float32)
@@ -313,7 +355,8 @@ def run_on_gpu(batch: int, context: int, maxnreg: int | None = None, producer_re
     def kernel():
         packed_decode_attention[(batch * heads, splits)](
             rows, st.pool, st.k_offsets, st.v_offsets, st.k_meta, st.v_meta, st.k_scale, st.k_zero, st.v_scale,
-            st.v_zero, st.n_blocks, o, m, l, st.block_capacity, heads, per, scale, T=t, D=d, R=r, STAGES=2,
+            st.v_zero, st.ring_k, st.ring_v, st.n_blocks, st.n_win, o, m, l, st.block_capacity, heads, lay.ring_size,
+            per, scale, T=t, D=d, R=r, STAGES=2,
             PRODUCER_REGS=producer_regs, num_warps=4, **({"maxnreg": maxnreg} if maxnreg else {}))  # fmt: skip
 
     def merged():
@@ -328,17 +371,18 @@ def run_on_gpu(batch: int, context: int, maxnreg: int | None = None, producer_re
     err = ((got - want).abs().max() / want.abs().max()).item()
     t_proto = bench_ms(kernel)
     t_triton = bench_ms(lambda: triton_attention.attention(q, st, out_len, None, False, None))
-    kk, vv = k[:, :, :out_len], v[:, :, :out_len]
-    t_sdpa = bench_ms(lambda: F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True))
-    print(f"maxnreg {maxnreg}, producer registers {producer_regs}: B{batch} / {out_len} compressed tokens: max error {err:.2e} of the largest output vs the Triton kernel; "
+    t_sdpa = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    print(f"maxnreg {maxnreg}, producer registers {producer_regs}: B{batch} / {out_len} tokens: max error {err:.2e} of the largest output vs the Triton kernel; "
           f"Gluon kernel {t_proto:.3f} ms (without its merge), Triton kernel {t_triton:.3f} ms (with its merge), "
           f"SDPA on bf16 {t_sdpa:.3f} ms", flush=True)  # fmt: skip
 
 
 def main() -> None:
-    sig = {name: "*i32" for name in ("pool_ptr", "k_off_ptr", "v_off_ptr", "k_meta_ptr", "v_meta_ptr", "n_blocks_ptr")}
+    sig = {name: "*i32" for name in ("pool_ptr", "k_off_ptr", "v_off_ptr", "k_meta_ptr", "v_meta_ptr", "n_blocks_ptr",
+                                     "n_win_ptr")}  # fmt: skip
     sig |= {"q_ptr": "*fp16", "k_scale_ptr": "*bf16", "v_scale_ptr": "*bf16", "k_zero_ptr": "*i16",
-            "v_zero_ptr": "*i16", "o_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "NB": "i32", "H": "i32",
+            "v_zero_ptr": "*i16", "ring_k_ptr": "*bf16", "ring_v_ptr": "*bf16", "o_ptr": "*fp32", "m_ptr": "*fp32",
+            "l_ptr": "*fp32", "NB": "i32", "H": "i32", "S": "i32",
             "per_split": "i32", "qk_scale": "fp32", "T": "constexpr", "D": "constexpr", "R": "constexpr",
             "STAGES": "constexpr", "PRODUCER_REGS": "constexpr"}  # fmt: skip
     sig = {k: sig[k] for k in ORDER}
