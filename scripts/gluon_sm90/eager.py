@@ -73,6 +73,7 @@ class T:
     __lt__ = lambda s, o: s._bin(o, lambda a, b: a < b, result=BOOL)
     __ge__ = lambda s, o: s._bin(o, lambda a, b: a >= b, result=BOOL)
     __eq__ = lambda s, o: s._bin(o, lambda a, b: a == b, result=BOOL)
+    __ne__ = lambda s, o: s._bin(o, lambda a, b: a != b, result=BOOL)
 
     def __truediv__(self, o):
         return self._bin(o, lambda a, b: a / b, result=F32)
@@ -267,6 +268,13 @@ class _Layout:
         return None
 
 
+def _where(c, a, b) -> T:
+    cond = c.data.bool() if isinstance(c, T) else torch.tensor(bool(c))
+    if all(isinstance(x, int) or (isinstance(x, T) and x.dtype in _INT) for x in (a, b)):  # integer selects stay ints
+        return T(torch.where(cond, *(x.data if isinstance(x, T) else torch.tensor(x) for x in (a, b))), I32)
+    return T(torch.where(cond, *(x.data.float() if isinstance(x, T) else torch.tensor(float(x)) for x in (a, b))), F32)
+
+
 def _build_gl(state: dict) -> types.SimpleNamespace:
     def arange(lo, hi, layout=None):
         return T(torch.arange(lo, hi), I32)
@@ -307,14 +315,14 @@ def _build_gl(state: dict) -> types.SimpleNamespace:
         permute=lambda x, dims: T(x.data.permute(*dims), x.dtype),
         associative_scan=lambda x, axis, fn: T(x.data.cumsum(axis), x.dtype),  # the kernels' combine is an add
         load=_load, store=_store, inline_asm_elementwise=_inline_asm,
-        maximum=lambda a, b: T(torch.maximum(a.data.float(), b.data.float()), F32),
+        maximum=lambda a, b: T(torch.maximum(*(x.data.float() if isinstance(x, T) else torch.tensor(float(x))
+                                               for x in (a, b))), F32),
         minimum=lambda a, b: T(torch.minimum(torch.as_tensor(a.data if isinstance(a, T) else a),
                                              torch.as_tensor(b.data if isinstance(b, T) else b)), I32),
         max=reduce_max, sum=reduce_sum, exp2=lambda x: T(torch.exp2(x.data.float()), F32),
         program_id=lambda axis: state["pid"][axis], num_programs=lambda axis: state["grid"][axis],
         cdiv=lambda a, b: (a + b - 1) // b,
-        where=lambda c, a, b: T(torch.where(c.data.bool(), *(x.data.float() if isinstance(x, T) else torch.tensor(float(x))
-                                                             for x in (a, b))), F32),
+        where=_where,
         static_range=range, thread_barrier=lambda: None, allocate_shared_memory=allocate_shared_memory,
         warp_specialize=warp_specialize,
     )  # fmt: skip

@@ -7,17 +7,19 @@ Triton kernel cannot get below (``packkv_ops/kernels/NOTES.md``, 2026-12-05c).
 One program attends one KV head's query rows (8: Llama-3.1-8B's 4 padded to the wgmma's N) to a run of compressed
 64-token blocks in PackKV's format, for one layout: packs of 16 tokens, 4-bit K ints with 7-bit fields, 3-bit V
 ints with 5-bit fields (``k_rel`` 0.1 / ``v_rel`` 0.2 and the defaults 0.07 / 0.15), token-grouped scales and
-zeros and the exact window (the ring's bf16 tokens, as fp16 tiles), no rotation, no mask, no zero keys past the
-length, no split merge (the caller merges). Four producer warps decode a block as the Triton
+zeros, the exact window (the ring's bf16 tokens, as fp16 tiles), zero keys up to ``out_len`` and a decode step's
+bool padding mask (``HAS_MASK``: one row per sequence); no rotation (the caller rotates the query and the output),
+no split merge (the caller merges). Four producer warps decode a block as the Triton
 kernel does (``tiles.py``: fields per channel and row, one prefix scan for both streams' pack starts, each pack's 64
 bits, lane extraction), but each thread owns 4 consecutive packs in stream order (one warp scan instead of four)
 and stores its channels' 16 tokens as 32-byte runs into a shared stage ``[D, T]``; the consumer warpgroup runs
 ``S = K q^T`` and ``O^T += V^T P`` as wgmma from the stages, with the softmax and the scales in between.
 
 Compiled here: producer loop 542 sm_90 instructions per block and warp (176 of them the lane extraction, as in the
-Triton kernel; the scan 33 instead of ~127), consumer loop 201; 4 + 4 warps, 68 KB of shared memory with 2 stages.
+Triton kernel; the scan 33 instead of ~127), consumer loop 201 (234 with the mask); 4 + 4 warps, 68 KB of shared memory with 2 stages.
 Its body runs eagerly on the CPU (``eager.py``; ``tests/test_gluon_prototype.py``: 4e-4 of the largest output
-against the reference attention over the whole cache), which checks its logic, not its compilation. Never run on a GPU:
+against the reference attention, with zero keys past the length and a padding mask), which checks its logic, not
+its compilation. Never run on a GPU:
 ``--gpu`` (on the GPU machine) compares it with the Triton kernel on a real ``PackedLayer`` and times both beside
 SDPA.
 """
@@ -204,8 +206,9 @@ def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, rin
 
 @gluon.jit
 def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
-              o_ptr, m_ptr, l_ptr, b, lo, hi, r_lo, r_hi, nb, total, NB, qk_scale, T: gl.constexpr, D: gl.constexpr,
-              R: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+              perm_ptr, mask_ptr, smb, o_ptr, m_ptr, l_ptr, b, lo, hi, r_lo, r_hi, nb, total, zhi, NB, qk_scale,
+              T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
+              HAS_MASK: gl.constexpr):  # fmt: skip
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, R, 16])  # fmt: skip
     rows: gl.constexpr = gl.SliceLayout(0, mma)
@@ -230,6 +233,10 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
         vs = gl.load(v_scale_ptr + tok, mask=packed & (i_t >= 0), other=1.0).to(gl.float32)
         vz = gl.load(v_zero_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.float32)
         live = packed | ((nb + r_lo + i - n_c) * T + i_t < total)
+        if HAS_MASK:  # a decode step's padding mask, one row per sequence ([B, 1, 1, L] bool)
+            perm = gl.load(perm_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.int32)
+            pos = gl.where(packed, (lo + i) * T + perm, (nb + r_lo + i - n_c) * T + i_t).to(gl.int32)
+            live = live & (gl.load(mask_ptr + b * smb + pos, mask=live, other=0) != 0)
         mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
         acc = warpgroup_mma(k_bufs.index(s).permute([1, 0]), q_s.permute([1, 0]), gl.zeros([T, R], gl.float32, mma),
                             use_acc=False, is_async=True)  # fmt: skip
@@ -237,8 +244,9 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
         sc = (raw + gl.expand_dims(kz, 1) * gl.expand_dims(qs, 0)) * gl.expand_dims(ks * qk_scale, 1)
         sc = gl.where(gl.expand_dims(live, 1), sc, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(sc, axis=0))
-        p = gl.exp2(sc - gl.expand_dims(m_new, 0))
-        alpha = gl.expand_dims(gl.exp2(m_i - m_new), 0)
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+        p = gl.exp2(sc - gl.expand_dims(m_safe, 0))
+        alpha = gl.expand_dims(gl.exp2(m_i - m_safe), 0)
         pvs = p * gl.expand_dims(vs, 1)
         l_t = l_t * alpha + p
         z_t = z_t * alpha + pvs * gl.expand_dims(vz, 1)
@@ -251,19 +259,37 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
         o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index(s), count=1)
     o_t = o_t + gl.expand_dims(gl.sum(z_t, axis=0), 0)
+    l_i = gl.sum(l_t, axis=0)
+    # Zero keys from the length up to out_len (a compiled step passes the storage's capacity), counted once (split
+    # 0: zhi > total): each scores exactly 0 and adds nothing to O, so only the count enters the softmax.
+    zl: gl.constexpr = gl.BlockedLayout([8], [32], [gl.num_warps()], [0])
+    cnt = gl.zeros([1024], gl.float32, zl)
+    for z0 in range(total, zhi, 1024):
+        zpos = z0 + gl.arange(0, 1024, zl)
+        vis = zpos < zhi
+        if HAS_MASK:
+            vis = vis & (gl.load(mask_ptr + b * smb + zpos, mask=vis, other=0) != 0)
+        cnt = cnt + gl.where(vis, 1.0, 0.0)
+    n = gl.sum(cnt, axis=0)
+    m_new = gl.where(n > 0, gl.maximum(m_i, 0.0), m_i)
+    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + n * gl.exp2(-m_safe)
+    o_t = o_t * gl.expand_dims(alpha, 0)
+    m_i = m_new
     cd = gl.arange(0, D, gl.SliceLayout(1, mma))
     cr = gl.arange(0, R, rows)
     gl.store(o_ptr + gl.expand_dims(cr, 0) * D + gl.expand_dims(cd, 1), o_t)
     gl.store(m_ptr + cr, m_i)
-    gl.store(l_ptr + cr, gl.sum(l_t, axis=0))
+    gl.store(l_ptr + cr, l_i)
 
 
 @gluon.jit
 def packed_decode_attention(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, k_scale_ptr, k_zero_ptr,
-                            v_scale_ptr, v_zero_ptr, ring_k_ptr, ring_v_ptr, n_blocks_ptr, n_win_ptr, o_ptr, m_ptr,
-                            l_ptr, NB, H, S, per_split, qk_scale,
+                            v_scale_ptr, v_zero_ptr, ring_k_ptr, ring_v_ptr, n_blocks_ptr, n_win_ptr, perm_ptr,
+                            mask_ptr, smb, out_len, o_ptr, m_ptr, l_ptr, NB, H, S, per_split, qk_scale,
                             T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
-                            PRODUCER_REGS: gl.constexpr = 160):  # fmt: skip
+                            PRODUCER_REGS: gl.constexpr = 160, HAS_MASK: gl.constexpr = False):  # fmt: skip
     """Program (batch x KV head, split): the KV head's ``R`` query rows (``q_ptr``: ``[B * H, R, D]`` fp16) against
     the split's ``per_split`` compressed blocks of a ``PackedLayer`` (its pool, offsets, metadata, scales and
     zeros as they are stored); writes the split's unnormalized ``O``, row maxima (log2 units) and sums."""
@@ -282,6 +308,7 @@ def packed_decode_attention(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
     r_per = gl.cdiv(n_ring, gl.num_programs(1))
     r_lo = gl.minimum((gl.num_programs(1) - 1 - split) * r_per, n_ring)
     r_hi = gl.minimum(r_lo + r_per, n_ring)
+    zhi = gl.where(split == 0, gl.maximum(out_len, total), total)  # split 0 counts the zero keys past the length
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
     q = gl.load(q_ptr + gl.expand_dims(head * R + gl.arange(0, R, gl.SliceLayout(1, ld)), 1) * D
                 + gl.expand_dims(gl.arange(0, D, gl.SliceLayout(0, ld)), 0))  # fmt: skip
@@ -300,16 +327,17 @@ def packed_decode_attention(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
     fence_async_shared()
     gl.warp_specialize([
         (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
-                     o_ptr + part * R * D, m_ptr + part * R, l_ptr + part * R, b, lo, hi, r_lo, r_hi, nb, total, NB,
-                     qk_scale, T, D, R, STAGES)),
+                     perm_ptr, mask_ptr, smb, o_ptr + part * R * D, m_ptr + part * R, l_ptr + part * R, b, lo, hi,
+                     r_lo, r_hi, nb, total, zhi, NB, qk_scale, T, D, R, STAGES, HAS_MASK)),
         (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                             v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES)),
     ], [4], [PRODUCER_REGS])  # fmt: skip
 
 
 ORDER = ["q_ptr", "pool_ptr", "k_off_ptr", "v_off_ptr", "k_meta_ptr", "v_meta_ptr", "k_scale_ptr", "k_zero_ptr",
-         "v_scale_ptr", "v_zero_ptr", "ring_k_ptr", "ring_v_ptr", "n_blocks_ptr", "n_win_ptr", "o_ptr", "m_ptr",
-         "l_ptr", "NB", "H", "S", "per_split", "qk_scale", "T", "D", "R", "STAGES", "PRODUCER_REGS"]  # fmt: skip
+         "v_scale_ptr", "v_zero_ptr", "ring_k_ptr", "ring_v_ptr", "n_blocks_ptr", "n_win_ptr", "perm_ptr", "mask_ptr",
+         "smb", "out_len", "o_ptr", "m_ptr", "l_ptr", "NB", "H", "S", "per_split", "qk_scale", "T", "D", "R", "STAGES",
+         "PRODUCER_REGS", "HAS_MASK"]  # fmt: skip
 
 
 def run_on_gpu(batch: int, context: int, maxnreg: int | None = None, producer_regs: int = 160) -> None:
@@ -355,8 +383,8 @@ def run_on_gpu(batch: int, context: int, maxnreg: int | None = None, producer_re
     def kernel():
         packed_decode_attention[(batch * heads, splits)](
             rows, st.pool, st.k_offsets, st.v_offsets, st.k_meta, st.v_meta, st.k_scale, st.k_zero, st.v_scale,
-            st.v_zero, st.ring_k, st.ring_v, st.n_blocks, st.n_win, o, m, l, st.block_capacity, heads, lay.ring_size,
-            per, scale, T=t, D=d, R=r, STAGES=2,
+            st.v_zero, st.ring_k, st.ring_v, st.n_blocks, st.n_win, st.perm, st.n_win, 0, out_len, o, m, l,
+            st.block_capacity, heads, lay.ring_size, per, scale, T=t, D=d, R=r, STAGES=2,
             PRODUCER_REGS=producer_regs, num_warps=4, **({"maxnreg": maxnreg} if maxnreg else {}))  # fmt: skip
 
     def merged():
@@ -382,12 +410,14 @@ def main() -> None:
                                      "n_win_ptr")}  # fmt: skip
     sig |= {"q_ptr": "*fp16", "k_scale_ptr": "*bf16", "v_scale_ptr": "*bf16", "k_zero_ptr": "*i16",
             "v_zero_ptr": "*i16", "ring_k_ptr": "*bf16", "ring_v_ptr": "*bf16", "o_ptr": "*fp32", "m_ptr": "*fp32",
-            "l_ptr": "*fp32", "NB": "i32", "H": "i32", "S": "i32",
+            "l_ptr": "*fp32", "NB": "i32", "H": "i32", "S": "i32", "perm_ptr": "*u8", "mask_ptr": "*i1", "smb": "i32",
+            "out_len": "i32",
             "per_split": "i32", "qk_scale": "fp32", "T": "constexpr", "D": "constexpr", "R": "constexpr",
-            "STAGES": "constexpr", "PRODUCER_REGS": "constexpr"}  # fmt: skip
+            "STAGES": "constexpr", "PRODUCER_REGS": "constexpr", "HAS_MASK": "constexpr"}  # fmt: skip
     sig = {k: sig[k] for k in ORDER}
     aligned = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(ORDER) if k.endswith("_ptr")}
-    ck = compile_gluon(packed_decode_attention, sig, dict(T=64, D=128, R=8, STAGES=2, PRODUCER_REGS=160), aligned)
+    ck = compile_gluon(packed_decode_attention, sig, dict(T=64, D=128, R=8, STAGES=2, PRODUCER_REGS=160,
+                                                          HAS_MASK=True), aligned)  # the decode step's variant
     report("PackKV decode attention, warp-specialized (4 decode warps, 4 wgmma warps)", ck,
            ("HGMMA", "SYNCS", "BAR", "SHFL", "LDG", "STS", "HADD2", "LOP3", "PRMT"))  # fmt: skip
     sass = sass_of(ck)
