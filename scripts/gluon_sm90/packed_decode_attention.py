@@ -380,15 +380,16 @@ def run_on_gpu(batch: int, context: int, maxnreg: int | None = None, producer_re
     l = torch.empty(n, r, device="cuda", dtype=torch.float32)
     scale = 1.4426950408889634 / math.sqrt(d)
 
-    def kernel():
+    def kernel(mask=None, length=out_len):
         packed_decode_attention[(batch * heads, splits)](
             rows, st.pool, st.k_offsets, st.v_offsets, st.k_meta, st.v_meta, st.k_scale, st.k_zero, st.v_scale,
-            st.v_zero, st.ring_k, st.ring_v, st.n_blocks, st.n_win, st.perm, st.n_win, 0, out_len, o, m, l,
-            st.block_capacity, heads, lay.ring_size, per, scale, T=t, D=d, R=r, STAGES=2,
-            PRODUCER_REGS=producer_regs, num_warps=4, **({"maxnreg": maxnreg} if maxnreg else {}))  # fmt: skip
+            st.v_zero, st.ring_k, st.ring_v, st.n_blocks, st.n_win, st.perm, st.n_win if mask is None else mask,
+            0 if mask is None else length, length, o, m, l, st.block_capacity, heads, lay.ring_size, per, scale, T=t,
+            D=d, R=r, STAGES=2, PRODUCER_REGS=producer_regs, HAS_MASK=mask is not None, num_warps=4,
+            **({"maxnreg": maxnreg} if maxnreg else {}))  # fmt: skip
 
-    def merged():
-        kernel()
+    def merged(mask=None, length=out_len):
+        kernel(mask, length)
         mm = m.view(batch * heads, splits, r)
         w = torch.exp2(mm - mm.amax(1, keepdim=True))
         out = (o.view(batch * heads, splits, r, d) * w[..., None]).sum(1) / (l.view(batch * heads, splits, r) * w).sum(1)[..., None]
@@ -397,10 +398,18 @@ def run_on_gpu(batch: int, context: int, maxnreg: int | None = None, producer_re
     want = triton_attention.attention(q, st, out_len, None, False, None).float()
     got = merged()
     err = ((got - want).abs().max() / want.abs().max()).item()
+    # A decode step's case too: left padding, holes, and zero keys up to a larger out_len.
+    longer = out_len + 100
+    mask = torch.rand(batch, 1, 1, longer, device="cuda") > 0.1
+    mask[..., :37] = False
+    want_m = triton_attention.attention(q, st, longer, mask, False, None).float()
+    got_m = merged(mask, longer)
+    err_m = ((got_m - want_m).abs().max() / want_m.abs().max()).item()
     t_proto = bench_ms(kernel)
     t_triton = bench_ms(lambda: triton_attention.attention(q, st, out_len, None, False, None))
     t_sdpa = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-    print(f"maxnreg {maxnreg}, producer registers {producer_regs}: B{batch} / {out_len} tokens: max error {err:.2e} of the largest output vs the Triton kernel; "
+    print(f"maxnreg {maxnreg}, producer registers {producer_regs}: B{batch} / {out_len} tokens: max error {err:.2e} "
+          f"of the largest output vs the Triton kernel ({err_m:.2e} with a padding mask and zero keys); "
           f"Gluon kernel {t_proto:.3f} ms (without its merge), Triton kernel {t_triton:.3f} ms (with its merge), "
           f"SDPA on bf16 {t_sdpa:.3f} ms", flush=True)  # fmt: skip
 
