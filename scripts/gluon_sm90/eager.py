@@ -7,7 +7,7 @@ the memory ordering (mbarriers and fences are no-ops; the warp partitions run on
 first), and inline asm, which runs as the torch twin registered here for each asm string used. A ``pack=2`` asm
 is modelled as pairing consecutive elements of the last axis (true for the layouts the prototypes give it).
 
-    run(kernel, grid, *args, **constexprs)   # args: torch tensors (pointers) and numbers, as at a launch
+    run(kernel, grid, *args, module=kernels_module, **constexprs)   # args: tensors (pointers) and numbers
 """
 
 from __future__ import annotations
