@@ -308,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows-as-16", action="store_true",
                    help="PackKV: the attention's query rows padded to 16 and as the products' M dimension "
                         "(attention.MIN_ROWS=16, ROWS_AS_N=False; before 2026-12-04i)")
+    p.add_argument("--gluon", action="store_true",
+                   help="PackKV: the decode steps' attention on the warp-specialized Gluon kernel where it applies "
+                        "(attention.GLUON; sm_90, the default layout, head_dim 128)")
     p.add_argument("--watchdog", type=float, default=0, help="dump Python stacks every N s (diagnosing stalls)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_e2e")
     args = p.parse_args(argv)
@@ -320,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         from packkv.ops.kernels import attention as attention_kernel
 
         attention_kernel.MIN_ROWS, attention_kernel.ROWS_AS_N = 16, False
+    if args.gluon:
+        from packkv.ops.kernels import attention as attention_kernel
+
+        attention_kernel.GLUON = True
     if args.rotate_around_kernel:
         from packkv.ops.kernels import attention as attention_kernel
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from packkv.ops import Layout, PackedLayer, PackKVConfig, ops
 from packkv.ops.accounting import exact_bytes
+from packkv.ops.kernels import attention as attention_module
 from packkv.ops.kernels import matvec
 from packkv.ops.kernels.attention import TILE
 from packkv.ops.kernels.attention import attention as attention_kernel
@@ -266,6 +267,10 @@ VARIANTS = {  # name -> attention() keyword arguments, each a change from the de
     # A compiled decode step passes a bool padding mask [B, 1, 1, out_len] (all True here: same results).
     "with a decode mask, read as one row per tile": dict(with_mask=True),
     "  with a decode mask, read as a [rows, tokens] tile (before 2026-12-04e)": dict(with_mask=True, mask_row=False),
+    # The warp-specialized Gluon kernel (gluon_attention.py, sm_90, 2026-12-05d; never timed): its own launch settings
+    # (gluon_attention.MAXNREG, PRODUCER_REGS, PROGRAMS_PER_SM); a ValueError row where it does not cover the layout.
+    "Gluon kernel (4 decode warps + 4 wgmma warps)": dict(gluon=True),
+    "  Gluon kernel, out_len 2x with a decode mask": dict(gluon=True, out_len_x=2, with_mask=True),
 }
 
 
@@ -400,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="print where compression and attention spend GPU time")
     p.add_argument("--compress-variants", action="store_true",
                    help="also time compression at other kernel launch widths (at --variant-sizes)")
+    p.add_argument("--gluon", action="store_true",
+                   help="the main table's PackKV column on the Gluon kernel where it applies (attention.GLUON)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -409,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
                          lay.v.qbits)  # fmt: skip
     print(f"{lay.k.qbits}-bit K / {lay.v.qbits}-bit V ints in packs of {cfg.pack_size}: decoded as {paths[0]} / "
           f"{paths[1]} (tiles.decode_paths)", flush=True)
+    if args.gluon:
+        attention_module.GLUON = True
+        print("PackKV column: the Gluon kernel where it applies (attention.GLUON)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     if args.variants_only:

@@ -22,6 +22,9 @@ from torch import Tensor
 from torch.library import custom_op, triton_op
 
 from . import reference
+# Registers packkv::_gluon_decode_partials at import: compiled code (a cached graph too) may call it without
+# tracing the attention op's body, which is where it is used.
+from .kernels import gluon_attention  # noqa: F401
 from .kernels._launch import plain_eager
 from .rotation import is_hadamard, rotate
 from .layout import Layout, StreamLayout

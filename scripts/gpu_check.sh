@@ -2,7 +2,8 @@
 # On the GPU machine (no network): install PackKV against the machine's torch/triton/transformers, run the
 # cuda tests (and the kernel tests natively), compute-sanitizer on a subset, then the kernel benchmark.
 # Usage: bash scripts/gpu_check.sh [tests|sanitize|bench|all] ; logs and results go to ${OUT:-/tmp/packkv-out}.
-# The sanitizer runs all of tests/test_kernels.py (103 tests, ~3.5 min under memcheck on the H200, 2026-12-05c) once
+# The sanitizer runs tests/test_kernels.py (103 tests, ~3.5 min under memcheck on the H200, 2026-12-05c) and
+# tests/test_gluon_attention.py (PACKKV_SANITIZE_FILES selects files) once
 # the Triton cache is warm: run `tests` first in the same machine session (cold, compiling under the tool took
 # ~16 min for 73). PACKKV_SANITIZE_K (a pytest -k expression) runs a part, e.g. "attention_matches_the_reference",
 # "rows_as_the_products or long_query_block", "append_matches or one_kernel or non_finite or matvec or rotate or
@@ -20,13 +21,13 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 ls .gpuwheels/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps .gpuwheels/*.whl >>"$OUT/install.log" 2>&1
 par=(); python3 -c "import xdist" 2>/dev/null && par=(-n 8)
 if [[ $what == tests || $what == all ]]; then
-  timeout 480 python3 -m pytest -q -p no:cacheprovider "${par[@]}" -m "cuda or not cuda" tests/test_cuda.py tests/test_kernels.py tests/test_rotation.py \
+  timeout 480 python3 -m pytest -q -p no:cacheprovider "${par[@]}" -m "cuda or not cuda" tests/test_cuda.py tests/test_kernels.py tests/test_gluon_attention.py tests/test_rotation.py \
     tests/test_compile.py::test_compiled_decode_on_cuda \
     tests/test_compile.py::test_attention_built_by_parallel_compile_workers_keeps_its_register_cap ${PACKKV_EXTRA_TESTS:-} 2>&1 | tee "$OUT/tests.log" | tail -25
 fi
 if [[ $what == sanitize || $what == all ]]; then
   timeout 560 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \
-    -m "cuda or not cuda" tests/test_kernels.py ${PACKKV_SANITIZE_K:+-k "$PACKKV_SANITIZE_K"} \
+    -m "cuda or not cuda" ${PACKKV_SANITIZE_FILES:-tests/test_kernels.py tests/test_gluon_attention.py} ${PACKKV_SANITIZE_K:+-k "$PACKKV_SANITIZE_K"} \
     2>&1 | tee "$OUT/sanitizer.log" | tail -8
 fi
 if [[ $what == bench || $what == all ]]; then

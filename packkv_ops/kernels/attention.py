@@ -13,12 +13,15 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ..layout import Layout
+from ..rotation import ROTATION_CODES
+from ..rotation import rotate as rotate_rows
 from ..storage import PackedLayer
 from ._launch import INTERPRET, launch, next_pow2, num_sms, resident_programs
 from .hadamard import fwht_rows
@@ -545,6 +548,10 @@ SPLIT_FACTOR = 8  # the former rule's programs per SM (benchmark variant: split_
 # <= 128; the fast Walsh-Hadamard transform (hadamard.fwht_rows) does every supported head_dim.
 ROTATE_IN_KERNEL = True
 ROTATE_MAX_DIM = 256
+# The warp-specialized Gluon kernel (gluon_attention.py) for the decode steps it covers, on sm_90: opt-in until its
+# first GPU run (never run; estimated ~1.6-1.9x SDPA at B8/32K against ~1x now). Read at each call, so a benchmark
+# switches it for a whole compiled model (decode_e2e.py --gluon); PACKKV_GLUON_ATTENTION=1 switches it on.
+GLUON = os.environ.get("PACKKV_GLUON_ATTENTION") == "1"
 
 
 @functools.cache
@@ -593,6 +600,7 @@ def attention(
     rows_as_n: bool | None = None,
     lanes: int = 2,
     defer_sums: bool = False,
+    gluon: bool | None = None,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(q, *decompress(st, out_len), attn_mask=mask, ...)`` without materialising K/V.
 
@@ -636,6 +644,9 @@ def attention(
       row mask with in-kernel rotations: 1,401 vs 1,504), 0.338 / 0.173 ms vs 0.394 / 0.201 at B8/32K, B1/128K
       (H200, 2026-12-04i); other groupings, and more than ``ROWS_AS_N_MAX`` padded rows, keep the rows as the M
       dimension; a query block of more than ``MAX_ROWS`` rows runs in chunks of queries (one launch each);
+    * ``gluon`` (None: ``GLUON``, off): a decode step the Gluon kernel covers (``gluon_attention.supported``) runs
+      on it, and its partials are merged by ``_merge_kernel``; the rest stays here. True: it must cover the call
+      (a ``ValueError`` says why it does not); the Triton launch parameters above then do not apply;
     * ``skip_decode`` (benchmarks only, wrong results) replaces value extraction by a constant to show what the
       rest of the kernel costs.
 
@@ -668,6 +679,15 @@ def attention(
     # A mask broadcast over heads and queries (decode's padding mask, [B, 1, 1, L]) is read as one row per tile.
     row_mask = mask_row and mask is not None and strides[1] == 0 and strides[2] == 0
     sm_scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if GLUON if gluon is None else gluon:
+        from . import gluon_attention
+
+        why = gluon_attention.supported(q, lay, st.ring_k.dtype, mask, is_causal, out_len)
+        if why is None:
+            return _gluon_attention(q, st, out_len, mask, sm_scale, rotate, splits, n_virtual)
+        if gluon:
+            raise ValueError(f"the Gluon attention kernel does not cover this call: {why}")
+        log.debug("attention: the Triton kernel, as the Gluon kernel does not cover this call: %s", why)
     if log.isEnabledFor(logging.DEBUG):  # once per trace in compiled code: what to check when a step is slow
         log.debug("attention launch: grid (%d, %d), q %s %s, out_len %s, mask %s, row mask %s, warps %d, maxnreg %s",
                   B * H, ns, tuple(q.shape), q.dtype, out_len, None if mask is None else (tuple(mask.shape),
@@ -690,6 +710,25 @@ def attention(
                      zero_count, prefetch, zero_span, zero_chunk, rotate, balanced, paired, sub_tile, lanes, defer_sums)  # fmt: skip
         if oc is not out:
             out[:, :, q0 : q0 + tq] = oc
+    return out
+
+
+def _gluon_attention(q, st, out_len, mask, sm_scale, rotate, splits, n_virtual) -> torch.Tensor:
+    """A decode step on the Gluon kernel (``gluon_attention``): the query rotated here in fp32 (the kernel rounds it
+    to fp16 once), the partials merged and rotated back by ``_merge_kernel``."""
+    from . import gluon_attention
+
+    B, HQ, _, D = q.shape
+    H = st.layout.num_heads
+    if splits is None:
+        splits = gluon_attention.splits_for(q, H, out_len, num_sms(q.device))
+    ns = max(1, min(splits, n_virtual))
+    qr = rotate_rows(q.float(), ROTATION_CODES["hadamard"]) if rotate else q
+    acc, m, l = torch.ops.packkv._gluon_decode_partials(
+        qr, st.pool, st.k_offsets, st.v_offsets, st.k_meta, st.v_meta, st.k_scale, st.k_zero, st.v_scale, st.v_zero,
+        st.ring_k, st.ring_v, st.n_blocks, st.n_win, st.perm, mask, out_len, ns, sm_scale)  # fmt: skip
+    out = torch.empty(B, HQ, 1, D, dtype=q.dtype, device=q.device)
+    launch(_merge_kernel)[(B * HQ,)](acc, m, l, out, ns, D=D, BS=32, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D))
     return out
 
 

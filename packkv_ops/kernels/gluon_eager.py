@@ -138,7 +138,8 @@ def _load(ptr: Ptr, mask=None, other=0) -> T:
 def _store(ptr: Ptr, value: T, mask=None) -> None:
     off = ptr.offset.data if isinstance(ptr.offset, T) else torch.tensor(ptr.offset)
     v = value.data.expand_as(off) if isinstance(value, T) else torch.full_like(off, value)
-    ptr.base[off.reshape(-1).long()] = v.reshape(-1).to(ptr.base.dtype)
+    ok = torch.ones_like(off, dtype=torch.bool) if mask is None else mask.data.expand_as(off).bool()
+    ptr.base[off[ok].long()] = v[ok].to(ptr.base.dtype)
 
 
 # --- inline asm: a torch twin per asm string -------------------------------------------------------------------

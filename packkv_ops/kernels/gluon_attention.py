@@ -1,0 +1,433 @@
+"""Fused decode attention on the packed cache as a warp-specialized Gluon kernel for sm_90 (Hopper): opt-in,
+one layout, not yet run on a GPU (twin of ``reference.attention``; its CPU check is ``gluon_eager``).
+
+Why a second kernel: the Triton kernel (``attention.py``) decodes, multiplies and runs the softmax in the same
+warps, joined by ~20 barriers per tile, and spends 8.35 thread-instructions per decoded value; Triton cannot state
+the layouts that would remove its scan's and its MMA operands' moves (NOTES.md, 2026-12-05c). Here 4 producer
+warps decode each 64-token block into shared-memory stages (each thread owns 4 consecutive packs of a row: one
+warp scan for both streams' pack starts) while a 4-warp consumer runs ``S = K q^T`` and ``O^T += V^T P`` as
+wgmma, with the online softmax and the scales between them: 542 + 201 sm_90 instructions per block and warp,
+0.70x the Triton kernel's.
+
+What it decodes (``supported`` says why not, for anything else, and ``attention`` keeps the Triton kernel there):
+packs of 16 in 64-token blocks, 4-bit K ints with 7-bit fields, 3-bit V ints with 5-bit fields (``k_rel`` 0.1 /
+``v_rel`` 0.2 and the defaults 0.07 / 0.15), token-grouped scales and zeros, head_dim 128, one query per
+sequence (decode) for up to 8 query heads per KV head, bf16/fp16; the exact window, zero keys up to ``out_len``
+and a decode step's bool padding mask (one row per sequence). The query comes rotated (the caller rotates it);
+the partials go out in the Triton kernel's layout and its ``_merge_kernel`` merges them (and rotates back).
+
+Its logic is checked on the CPU by running its body eagerly (``gluon_eager``; ``tests/test_gluon_attention.py``);
+its compilation for sm_90 by ``tests/test_kernel_build.py``; its synchronization and speed only on the GPU
+(``scripts/gluon_sm90/packed_decode_attention.py --gpu``, the ``cuda`` tests, ``benchmarks/kernels.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from ..layout import Layout
+
+LOG2E = 1.4426950408889634
+T_BLOCK, HEAD_DIM, ROWS, STAGES = 64, 128, 8, 2  # the one shape it decodes; ROWS: the wgmma's N (query heads)
+# Launch options to be tuned on the GPU (never run yet). Uncapped, ptxas reserves 255 registers per thread: one
+# program of 8 warps per SM; MAXNREG = 128 compiles without spills and fits two (68 KB of shared memory each).
+MAXNREG: int | None = 128
+PRODUCER_REGS = 128  # what setmaxnreg gives the decoding warps out of the pool
+PROGRAMS_PER_SM = 2  # the split count fills this many programs per SM
+
+
+@gluon.jit
+def _funnel(lo, hi, sh):
+    """Low 32 bits of (hi:lo) >> sh, sh < 32."""
+    return gl.inline_asm_elementwise("shf.r.wrap.b32 $0, $1, $2, $3;", "=r,r,r,r", [lo, hi, sh], dtype=gl.uint32,
+                                     is_pure=True, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _funnel_clamp(lo, hi, sh):
+    """Low 32 bits of (hi:lo) >> sh, sh <= 32."""
+    return gl.inline_asm_elementwise("shf.r.clamp.b32 $0, $1, $2, $3;", "=r,r,r,r", [lo, hi, sh], dtype=gl.uint32,
+                                     is_pure=True, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _lane_join(win, sh):
+    """``win``'s low 16 bits, and those of ``win >> sh`` as the high half (``tiles._lane_join``)."""
+    return gl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, $2; prmt.b32 $0, $1, t, 0x5410; }", "=r,r,r",
+                                     [win, sh], dtype=gl.uint32, is_pure=True, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _lanes_1024(win, o, m2, mu2):
+    """Two values per shift as fp16 ``min + delta`` (``tiles._lanes_1024``), left packed in one register: the
+    inputs are ``[..., 2]`` with both elements equal (a broadcast, no register), the output's pair is the low lane's
+    value then the high lane's, i.e. two consecutive rows in lane order."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .b32 r; shr.b32 r, $1, $3; lop3.b32 r, r, $5, 0x64006400, 0xea; add.rn.f16x2 $0, r, $7; }",
+        "=r,r,r,r,r,r,r,r,r", [win, o, m2, mu2], dtype=gl.float16, is_pure=True, pack=2)  # fmt: skip
+
+
+@gluon.jit
+def _per_pair(x, z3):
+    """``[N]`` -> ``[N, 4, 2]``, equal along the new axes (``z3``: zeros of that shape and layout, folded away)."""
+    return gl.expand_dims(gl.expand_dims(x, 1), 2) + z3
+
+
+@gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _fields_by_4(meta_ptr, N: gl.constexpr, D: gl.constexpr, MBITS: gl.constexpr, LB: gl.constexpr):
+    """``_fields`` for all ``N`` packs, each thread's 4 consecutive packs (4 channels of one row, ``4 MBITS <= 32``
+    bits) from one pair of words instead of a pair per pack."""
+    L4: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [gl.num_warps(), 1], [1, 0])
+    RW: gl.constexpr = D * MBITS // 32
+    g = gl.arange(0, N // 4, gl.SliceLayout(1, L4))
+    gb = (g % (D // 4)) * (4 * MBITS)
+    widx = (g // (D // 4)) * RW + (gb >> 5)
+    sh = (gb & 31).to(gl.uint32)
+    lo = gl.load(meta_ptr + widx).to(gl.uint32, bitcast=True)
+    hi = gl.load(meta_ptr + widx + 1, mask=sh + 4 * MBITS > 32, other=0).to(gl.uint32, bitcast=True)
+    x = gl.expand_dims(_funnel(lo, hi, sh), 1)
+    i = gl.arange(0, 4, gl.SliceLayout(0, L4)).to(gl.uint32)
+    f = (x >> gl.expand_dims(i * MBITS, 0)) & ((1 << MBITS) - 1)
+    return gl.convert_layout(gl.reshape(f, (N,)), LB)
+
+
+@gluon.jit
+def _pack_bits(base_ptr, start, size):
+    wi = start >> 5
+    sh = start & 31
+    used = sh + size
+    w0 = gl.load(base_ptr + wi).to(gl.uint32, bitcast=True)
+    w1 = gl.load(base_ptr + wi + 1, mask=used > 32, other=0).to(gl.uint32, bitcast=True)
+    w2 = gl.load(base_ptr + wi + 2, mask=used > 64, other=0).to(gl.uint32, bitcast=True)
+    return _funnel(w0, w1, sh), _funnel(w1, w2, sh)
+
+
+@gluon.jit
+def _pack_values(f, lo, hi, QBITS: gl.constexpr, L2: gl.constexpr):
+    """The 16 values of each pack (lanes of 4), as ``[N, 16]`` fp16 in lane order (row ``8k + 2j + lane`` is token
+    ``8k + 4 lane + j``: ``tiles.lane_order_tokens``)."""
+    w = f >> QBITS
+    wl = w * 4
+    lj0 = _lane_join(lo, wl)
+    lj1 = _lane_join(_funnel_clamp(lo, hi, wl * 2), wl)  # the second window of 8 values, from bit 8 w
+    # [N, 4 (j), 2 (lane)]: the lane axis is the asm's packed pair
+    L3: gl.constexpr = gl.BlockedLayout([4, 4, 2], [32, 1, 1], [gl.num_warps(), 1, 1], [2, 1, 0])
+    PK: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
+    j = gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(2, L3))).to(gl.uint32)
+    w = gl.convert_layout(w, PK)
+    f = gl.convert_layout(f, PK)
+    m = (gl.full(w.shape, 1, gl.uint32, PK) << w) - 1
+
+    z3 = gl.zeros([f.shape[0], 4, 2], gl.uint32, L3)
+    o = gl.expand_dims(gl.expand_dims(w, 1) * gl.expand_dims(j, 0), 2) + z3
+    m2 = _per_pair(m | (m << 16), z3)
+    mu2 = _per_pair(0xE400E400 - (f & ((1 << QBITS) - 1)) * 0x20002, z3)
+    a = _lanes_1024(_per_pair(gl.convert_layout(lj0, PK), z3), o, m2, mu2)  # window 0: rows 2j + lane
+    b = _lanes_1024(_per_pair(gl.convert_layout(lj1, PK), z3), o, m2, mu2)
+    x = gl.join(a, b)  # [N, 4 (j), 2 (lane), 2 (window)]
+    return gl.reshape(gl.permute(x, (0, 3, 1, 2)), (f.shape[0], 16))
+
+
+@gluon.jit
+def _ring_tile(ring_ptr, b, kvh, p0, total, H, S, T: gl.constexpr, D: gl.constexpr):
+    """Exact tokens ``p0 .. p0 + T`` of the window as a ``[D, T]`` fp16 tile (slot ``p % S``; zeros past
+    ``total``)."""
+    LR: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, gl.num_warps()], [0, 1])  # 16-byte loads along D
+    cc = gl.arange(0, D, gl.SliceLayout(1, LR))
+    pos = p0 + gl.arange(0, T, gl.SliceLayout(0, LR))
+    live = gl.expand_dims(pos < total, 0)
+    slot = gl.expand_dims((b * H + kvh) * S + pos % S, 0)
+    x = gl.load(ring_ptr + slot * D + gl.expand_dims(cc, 1), mask=live, other=0.0)
+    return x.to(gl.float16)
+
+
+@gluon.jit
+def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs, v_bufs,
+                     ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T: gl.constexpr,
+                     D: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    P: gl.constexpr = 16
+    N: gl.constexpr = (T // P) * D  # packs per block and stream, in stream order (row-major: row, channel)
+    K_QBITS: gl.constexpr = 4
+    K_MBITS: gl.constexpr = 7
+    V_QBITS: gl.constexpr = 3
+    V_MBITS: gl.constexpr = 5
+    # Each thread: 4 consecutive packs of one row (channels 4l .. 4l+3), warp w = pack row w.
+    L2: gl.constexpr = gl.BlockedLayout([4, 4], [32, 1], [gl.num_warps(), 1], [1, 0])
+    # The same packs per thread as a 1-D layout: the scan does not take a slice layout; the conversions to
+    # SliceLayout(1, L2) below move nothing (same threads, same registers).
+    LB: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])
+    LP: gl.constexpr = gl.SliceLayout(1, L2)
+    for i in range(hi - lo):
+        s = i % STAGES
+        chunk = (b * NB + lo + i) * H + kvh  # PackedLayer's [B, NB, H] chunks
+        fk = _fields_by_4(k_meta_ptr + chunk * (N * K_MBITS // 32), N, D, K_MBITS, LB)
+        fv = _fields_by_4(v_meta_ptr + chunk * (N * V_MBITS // 32), N, D, V_MBITS, LB)
+        sk = (fk >> K_QBITS) * P
+        sv = (fv >> V_QBITS) * P
+        both = sk | (sv << 16)
+        excl = gl.associative_scan(both, 0, _add) - both  # both streams' pack starts, 16 bits each
+        k_lo, k_hi = _pack_bits(pool_ptr + gl.load(k_off_ptr + chunk), (excl & 0xFFFF).to(gl.int32), sk.to(gl.int32))
+        v_lo, v_hi = _pack_bits(pool_ptr + gl.load(v_off_ptr + chunk), (excl >> 16).to(gl.int32), sv.to(gl.int32))
+        kx = _pack_values(gl.convert_layout(fk, LP), gl.convert_layout(k_lo, LP), gl.convert_layout(k_hi, LP),
+                          K_QBITS, L2)  # [N, 16]: pack (row r, channel c), its 16 tokens  # fmt: skip
+        vx = _pack_values(gl.convert_layout(fv, LP), gl.convert_layout(v_lo, LP), gl.convert_layout(v_hi, LP),
+                          V_QBITS, L2)  # fmt: skip
+        # [D, T]: channel c, token 16 r + t (lane order within each pack)
+        kt = gl.reshape(gl.permute(gl.reshape(kx, (T // P, D, P)), (1, 0, 2)), (D, T))
+        vt = gl.reshape(gl.permute(gl.reshape(vx, (T // P, D, P)), (1, 0, 2)), (D, T))
+        mbarrier.wait(empty.index(s), phase=((i // STAGES) & 1) ^ 1)
+        k_bufs.index(s).store(kt)
+        v_bufs.index(s).store(vt)
+        fence_async_shared()
+        gl.thread_barrier()  # every producer thread's stores before the one arrive
+        mbarrier.arrive(ready.index(s), count=1)
+    # Then the split's tiles of the exact window (the ring), in token order.
+    n_c = hi - lo
+    for j in range(r_hi - r_lo):
+        i = n_c + j
+        s = i % STAGES
+        p0 = (nb + r_lo + j) * T
+        kt = _ring_tile(ring_k_ptr, b, kvh, p0, total, H, S, T, D)
+        vt = _ring_tile(ring_v_ptr, b, kvh, p0, total, H, S, T, D)
+        mbarrier.wait(empty.index(s), phase=((i // STAGES) & 1) ^ 1)
+        k_bufs.index(s).store(kt)
+        v_bufs.index(s).store(vt)
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.arrive(ready.index(s), count=1)
+
+
+@gluon.jit
+def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
+              perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, row0, n_rep, split, b, lo, hi, r_lo, r_hi, nb, total,
+              zhi, NB, qk_scale, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
+              HAS_MASK: gl.constexpr):  # fmt: skip
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
+                                                  instr_shape=[16, R, 16])  # fmt: skip
+    rows: gl.constexpr = gl.SliceLayout(0, mma)
+    toks: gl.constexpr = gl.SliceLayout(1, mma)
+    qs = gl.convert_layout(qsum, rows)
+    i_t = gl.arange(0, T, toks)
+    k8 = i_t % 8
+    lane_tok = i_t - k8 + (k8 & 1) * 4 + (k8 >> 1)  # the stage's rows are in lane order
+    m_i = gl.full([R], float("-inf"), gl.float32, rows)
+    l_t = gl.zeros([T, R], gl.float32, mma)
+    z_t = gl.zeros([T, R], gl.float32, mma)
+    o_t = gl.zeros([D, R], gl.float32, mma)
+    n_c = hi - lo
+    for i in range(n_c + r_hi - r_lo):
+        s = i % STAGES
+        # Compressed blocks first (rows in lane order, token-grouped scales and zeros: [B, NB, 1, T, 1]), then the
+        # ring's exact tiles (rows in token order, scale 1, zero 0, positions past the length masked).
+        packed = i < n_c
+        tok = (b * NB + lo + i) * T + lane_tok
+        ks = gl.load(k_scale_ptr + tok, mask=packed & (i_t >= 0), other=1.0).to(gl.float32)
+        kz = gl.load(k_zero_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.float32)
+        vs = gl.load(v_scale_ptr + tok, mask=packed & (i_t >= 0), other=1.0).to(gl.float32)
+        vz = gl.load(v_zero_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.float32)
+        live = packed | ((nb + r_lo + i - n_c) * T + i_t < total)
+        if HAS_MASK:  # a decode step's padding mask, one row per sequence ([B, 1, 1, L] bool)
+            perm = gl.load(perm_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.int32)
+            pos = gl.where(packed, (lo + i) * T + perm, (nb + r_lo + i - n_c) * T + i_t).to(gl.int32)
+            live = live & (gl.load(mask_ptr + b * smb + pos, mask=live, other=0) != 0)
+        mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
+        acc = warpgroup_mma(k_bufs.index(s).permute([1, 0]), q_s.permute([1, 0]), gl.zeros([T, R], gl.float32, mma),
+                            use_acc=False, is_async=True)  # fmt: skip
+        raw = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        sc = (raw + gl.expand_dims(kz, 1) * gl.expand_dims(qs, 0)) * gl.expand_dims(ks * qk_scale, 1)
+        sc = gl.where(gl.expand_dims(live, 1), sc, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(sc, axis=0))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+        p = gl.exp2(sc - gl.expand_dims(m_safe, 0))
+        alpha = gl.expand_dims(gl.exp2(m_i - m_safe), 0)
+        pvs = p * gl.expand_dims(vs, 1)
+        l_t = l_t * alpha + p
+        z_t = z_t * alpha + pvs * gl.expand_dims(vz, 1)
+        o_t = o_t * alpha
+        m_i = m_new
+        p_s.store(pvs.to(gl.float16))  # V's scale folded into the weights (no per-tile normalization)
+        fence_async_shared()
+        gl.thread_barrier()
+        acc = warpgroup_mma(v_bufs.index(s), p_s, o_t, is_async=True)
+        o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index(s), count=1)
+    o_t = o_t + gl.expand_dims(gl.sum(z_t, axis=0), 0)
+    l_i = gl.sum(l_t, axis=0)
+    # Zero keys from the length up to out_len (a compiled step passes the storage's capacity), counted once (split
+    # 0: zhi > total): each scores exactly 0 and adds nothing to O, so only the count enters the softmax.
+    zl: gl.constexpr = gl.BlockedLayout([8], [32], [gl.num_warps()], [0])
+    cnt = gl.zeros([1024], gl.float32, zl)
+    for z0 in range(total, zhi, 1024):
+        zpos = z0 + gl.arange(0, 1024, zl)
+        vis = zpos < zhi
+        if HAS_MASK:
+            vis = vis & (gl.load(mask_ptr + b * smb + zpos, mask=vis, other=0) != 0)
+        cnt = cnt + gl.where(vis, 1.0, 0.0)
+    n = gl.sum(cnt, axis=0)
+    m_new = gl.where(n > 0, gl.maximum(m_i, 0.0), m_i)
+    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + n * gl.exp2(-m_safe)
+    o_t = o_t * gl.expand_dims(alpha, 0)
+    m_i = m_new
+    # The Triton kernel's partials: acc [B, HQ, 1, NS, D], m and l [B, HQ, 1, NS]; the padding rows are not stored.
+    ns = gl.num_programs(1)
+    cd = gl.arange(0, D, gl.SliceLayout(1, mma))
+    cr = gl.arange(0, R, rows)
+    part = (row0 + cr) * ns + split
+    gl.store(acc_ptr + gl.expand_dims(part, 0) * D + gl.expand_dims(cd, 1), o_t,
+             mask=gl.expand_dims(cr < n_rep, 0) & gl.expand_dims(cd >= 0, 1))  # fmt: skip
+    gl.store(m_ptr + part, m_i, mask=cr < n_rep)
+    gl.store(l_ptr + part, l_i, mask=cr < n_rep)
+
+
+@gluon.jit
+def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, k_scale_ptr,
+                            k_zero_ptr, v_scale_ptr, v_zero_ptr, ring_k_ptr, ring_v_ptr, n_blocks_ptr, n_win_ptr,
+                            perm_ptr, mask_ptr, smb, out_len, acc_ptr, m_ptr, l_ptr, NB, H, S, n_rep, qk_scale,
+                            T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
+                            PRODUCER_REGS: gl.constexpr = 128, HAS_MASK: gl.constexpr = False):  # fmt: skip
+    """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
+    rotated, padded to ``R`` with zeros) against the split's share of the sequence's compressed blocks of a
+    ``PackedLayer`` (its pool, offsets, metadata, scales and zeros as they are stored) and its share of the exact
+    window; writes the split's unnormalized output, row maxima (log2 units) and sums."""
+    head = gl.program_id(0)
+    split = gl.program_id(1)
+    ns = gl.num_programs(1)
+    b = head // H
+    kvh = head % H
+    nb = gl.load(n_blocks_ptr + b)
+    total = nb * T + gl.load(n_win_ptr + b)
+    per = gl.cdiv(nb, ns)  # each sequence's blocks shared by the splits (ragged batches: per sequence)
+    lo = gl.minimum(split * per, nb)
+    hi = gl.minimum(lo + per, nb)
+    # The window's tiles go to the last splits (as in the Triton kernel: the last splits hold the remainder of the
+    # compressed blocks, often none).
+    n_ring = gl.cdiv(total - nb * T, T)
+    r_per = gl.cdiv(n_ring, ns)
+    r_lo = gl.minimum((ns - 1 - split) * r_per, n_ring)
+    r_hi = gl.minimum(r_lo + r_per, n_ring)
+    zhi = gl.where(split == 0, gl.maximum(out_len, total), total)  # split 0 counts the zero keys past the length
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
+    r = gl.arange(0, R, gl.SliceLayout(1, ld))
+    q = gl.load(q_ptr + gl.expand_dims(head * n_rep + r, 1) * D + gl.expand_dims(gl.arange(0, D, gl.SliceLayout(0, ld)), 0),
+                mask=gl.expand_dims(r < n_rep, 1), other=0.0).to(gl.float16)  # fmt: skip
+    qsum = gl.sum(q.to(gl.float32), axis=1)
+    q_s = gl.allocate_shared_memory(gl.float16, [R, D], gl.NVMMASharedLayout.get_default_for([R, D], gl.float16),
+                                    value=q)  # fmt: skip
+    p_s = gl.allocate_shared_memory(gl.float16, [T, R], gl.NVMMASharedLayout.get_default_for([T, R], gl.float16))
+    stage: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, T], gl.float16)
+    k_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, D, T], stage)
+    v_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, D, T], stage)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    fence_async_shared()
+    gl.warp_specialize([
+        (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
+                     perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo, hi, r_lo,
+                     r_hi, nb, total, zhi, NB, qk_scale, T, D, R, STAGES, HAS_MASK)),
+        (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
+                            v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES)),
+    ], [4], [PRODUCER_REGS])  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# host side
+# ---------------------------------------------------------------------------------------------------------------
+def supported(q: Tensor, lay: Layout, ring_dtype: torch.dtype, mask: Tensor | None, is_causal: bool,
+              out_len: int) -> str | None:  # fmt: skip
+    """``None`` where this kernel computes the attention of ``q`` over a layer of layout ``lay``, else why not."""
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) != (9, 0):
+        return f"it needs an sm_90 GPU (Hopper), not sm_{''.join(map(str, torch.cuda.get_device_capability(q.device)))}"
+    fmt = (lay.pack_size, lay.block_size, lay.k.qbits, lay.k.mbits, lay.v.qbits, lay.v.mbits)
+    if fmt != (16, T_BLOCK, 4, 7, 3, 5):
+        return ("it decodes packs of 16 in 64-token blocks with 4-bit K / 3-bit V ints and 7 / 5-bit fields; this "
+                f"layer has packs of {fmt[0]}, blocks of {fmt[1]}, K {fmt[2]} / {fmt[3]}, V {fmt[4]} / {fmt[5]} bits")
+    if lay.k.grouping or lay.v.grouping:
+        return "it reads token-grouped scales and zeros only"
+    if q.dim() != 4 or q.shape[-1] != HEAD_DIM:
+        return f"it needs head_dim {HEAD_DIM}, got query shape {tuple(q.shape)}"
+    if q.shape[2] != 1:
+        return f"it computes one query per sequence (decode), got {q.shape[2]}"
+    if q.shape[1] // lay.num_heads > ROWS:
+        return f"it takes at most {ROWS} query heads per KV head, got {q.shape[1] // lay.num_heads}"
+    if q.dtype not in (torch.bfloat16, torch.float16) or ring_dtype not in (torch.bfloat16, torch.float16):
+        return f"it takes bf16/fp16 queries and caches (fp16 products), got {q.dtype} / {ring_dtype}"
+    if is_causal:
+        return "it has no causal mask"
+    if mask is not None:
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+        if mask.dtype != torch.bool or mask.shape[1] != 1 or mask.shape[2] != 1:
+            return f"it reads a bool padding mask [B, 1, 1, L] only, got {mask.dtype} {tuple(mask.shape)}"
+        if mask.stride(-1) != 1 or mask.shape[-1] < out_len:
+            return f"its mask must be contiguous over {out_len} keys, got shape {tuple(mask.shape)} strides {mask.stride()}"
+    return None
+
+
+def splits_for(q: Tensor, num_heads: int, out_len: int, sms: int) -> int:
+    """Programs per (sequence, KV head): ``PROGRAMS_PER_SM`` per SM in one wave, at most one per block."""
+    return max(1, min(PROGRAMS_PER_SM * sms // (q.shape[0] * num_heads), -(-out_len // T_BLOCK)))
+
+
+@torch.library.custom_op("packkv::_gluon_decode_partials", mutates_args=())
+def decode_partials(
+    q: Tensor,
+    pool: Tensor, k_offsets: Tensor, v_offsets: Tensor, k_meta: Tensor, v_meta: Tensor,
+    k_scale: Tensor, k_zero: Tensor, v_scale: Tensor, v_zero: Tensor,
+    ring_k: Tensor, ring_v: Tensor, n_blocks: Tensor, n_win: Tensor, perm: Tensor,
+    mask: Tensor | None, out_len: int, splits: int, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The per-split partials (acc ``[B, HQ, 1, NS, D]``, max and sum ``[B, HQ, 1, NS]``; log2 units) of the
+    attention of the rotated queries ``q`` over a layer's tensors, for ``attention._merge_kernel``. An opaque op:
+    Inductor cannot inline a Gluon kernel as it does ``wrap_triton`` launches, and a custom op keeps the compiled
+    step whole (one extern call, captured by CUDA graphs). On CPU tensors it runs the kernel's body eagerly
+    (``gluon_eager``): the tests' path, not a fast one."""
+    B, HQ, _, D = q.shape
+    H, S = ring_k.shape[1], ring_k.shape[2]
+    acc = torch.empty(B, HQ, 1, splits, D, dtype=torch.float32, device=q.device)
+    m = torch.empty(B, HQ, 1, splits, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    if mask is not None:
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+    smb = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
+    args = (q.contiguous(), pool, k_offsets, v_offsets, k_meta, v_meta, k_scale, k_zero, v_scale, v_zero, ring_k,
+            ring_v, n_blocks, n_win, perm, n_win if mask is None else mask, smb, out_len, acc, m, l, k_scale.shape[1],
+            H, S, HQ // H, scale * LOG2E)  # fmt: skip
+    meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, HAS_MASK=mask is not None)
+    if q.device.type == "cpu":
+        from . import gluon_attention, gluon_eager
+
+        gluon_eager.run(decode_attention_kernel, (B * H, splits), *args, module=gluon_attention, **meta)
+    else:
+        decode_attention_kernel[(B * H, splits)](*args, **meta, num_warps=4,
+                                                 **({"maxnreg": MAXNREG} if MAXNREG else {}))  # fmt: skip
+    return acc, m, l
+
+
+@decode_partials.register_fake
+def _(q, pool, k_offsets, v_offsets, k_meta, v_meta, k_scale, k_zero, v_scale, v_zero, ring_k, ring_v, n_blocks,
+      n_win, perm, mask, out_len, splits, scale):  # fmt: skip
+    B, HQ, _, D = q.shape
+    m = q.new_empty(B, HQ, 1, splits, dtype=torch.float32)
+    return q.new_empty(B, HQ, 1, splits, D, dtype=torch.float32), m, torch.empty_like(m)

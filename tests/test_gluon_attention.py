@@ -1,0 +1,216 @@
+"""The warp-specialized Gluon attention kernel (``packkv_ops/kernels/gluon_attention.py``) computes a decode step's
+attention over a ``PackedLayer`` as the reference does: compressed blocks, the exact window, zero keys up to
+``out_len``, a padding mask, ragged batches, GQA groups of 1 to 8 query heads, a Hadamard-rotated cache; and it
+refuses, with the reason, what it does not decode.
+
+Gluon has no interpreter, so the kernel's body runs eagerly on torch tensors (``gluon_eager``: the same Python,
+``gl`` replaced by torch, each inline asm by its torch twin) as the CPU implementation of its op; the merge runs
+in the Triton interpreter. That checks the kernel's reading of the format (fields, the pack-start scan, pack bits,
+lane extraction), the lane order shared by the decoded tiles and the scales, the MMA operands' orientation, the
+softmax and the partials' layout; its compilation is checked by ``test_kernel_build.py``, its synchronization and
+speed only on a GPU: there the same tests run the compiled kernel (``DEV``), and the ``cuda`` tests below add real
+sizes and a compiled step under CUDA graphs (``scripts/gluon_sm90/packed_decode_attention.py --gpu`` times it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HAS_CUDA
+from helpers import fill, spec
+
+from packkv.ops import PackKVConfig, reference
+from packkv.ops.kernels import attention as attention_kernel
+from packkv.ops.kernels import gpu
+from packkv.ops.layout import ROTATION_CODES
+from packkv.ops.rotation import rotate
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+B, H, D = 2, 2, 128
+L = 3 * 64 + 150  # 3 compressed blocks, 150 exact tokens in the window (3 tiles, the last one partial)
+
+
+def _layer(cfg: PackKVConfig, dtype: torch.dtype = torch.float32, ragged: bool = False):
+    k, v = torch.randn(B, H, L, D, device=DEV).to(dtype), torch.randn(B, H, L, D, device=DEV).to(dtype)
+    st = fill(cfg, k, v)
+    assert int(st.n_blocks[0]) == 3 and int(st.n_win[0]) == 150
+    if ragged:  # the second sequence is a block and 7 tokens shorter
+        st.n_blocks[1] -= 1
+        st.n_win[1] -= 7
+    return st
+
+
+def _padding_mask(out_len: int) -> torch.Tensor:
+    """Left padding of 20 and 40 tokens, random holes (some among the zero keys past the length)."""
+    mask = torch.rand(B, 1, 1, out_len, device=DEV) > 0.2
+    mask[0, ..., :20] = False
+    mask[1, ..., :40] = False
+    return mask
+
+
+def _want(q, st, out_len, mask, rotation):
+    """The reference in the model's coordinates, fp32 (``ops.attention``: rotate, attend, rotate back)."""
+    code = ROTATION_CODES[rotation]
+    return rotate(reference.attention(rotate(q.float(), code), st, out_len, mask, False, None), code)
+
+
+# splits: 1, or 4 over 3 blocks (the last one takes the window's tiles alone); extra: zero keys past the length (a
+# compiled step's out_len is the storage's capacity); masked: a decode step's bool padding mask, one row per
+# sequence; ragged: the second sequence shorter; rotation: the query rotated before the kernel, the output in the
+# merge; dtype: the query's and the cache's (bf16 is rounded to fp16 in the kernel).
+@pytest.mark.parametrize(
+    "n_rep, splits, extra, masked, ragged, rotation, dtype",
+    [
+        (4, 1, 0, False, False, "none", torch.float16),
+        (4, 4, 37, False, True, "none", torch.float16),
+        (4, 4, 37, True, True, "none", torch.float16),
+        (1, 1, 0, True, False, "none", torch.float16),
+        (8, 3, 5, False, True, "hadamard", torch.bfloat16),
+        (2, 16, 100, True, True, "hadamard", torch.bfloat16),
+    ],
+)  # fmt: skip
+def test_gluon_attention_matches_the_reference(n_rep, splits, extra, masked, ragged, rotation, dtype):
+    st = _layer(PackKVConfig(k_rel=0.1, v_rel=0.2, rotation=rotation), dtype, ragged)
+    out_len = L + extra
+    mask = _padding_mask(out_len) if masked else None
+    q = torch.randn(B, H * n_rep, 1, D, device=DEV).to(dtype)
+    got = gpu.attention(q, st, out_len, mask, False, None, splits=splits, rotate=rotation == "hadamard", gluon=True)
+    want = _want(q, st, out_len, mask, rotation)
+    assert got.dtype == dtype and got.shape == q.shape
+    # fp16 products and weights (V's scale folded into P), the output rounded to the query's dtype: 2e-3 of the
+    # largest output in fp16; in bf16 1e-2, a few of the output's half-ulps (the Triton kernel: 9.5e-3 on the same
+    # cases, this one 6.7e-3). Mutation-checked: a wrong lane order, window order, ring offset, mask
+    # position, split share or partial's row; unmasked keys past the length; an ignored mask; uncounted zero keys.
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < tol
+
+
+def test_gluon_attention_with_the_default_config():
+    """The defaults (``k_rel`` 0.07, ``v_rel`` 0.15, Hadamard rotation) give the layout the kernel decodes."""
+    st = _layer(PackKVConfig(), torch.bfloat16)
+    q = torch.randn(B, H * 4, 1, D, device=DEV, dtype=torch.bfloat16)
+    got = gpu.attention(q, st, L + 64, None, False, None, splits=2, rotate=True, gluon=True)
+    want = _want(q, st, L + 64, None, "hadamard")
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 1e-2
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (dict(dim=64), "head_dim 128"),
+        (dict(cfg=dict(pack_size=8)), "packs of 16"),
+        (dict(cfg=dict(k_grouping="channel")), "token-grouped"),
+        (dict(tq=2), "one query per sequence"),
+        (dict(n_rep=16), "at most 8 query heads"),
+        (dict(q_dtype=torch.float32), "bf16/fp16"),
+        (dict(causal=True), "causal"),
+        (dict(mask="float"), "bool padding mask"),
+        (dict(mask="per_head"), "bool padding mask"),
+    ],
+)  # fmt: skip
+def test_gluon_attention_names_what_it_does_not_decode(change, reason, caplog, monkeypatch):
+    """Asked for explicitly, an uncovered call is a ``ValueError`` with the reason; switched on for a whole model
+    (``attention.GLUON``), the same call runs on the Triton kernel, with the reason in the debug log."""
+    dim = change.get("dim", D)
+    cfg = PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none", **change.get("cfg", {}))
+    k, v = (torch.randn(B, H, 100, dim, device=DEV, dtype=torch.float16) for _ in range(2))
+    st = fill(cfg, k, v)
+    n_rep, tq = change.get("n_rep", 2), change.get("tq", 1)
+    q = torch.randn(B, H * n_rep, tq, dim, device=DEV).to(change.get("q_dtype", torch.float16))
+    mask = {None: None, "float": torch.randn(B, 1, 1, 100, device=DEV),
+            "per_head": torch.rand(B, H * n_rep, 1, 100, device=DEV) > 0.2}[change.get("mask")]  # fmt: skip
+    causal = change.get("causal", False)
+    with pytest.raises(ValueError, match=reason):
+        gpu.attention(q, st, 100, mask, causal, None, gluon=True)
+    monkeypatch.setattr(attention_kernel, "GLUON", True)
+    with caplog.at_level("DEBUG", logger="packkv.ops.kernels.attention"):
+        got = gpu.attention(q, st, 100, mask, causal, None)
+    assert reason in caplog.text
+    want = reference.attention(q.float(), st, 100, mask, causal, None)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_switched_on_for_a_model_the_gluon_kernel_takes_the_decode_steps_it_covers(monkeypatch):
+    calls = []
+    real = attention_kernel._gluon_attention
+    monkeypatch.setattr(attention_kernel, "_gluon_attention", lambda *a: calls.append(1) or real(*a))
+    st = _layer(PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none"), torch.float16)
+    q = torch.randn(B, H * 4, 1, D, device=DEV, dtype=torch.float16)
+    gpu.attention(q, st, L, None, False, None, splits=2)
+    assert calls == []  # off by default
+    monkeypatch.setattr(attention_kernel, "GLUON", True)
+    got = gpu.attention(q, st, L, None, False, None, splits=2)
+    assert calls == [1]
+    want = _want(q, st, L, None, "none")
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-3
+
+
+def test_the_partials_op_passes_opcheck():
+    """Schema, fake tensor (the compiled step's shapes) and dispatch of the opaque op that launches the kernel."""
+    st = _layer(PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none"), torch.float16)
+    q = torch.randn(B, H * 4, 1, D, device=DEV, dtype=torch.float16)
+    mask = _padding_mask(L + 10)
+    args = (q, st.pool, st.k_offsets, st.v_offsets, st.k_meta, st.v_meta, st.k_scale, st.k_zero, st.v_scale,
+            st.v_zero, st.ring_k, st.ring_v, st.n_blocks, st.n_win, st.perm, mask, L + 10, 2, 0.088)  # fmt: skip
+    torch.library.opcheck(torch.ops.packkv._gluon_decode_partials.default, args)
+
+
+# --- on the GPU -------------------------------------------------------------------------------------------------
+def _hopper():
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip(f"the Gluon kernel is built for sm_90; this GPU is {torch.cuda.get_device_name()}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n_rep", [1, 4, 8])
+@pytest.mark.parametrize("masked", [False, True])
+def test_real_size_gluon_attention_matches_the_reference(n_rep, masked):
+    """8K tokens per sequence, ragged, the default config (Hadamard rotation), bf16: within the model dtype's
+    rounding of the reference, and of the Triton kernel."""
+    from test_cuda import fill_cuda
+
+    _hopper()
+    Bc, Hc, Lc = 3, 8, 8192 + 11
+    k = (torch.randn(Bc, Hc, Lc, D) * 3).bfloat16().cuda()
+    v = torch.randn(Bc, Hc, Lc, D).bfloat16().cuda()
+    st = fill_cuda(PackKVConfig(), k, v, [Lc - 1, 1])
+    st.n_blocks[2] -= 5
+    st.n_win[2] -= 3
+    out_len = Lc + 70  # zero keys past each sequence's end
+    mask = None
+    if masked:
+        mask = torch.ones(Bc, 1, 1, out_len, dtype=torch.bool, device="cuda")
+        mask[1, ..., :300] = False
+        mask[:, ..., Lc:] = False
+    q = torch.randn(Bc, Hc * n_rep, 1, D, device="cuda").bfloat16()
+    got = gpu.attention(q, st, out_len, mask, False, None, rotate=True, gluon=True)
+    want = _want(q, st, out_len, mask, "hadamard")
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    triton_out = gpu.attention(q, st, out_len, mask, False, None, rotate=True, gluon=False)
+    torch.testing.assert_close(got.float(), triton_out.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+def test_compiled_decode_step_runs_the_gluon_kernel_under_cuda_graphs(monkeypatch):
+    """Switched on (``attention.GLUON``), a compiled ``packkv.attention`` step calls the Gluon op (one extern
+    kernel in Inductor's code) and replays under CUDA graphs with the eager result."""
+    from test_cuda import fill_cuda
+    from torch._inductor.utils import run_and_get_code
+
+    _hopper()
+    monkeypatch.setattr(attention_kernel, "GLUON", True)
+    k = torch.randn(2, 8, 3000, D).bfloat16().cuda()
+    st = fill_cuda(PackKVConfig(), k, k.clone(), [2999, 1])
+    mask = torch.ones(2, 1, 1, 3100, dtype=torch.bool, device="cuda")
+    mask[1, ..., :200] = False
+
+    def step(q):
+        return torch.ops.packkv.attention(q, *st.tensors(), 3100, mask, False, None, *spec(st.layout))
+
+    q = torch.randn(2, 32, 1, D, device="cuda").bfloat16()
+    want = step(q)
+    compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead")
+    got, code = run_and_get_code(compiled, q)
+    assert "_gluon_decode_partials" in "\n".join(code)
+    for _ in range(3):  # CUDA-graph replays
+        got = compiled(q)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
