@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--watchdog", type=float, default=0, help="dump Python stacks every N s (diagnosing stalls)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_e2e")
     args = p.parse_args(argv)
-    if args.profile:  # the attention launches as traced (grid, query dtype, mask form): packkv_ops' debug log
+    if args.profile or args.gluon:  # the attention launches as traced (kernel, grid, query, mask): packkv_ops' debug log
         import logging
 
         logging.basicConfig(format="%(name)s: %(message)s")

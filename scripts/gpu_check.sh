@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # On the GPU machine (no network): install PackKV against the machine's torch/triton/transformers, run the
 # cuda tests (and the kernel tests natively), compute-sanitizer on a subset, then the kernel benchmark.
-# Usage: bash scripts/gpu_check.sh [tests|sanitize|bench|all] ; logs and results go to ${OUT:-/tmp/packkv-out}.
+# Usage: bash scripts/gpu_check.sh [tests|sanitize|bench|gluon|all] (gluon: not in all); logs and results go to
+# ${OUT:-/tmp/packkv-out}.
 # The sanitizer runs tests/test_kernels.py (103 tests, ~3.5 min under memcheck on the H200, 2026-12-05c) and
-# tests/test_gluon_attention.py (PACKKV_SANITIZE_FILES selects files) once
-# the Triton cache is warm: run `tests` first in the same machine session (cold, compiling under the tool took
-# ~16 min for 73). PACKKV_SANITIZE_K (a pytest -k expression) runs a part, e.g. "attention_matches_the_reference",
-# "rows_as_the_products or long_query_block", "append_matches or one_kernel or non_finite or matvec or rotate or
-# hadamard" and the complement of those three.
+# tests/test_gluon_attention.py (PACKKV_SANITIZE_FILES selects files) once the Triton cache is warm: run `tests`
+# first in the same machine session (cold, compiling under the tool took ~16 min for 73). PACKKV_SANITIZE_K (a
+# pytest -k expression) runs a part, e.g. "attention_matches_the_reference", "rows_as_the_products or
+# long_query_block", "append_matches or one_kernel or non_finite or matvec or rotate or hadamard" and the
+# complement of those three.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/packkv-out}"; mkdir -p "$OUT"
@@ -20,6 +21,11 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 # `pip download --no-deps pytest-xdist execnet -d .gpuwheels` here) and the tests take ~90 s instead of ~8 min.
 ls .gpuwheels/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps .gpuwheels/*.whl >>"$OUT/install.log" 2>&1
 par=(); python3 -c "import xdist" 2>/dev/null && par=(-n 8)
+if [[ $what == gluon ]]; then  # the Gluon kernel's first runs: checked and timed per register setting, then its tests
+  python3 scripts/gluon_sm90/packed_decode_attention.py --gpu 2>&1 | tee "$OUT/gluon.log"
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider -m "cuda or not cuda" tests/test_gluon_attention.py 2>&1 \
+    | tee -a "$OUT/gluon.log" | tail -15
+fi
 if [[ $what == tests || $what == all ]]; then
   timeout 480 python3 -m pytest -q -p no:cacheprovider "${par[@]}" -m "cuda or not cuda" tests/test_cuda.py tests/test_kernels.py tests/test_gluon_attention.py tests/test_rotation.py \
     tests/test_compile.py::test_compiled_decode_on_cuda \

@@ -723,6 +723,8 @@ def _gluon_attention(q, st, out_len, mask, sm_scale, rotate, splits, n_virtual) 
     if splits is None:
         splits = gluon_attention.splits_for(q, H, out_len, num_sms(q.device))
     ns = max(1, min(splits, n_virtual))
+    log.debug("attention on the Gluon kernel: grid (%d, %d), q %s %s, out_len %s, mask %s", B * H, ns, tuple(q.shape),
+              q.dtype, out_len, None if mask is None else (tuple(mask.shape), mask.dtype, mask.stride()))  # fmt: skip
     qr = rotate_rows(q.float(), ROTATION_CODES["hadamard"]) if rotate else q
     acc, m, l = torch.ops.packkv._gluon_decode_partials(
         qr, st.pool, st.k_offsets, st.v_offsets, st.k_meta, st.v_meta, st.k_scale, st.k_zero, st.v_scale, st.v_zero,
