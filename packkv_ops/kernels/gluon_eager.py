@@ -1,11 +1,12 @@
-"""Run a Gluon kernel's Python body eagerly on torch tensors: the CPU check Gluon's missing interpreter cannot do.
+"""Run a Gluon kernel's Python body eagerly on torch tensors: the CPU check Gluon's missing interpreter cannot do
+(``gluon_attention.decode_partials`` runs this way on CPU tensors; ``tests/test_gluon_attention.py``).
 
 Gluon ops are logical tensor ops (layouts decide where values live, not what they are), so executing a kernel's
 body with ``gl`` replaced by torch equivalents computes what the compiled kernel should: its index arithmetic, its
 reading of PackKV's format, the orientation of its MMA operands. What this cannot check: the compiler's lowering,
 the memory ordering (mbarriers and fences are no-ops; the warp partitions run one after the other, producer
 first), and inline asm, which runs as the torch twin registered here for each asm string used. A ``pack=2`` asm
-is modelled as pairing consecutive elements of the last axis (true for the layouts the prototypes give it).
+is modelled as pairing consecutive elements of the last axis (true for the layouts the kernels give it).
 
     run(kernel, grid, *args, module=kernels_module, **constexprs)   # args: tensors (pointers) and numbers
 """
