@@ -84,6 +84,23 @@ def test_gluon_attention_matches_the_reference(n_rep, splits, extra, masked, rag
     assert ((got.float() - want).abs().max() / want.abs().max()).item() < tol
 
 
+@pytest.mark.parametrize("splits", [1, 4])
+def test_without_the_producers_prefetch_the_gluon_attention_is_the_same(splits, monkeypatch):
+    """``PREFETCH = 0``: each block's fields, offsets and pack bits loaded in its own iteration, not one and two
+    blocks ahead (the default; its last blocks' look-ahead is clamped to a block that exists)."""
+    from packkv.ops.kernels import gluon_attention
+
+    st = _layer(PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none"), torch.float16, ragged=True)
+    mask = _padding_mask(L + 20)
+    q = torch.randn(B, H * 4, 1, D, device=DEV, dtype=torch.float16)
+    ahead = gpu.attention(q, st, L + 20, mask, False, None, splits=splits, gluon=True)
+    monkeypatch.setattr(gluon_attention, "PREFETCH", 0)
+    own = gpu.attention(q, st, L + 20, mask, False, None, splits=splits, gluon=True)
+    torch.testing.assert_close(own, ahead, rtol=0, atol=0)
+    want = _want(q, st, L + 20, mask, "none")
+    assert ((own.float() - want).abs().max() / want.abs().max()).item() < 2e-3
+
+
 def test_gluon_attention_with_the_default_config():
     """The defaults (``k_rel`` 0.07, ``v_rel`` 0.15, Hadamard rotation) give the layout the kernel decodes."""
     st = _layer(PackKVConfig(), torch.bfloat16)

@@ -45,6 +45,10 @@ T_BLOCK, HEAD_DIM, ROWS, STAGES = 64, 128, 8, 2  # the one shape it decodes; ROW
 MAXNREG: int | None = 128
 PRODUCER_REGS = 128  # what setmaxnreg gives the decoding warps out of the pool
 PROGRAMS_PER_SM = 2  # the split count fills this many programs per SM
+# The producer loads block i + 2's fields and offsets and block i + 1's pack bits while it decodes block i (1), or
+# each block's in its own iteration (0: three dependent round trips per block, with 8 decoding warps per SM to hide
+# them at 2 programs per SM).
+PREFETCH = 1
 
 
 @gluon.jit
@@ -158,36 +162,63 @@ def _ring_tile(ring_ptr, b, kvh, p0, total, H, S, T: gl.constexpr, D: gl.constex
 
 
 @gluon.jit
+def _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr, chunk, N: gl.constexpr, D: gl.constexpr,
+                LB: gl.constexpr):  # fmt: skip
+    """A block's pack fields (both streams) and payload offsets: the loads that depend on the block index only."""
+    fk = _fields_by_4(k_meta_ptr + chunk * (N * 7 // 32), N, D, 7, LB)  # K: 7-bit fields
+    fv = _fields_by_4(v_meta_ptr + chunk * (N * 5 // 32), N, D, 5, LB)  # V: 5-bit fields
+    return fk, fv, gl.load(k_off_ptr + chunk), gl.load(v_off_ptr + chunk)
+
+
+@gluon.jit
+def _block_bits(pool_ptr, fk, fv, ko, vo):
+    """Each pack's 64 bits, both streams, at the pack starts of one prefix scan (16 bits per stream)."""
+    sk = (fk >> 4) * 16  # pack sizes: width x 16 values (K: 4-bit ints, V: 3-bit)
+    sv = (fv >> 3) * 16
+    both = sk | (sv << 16)
+    excl = gl.associative_scan(both, 0, _add) - both
+    k_lo, k_hi = _pack_bits(pool_ptr + ko, (excl & 0xFFFF).to(gl.int32), sk.to(gl.int32))
+    v_lo, v_hi = _pack_bits(pool_ptr + vo, (excl >> 16).to(gl.int32), sv.to(gl.int32))
+    return k_lo, k_hi, v_lo, v_hi
+
+
+@gluon.jit
 def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs, v_bufs,
                      ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T: gl.constexpr,
-                     D: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+                     D: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr):  # fmt: skip
     P: gl.constexpr = 16
     N: gl.constexpr = (T // P) * D  # packs per block and stream, in stream order (row-major: row, channel)
-    K_QBITS: gl.constexpr = 4
-    K_MBITS: gl.constexpr = 7
-    V_QBITS: gl.constexpr = 3
-    V_MBITS: gl.constexpr = 5
     # Each thread: 4 consecutive packs of one row (channels 4l .. 4l+3), warp w = pack row w.
     L2: gl.constexpr = gl.BlockedLayout([4, 4], [32, 1], [gl.num_warps(), 1], [1, 0])
     # The same packs per thread as a 1-D layout: the scan does not take a slice layout; the conversions to
     # SliceLayout(1, L2) below move nothing (same threads, same registers).
     LB: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])
     LP: gl.constexpr = gl.SliceLayout(1, L2)
+    # PREFETCH: a software pipeline over the blocks, so that a block's three dependent global round trips (fields
+    # and offsets, then pack bits, then nothing) do not stall 4 warps in turn: block i + 2's fields and offsets and
+    # block i + 1's pack bits are loaded while block i is decoded. Past the last block the index is clamped (a
+    # block that exists: harmless loads, never used).
+    last = gl.maximum(hi - 1, 0)
+    base = b * NB
+    fk, fv, ko, vo = _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr, (base + gl.minimum(lo, last)) * H + kvh,
+                                 N, D, LB)  # fmt: skip
+    k_lo, k_hi, v_lo, v_hi = _block_bits(pool_ptr, fk, fv, ko, vo)
+    nfk, nfv, nko, nvo = _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr,
+                                     (base + gl.minimum(lo + 1, last)) * H + kvh, N, D, LB)  # fmt: skip
     for i in range(hi - lo):
         s = i % STAGES
-        chunk = (b * NB + lo + i) * H + kvh  # PackedLayer's [B, NB, H] chunks
-        fk = _fields_by_4(k_meta_ptr + chunk * (N * K_MBITS // 32), N, D, K_MBITS, LB)
-        fv = _fields_by_4(v_meta_ptr + chunk * (N * V_MBITS // 32), N, D, V_MBITS, LB)
-        sk = (fk >> K_QBITS) * P
-        sv = (fv >> V_QBITS) * P
-        both = sk | (sv << 16)
-        excl = gl.associative_scan(both, 0, _add) - both  # both streams' pack starts, 16 bits each
-        k_lo, k_hi = _pack_bits(pool_ptr + gl.load(k_off_ptr + chunk), (excl & 0xFFFF).to(gl.int32), sk.to(gl.int32))
-        v_lo, v_hi = _pack_bits(pool_ptr + gl.load(v_off_ptr + chunk), (excl >> 16).to(gl.int32), sv.to(gl.int32))
-        kx = _pack_values(gl.convert_layout(fk, LP), gl.convert_layout(k_lo, LP), gl.convert_layout(k_hi, LP),
-                          K_QBITS, L2)  # [N, 16]: pack (row r, channel c), its 16 tokens  # fmt: skip
-        vx = _pack_values(gl.convert_layout(fv, LP), gl.convert_layout(v_lo, LP), gl.convert_layout(v_hi, LP),
-                          V_QBITS, L2)  # fmt: skip
+        if PREFETCH:
+            nk_lo, nk_hi, nv_lo, nv_hi = _block_bits(pool_ptr, nfk, nfv, nko, nvo)
+            n2fk, n2fv, n2ko, n2vo = _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr,
+                                                 (base + gl.minimum(lo + i + 2, last)) * H + kvh, N, D, LB)  # fmt: skip
+        else:  # each block's loads in its own iteration
+            fk, fv, ko, vo = _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr, (base + lo + i) * H + kvh, N,
+                                         D, LB)  # fmt: skip
+            k_lo, k_hi, v_lo, v_hi = _block_bits(pool_ptr, fk, fv, ko, vo)
+        kx = _pack_values(gl.convert_layout(fk, LP), gl.convert_layout(k_lo, LP), gl.convert_layout(k_hi, LP), 4,
+                          L2)  # [N, 16]: pack (row r, channel c), its 16 tokens  # fmt: skip
+        vx = _pack_values(gl.convert_layout(fv, LP), gl.convert_layout(v_lo, LP), gl.convert_layout(v_hi, LP), 3,
+                          L2)  # fmt: skip
         # [D, T]: channel c, token 16 r + t (lane order within each pack)
         kt = gl.reshape(gl.permute(gl.reshape(kx, (T // P, D, P)), (1, 0, 2)), (D, T))
         vt = gl.reshape(gl.permute(gl.reshape(vx, (T // P, D, P)), (1, 0, 2)), (D, T))
@@ -197,6 +228,9 @@ def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, rin
         fence_async_shared()
         gl.thread_barrier()  # every producer thread's stores before the one arrive
         mbarrier.arrive(ready.index(s), count=1)
+        if PREFETCH:
+            fk, fv, k_lo, k_hi, v_lo, v_hi = nfk, nfv, nk_lo, nk_hi, nv_lo, nv_hi
+            nfk, nfv, nko, nvo = n2fk, n2fv, n2ko, n2vo
     # Then the split's tiles of the exact window (the ring), in token order.
     n_c = hi - lo
     for j in range(r_hi - r_lo):
@@ -302,7 +336,8 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                             k_zero_ptr, v_scale_ptr, v_zero_ptr, ring_k_ptr, ring_v_ptr, n_blocks_ptr, n_win_ptr,
                             perm_ptr, mask_ptr, smb, out_len, acc_ptr, m_ptr, l_ptr, NB, H, S, n_rep, qk_scale,
                             T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
-                            PRODUCER_REGS: gl.constexpr = 128, HAS_MASK: gl.constexpr = False):  # fmt: skip
+                            PRODUCER_REGS: gl.constexpr = 128, HAS_MASK: gl.constexpr = False,
+                            PREFETCH: gl.constexpr = 1):  # fmt: skip
     """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
     rotated, padded to ``R`` with zeros) against the split's share of the sequence's compressed blocks of a
     ``PackedLayer`` (its pool, offsets, metadata, scales and zeros as they are stored) and its share of the exact
@@ -346,7 +381,8 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                      perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo, hi, r_lo,
                      r_hi, nb, total, zhi, NB, qk_scale, T, D, R, STAGES, HAS_MASK)),
         (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
-                            v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES)),
+                            v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
+                            PREFETCH)),
     ], [4], [PRODUCER_REGS])  # fmt: skip
 
 
@@ -414,7 +450,8 @@ def decode_partials(
     args = (q.contiguous(), pool, k_offsets, v_offsets, k_meta, v_meta, k_scale, k_zero, v_scale, v_zero, ring_k,
             ring_v, n_blocks, n_win, perm, n_win if mask is None else mask, smb, out_len, acc, m, l, k_scale.shape[1],
             H, S, HQ // H, scale * LOG2E)  # fmt: skip
-    meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, HAS_MASK=mask is not None)
+    meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, HAS_MASK=mask is not None,
+                PREFETCH=PREFETCH)
     if q.device.type == "cpu":
         from . import gluon_attention, gluon_eager
 

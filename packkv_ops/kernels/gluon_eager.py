@@ -277,6 +277,12 @@ def _where(c, a, b) -> T:
     return T(torch.where(cond, *(x.data.float() if isinstance(x, T) else torch.tensor(float(x)) for x in (a, b))), F32)
 
 
+def _maximum(a, b) -> T:
+    if all(isinstance(x, int) or (isinstance(x, T) and x.dtype in _INT) for x in (a, b)):  # integer maxima stay ints
+        return T(torch.maximum(*(torch.as_tensor(x.data if isinstance(x, T) else x) for x in (a, b))), I32)
+    return T(torch.maximum(*(x.data.float() if isinstance(x, T) else torch.tensor(float(x)) for x in (a, b))), F32)
+
+
 def _build_gl(state: dict) -> types.SimpleNamespace:
     def arange(lo, hi, layout=None):
         return T(torch.arange(lo, hi), I32)
@@ -317,8 +323,7 @@ def _build_gl(state: dict) -> types.SimpleNamespace:
         permute=lambda x, dims: T(x.data.permute(*dims), x.dtype),
         associative_scan=lambda x, axis, fn: T(x.data.cumsum(axis), x.dtype),  # the kernels' combine is an add
         load=_load, store=_store, inline_asm_elementwise=_inline_asm,
-        maximum=lambda a, b: T(torch.maximum(*(x.data.float() if isinstance(x, T) else torch.tensor(float(x))
-                                               for x in (a, b))), F32),
+        maximum=_maximum,
         minimum=lambda a, b: T(torch.minimum(torch.as_tensor(a.data if isinstance(a, T) else a),
                                              torch.as_tensor(b.data if isinstance(b, T) else b)), I32),
         max=reduce_max, sum=reduce_sum, exp2=lambda x: T(torch.exp2(x.data.float()), F32),
