@@ -23,7 +23,7 @@ from ..layout import Layout
 from ..rotation import ROTATION_CODES
 from ..rotation import rotate as rotate_rows
 from ..storage import PackedLayer
-from ._launch import INTERPRET, launch, next_pow2, num_sms, resident_programs
+from ._launch import INTERPRET, launch, next_pow2, num_sms, plain_eager, resident_programs
 from .hadamard import fwht_rows
 from .inductor_compat import keep_maxnreg
 from .tiles import (
@@ -726,7 +726,8 @@ def _gluon_attention(q, st, out_len, mask, sm_scale, rotate, splits, n_virtual) 
     log.debug("attention on the Gluon kernel: grid (%d, %d), q %s %s, out_len %s, mask %s", B * H, ns, tuple(q.shape),
               q.dtype, out_len, None if mask is None else (tuple(mask.shape), mask.dtype, mask.stride()))  # fmt: skip
     qr = rotate_rows(q.float(), ROTATION_CODES["hadamard"]) if rotate else q
-    acc, m, l = torch.ops.packkv._gluon_decode_partials(
+    op = gluon_attention.partials if plain_eager((qr, st.pool, mask)) else torch.ops.packkv._gluon_decode_partials
+    acc, m, l = op(
         qr, st.pool, st.k_offsets, st.v_offsets, st.k_meta, st.v_meta, st.k_scale, st.k_zero, st.v_scale, st.v_zero,
         st.ring_k, st.ring_v, st.n_blocks, st.n_win, st.perm, mask, out_len, ns, sm_scale)  # fmt: skip
     out = torch.empty(B, HQ, 1, D, dtype=q.dtype, device=q.device)

@@ -425,8 +425,7 @@ def splits_for(q: Tensor, num_heads: int, out_len: int, sms: int) -> int:
     return max(1, min(PROGRAMS_PER_SM * sms // (q.shape[0] * num_heads), -(-out_len // T_BLOCK)))
 
 
-@torch.library.custom_op("packkv::_gluon_decode_partials", mutates_args=())
-def decode_partials(
+def partials(
     q: Tensor,
     pool: Tensor, k_offsets: Tensor, v_offsets: Tensor, k_meta: Tensor, v_meta: Tensor,
     k_scale: Tensor, k_zero: Tensor, v_scale: Tensor, v_zero: Tensor,
@@ -434,10 +433,9 @@ def decode_partials(
     mask: Tensor | None, out_len: int, splits: int, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """The per-split partials (acc ``[B, HQ, 1, NS, D]``, max and sum ``[B, HQ, 1, NS]``; log2 units) of the
-    attention of the rotated queries ``q`` over a layer's tensors, for ``attention._merge_kernel``. An opaque op:
-    Inductor cannot inline a Gluon kernel as it does ``wrap_triton`` launches, and a custom op keeps the compiled
-    step whole (one extern call, captured by CUDA graphs). On CPU tensors it runs the kernel's body eagerly
-    (``gluon_eager``): the tests' path, not a fast one."""
+    attention of the rotated queries ``q`` over a layer's tensors, for ``attention._merge_kernel``. On CPU tensors
+    it runs the kernel's body eagerly (``gluon_eager``): the tests' path, not a fast one. Traced code calls it as
+    the op below; plain eager calls skip the dispatcher (host time, as ``_launch._Launcher`` does)."""
     B, HQ, _, D = q.shape
     H, S = ring_k.shape[1], ring_k.shape[2]
     acc = torch.empty(B, HQ, 1, splits, D, dtype=torch.float32, device=q.device)
@@ -460,6 +458,11 @@ def decode_partials(
         decode_attention_kernel[(B * H, splits)](*args, **meta, num_warps=4,
                                                  **({"maxnreg": MAXNREG} if MAXNREG else {}))  # fmt: skip
     return acc, m, l
+
+
+# An opaque op: Inductor cannot inline a Gluon kernel as it does ``wrap_triton`` launches, and a custom op keeps the
+# compiled step whole (one extern call, captured by CUDA graphs).
+decode_partials = torch.library.custom_op("packkv::_gluon_decode_partials", mutates_args=())(partials)
 
 
 @decode_partials.register_fake
