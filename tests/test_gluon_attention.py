@@ -167,7 +167,7 @@ def test_the_partials_op_passes_opcheck():
     q = torch.randn(B, H * 4, 1, D, device=DEV, dtype=torch.float16)
     mask = _padding_mask(L + 10)
     args = (q, st.pool, st.k_offsets, st.v_offsets, st.k_meta, st.v_meta, st.k_scale, st.k_zero, st.v_scale,
-            st.v_zero, st.ring_k, st.ring_v, st.n_blocks, st.n_win, st.perm, mask, L + 10, 2, 0.088)  # fmt: skip
+            st.v_zero, st.ring_k, st.ring_v, st.n_blocks, st.n_win, st.perm, mask, L + 10, 2, 0.088, True)  # fmt: skip
     torch.library.opcheck(torch.ops.packkv._gluon_decode_partials.default, args)
 
 

@@ -20,8 +20,6 @@ import triton
 import triton.language as tl
 
 from ..layout import Layout
-from ..rotation import ROTATION_CODES
-from ..rotation import rotate as rotate_rows
 from ..storage import PackedLayer
 from ._launch import INTERPRET, launch, next_pow2, num_sms, plain_eager, resident_programs
 from .hadamard import fwht_rows
@@ -714,8 +712,8 @@ def attention(
 
 
 def _gluon_attention(q, st, out_len, mask, sm_scale, rotate, splits, n_virtual) -> torch.Tensor:
-    """A decode step on the Gluon kernel (``gluon_attention``): the query rotated here in fp32 (the kernel rounds it
-    to fp16 once), the partials merged and rotated back by ``_merge_kernel``."""
+    """A decode step on the Gluon kernel (``gluon_attention``; it rotates the query, in fp32, rounded to fp16 once),
+    its partials merged and rotated back by ``_merge_kernel``."""
     from . import gluon_attention
 
     B, HQ, _, D = q.shape
@@ -725,11 +723,10 @@ def _gluon_attention(q, st, out_len, mask, sm_scale, rotate, splits, n_virtual) 
     ns = max(1, min(splits, n_virtual))
     log.debug("attention on the Gluon kernel: grid (%d, %d), q %s %s, out_len %s, mask %s", B * H, ns, tuple(q.shape),
               q.dtype, out_len, None if mask is None else (tuple(mask.shape), mask.dtype, mask.stride()))  # fmt: skip
-    qr = rotate_rows(q.float(), ROTATION_CODES["hadamard"]) if rotate else q
-    op = gluon_attention.partials if plain_eager((qr, st.pool, mask)) else torch.ops.packkv._gluon_decode_partials
+    op = gluon_attention.partials if plain_eager((q, st.pool, mask)) else torch.ops.packkv._gluon_decode_partials
     acc, m, l = op(
-        qr, st.pool, st.k_offsets, st.v_offsets, st.k_meta, st.v_meta, st.k_scale, st.k_zero, st.v_scale, st.v_zero,
-        st.ring_k, st.ring_v, st.n_blocks, st.n_win, st.perm, mask, out_len, ns, sm_scale)  # fmt: skip
+        q, st.pool, st.k_offsets, st.v_offsets, st.k_meta, st.v_meta, st.k_scale, st.k_zero, st.v_scale, st.v_zero,
+        st.ring_k, st.ring_v, st.n_blocks, st.n_win, st.perm, mask, out_len, ns, sm_scale, rotate)  # fmt: skip
     out = torch.empty(B, HQ, 1, D, dtype=q.dtype, device=q.device)
     launch(_merge_kernel)[(B * HQ,)](acc, m, l, out, ns, D=D, BS=32, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D))
     return out

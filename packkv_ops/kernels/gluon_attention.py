@@ -13,8 +13,9 @@ What it decodes (``supported`` says why not, for anything else, and ``attention`
 packs of 16 in 64-token blocks, 4-bit K ints with 7-bit fields, 3-bit V ints with 5-bit fields (``k_rel`` 0.1 /
 ``v_rel`` 0.2 and the defaults 0.07 / 0.15), token-grouped scales and zeros, head_dim 128, one query per
 sequence (decode) for up to 8 query heads per KV head, bf16/fp16; the exact window, zero keys up to ``out_len``
-and a decode step's bool padding mask (one row per sequence). The query comes rotated (the caller rotates it);
-the partials go out in the Triton kernel's layout and its ``_merge_kernel`` merges them (and rotates back).
+and a decode step's bool padding mask (one row per sequence). On a Hadamard-rotated cache it rotates the query
+itself (``ROTATE``: the fast Walsh-Hadamard transform in fp32, as ``hadamard.fwht_rows``); the partials go out in
+the Triton kernel's layout and its ``_merge_kernel`` merges them and rotates the output back.
 
 Its logic is checked on the CPU by running its body eagerly (``gluon_eager``; ``tests/test_gluon_attention.py``);
 its compilation for sm_90 by ``tests/test_kernel_build.py``; its synchronization and speed only on the GPU
@@ -248,6 +249,16 @@ def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, rin
 
 
 @gluon.jit
+def _butterfly(x, M: gl.constexpr, D: gl.constexpr, H: gl.constexpr):
+    """One stage of the fast Walsh-Hadamard transform (``hadamard._butterfly``): ``(a, b) -> (a + b, a - b)`` for
+    the index pairs that differ in bit ``H``. ``gl.split`` needs the pair in one thread: an explicit layout."""
+    pair: gl.constexpr = gl.BlockedLayout([1, 1, 1, 2], [1, 4, 8, 1], [gl.num_warps(), 1, 1, 1], [3, 2, 1, 0])
+    x = gl.convert_layout(gl.permute(gl.reshape(x, (M, D // (2 * H), 2, H)), (0, 1, 3, 2)), pair)
+    a, b = gl.split(x)
+    return gl.reshape(gl.permute(gl.join(a + b, a - b), (0, 1, 3, 2)), (M, D))
+
+
+@gluon.jit
 def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
               perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, row0, n_rep, split, b, lo, hi, r_lo, r_hi, nb, total,
               zhi, NB, qk_scale, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
@@ -337,7 +348,8 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                             perm_ptr, mask_ptr, smb, out_len, acc_ptr, m_ptr, l_ptr, NB, H, S, n_rep, qk_scale,
                             T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
                             PRODUCER_REGS: gl.constexpr = 128, HAS_MASK: gl.constexpr = False,
-                            PREFETCH: gl.constexpr = 1):  # fmt: skip
+                            PREFETCH: gl.constexpr = 1, ROTATE: gl.constexpr = False,
+                            ROT_SCALE: gl.constexpr = 1.0, LOG2_D: gl.constexpr = 7):  # fmt: skip
     """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
     rotated, padded to ``R`` with zeros) against the split's share of the sequence's compressed blocks of a
     ``PackedLayer`` (its pool, offsets, metadata, scales and zeros as they are stored) and its share of the exact
@@ -362,7 +374,12 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
     r = gl.arange(0, R, gl.SliceLayout(1, ld))
     q = gl.load(q_ptr + gl.expand_dims(head * n_rep + r, 1) * D + gl.expand_dims(gl.arange(0, D, gl.SliceLayout(0, ld)), 0),
-                mask=gl.expand_dims(r < n_rep, 1), other=0.0).to(gl.float16)  # fmt: skip
+                mask=gl.expand_dims(r < n_rep, 1), other=0.0).to(gl.float32)  # fmt: skip
+    if ROTATE:  # into the cache's coordinates: q S / sqrt(D), S the Sylvester matrix (hadamard.fwht_rows), in fp32
+        for st in gl.static_range(LOG2_D):
+            q = _butterfly(q, R, D, 1 << st)
+        q = gl.convert_layout(q, ld) * ROT_SCALE
+    q = q.to(gl.float16)
     qsum = gl.sum(q.to(gl.float32), axis=1)
     q_s = gl.allocate_shared_memory(gl.float16, [R, D], gl.NVMMASharedLayout.get_default_for([R, D], gl.float16),
                                     value=q)  # fmt: skip
@@ -430,10 +447,11 @@ def partials(
     pool: Tensor, k_offsets: Tensor, v_offsets: Tensor, k_meta: Tensor, v_meta: Tensor,
     k_scale: Tensor, k_zero: Tensor, v_scale: Tensor, v_zero: Tensor,
     ring_k: Tensor, ring_v: Tensor, n_blocks: Tensor, n_win: Tensor, perm: Tensor,
-    mask: Tensor | None, out_len: int, splits: int, scale: float,
+    mask: Tensor | None, out_len: int, splits: int, scale: float, rotate: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """The per-split partials (acc ``[B, HQ, 1, NS, D]``, max and sum ``[B, HQ, 1, NS]``; log2 units) of the
-    attention of the rotated queries ``q`` over a layer's tensors, for ``attention._merge_kernel``. On CPU tensors
+    attention of the queries ``q`` (``rotate``: in the model's coordinates, rotated in the kernel; else in the
+    cache's) over a layer's tensors, for ``attention._merge_kernel``. On CPU tensors
     it runs the kernel's body eagerly (``gluon_eager``): the tests' path, not a fast one. Traced code calls it as
     the op below; plain eager calls skip the dispatcher (host time, as ``_launch._Launcher`` does)."""
     B, HQ, _, D = q.shape
@@ -449,7 +467,7 @@ def partials(
             ring_v, n_blocks, n_win, perm, n_win if mask is None else mask, smb, out_len, acc, m, l, k_scale.shape[1],
             H, S, HQ // H, scale * LOG2E)  # fmt: skip
     meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, HAS_MASK=mask is not None,
-                PREFETCH=PREFETCH)
+                PREFETCH=PREFETCH, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1)
     if q.device.type == "cpu":
         from . import gluon_attention, gluon_eager
 
@@ -467,7 +485,7 @@ decode_partials = torch.library.custom_op("packkv::_gluon_decode_partials", muta
 
 @decode_partials.register_fake
 def _(q, pool, k_offsets, v_offsets, k_meta, v_meta, k_scale, k_zero, v_scale, v_zero, ring_k, ring_v, n_blocks,
-      n_win, perm, mask, out_len, splits, scale):  # fmt: skip
+      n_win, perm, mask, out_len, splits, scale, rotate):  # fmt: skip
     B, HQ, _, D = q.shape
     m = q.new_empty(B, HQ, 1, splits, dtype=torch.float32)
     return q.new_empty(B, HQ, 1, splits, D, dtype=torch.float32), m, torch.empty_like(m)

@@ -320,6 +320,7 @@ def _build_gl(state: dict) -> types.SimpleNamespace:
         expand_dims=lambda x, axis: T(x.data.unsqueeze(axis), x.dtype), convert_layout=lambda x, layout: x,
         join=lambda a, b: T(torch.stack(torch.broadcast_tensors(a.data, b.data), -1), _promote(a.dtype, b.dtype)),
         reshape=lambda x, shape: T(x.data.reshape(list(shape)), x.dtype),
+        split=lambda x: (T(x.data[..., 0], x.dtype), T(x.data[..., 1], x.dtype)),
         permute=lambda x, dims: T(x.data.permute(*dims), x.dtype),
         associative_scan=lambda x, axis, fn: T(x.data.cumsum(axis), x.dtype),  # the kernels' combine is an add
         load=_load, store=_store, inline_asm_elementwise=_inline_asm,
