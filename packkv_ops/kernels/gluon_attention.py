@@ -261,7 +261,7 @@ def _butterfly(x, M: gl.constexpr, D: gl.constexpr, H: gl.constexpr):
 @gluon.jit
 def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
               perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, row0, n_rep, split, b, lo, hi, r_lo, r_hi, nb, total,
-              zhi, NB, qk_scale, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
+              z_lo, z_hi, NB, qk_scale, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
               HAS_MASK: gl.constexpr):  # fmt: skip
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, R, 16])  # fmt: skip
@@ -314,17 +314,20 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
         mbarrier.arrive(empty.index(s), count=1)
     o_t = o_t + gl.expand_dims(gl.sum(z_t, axis=0), 0)
     l_i = gl.sum(l_t, axis=0)
-    # Zero keys from the length up to out_len (a compiled step passes the storage's capacity), counted once (split
-    # 0: zhi > total): each scores exactly 0 and adds nothing to O, so only the count enters the softmax.
-    zl: gl.constexpr = gl.BlockedLayout([8], [32], [gl.num_warps()], [0])
-    cnt = gl.zeros([1024], gl.float32, zl)
-    for z0 in range(total, zhi, 1024):
-        zpos = z0 + gl.arange(0, 1024, zl)
-        vis = zpos < zhi
-        if HAS_MASK:
+    # Zero keys from the length up to out_len (a compiled step passes the storage's capacity; up to twice the length
+    # right after a growth), this split's share [z_lo, z_hi): each scores exactly 0 and adds nothing to O, so only
+    # their count enters the softmax; without a mask in closed form.
+    if HAS_MASK:
+        zl: gl.constexpr = gl.BlockedLayout([8], [32], [gl.num_warps()], [0])
+        cnt = gl.zeros([1024], gl.float32, zl)
+        for z0 in range(z_lo, z_hi, 1024):
+            zpos = z0 + gl.arange(0, 1024, zl)
+            vis = zpos < z_hi
             vis = vis & (gl.load(mask_ptr + b * smb + zpos, mask=vis, other=0) != 0)
-        cnt = cnt + gl.where(vis, 1.0, 0.0)
-    n = gl.sum(cnt, axis=0)
+            cnt = cnt + gl.where(vis, 1.0, 0.0)
+        n = gl.sum(cnt, axis=0)
+    else:
+        n = gl.maximum(z_hi - z_lo, 0).to(gl.float32)
     m_new = gl.where(n > 0, gl.maximum(m_i, 0.0), m_i)
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = gl.exp2(m_i - m_safe)
@@ -370,7 +373,9 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
     r_per = gl.cdiv(n_ring, ns)
     r_lo = gl.minimum((ns - 1 - split) * r_per, n_ring)
     r_hi = gl.minimum(r_lo + r_per, n_ring)
-    zhi = gl.where(split == 0, gl.maximum(out_len, total), total)  # split 0 counts the zero keys past the length
+    z_per = gl.cdiv(gl.maximum(out_len - total, 0), ns)  # the zero keys past the length, shared by the splits
+    z_lo = total + split * z_per
+    z_hi = gl.minimum(z_lo + z_per, gl.maximum(out_len, total))
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
     r = gl.arange(0, R, gl.SliceLayout(1, ld))
     q = gl.load(q_ptr + gl.expand_dims(head * n_rep + r, 1) * D + gl.expand_dims(gl.arange(0, D, gl.SliceLayout(0, ld)), 0),
@@ -396,7 +401,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
     gl.warp_specialize([
         (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
                      perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo, hi, r_lo,
-                     r_hi, nb, total, zhi, NB, qk_scale, T, D, R, STAGES, HAS_MASK)),
+                     r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK)),
         (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                             v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                             PREFETCH)),
