@@ -231,3 +231,22 @@ def test_compiled_decode_step_runs_the_gluon_kernel_under_cuda_graphs(monkeypatc
     for _ in range(3):  # CUDA-graph replays
         got = compiled(q)
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_the_partials_op_compiles_whole_into_a_graph():
+    """``torch.compile(fullgraph=True)`` of a step around the op: Dynamo and Inductor take it as one opaque call
+    (its fake impl gives the shapes), as a compiled decode step on the GPU does; same results as the direct call."""
+    st = _layer(PackKVConfig(k_rel=0.1, v_rel=0.2), torch.bfloat16, ragged=True)
+    q = torch.randn(B, H * 4, 1, D, device=DEV, dtype=torch.bfloat16)
+    mask = _padding_mask(L + 30)
+    args = (st.pool, st.k_offsets, st.v_offsets, st.k_meta, st.v_meta, st.k_scale, st.k_zero, st.v_scale, st.v_zero,
+            st.ring_k, st.ring_v, st.n_blocks, st.n_win, st.perm)  # fmt: skip
+
+    def step(q):
+        acc, m, l = torch.ops.packkv._gluon_decode_partials(q, *args, mask, L + 30, 3, 0.088, True)
+        return acc.sum(-2), m.amax(-1), l.sum(-1)  # some work after the op, fused by Inductor
+
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True)(q)
+    for a, b in zip(got, step(q)):
+        torch.testing.assert_close(a, b)
