@@ -101,6 +101,16 @@ def test_without_the_producers_prefetch_the_gluon_attention_is_the_same(splits, 
     assert ((own.float() - want).abs().max() / want.abs().max()).item() < 2e-3
 
 
+@pytest.mark.parametrize("k_rel, v_rel", [(0.4, 0.1), (0.2, 0.5), (0.07, 0.07)])  # K/V: 2/4, 3/2, 4/4-bit ints
+def test_gluon_attention_decodes_2_to_4_bit_ints_in_either_stream(k_rel, v_rel):
+    st = _layer(PackKVConfig(k_rel=k_rel, v_rel=v_rel, rotation="none"), torch.float16, ragged=True)
+    mask = _padding_mask(L + 9)
+    q = torch.randn(B, H * 4, 1, D, device=DEV, dtype=torch.float16)
+    got = gpu.attention(q, st, L + 9, mask, False, None, splits=3, gluon=True)
+    want = _want(q, st, L + 9, mask, "none")
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-3
+
+
 def test_gluon_attention_with_the_default_config():
     """The defaults (``k_rel`` 0.07, ``v_rel`` 0.15, Hadamard rotation) give the layout the kernel decodes."""
     st = _layer(PackKVConfig(), torch.bfloat16)
@@ -115,6 +125,7 @@ def test_gluon_attention_with_the_default_config():
     [
         (dict(dim=64), "head_dim 128"),
         (dict(cfg=dict(pack_size=8)), "packs of 16"),
+        (dict(cfg=dict(k_rel=0.05)), "2- to 4-bit ints"),
         (dict(cfg=dict(k_grouping="channel")), "token-grouped"),
         (dict(tq=2), "one query per sequence"),
         (dict(n_rep=16), "at most 8 query heads"),
@@ -128,7 +139,7 @@ def test_gluon_attention_names_what_it_does_not_decode(change, reason, caplog, m
     """Asked for explicitly, an uncovered call is a ``ValueError`` with the reason; switched on for a whole model
     (``attention.GLUON``), the same call runs on the Triton kernel, with the reason in the debug log."""
     dim = change.get("dim", D)
-    cfg = PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none", **change.get("cfg", {}))
+    cfg = PackKVConfig(**{"k_rel": 0.1, "v_rel": 0.2, "rotation": "none", **change.get("cfg", {})})
     k, v = (torch.randn(B, H, 100, dim, device=DEV, dtype=torch.float16) for _ in range(2))
     st = fill(cfg, k, v)
     n_rep, tq = change.get("n_rep", 2), change.get("tq", 1)
@@ -167,7 +178,7 @@ def test_the_partials_op_passes_opcheck():
     q = torch.randn(B, H * 4, 1, D, device=DEV, dtype=torch.float16)
     mask = _padding_mask(L + 10)
     args = (q, st.pool, st.k_offsets, st.v_offsets, st.k_meta, st.v_meta, st.k_scale, st.k_zero, st.v_scale,
-            st.v_zero, st.ring_k, st.ring_v, st.n_blocks, st.n_win, st.perm, mask, L + 10, 2, 0.088, True)  # fmt: skip
+            st.v_zero, st.ring_k, st.ring_v, st.n_blocks, st.n_win, st.perm, mask, L + 10, 2, 0.088, True, 4, 3)  # fmt: skip
     torch.library.opcheck(torch.ops.packkv._gluon_decode_partials.default, args)
 
 
@@ -243,7 +254,7 @@ def test_the_partials_op_compiles_whole_into_a_graph():
             st.ring_k, st.ring_v, st.n_blocks, st.n_win, st.perm)  # fmt: skip
 
     def step(q):
-        acc, m, l = torch.ops.packkv._gluon_decode_partials(q, *args, mask, L + 30, 3, 0.088, True)
+        acc, m, l = torch.ops.packkv._gluon_decode_partials(q, *args, mask, L + 30, 3, 0.088, True, 4, 3)
         return acc.sum(-2), m.amax(-1), l.sum(-1)  # some work after the op, fused by Inductor
 
     torch._dynamo.reset()

@@ -726,7 +726,8 @@ def _gluon_attention(q, st, out_len, mask, sm_scale, rotate, splits, n_virtual) 
     op = gluon_attention.partials if plain_eager((q, st.pool, mask)) else torch.ops.packkv._gluon_decode_partials
     acc, m, l = op(
         q, st.pool, st.k_offsets, st.v_offsets, st.k_meta, st.v_meta, st.k_scale, st.k_zero, st.v_scale, st.v_zero,
-        st.ring_k, st.ring_v, st.n_blocks, st.n_win, st.perm, mask, out_len, ns, sm_scale, rotate)  # fmt: skip
+        st.ring_k, st.ring_v, st.n_blocks, st.n_win, st.perm, mask, out_len, ns, sm_scale, rotate, st.layout.k.qbits,
+        st.layout.v.qbits)  # fmt: skip
     out = torch.empty(B, HQ, 1, D, dtype=q.dtype, device=q.device)
     launch(_merge_kernel)[(B * HQ,)](acc, m, l, out, ns, D=D, BS=32, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D))
     return out

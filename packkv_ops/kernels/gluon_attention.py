@@ -10,8 +10,8 @@ wgmma, with the online softmax and the scales between them: 542 + 201 sm_90 inst
 0.70x the Triton kernel's.
 
 What it decodes (``supported`` says why not, for anything else, and ``attention`` keeps the Triton kernel there):
-packs of 16 in 64-token blocks, 4-bit K ints with 7-bit fields, 3-bit V ints with 5-bit fields (``k_rel`` 0.1 /
-``v_rel`` 0.2 and the defaults 0.07 / 0.15), token-grouped scales and zeros, head_dim 128, one query per
+packs of 16 in 64-token blocks, 2- to 4-bit ints in each stream (``k_rel`` / ``v_rel`` from 0.07 to 0.5: the
+defaults' 4-bit K and 3-bit V), token-grouped scales and zeros, head_dim 128, one query per
 sequence (decode) for up to 8 query heads per KV head, bf16/fp16; the exact window, zero keys up to ``out_len``
 and a decode step's bool padding mask (one row per sequence). On a Hadamard-rotated cache it rotates the query
 itself (``ROTATE``: the fast Walsh-Hadamard transform in fp32, as ``hadamard.fwht_rows``); the partials go out in
@@ -164,18 +164,18 @@ def _ring_tile(ring_ptr, b, kvh, p0, total, H, S, T: gl.constexpr, D: gl.constex
 
 @gluon.jit
 def _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr, chunk, N: gl.constexpr, D: gl.constexpr,
-                LB: gl.constexpr):  # fmt: skip
+                LB: gl.constexpr, K_MBITS: gl.constexpr, V_MBITS: gl.constexpr):  # fmt: skip
     """A block's pack fields (both streams) and payload offsets: the loads that depend on the block index only."""
-    fk = _fields_by_4(k_meta_ptr + chunk * (N * 7 // 32), N, D, 7, LB)  # K: 7-bit fields
-    fv = _fields_by_4(v_meta_ptr + chunk * (N * 5 // 32), N, D, 5, LB)  # V: 5-bit fields
+    fk = _fields_by_4(k_meta_ptr + chunk * (N * K_MBITS // 32), N, D, K_MBITS, LB)
+    fv = _fields_by_4(v_meta_ptr + chunk * (N * V_MBITS // 32), N, D, V_MBITS, LB)
     return fk, fv, gl.load(k_off_ptr + chunk), gl.load(v_off_ptr + chunk)
 
 
 @gluon.jit
-def _block_bits(pool_ptr, fk, fv, ko, vo):
+def _block_bits(pool_ptr, fk, fv, ko, vo, K_QBITS: gl.constexpr, V_QBITS: gl.constexpr):
     """Each pack's 64 bits, both streams, at the pack starts of one prefix scan (16 bits per stream)."""
-    sk = (fk >> 4) * 16  # pack sizes: width x 16 values (K: 4-bit ints, V: 3-bit)
-    sv = (fv >> 3) * 16
+    sk = (fk >> K_QBITS) * 16  # pack sizes: width x 16 values
+    sv = (fv >> V_QBITS) * 16
     both = sk | (sv << 16)
     excl = gl.associative_scan(both, 0, _add) - both
     k_lo, k_hi = _pack_bits(pool_ptr + ko, (excl & 0xFFFF).to(gl.int32), sk.to(gl.int32))
@@ -186,7 +186,8 @@ def _block_bits(pool_ptr, fk, fv, ko, vo):
 @gluon.jit
 def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs, v_bufs,
                      ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T: gl.constexpr,
-                     D: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr):  # fmt: skip
+                     D: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, K_QBITS: gl.constexpr,
+                     V_QBITS: gl.constexpr):  # fmt: skip
     P: gl.constexpr = 16
     N: gl.constexpr = (T // P) * D  # packs per block and stream, in stream order (row-major: row, channel)
     # Each thread: 4 consecutive packs of one row (channels 4l .. 4l+3), warp w = pack row w.
@@ -195,6 +196,8 @@ def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, rin
     # SliceLayout(1, L2) below move nothing (same threads, same registers).
     LB: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])
     LP: gl.constexpr = gl.SliceLayout(1, L2)
+    K_MBITS: gl.constexpr = K_QBITS + K_QBITS.bit_length()  # a field: the pack minimum, then its width
+    V_MBITS: gl.constexpr = V_QBITS + V_QBITS.bit_length()
     # PREFETCH: a software pipeline over the blocks, so that a block's three dependent global round trips (fields
     # and offsets, then pack bits, then nothing) do not stall 4 warps in turn: block i + 2's fields and offsets and
     # block i + 1's pack bits are loaded while block i is decoded. Past the last block the index is clamped (a
@@ -202,23 +205,24 @@ def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, rin
     last = gl.maximum(hi - 1, 0)
     base = b * NB
     fk, fv, ko, vo = _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr, (base + gl.minimum(lo, last)) * H + kvh,
-                                 N, D, LB)  # fmt: skip
-    k_lo, k_hi, v_lo, v_hi = _block_bits(pool_ptr, fk, fv, ko, vo)
+                                 N, D, LB, K_MBITS, V_MBITS)  # fmt: skip
+    k_lo, k_hi, v_lo, v_hi = _block_bits(pool_ptr, fk, fv, ko, vo, K_QBITS, V_QBITS)
     nfk, nfv, nko, nvo = _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr,
-                                     (base + gl.minimum(lo + 1, last)) * H + kvh, N, D, LB)  # fmt: skip
+                                     (base + gl.minimum(lo + 1, last)) * H + kvh, N, D, LB, K_MBITS, V_MBITS)  # fmt: skip
     for i in range(hi - lo):
         s = i % STAGES
         if PREFETCH:
-            nk_lo, nk_hi, nv_lo, nv_hi = _block_bits(pool_ptr, nfk, nfv, nko, nvo)
+            nk_lo, nk_hi, nv_lo, nv_hi = _block_bits(pool_ptr, nfk, nfv, nko, nvo, K_QBITS, V_QBITS)
             n2fk, n2fv, n2ko, n2vo = _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr,
-                                                 (base + gl.minimum(lo + i + 2, last)) * H + kvh, N, D, LB)  # fmt: skip
+                                                 (base + gl.minimum(lo + i + 2, last)) * H + kvh, N, D, LB, K_MBITS,
+                                                 V_MBITS)  # fmt: skip
         else:  # each block's loads in its own iteration
             fk, fv, ko, vo = _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr, (base + lo + i) * H + kvh, N,
-                                         D, LB)  # fmt: skip
-            k_lo, k_hi, v_lo, v_hi = _block_bits(pool_ptr, fk, fv, ko, vo)
-        kx = _pack_values(gl.convert_layout(fk, LP), gl.convert_layout(k_lo, LP), gl.convert_layout(k_hi, LP), 4,
+                                         D, LB, K_MBITS, V_MBITS)  # fmt: skip
+            k_lo, k_hi, v_lo, v_hi = _block_bits(pool_ptr, fk, fv, ko, vo, K_QBITS, V_QBITS)
+        kx = _pack_values(gl.convert_layout(fk, LP), gl.convert_layout(k_lo, LP), gl.convert_layout(k_hi, LP), K_QBITS,
                           L2)  # [N, 16]: pack (row r, channel c), its 16 tokens  # fmt: skip
-        vx = _pack_values(gl.convert_layout(fv, LP), gl.convert_layout(v_lo, LP), gl.convert_layout(v_hi, LP), 3,
+        vx = _pack_values(gl.convert_layout(fv, LP), gl.convert_layout(v_lo, LP), gl.convert_layout(v_hi, LP), V_QBITS,
                           L2)  # fmt: skip
         # [D, T]: channel c, token 16 r + t (lane order within each pack)
         kt = gl.reshape(gl.permute(gl.reshape(kx, (T // P, D, P)), (1, 0, 2)), (D, T))
@@ -352,7 +356,8 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                             T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
                             PRODUCER_REGS: gl.constexpr = 128, HAS_MASK: gl.constexpr = False,
                             PREFETCH: gl.constexpr = 1, ROTATE: gl.constexpr = False,
-                            ROT_SCALE: gl.constexpr = 1.0, LOG2_D: gl.constexpr = 7):  # fmt: skip
+                            ROT_SCALE: gl.constexpr = 1.0, LOG2_D: gl.constexpr = 7, K_QBITS: gl.constexpr = 4,
+                            V_QBITS: gl.constexpr = 3):  # fmt: skip
     """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
     rotated, padded to ``R`` with zeros) against the split's share of the sequence's compressed blocks of a
     ``PackedLayer`` (its pool, offsets, metadata, scales and zeros as they are stored) and its share of the exact
@@ -404,7 +409,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                      r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK)),
         (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                             v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
-                            PREFETCH)),
+                            PREFETCH, K_QBITS, V_QBITS)),
     ], [4], [PRODUCER_REGS])  # fmt: skip
 
 
@@ -416,10 +421,11 @@ def supported(q: Tensor, lay: Layout, ring_dtype: torch.dtype, mask: Tensor | No
     """``None`` where this kernel computes the attention of ``q`` over a layer of layout ``lay``, else why not."""
     if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) != (9, 0):
         return f"it needs an sm_90 GPU (Hopper), not sm_{''.join(map(str, torch.cuda.get_device_capability(q.device)))}"
-    fmt = (lay.pack_size, lay.block_size, lay.k.qbits, lay.k.mbits, lay.v.qbits, lay.v.mbits)
-    if fmt != (16, T_BLOCK, 4, 7, 3, 5):
-        return ("it decodes packs of 16 in 64-token blocks with 4-bit K / 3-bit V ints and 7 / 5-bit fields; this "
-                f"layer has packs of {fmt[0]}, blocks of {fmt[1]}, K {fmt[2]} / {fmt[3]}, V {fmt[4]} / {fmt[5]} bits")
+    if (lay.pack_size, lay.block_size) != (16, T_BLOCK):
+        return f"it decodes packs of 16 in 64-token blocks; this layer has packs of {lay.pack_size}, blocks of {lay.block_size}"
+    if not (2 <= lay.k.qbits <= 4 and 2 <= lay.v.qbits <= 4):
+        return (f"it decodes 2- to 4-bit ints (lanes of 4 in a pack's 64 bits); this layer has {lay.k.qbits}-bit K, "
+                f"{lay.v.qbits}-bit V")
     if lay.k.grouping or lay.v.grouping:
         return "it reads token-grouped scales and zeros only"
     if q.dim() != 4 or q.shape[-1] != HEAD_DIM:
@@ -452,11 +458,12 @@ def partials(
     pool: Tensor, k_offsets: Tensor, v_offsets: Tensor, k_meta: Tensor, v_meta: Tensor,
     k_scale: Tensor, k_zero: Tensor, v_scale: Tensor, v_zero: Tensor,
     ring_k: Tensor, ring_v: Tensor, n_blocks: Tensor, n_win: Tensor, perm: Tensor,
-    mask: Tensor | None, out_len: int, splits: int, scale: float, rotate: bool,
+    mask: Tensor | None, out_len: int, splits: int, scale: float, rotate: bool, k_qbits: int, v_qbits: int,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """The per-split partials (acc ``[B, HQ, 1, NS, D]``, max and sum ``[B, HQ, 1, NS]``; log2 units) of the
     attention of the queries ``q`` (``rotate``: in the model's coordinates, rotated in the kernel; else in the
-    cache's) over a layer's tensors, for ``attention._merge_kernel``. On CPU tensors
+    cache's) over a layer's tensors (``k_qbits`` / ``v_qbits``: its layout's int widths), for
+    ``attention._merge_kernel``. On CPU tensors
     it runs the kernel's body eagerly (``gluon_eager``): the tests' path, not a fast one. Traced code calls it as
     the op below; plain eager calls skip the dispatcher (host time, as ``_launch._Launcher`` does)."""
     B, HQ, _, D = q.shape
@@ -472,7 +479,8 @@ def partials(
             ring_v, n_blocks, n_win, perm, n_win if mask is None else mask, smb, out_len, acc, m, l, k_scale.shape[1],
             H, S, HQ // H, scale * LOG2E)  # fmt: skip
     meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, HAS_MASK=mask is not None,
-                PREFETCH=PREFETCH, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1)
+                PREFETCH=PREFETCH, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1,
+                K_QBITS=k_qbits, V_QBITS=v_qbits)
     if q.device.type == "cpu":
         from . import gluon_attention, gluon_eager
 
@@ -490,7 +498,7 @@ decode_partials = torch.library.custom_op("packkv::_gluon_decode_partials", muta
 
 @decode_partials.register_fake
 def _(q, pool, k_offsets, v_offsets, k_meta, v_meta, k_scale, k_zero, v_scale, v_zero, ring_k, ring_v, n_blocks,
-      n_win, perm, mask, out_len, splits, scale, rotate):  # fmt: skip
+      n_win, perm, mask, out_len, splits, scale, rotate, k_qbits, v_qbits):  # fmt: skip
     B, HQ, _, D = q.shape
     m = q.new_empty(B, HQ, 1, splits, dtype=torch.float32)
     return q.new_empty(B, HQ, 1, splits, D, dtype=torch.float32), m, torch.empty_like(m)

@@ -28,7 +28,7 @@ from packkv_ops.kernels.gluon_attention import decode_attention_kernel  # noqa: 
 ORDER = ["q_ptr", "pool_ptr", "k_off_ptr", "v_off_ptr", "k_meta_ptr", "v_meta_ptr", "k_scale_ptr", "k_zero_ptr",
          "v_scale_ptr", "v_zero_ptr", "ring_k_ptr", "ring_v_ptr", "n_blocks_ptr", "n_win_ptr", "perm_ptr", "mask_ptr",
          "smb", "out_len", "acc_ptr", "m_ptr", "l_ptr", "NB", "H", "S", "n_rep", "qk_scale", "T", "D", "R", "STAGES",
-         "PRODUCER_REGS", "HAS_MASK", "PREFETCH", "ROTATE", "ROT_SCALE", "LOG2_D"]  # fmt: skip
+         "PRODUCER_REGS", "HAS_MASK", "PREFETCH", "ROTATE", "ROT_SCALE", "LOG2_D", "K_QBITS", "V_QBITS"]  # fmt: skip
 # (MAXNREG, PRODUCER_REGS, PROGRAMS_PER_SM, PREFETCH)
 SETTINGS = ((128, 128, 2, 1), (128, 128, 2, 0), (128, 160, 2, 1), (None, 160, 1, 1))
 
@@ -86,13 +86,13 @@ def main() -> None:
             "l_ptr": "*fp32", "NB": "i32", "H": "i32", "S": "i32", "perm_ptr": "*u8", "mask_ptr": "*i1", "smb": "i32",
             "out_len": "i32", "n_rep": "i32", "qk_scale": "fp32", "T": "constexpr", "D": "constexpr", "R": "constexpr",
             "STAGES": "constexpr", "PRODUCER_REGS": "constexpr", "HAS_MASK": "constexpr", "PREFETCH": "constexpr", "ROTATE": "constexpr", "ROT_SCALE": "constexpr",
-            "LOG2_D": "constexpr"}  # fmt: skip
+            "LOG2_D": "constexpr", "K_QBITS": "constexpr", "V_QBITS": "constexpr"}  # fmt: skip
     sig = {k: sig[k] for k in ORDER}
     aligned = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(ORDER) if k.endswith("_ptr")}
     ga = gluon_attention
     consts = dict(T=ga.T_BLOCK, D=ga.HEAD_DIM, R=ga.ROWS, STAGES=ga.STAGES, PRODUCER_REGS=ga.PRODUCER_REGS,
                   HAS_MASK=True, PREFETCH=ga.PREFETCH, ROTATE=True, ROT_SCALE=ga.HEAD_DIM**-0.5,
-                  LOG2_D=ga.HEAD_DIM.bit_length() - 1)  # the decode step's variant: bf16 query, padding mask  # fmt: skip
+                  LOG2_D=ga.HEAD_DIM.bit_length() - 1, K_QBITS=4, V_QBITS=3)  # the e2e decode step's case  # fmt: skip
     ck = compile_gluon(decode_attention_kernel, sig, consts, aligned, maxnreg=ga.MAXNREG)
     report(f"PackKV decode attention, warp-specialized (4 decode warps, 4 wgmma warps; maxnreg {ga.MAXNREG}, "
            f"producer {ga.PRODUCER_REGS}, prefetch {ga.PREFETCH})", ck, ("HGMMA", "SYNCS", "BAR", "SHFL", "LDG", "STS", "HADD2", "LOP3", "PRMT"))  # fmt: skip
