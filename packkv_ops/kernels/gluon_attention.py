@@ -1,13 +1,13 @@
 """Fused decode attention on the packed cache as a warp-specialized Gluon kernel for sm_90 (Hopper): opt-in,
-one layout, not yet run on a GPU (twin of ``reference.attention``; its CPU check is ``gluon_eager``).
+for the decode steps it covers, not yet run on a GPU (twin of ``reference.attention``; its CPU check is ``gluon_eager``).
 
 Why a second kernel: the Triton kernel (``attention.py``) decodes, multiplies and runs the softmax in the same
 warps, joined by ~20 barriers per tile, and spends 8.35 thread-instructions per decoded value; Triton cannot state
 the layouts that would remove its scan's and its MMA operands' moves (NOTES.md, 2026-12-05c). Here 4 producer
 warps decode each 64-token block into shared-memory stages (each thread owns 4 consecutive packs of a row: one
 warp scan for both streams' pack starts) while a 4-warp consumer runs ``S = K q^T`` and ``O^T += V^T P`` as
-wgmma, with the online softmax and the scales between them: 542 + 201 sm_90 instructions per block and warp,
-0.70x the Triton kernel's.
+wgmma, with the online softmax and the scales between them: 582 + 238 sm_90 instructions per block and warp
+(producer with its prefetch, consumer with the padding mask), 0.77x the Triton kernel's 4 x 1,069.
 
 What it decodes (``supported`` says why not, for anything else, and ``attention`` keeps the Triton kernel there):
 packs of 16 in 64-token blocks, 2- to 4-bit ints in each stream (``k_rel`` / ``v_rel`` from 0.07 to 0.5: the
@@ -47,8 +47,8 @@ MAXNREG: int | None = 128
 PRODUCER_REGS = 128  # what setmaxnreg gives the decoding warps out of the pool
 PROGRAMS_PER_SM = 2  # the split count fills this many programs per SM
 # The producer loads block i + 2's fields and offsets and block i + 1's pack bits while it decodes block i (1), or
-# each block's in its own iteration (0: three dependent round trips per block, with 8 decoding warps per SM to hide
-# them at 2 programs per SM).
+# each block's in its own iteration (0: two dependent global round trips per block, with only 8 decoding warps per
+# SM to hide them at 2 programs per SM; 547 instead of 582 loop instructions).
 PREFETCH = 1
 
 
