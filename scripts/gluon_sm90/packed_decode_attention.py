@@ -20,9 +20,9 @@ from pathlib import Path
 from decode_attention_pipeline import innermost_loop
 from sass import compile_gluon, report, sass_of
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from packkv_ops.kernels import gluon_attention  # noqa: E402
-from packkv_ops.kernels.gluon_attention import decode_attention_kernel  # noqa: E402
+# As installed (packkv.ops), not as the source folder packkv_ops: one module object, one registration of its op.
+from packkv.ops.kernels import gluon_attention  # noqa: E402
+from packkv.ops.kernels.gluon_attention import decode_attention_kernel  # noqa: E402
 
 
 ORDER = ["q_ptr", "pool_ptr", "k_off_ptr", "v_off_ptr", "k_meta_ptr", "v_meta_ptr", "k_scale_ptr", "k_zero_ptr",
