@@ -163,6 +163,28 @@ def _ring_tile(ring_ptr, b, kvh, p0, total, H, S, T: gl.constexpr, D: gl.constex
 
 
 @gluon.jit
+def _stage_rows(x, D: gl.constexpr, T: gl.constexpr):
+    """A ``[D, T]`` tile with channel ``4 l + c`` at row ``(D / 4) c + l`` (the stage's channel order, see
+    ``stage_channel``). The decoding thread ``l`` of a warp holds channels ``4 l .. 4 l + 3``: in channel order each
+    16-byte store of a warp would hit 2 of the 128-byte swizzle's 8 positions (16 wavefronts instead of 4, ncu
+    2026-12-05e); in this order its lanes' rows are consecutive. Dot products do not depend on the channel order
+    when the queries (``_stage_cols``) share it; the output is stored back in channel order."""
+    return gl.reshape(gl.permute(gl.reshape(x, (D // 4, 4, T)), (1, 0, 2)), (D, T))
+
+
+@gluon.jit
+def _stage_cols(x, R: gl.constexpr, D: gl.constexpr):
+    """``[R, D]`` queries in the stage's channel order (``_stage_rows``)."""
+    return gl.reshape(gl.permute(gl.reshape(x, (R, D // 4, 4)), (0, 2, 1)), (R, D))
+
+
+@gluon.jit
+def stage_channel(row, D: gl.constexpr):
+    """The channel held by row ``row`` of a stage (and of the output accumulator)."""
+    return 4 * (row % (D // 4)) + row // (D // 4)
+
+
+@gluon.jit
 def _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr, chunk, N: gl.constexpr, D: gl.constexpr,
                 LB: gl.constexpr, K_MBITS: gl.constexpr, V_MBITS: gl.constexpr):  # fmt: skip
     """A block's pack fields (both streams) and payload offsets: the loads that depend on the block index only."""
@@ -224,9 +246,9 @@ def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, rin
                           L2)  # [N, 16]: pack (row r, channel c), its 16 tokens  # fmt: skip
         vx = _pack_values(gl.convert_layout(fv, LP), gl.convert_layout(v_lo, LP), gl.convert_layout(v_hi, LP), V_QBITS,
                           L2)  # fmt: skip
-        # [D, T]: channel c, token 16 r + t (lane order within each pack)
-        kt = gl.reshape(gl.permute(gl.reshape(kx, (T // P, D, P)), (1, 0, 2)), (D, T))
-        vt = gl.reshape(gl.permute(gl.reshape(vx, (T // P, D, P)), (1, 0, 2)), (D, T))
+        # [D, T]: channel c, token 16 r + t (lane order within each pack); rows in the stage's order
+        kt = _stage_rows(gl.reshape(gl.permute(gl.reshape(kx, (T // P, D, P)), (1, 0, 2)), (D, T)), D, T)
+        vt = _stage_rows(gl.reshape(gl.permute(gl.reshape(vx, (T // P, D, P)), (1, 0, 2)), (D, T)), D, T)
         mbarrier.wait(empty.index(s), phase=((i // STAGES) & 1) ^ 1)
         k_bufs.index(s).store(kt)
         v_bufs.index(s).store(vt)
@@ -242,8 +264,8 @@ def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, rin
         i = n_c + j
         s = i % STAGES
         p0 = (nb + r_lo + j) * T
-        kt = _ring_tile(ring_k_ptr, b, kvh, p0, total, H, S, T, D)
-        vt = _ring_tile(ring_v_ptr, b, kvh, p0, total, H, S, T, D)
+        kt = _stage_rows(_ring_tile(ring_k_ptr, b, kvh, p0, total, H, S, T, D), D, T)
+        vt = _stage_rows(_ring_tile(ring_v_ptr, b, kvh, p0, total, H, S, T, D), D, T)
         mbarrier.wait(empty.index(s), phase=((i // STAGES) & 1) ^ 1)
         k_bufs.index(s).store(kt)
         v_bufs.index(s).store(vt)
@@ -343,7 +365,7 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
     cd = gl.arange(0, D, gl.SliceLayout(1, mma))
     cr = gl.arange(0, R, rows)
     part = (row0 + cr) * ns + split
-    gl.store(acc_ptr + gl.expand_dims(part, 0) * D + gl.expand_dims(cd, 1), o_t,
+    gl.store(acc_ptr + gl.expand_dims(part, 0) * D + gl.expand_dims(stage_channel(cd, D), 1), o_t,
              mask=gl.expand_dims(cr < n_rep, 0) & gl.expand_dims(cd >= 0, 1))  # fmt: skip
     gl.store(m_ptr + part, m_i, mask=cr < n_rep)
     gl.store(l_ptr + part, l_i, mask=cr < n_rep)
@@ -389,7 +411,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
         for st in gl.static_range(LOG2_D):
             q = _butterfly(q, R, D, 1 << st)
         q = gl.convert_layout(q, ld) * ROT_SCALE
-    q = q.to(gl.float16)
+    q = _stage_cols(q.to(gl.float16), R, D)
     qsum = gl.sum(q.to(gl.float32), axis=1)
     q_s = gl.allocate_shared_memory(gl.float16, [R, D], gl.NVMMASharedLayout.get_default_for([R, D], gl.float16),
                                     value=q)  # fmt: skip

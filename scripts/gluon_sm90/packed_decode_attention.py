@@ -29,11 +29,11 @@ ORDER = ["q_ptr", "pool_ptr", "k_off_ptr", "v_off_ptr", "k_meta_ptr", "v_meta_pt
          "v_scale_ptr", "v_zero_ptr", "ring_k_ptr", "ring_v_ptr", "n_blocks_ptr", "n_win_ptr", "perm_ptr", "mask_ptr",
          "smb", "out_len", "acc_ptr", "m_ptr", "l_ptr", "NB", "H", "S", "n_rep", "qk_scale", "T", "D", "R", "STAGES",
          "PRODUCER_REGS", "HAS_MASK", "PREFETCH", "ROTATE", "ROT_SCALE", "LOG2_D", "K_QBITS", "V_QBITS"]  # fmt: skip
-# (MAXNREG, PRODUCER_REGS, PROGRAMS_PER_SM, PREFETCH)
-SETTINGS = ((128, 128, 2, 1), (128, 128, 2, 0), (128, 160, 2, 1), (None, 160, 1, 1))
+# (MAXNREG, PRODUCER_REGS, PROGRAMS_PER_SM, PREFETCH, STAGES); GLUON_SETTINGS="128,128,2,1,3;..." replaces them
+SETTINGS = ((128, 128, 2, 1, 2), (128, 128, 2, 0, 2), (128, 160, 2, 1, 2), (None, 160, 1, 1, 2))
 
 
-def run_on_gpu(maxnreg: int | None, producer_regs: int, per_sm: int, prefetch: int) -> None:
+def run_on_gpu(maxnreg: int | None, producer_regs: int, per_sm: int, prefetch: int, stages: int) -> None:
     """On a GPU, for one register setting: a real ``PackedLayer`` per size (random bf16 K/V compressed by
     ``append_`` with the default config: Hadamard rotation, ``k_rel`` 0.07 / ``v_rel`` 0.15), the Gluon kernel
     (``attention(..., gluon=True)``, merge included) against the Triton kernel, without and with a decode step's
@@ -50,6 +50,7 @@ def run_on_gpu(maxnreg: int | None, producer_regs: int, per_sm: int, prefetch: i
 
     ga = gluon_attention
     ga.MAXNREG, ga.PRODUCER_REGS, ga.PROGRAMS_PER_SM, ga.PREFETCH = maxnreg, producer_regs, per_sm, prefetch
+    ga.STAGES = stages
     for batch, context in ((8, 32768), (1, 131072)):
         heads, n_rep, d = 8, 4, 128
         k, v = make_kv(batch, context, heads, d, "random", "cuda")
@@ -72,7 +73,7 @@ def run_on_gpu(maxnreg: int | None, producer_regs: int, per_sm: int, prefetch: i
         t_g, t_t = bench_ms(lambda: run(True)), bench_ms(lambda: run(False))
         t_gm, t_tm = bench_ms(lambda: run(True, longer, mask)), bench_ms(lambda: run(False, longer, mask))
         t_sdpa = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-        print(f"maxnreg {maxnreg}, producer regs {producer_regs}, {per_sm}/SM, prefetch {prefetch} | B{batch}/{context}: error vs Triton "
+        print(f"maxnreg {maxnreg}, producer regs {producer_regs}, {per_sm}/SM, prefetch {prefetch}, {stages} stages | B{batch}/{context}: error vs Triton "
               f"{e:.1e} (masked {e_m:.1e}) | Gluon {t_g:.3f} ms, Triton {t_t:.3f}, SDPA {t_sdpa:.3f} | Gluon "
               f"{t_sdpa / t_g:.2f}x SDPA, {t_t / t_g:.2f}x Triton | masked: Gluon {t_gm:.3f}, Triton {t_tm:.3f}",
               flush=True)  # fmt: skip
@@ -107,7 +108,11 @@ if __name__ == "__main__":
         # One process per setting, with a timeout: a wrong mbarrier phase hangs the GPU, not just this setting.
         import subprocess
 
-        for setting in SETTINGS:
+        import os
+
+        env = os.environ.get("GLUON_SETTINGS")
+        settings = [tuple(x.split(",")) for x in env.split(";")] if env else SETTINGS
+        for setting in settings:
             if "--one" in sys.argv:
                 break
             cmd = [sys.executable, __file__, "--gpu", "--one", *map(str, setting)]
@@ -118,6 +123,6 @@ if __name__ == "__main__":
                 break
         if "--one" in sys.argv:
             a = sys.argv[sys.argv.index("--one") + 1 :]
-            run_on_gpu(None if a[0] == "None" else int(a[0]), int(a[1]), int(a[2]), int(a[3]))
+            run_on_gpu(None if a[0] == "None" else int(a[0]), *map(int, a[1:5]))
     else:
         main()
