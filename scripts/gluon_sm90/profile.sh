@@ -17,3 +17,5 @@ done
 timeout 240 ncu --clock-control none -k decode_attention_kernel --launch-skip 2 -c 1 --section SourceCounters \
   --page source --print-source sass --csv python3 scripts/gluon_sm90/profile_once.py >"$OUT/ncu_gluon_sass.csv" 2>&1
 echo "sass csv rc $? lines $(wc -l <"$OUT/ncu_gluon_sass.csv")"
+python3 scripts/gluon_sm90/ncu_sass_summary.py "$OUT/ncu_gluon_sass.csv" >"$OUT/ncu_gluon_sass.txt" 2>&1
+grep -E "^total|stall_" "$OUT/ncu_gluon_sass.txt" | head -10
