@@ -8,7 +8,8 @@ export PACKKV_HOME=/tmp/packkv-home
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 sections=(--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
           --section SchedulerStats --section MemoryWorkloadAnalysis)
-for which in "gluon decode_attention_kernel" "triton regex:^_attention_kernel"; do
+kernels=("gluon decode_attention_kernel"); [[ ${PROFILE_TRITON:-1} == 1 ]] && kernels+=("triton regex:^_attention_kernel")
+for which in "${kernels[@]}"; do
   set -- $which
   timeout 240 ncu --clock-control none -k "$2" --launch-skip 2 -c 1 "${sections[@]}" \
     python3 scripts/gluon_sm90/profile_once.py >"$OUT/ncu_$1.txt" 2>&1
