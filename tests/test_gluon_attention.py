@@ -101,23 +101,6 @@ def test_without_the_producers_prefetch_the_gluon_attention_is_the_same(splits, 
     assert ((own.float() - want).abs().max() / want.abs().max()).item() < 2e-3
 
 
-@pytest.mark.parametrize("k_rel, v_rel, rotation", [(0.1, 0.2, "none"), (0.4, 0.1, "hadamard")])
-def test_with_each_threads_packs_spread_over_the_pack_rows_the_gluon_attention_matches(k_rel, v_rel, rotation,
-                                                                                      monkeypatch):  # fmt: skip
-    """``SPREAD = 1``: decoding thread ``l`` of warp ``w`` holds channel ``32 w + l`` of each pack row (its fields
-    one word pair each, the stages in channel order) instead of 4 consecutive channels of one row (the stages in
-    the bank-friendly order ``stage_channel`` undoes)."""
-    from packkv.ops.kernels import gluon_attention
-
-    monkeypatch.setattr(gluon_attention, "SPREAD", 1)
-    st = _layer(PackKVConfig(k_rel=k_rel, v_rel=v_rel, rotation=rotation), torch.float16, ragged=True)
-    mask = _padding_mask(L + 20)
-    q = torch.randn(B, H * 4, 1, D, device=DEV, dtype=torch.float16)
-    got = gpu.attention(q, st, L + 20, mask, False, None, splits=4, rotate=rotation == "hadamard", gluon=True)
-    want = _want(q, st, L + 20, mask, rotation)
-    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-3
-
-
 @pytest.mark.parametrize("k_rel, v_rel", [(0.4, 0.1), (0.2, 0.5), (0.07, 0.07)])  # K/V: 2/4, 3/2, 4/4-bit ints
 def test_gluon_attention_decodes_2_to_4_bit_ints_in_either_stream(k_rel, v_rel):
     st = _layer(PackKVConfig(k_rel=k_rel, v_rel=v_rel, rotation="none"), torch.float16, ragged=True)

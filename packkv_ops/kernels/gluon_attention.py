@@ -1,13 +1,15 @@
 """Fused decode attention on the packed cache as a warp-specialized Gluon kernel for sm_90 (Hopper): opt-in,
-for the decode steps it covers, not yet run on a GPU (twin of ``reference.attention``; its CPU check is ``gluon_eager``).
+for the decode steps it covers (twin of ``reference.attention``; its CPU check is ``gluon_eager``). On the H100
+(2026-12-05e) 1.24x the Triton kernel at batch 8 / 32K and 1.16x at batch 1 / 128K (1.50x / 1.42x SDPA on the
+bf16 cache); not yet the default: the end-to-end run and memcheck with it are still to do.
 
 Why a second kernel: the Triton kernel (``attention.py``) decodes, multiplies and runs the softmax in the same
 warps, joined by ~20 barriers per tile, and spends 8.35 thread-instructions per decoded value; Triton cannot state
 the layouts that would remove its scan's and its MMA operands' moves (NOTES.md, 2026-12-05c). Here 4 producer
 warps decode each 64-token block into shared-memory stages (each thread owns 4 consecutive packs of a row: one
 warp scan for both streams' pack starts) while a 4-warp consumer runs ``S = K q^T`` and ``O^T += V^T P`` as
-wgmma, with the online softmax and the scales between them: 582 + 238 sm_90 instructions per block and warp
-(producer with its prefetch, consumer with the padding mask), 0.77x the Triton kernel's 4 x 1,069.
+wgmma, with the online softmax and the scales between them: 569 + 238 sm_90 instructions per block and warp
+(producer with its prefetch, consumer with the padding mask), 0.75x the Triton kernel's 4 x 1,069.
 
 What it decodes (``supported`` says why not, for anything else, and ``attention`` keeps the Triton kernel there):
 packs of 16 in 64-token blocks, 2- to 4-bit ints in each stream (``k_rel`` / ``v_rel`` from 0.07 to 0.5: the
@@ -41,7 +43,8 @@ from ..layout import Layout
 
 LOG2E = 1.4426950408889634
 T_BLOCK, HEAD_DIM, ROWS, STAGES = 64, 128, 8, 2  # the one shape it decodes; ROWS: the wgmma's N (query heads)
-# Launch options to be tuned on the GPU (never run yet). Uncapped, ptxas reserves 255 registers per thread: one
+# Launch options, timed on the H100 (2026-12-05e, before the stage order: 160 producer registers -3%, one program
+# per SM -25%, PREFETCH 0 -10%, 3 stages +1%). Uncapped, ptxas reserves 255 registers per thread: one
 # program of 8 warps per SM; MAXNREG = 128 compiles without spills and fits two (68 KB of shared memory each).
 MAXNREG: int | None = 128
 PRODUCER_REGS = 128  # what setmaxnreg gives the decoding warps out of the pool
@@ -50,11 +53,6 @@ PROGRAMS_PER_SM = 2  # the split count fills this many programs per SM
 # each block's in its own iteration (0: two dependent global round trips per block, with only 8 decoding warps per
 # SM to hide them at 2 programs per SM; 547 instead of 582 loop instructions).
 PREFETCH = 1
-# Which 4 packs (per stream) a decoding thread holds: 4 consecutive channels of one 16-token pack row (0), or one
-# channel of each of the block's 4 pack rows (1). 0 reads a thread's 4 fields from one word pair; 1 makes each
-# gather of pack bits read 32 consecutive packs (~8 sectors instead of ~29) and each stage store conflict-free
-# without reordering the channels. Untimed (2026-12-05e).
-SPREAD = 0
 
 
 @gluon.jit
@@ -118,20 +116,6 @@ def _fields_by_4(meta_ptr, N: gl.constexpr, D: gl.constexpr, MBITS: gl.constexpr
 
 
 @gluon.jit
-def _fields_spread(meta_ptr, N: gl.constexpr, D: gl.constexpr, MBITS: gl.constexpr, LB: gl.constexpr):
-    """``_fields`` for all ``N`` packs (``LB``: one pack per thread and repetition, lanes on consecutive channels,
-    so each load is coalesced)."""
-    RW: gl.constexpr = D * MBITS // 32
-    n = gl.arange(0, N, LB)
-    gb = (n % D) * MBITS
-    widx = (n // D) * RW + (gb >> 5)
-    sh = (gb & 31).to(gl.uint32)
-    lo = gl.load(meta_ptr + widx).to(gl.uint32, bitcast=True)
-    hi = gl.load(meta_ptr + widx + 1, mask=sh + MBITS > 32, other=0).to(gl.uint32, bitcast=True)
-    return _funnel(lo, hi, sh) & ((1 << MBITS) - 1)
-
-
-@gluon.jit
 def _pack_bits(base_ptr, start, size):
     wi = start >> 5
     sh = start & 31
@@ -143,7 +127,7 @@ def _pack_bits(base_ptr, start, size):
 
 
 @gluon.jit
-def _pack_values(f, lo, hi, QBITS: gl.constexpr, PPT: gl.constexpr):
+def _pack_values(f, lo, hi, QBITS: gl.constexpr, L2: gl.constexpr):
     """The 16 values of each pack (lanes of 4), as ``[N, 16]`` fp16 in lane order (row ``8k + 2j + lane`` is token
     ``8k + 4 lane + j``: ``tiles.lane_order_tokens``)."""
     w = f >> QBITS
@@ -151,7 +135,7 @@ def _pack_values(f, lo, hi, QBITS: gl.constexpr, PPT: gl.constexpr):
     lj0 = _lane_join(lo, wl)
     lj1 = _lane_join(_funnel_clamp(lo, hi, wl * 2), wl)  # the second window of 8 values, from bit 8 w
     # [N, 4 (j), 2 (lane)]: the lane axis is the asm's packed pair
-    L3: gl.constexpr = gl.BlockedLayout([PPT, 4, 2], [32, 1, 1], [gl.num_warps(), 1, 1], [2, 1, 0])
+    L3: gl.constexpr = gl.BlockedLayout([4, 4, 2], [32, 1, 1], [gl.num_warps(), 1, 1], [2, 1, 0])
     PK: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
     j = gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(2, L3))).to(gl.uint32)
     w = gl.convert_layout(w, PK)
@@ -182,50 +166,33 @@ def _ring_tile(ring_ptr, b, kvh, p0, total, H, S, T: gl.constexpr, D: gl.constex
 
 
 @gluon.jit
-def _stage_rows(x, D: gl.constexpr, T: gl.constexpr, SPREAD: gl.constexpr):
+def _stage_rows(x, D: gl.constexpr, T: gl.constexpr):
     """A ``[D, T]`` tile with channel ``4 l + c`` at row ``(D / 4) c + l`` (the stage's channel order, see
     ``stage_channel``). The decoding thread ``l`` of a warp holds channels ``4 l .. 4 l + 3``: in channel order each
     16-byte store of a warp would hit 2 of the 128-byte swizzle's 8 positions (16 wavefronts instead of 4, ncu
     2026-12-05e); in this order its lanes' rows are consecutive. Dot products do not depend on the channel order
-    when the queries (``_stage_cols``) share it; the output is stored back in channel order. With ``SPREAD`` a
-    warp's lanes hold consecutive channels already: channel order."""
-    if SPREAD:
-        y = x
-    else:
-        y = gl.reshape(gl.permute(gl.reshape(x, (D // 4, 4, T)), (1, 0, 2)), (D, T))
-    return y
+    when the queries (``_stage_cols``) share it; the output is stored back in channel order."""
+    return gl.reshape(gl.permute(gl.reshape(x, (D // 4, 4, T)), (1, 0, 2)), (D, T))
 
 
 @gluon.jit
-def _stage_cols(x, R: gl.constexpr, D: gl.constexpr, SPREAD: gl.constexpr):
+def _stage_cols(x, R: gl.constexpr, D: gl.constexpr):
     """``[R, D]`` queries in the stage's channel order (``_stage_rows``)."""
-    if SPREAD:
-        y = x
-    else:
-        y = gl.reshape(gl.permute(gl.reshape(x, (R, D // 4, 4)), (0, 2, 1)), (R, D))
-    return y
+    return gl.reshape(gl.permute(gl.reshape(x, (R, D // 4, 4)), (0, 2, 1)), (R, D))
 
 
 @gluon.jit
-def stage_channel(row, D: gl.constexpr, SPREAD: gl.constexpr):
+def stage_channel(row, D: gl.constexpr):
     """The channel held by row ``row`` of a stage (and of the output accumulator)."""
-    if SPREAD:
-        c = row
-    else:
-        c = 4 * (row % (D // 4)) + row // (D // 4)
-    return c
+    return 4 * (row % (D // 4)) + row // (D // 4)
 
 
 @gluon.jit
 def _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr, chunk, N: gl.constexpr, D: gl.constexpr,
-                LB: gl.constexpr, K_MBITS: gl.constexpr, V_MBITS: gl.constexpr, SPREAD: gl.constexpr):  # fmt: skip
+                LB: gl.constexpr, K_MBITS: gl.constexpr, V_MBITS: gl.constexpr):  # fmt: skip
     """A block's pack fields (both streams) and payload offsets: the loads that depend on the block index only."""
-    if SPREAD:
-        fk = _fields_spread(k_meta_ptr + chunk * (N * K_MBITS // 32), N, D, K_MBITS, LB)
-        fv = _fields_spread(v_meta_ptr + chunk * (N * V_MBITS // 32), N, D, V_MBITS, LB)
-    else:
-        fk = _fields_by_4(k_meta_ptr + chunk * (N * K_MBITS // 32), N, D, K_MBITS, LB)
-        fv = _fields_by_4(v_meta_ptr + chunk * (N * V_MBITS // 32), N, D, V_MBITS, LB)
+    fk = _fields_by_4(k_meta_ptr + chunk * (N * K_MBITS // 32), N, D, K_MBITS, LB)
+    fv = _fields_by_4(v_meta_ptr + chunk * (N * V_MBITS // 32), N, D, V_MBITS, LB)
     return fk, fv, gl.load(k_off_ptr + chunk), gl.load(v_off_ptr + chunk)
 
 
@@ -245,16 +212,14 @@ def _block_bits(pool_ptr, fk, fv, ko, vo, K_QBITS: gl.constexpr, V_QBITS: gl.con
 def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs, v_bufs,
                      ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T: gl.constexpr,
                      D: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, K_QBITS: gl.constexpr,
-                     V_QBITS: gl.constexpr, SPREAD: gl.constexpr):  # fmt: skip
+                     V_QBITS: gl.constexpr):  # fmt: skip
     P: gl.constexpr = 16
     N: gl.constexpr = (T // P) * D  # packs per block and stream, in stream order (row-major: row, channel)
-    # Each thread: 4 consecutive packs of one row (channels 4l .. 4l+3), warp w = pack row w; or with SPREAD one
-    # pack per row and repetition (channel 32w + l of each pack row: the layout wraps 4 times over the N packs).
-    PPT: gl.constexpr = 1 if SPREAD else 4
-    L2: gl.constexpr = gl.BlockedLayout([PPT, 4], [32, 1], [gl.num_warps(), 1], [1, 0])
+    # Each thread: 4 consecutive packs of one row (channels 4l .. 4l+3), warp w = pack row w.
+    L2: gl.constexpr = gl.BlockedLayout([4, 4], [32, 1], [gl.num_warps(), 1], [1, 0])
     # The same packs per thread as a 1-D layout: the scan does not take a slice layout; the conversions to
     # SliceLayout(1, L2) below move nothing (same threads, same registers).
-    LB: gl.constexpr = gl.BlockedLayout([PPT], [32], [gl.num_warps()], [0])
+    LB: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])
     LP: gl.constexpr = gl.SliceLayout(1, L2)
     K_MBITS: gl.constexpr = K_QBITS + K_QBITS.bit_length()  # a field: the pack minimum, then its width
     V_MBITS: gl.constexpr = V_QBITS + V_QBITS.bit_length()
@@ -265,28 +230,28 @@ def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, rin
     last = gl.maximum(hi - 1, 0)
     base = b * NB
     fk, fv, ko, vo = _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr, (base + gl.minimum(lo, last)) * H + kvh,
-                                 N, D, LB, K_MBITS, V_MBITS, SPREAD)  # fmt: skip
+                                 N, D, LB, K_MBITS, V_MBITS)  # fmt: skip
     k_lo, k_hi, v_lo, v_hi = _block_bits(pool_ptr, fk, fv, ko, vo, K_QBITS, V_QBITS)
     nfk, nfv, nko, nvo = _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr,
-                                     (base + gl.minimum(lo + 1, last)) * H + kvh, N, D, LB, K_MBITS, V_MBITS, SPREAD)  # fmt: skip
+                                     (base + gl.minimum(lo + 1, last)) * H + kvh, N, D, LB, K_MBITS, V_MBITS)  # fmt: skip
     for i in range(hi - lo):
         s = i % STAGES
         if PREFETCH:
             nk_lo, nk_hi, nv_lo, nv_hi = _block_bits(pool_ptr, nfk, nfv, nko, nvo, K_QBITS, V_QBITS)
             n2fk, n2fv, n2ko, n2vo = _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr,
                                                  (base + gl.minimum(lo + i + 2, last)) * H + kvh, N, D, LB, K_MBITS,
-                                                 V_MBITS, SPREAD)  # fmt: skip
+                                                 V_MBITS)  # fmt: skip
         else:  # each block's loads in its own iteration
             fk, fv, ko, vo = _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr, (base + lo + i) * H + kvh, N,
-                                         D, LB, K_MBITS, V_MBITS, SPREAD)  # fmt: skip
+                                         D, LB, K_MBITS, V_MBITS)  # fmt: skip
             k_lo, k_hi, v_lo, v_hi = _block_bits(pool_ptr, fk, fv, ko, vo, K_QBITS, V_QBITS)
         kx = _pack_values(gl.convert_layout(fk, LP), gl.convert_layout(k_lo, LP), gl.convert_layout(k_hi, LP), K_QBITS,
-                          PPT)  # [N, 16]: pack (row r, channel c), its 16 tokens  # fmt: skip
+                          L2)  # [N, 16]: pack (row r, channel c), its 16 tokens  # fmt: skip
         vx = _pack_values(gl.convert_layout(fv, LP), gl.convert_layout(v_lo, LP), gl.convert_layout(v_hi, LP), V_QBITS,
-                          PPT)  # fmt: skip
+                          L2)  # fmt: skip
         # [D, T]: channel c, token 16 r + t (lane order within each pack); rows in the stage's order
-        kt = _stage_rows(gl.reshape(gl.permute(gl.reshape(kx, (T // P, D, P)), (1, 0, 2)), (D, T)), D, T, SPREAD)
-        vt = _stage_rows(gl.reshape(gl.permute(gl.reshape(vx, (T // P, D, P)), (1, 0, 2)), (D, T)), D, T, SPREAD)
+        kt = _stage_rows(gl.reshape(gl.permute(gl.reshape(kx, (T // P, D, P)), (1, 0, 2)), (D, T)), D, T)
+        vt = _stage_rows(gl.reshape(gl.permute(gl.reshape(vx, (T // P, D, P)), (1, 0, 2)), (D, T)), D, T)
         mbarrier.wait(empty.index(s), phase=((i // STAGES) & 1) ^ 1)
         k_bufs.index(s).store(kt)
         v_bufs.index(s).store(vt)
@@ -302,8 +267,8 @@ def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, rin
         i = n_c + j
         s = i % STAGES
         p0 = (nb + r_lo + j) * T
-        kt = _stage_rows(_ring_tile(ring_k_ptr, b, kvh, p0, total, H, S, T, D), D, T, SPREAD)
-        vt = _stage_rows(_ring_tile(ring_v_ptr, b, kvh, p0, total, H, S, T, D), D, T, SPREAD)
+        kt = _stage_rows(_ring_tile(ring_k_ptr, b, kvh, p0, total, H, S, T, D), D, T)
+        vt = _stage_rows(_ring_tile(ring_v_ptr, b, kvh, p0, total, H, S, T, D), D, T)
         mbarrier.wait(empty.index(s), phase=((i // STAGES) & 1) ^ 1)
         k_bufs.index(s).store(kt)
         v_bufs.index(s).store(vt)
@@ -326,7 +291,7 @@ def _butterfly(x, M: gl.constexpr, D: gl.constexpr, H: gl.constexpr):
 def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
               perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, row0, n_rep, split, b, lo, hi, r_lo, r_hi, nb, total,
               z_lo, z_hi, NB, qk_scale, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
-              HAS_MASK: gl.constexpr, SPREAD: gl.constexpr):  # fmt: skip
+              HAS_MASK: gl.constexpr):  # fmt: skip
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, R, 16])  # fmt: skip
     rows: gl.constexpr = gl.SliceLayout(0, mma)
@@ -403,7 +368,7 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
     cd = gl.arange(0, D, gl.SliceLayout(1, mma))
     cr = gl.arange(0, R, rows)
     part = (row0 + cr) * ns + split
-    gl.store(acc_ptr + gl.expand_dims(part, 0) * D + gl.expand_dims(stage_channel(cd, D, SPREAD), 1), o_t,
+    gl.store(acc_ptr + gl.expand_dims(part, 0) * D + gl.expand_dims(stage_channel(cd, D), 1), o_t,
              mask=gl.expand_dims(cr < n_rep, 0) & gl.expand_dims(cd >= 0, 1))  # fmt: skip
     gl.store(m_ptr + part, m_i, mask=cr < n_rep)
     gl.store(l_ptr + part, l_i, mask=cr < n_rep)
@@ -417,7 +382,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                             PRODUCER_REGS: gl.constexpr = 128, HAS_MASK: gl.constexpr = False,
                             PREFETCH: gl.constexpr = 1, ROTATE: gl.constexpr = False,
                             ROT_SCALE: gl.constexpr = 1.0, LOG2_D: gl.constexpr = 7, K_QBITS: gl.constexpr = 4,
-                            V_QBITS: gl.constexpr = 3, SPREAD: gl.constexpr = 0):  # fmt: skip
+                            V_QBITS: gl.constexpr = 3):  # fmt: skip
     """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
     rotated, padded to ``R`` with zeros) against the split's share of the sequence's compressed blocks of a
     ``PackedLayer`` (its pool, offsets, metadata, scales and zeros as they are stored) and its share of the exact
@@ -449,7 +414,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
         for st in gl.static_range(LOG2_D):
             q = _butterfly(q, R, D, 1 << st)
         q = gl.convert_layout(q, ld) * ROT_SCALE
-    q = _stage_cols(q.to(gl.float16), R, D, SPREAD)
+    q = _stage_cols(q.to(gl.float16), R, D)
     qsum = gl.sum(q.to(gl.float32), axis=1)
     q_s = gl.allocate_shared_memory(gl.float16, [R, D], gl.NVMMASharedLayout.get_default_for([R, D], gl.float16),
                                     value=q)  # fmt: skip
@@ -466,10 +431,10 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
     gl.warp_specialize([
         (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
                      perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo, hi, r_lo,
-                     r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, SPREAD)),
+                     r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK)),
         (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                             v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
-                            PREFETCH, K_QBITS, V_QBITS, SPREAD)),
+                            PREFETCH, K_QBITS, V_QBITS)),
     ], [4], [PRODUCER_REGS])  # fmt: skip
 
 
@@ -540,7 +505,7 @@ def partials(
             H, S, HQ // H, scale * LOG2E)  # fmt: skip
     meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, HAS_MASK=mask is not None,
                 PREFETCH=PREFETCH, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1,
-                K_QBITS=k_qbits, V_QBITS=v_qbits, SPREAD=SPREAD)
+                K_QBITS=k_qbits, V_QBITS=v_qbits)
     if q.device.type == "cpu":
         from . import gluon_attention, gluon_eager
 

@@ -4,7 +4,6 @@
         --section SpeedOfLight --section WarpStateStats ... python3 scripts/gluon_sm90/profile_once.py
 """
 
-import os
 import sys
 from pathlib import Path
 
@@ -15,9 +14,6 @@ from kernels import compress, make_kv  # noqa: E402
 
 from packkv.ops import PackKVConfig  # noqa: E402
 from packkv.ops.kernels import attention as kernel  # noqa: E402
-from packkv.ops.kernels import gluon_attention  # noqa: E402
-
-gluon_attention.SPREAD = int(os.environ.get("GLUON_SPREAD", gluon_attention.SPREAD))  # the variant to profile
 
 batch, context, heads, n_rep, d = 8, 32768, 8, 4, 128
 k, v = make_kv(batch, context, heads, d, "random", "cuda")
