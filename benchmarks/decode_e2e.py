@@ -9,6 +9,8 @@ decodes after a prompt of each context length, side by side in one run:
   graphs), SDPA attention: the path users have;
 * ``packkv``: ``packkv.compile(model)`` (packed cache, fused attention in the compiled step, CUDA graphs);
 * ``weights``: the static cache at a 1K context: the cost of reading the weights alone;
+* ``packkv_gluon`` (with ``--paths ... packkv_gluon``): ``packkv`` again, retraced with the decode steps' attention on
+  the warp-specialized Gluon kernel (sm_90; ``attention.GLUON``), so both kernels' rows come from one run;
 * ``quantized`` (with ``--paths ... quantized``): transformers' ``QuantizedCache`` (``optimum-quanto`` backend,
   ``--quantized-nbits``, residual window 128), eager: it re-quantizes and dequantizes in Python every step and is
   not compilable with ``fullgraph``. Needs ``pip install optimum-quanto`` (not a project dependency; on a machine
@@ -251,14 +253,14 @@ def plot(rows: list[dict], path: Path) -> None:
     budget = [r for r in rows if r["path"].endswith("_budget")]
     fig, axes = plt.subplots(1, 2 if budget else 1, figsize=(11 if budget else 7, 4.5), squeeze=False)
     ax = axes[0][0]
-    for name in ("static", "packkv", "quantized"):
+    for name in ("static", "packkv", "packkv_gluon", "quantized"):
         rs = [r for r in rows if r["path"] == name and r["batch"] == 1]
         if rs:
             ax.plot([r["context"] // 1024 for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=name)
     w = [r for r in rows if r["path"] == "weights"]
     if w:
         ax.axhline(w[0]["tokens_per_s"], ls=":", color="gray", label="1K context (weights only)")
-    if any(r["path"] in ("static", "packkv", "quantized") for r in rows):
+    if any(r["path"] in ("static", "packkv", "packkv_gluon", "quantized") for r in rows):
         ax.set_xscale("log", base=2)
     ax.set_xlabel("context (K tokens)")
     ax.set_ylabel("decode tokens/s (batch 1)")
@@ -286,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--chunk", type=int, default=8192, help="prefill chunk (tokens)")
     p.add_argument("--small", action="store_true", help="tiny model (CPU smoke test)")
-    p.add_argument("--paths", nargs="+", choices=["static", "packkv", "quantized"], default=["static", "packkv"])
+    p.add_argument("--paths", nargs="+", choices=["static", "packkv", "packkv_gluon", "quantized"],
+                   default=["static", "packkv"],
+                   help="packkv_gluon: PackKV again, its decode steps' attention on the Gluon kernel (as --gluon), "
+                        "recompiled, after the packkv rows: both kernels side by side in one run")
     p.add_argument("--quantized-nbits", type=int, choices=[2, 4], default=4, help="QuantizedCache bits (quanto)")
     p.add_argument("--budget-gib", type=float, default=0,
                    help="also run each path at the largest batch this GPU-memory budget fits (e.g. 80)")
@@ -314,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--watchdog", type=float, default=0, help="dump Python stacks every N s (diagnosing stalls)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_e2e")
     args = p.parse_args(argv)
-    if args.profile or args.gluon:  # the attention launches as traced (kernel, grid, query, mask): packkv_ops' debug log
+    if args.profile or args.gluon or "packkv_gluon" in args.paths:  # the attention launches as traced (kernel, grid, query, mask): packkv_ops' debug log
         import logging
 
         logging.basicConfig(format="%(name)s: %(message)s")
@@ -382,20 +387,37 @@ def main(argv: list[str] | None = None) -> int:
     if "packkv" in args.paths:
         budget_rows("packkv", lambda b, ctx, chunk: run_packkv(model, b, ctx, args.steps, args.warmup, device, chunk,
                                                                model.packkv_config))  # fmt: skip
+    if "packkv_gluon" in args.paths:
+        from packkv.ops.kernels import attention as attention_kernel
+
+        # The kernel is chosen when the step is traced: the same compiled model, retraced with the switch on.
+        was, attention_kernel.GLUON = attention_kernel.GLUON, True
+        torch._dynamo.reset()
+        for ctx in args.contexts:
+            row = run_packkv(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, model.packkv_config,
+                             args.profile, args.step_plan, args.capacity_x)  # fmt: skip
+            record(dict(row, path="packkv_gluon"))
+            torch.cuda.empty_cache() if device == "cuda" else None
+        attention_kernel.GLUON = was
     plot(rows, args.out / "decode_e2e.png")
     if not {"static", "packkv"} <= set(args.paths):
         return 0
     by = {(r["path"], r["context"]): r for r in rows}
     quant = "quantized" in args.paths
+    glu = "packkv_gluon" in args.paths
     print("| context | static tok/s | PackKV tok/s | ratio | PackKV step / 1K step | static peak GiB | PackKV peak GiB |"
+          + (" PackKV on Gluon tok/s | ratio | step / 1K step |" if glu else "")
           + (" QuantizedCache tok/s | its peak GiB |" if quant else ""))  # fmt: skip
-    print("|---|---|---|---|---|---|---|" + ("---|---|" if quant else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|---|" if glu else "") + ("---|---|" if quant else ""))
     w = rows[0]["step_ms"]
     for ctx in args.contexts:
         s, k = by[("static", ctx)], by[("packkv", ctx)]
         q = f" {by[('quantized', ctx)]['tokens_per_s']:.1f} | {by[('quantized', ctx)]['peak_gib']:.1f} |" if quant else ""
+        g = by.get(("packkv_gluon", ctx))
+        g = (f" {g['tokens_per_s']:.1f} | {g['tokens_per_s'] / s['tokens_per_s']:.2f}x | {g['step_ms'] / w:.2f} |"
+             if glu else "")  # fmt: skip
         print(f"| {ctx // 1024}K | {s['tokens_per_s']:.1f} | {k['tokens_per_s']:.1f} | {k['tokens_per_s'] / s['tokens_per_s']:.2f}x | "
-              f"{k['step_ms'] / w:.2f} | {s['peak_gib']:.1f} | {k['peak_gib']:.1f} |{q}")  # fmt: skip
+              f"{k['step_ms'] / w:.2f} | {s['peak_gib']:.1f} | {k['peak_gib']:.1f} |{g}{q}")  # fmt: skip
     if args.budget_gib:
         print(f"\n| {args.budget_gib:g} GiB budget | static batch | PackKV batch | context x batch ratio | static tok/s | "
               "PackKV tok/s | ratio | static peak GiB | PackKV peak GiB |")

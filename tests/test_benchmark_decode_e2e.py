@@ -37,3 +37,20 @@ def test_a_guard_filter_replaces_the_mode_by_its_options():
     assert set(kw) == {"options"} and kw["options"]["triton.cudagraphs"] is True
     assert kw["options"]["guard_filter_fn"] is torch.compiler.skip_guard_on_all_nn_modules_unsafe
     assert decode_e2e.compile_kwargs(None, True)["options"].keys() == {"guard_filter_fn"}
+
+
+def test_the_gluon_path_runs_beside_packkv_and_leaves_the_switch_as_it_was(tmp_path):
+    """``--paths ... packkv_gluon``: PackKV's rows again, retraced with ``attention.GLUON`` on, in the same run and
+    table. On the CPU the switch changes nothing (the Gluon kernel needs sm_90): this checks the plumbing only."""
+    from packkv.ops.kernels import attention as attention_kernel
+
+    torch._dynamo.reset()
+    before = attention_kernel.GLUON
+    argv = ["--small", "--layers", "2", "--contexts", "512", "--paths", "static", "packkv", "packkv_gluon",
+            "--steps", "2", "--warmup", "1", "--chunk", "256", "--out", str(tmp_path)]  # fmt: skip
+    assert decode_e2e.main(argv) == 0
+    rows = json.loads((tmp_path / "decode_e2e.json").read_text())["rows"]
+    assert [r["path"] for r in rows] == ["weights", "static", "packkv", "packkv_gluon"]
+    assert rows[3]["context"] == 512 and rows[3]["tokens_per_s"] > 0
+    assert attention_kernel.GLUON is before
+    torch._dynamo.reset()
