@@ -84,21 +84,27 @@ def test_gluon_attention_matches_the_reference(n_rep, splits, extra, masked, rag
     assert ((got.float() - want).abs().max() / want.abs().max()).item() < tol
 
 
+# (PREFETCH, PRODUCERS): each block's fields, offsets and pack bits loaded in its own iteration (0), not one and two
+# blocks ahead (1; its last blocks' look-ahead clamped to a block that exists); one decoding warpgroup, or two taking
+# turns over the blocks and the window's tiles (with splits=1 one takes blocks 0, 2 and tiles 4, the other block 1
+# and tiles 3, 5).
+@pytest.mark.parametrize("prefetch, producers", [(0, 1), (1, 2), (0, 2)])
 @pytest.mark.parametrize("splits", [1, 4])
-def test_without_the_producers_prefetch_the_gluon_attention_is_the_same(splits, monkeypatch):
-    """``PREFETCH = 0``: each block's fields, offsets and pack bits loaded in its own iteration, not one and two
-    blocks ahead (the default; its last blocks' look-ahead is clamped to a block that exists)."""
+def test_the_producers_launch_options_give_the_same_attention(prefetch, producers, splits, monkeypatch):
     from packkv.ops.kernels import gluon_attention
 
     st = _layer(PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none"), torch.float16, ragged=True)
     mask = _padding_mask(L + 20)
     q = torch.randn(B, H * 4, 1, D, device=DEV, dtype=torch.float16)
-    ahead = gpu.attention(q, st, L + 20, mask, False, None, splits=splits, gluon=True)
-    monkeypatch.setattr(gluon_attention, "PREFETCH", 0)
-    own = gpu.attention(q, st, L + 20, mask, False, None, splits=splits, gluon=True)
-    torch.testing.assert_close(own, ahead, rtol=0, atol=0)
+    monkeypatch.setattr(gluon_attention, "PREFETCH", 1)
+    monkeypatch.setattr(gluon_attention, "PRODUCERS", 1)
+    default = gpu.attention(q, st, L + 20, mask, False, None, splits=splits, gluon=True)
+    monkeypatch.setattr(gluon_attention, "PREFETCH", prefetch)
+    monkeypatch.setattr(gluon_attention, "PRODUCERS", producers)
+    got = gpu.attention(q, st, L + 20, mask, False, None, splits=splits, gluon=True)
+    torch.testing.assert_close(got, default, rtol=0, atol=0)
     want = _want(q, st, L + 20, mask, "none")
-    assert ((own.float() - want).abs().max() / want.abs().max()).item() < 2e-3
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-3
 
 
 @pytest.mark.parametrize("k_rel, v_rel", [(0.4, 0.1), (0.2, 0.5), (0.07, 0.07)])  # K/V: 2/4, 3/2, 4/4-bit ints

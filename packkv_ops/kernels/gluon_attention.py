@@ -53,6 +53,7 @@ PROGRAMS_PER_SM = 2  # the split count fills this many programs per SM
 # each block's in its own iteration (0: two dependent global round trips per block, with only 8 decoding warps per
 # SM to hide them at 2 programs per SM; 547 instead of 582 loop instructions).
 PREFETCH = 1
+PRODUCERS = 1  # decoding warpgroups per program (2: they take turns over the blocks)
 
 
 @gluon.jit
@@ -212,7 +213,7 @@ def _block_bits(pool_ptr, fk, fv, ko, vo, K_QBITS: gl.constexpr, V_QBITS: gl.con
 def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs, v_bufs,
                      ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T: gl.constexpr,
                      D: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, K_QBITS: gl.constexpr,
-                     V_QBITS: gl.constexpr):  # fmt: skip
+                     V_QBITS: gl.constexpr, par, NPAR: gl.constexpr):  # fmt: skip
     P: gl.constexpr = 16
     N: gl.constexpr = (T // P) * D  # packs per block and stream, in stream order (row-major: row, channel)
     # Each thread: 4 consecutive packs of one row (channels 4l .. 4l+3), warp w = pack row w.
@@ -229,18 +230,18 @@ def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, rin
     # block that exists: harmless loads, never used).
     last = gl.maximum(hi - 1, 0)
     base = b * NB
-    fk, fv, ko, vo = _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr, (base + gl.minimum(lo, last)) * H + kvh,
-                                 N, D, LB, K_MBITS, V_MBITS)  # fmt: skip
+    fk, fv, ko, vo = _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr,
+                                 (base + gl.minimum(lo + par, last)) * H + kvh, N, D, LB, K_MBITS, V_MBITS)  # fmt: skip
     k_lo, k_hi, v_lo, v_hi = _block_bits(pool_ptr, fk, fv, ko, vo, K_QBITS, V_QBITS)
     nfk, nfv, nko, nvo = _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr,
-                                     (base + gl.minimum(lo + 1, last)) * H + kvh, N, D, LB, K_MBITS, V_MBITS)  # fmt: skip
-    for i in range(hi - lo):
+                                     (base + gl.minimum(lo + par + NPAR, last)) * H + kvh, N, D, LB, K_MBITS, V_MBITS)  # fmt: skip
+    for i in range(par, hi - lo, NPAR):  # this partition's blocks (NPAR partitions take turns)
         s = i % STAGES
         if PREFETCH:
             nk_lo, nk_hi, nv_lo, nv_hi = _block_bits(pool_ptr, nfk, nfv, nko, nvo, K_QBITS, V_QBITS)
             n2fk, n2fv, n2ko, n2vo = _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr,
-                                                 (base + gl.minimum(lo + i + 2, last)) * H + kvh, N, D, LB, K_MBITS,
-                                                 V_MBITS)  # fmt: skip
+                                                 (base + gl.minimum(lo + i + 2 * NPAR, last)) * H + kvh, N, D, LB,
+                                                 K_MBITS, V_MBITS)  # fmt: skip
         else:  # each block's loads in its own iteration
             fk, fv, ko, vo = _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr, (base + lo + i) * H + kvh, N,
                                          D, LB, K_MBITS, V_MBITS)  # fmt: skip
@@ -263,7 +264,7 @@ def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, rin
             nfk, nfv, nko, nvo = n2fk, n2fv, n2ko, n2vo
     # Then the split's tiles of the exact window (the ring), in token order.
     n_c = hi - lo
-    for j in range(r_hi - r_lo):
+    for j in range((par + NPAR - n_c % NPAR) % NPAR, r_hi - r_lo, NPAR):  # tile i = n_c + j is this partition's
         i = n_c + j
         s = i % STAGES
         p0 = (nb + r_lo + j) * T
@@ -380,7 +381,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                             perm_ptr, mask_ptr, smb, out_len, acc_ptr, m_ptr, l_ptr, NB, H, S, n_rep, qk_scale,
                             T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
                             PRODUCER_REGS: gl.constexpr = 128, HAS_MASK: gl.constexpr = False,
-                            PREFETCH: gl.constexpr = 1, ROTATE: gl.constexpr = False,
+                            PREFETCH: gl.constexpr = 1, ROTATE: gl.constexpr = False, PRODUCERS: gl.constexpr = 1,
                             ROT_SCALE: gl.constexpr = 1.0, LOG2_D: gl.constexpr = 7, K_QBITS: gl.constexpr = 4,
                             V_QBITS: gl.constexpr = 3):  # fmt: skip
     """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
@@ -428,14 +429,28 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
     fence_async_shared()
-    gl.warp_specialize([
-        (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
-                     perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo, hi, r_lo,
-                     r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK)),
-        (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
-                            v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
-                            PREFETCH, K_QBITS, V_QBITS)),
-    ], [4], [PRODUCER_REGS])  # fmt: skip
+    # (The argument lists are written out: a tuple variable would turn the constexprs into tensors.)
+    if PRODUCERS == 1:
+        gl.warp_specialize([
+            (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
+                         v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK)),
+            (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
+                                v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
+                                PREFETCH, K_QBITS, V_QBITS, 0, 1)),
+        ], [4], [PRODUCER_REGS])
+    else:  # two decoding warpgroups taking turns over the blocks: twice the warps to hide the gathers' latency
+        gl.warp_specialize([
+            (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
+                         v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK)),
+            (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
+                                v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
+                                PREFETCH, K_QBITS, V_QBITS, 0, 2)),
+            (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
+                                v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
+                                PREFETCH, K_QBITS, V_QBITS, 1, 2)),
+        ], [4, 4], [PRODUCER_REGS, PRODUCER_REGS])  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -504,7 +519,7 @@ def partials(
             ring_v, n_blocks, n_win, perm, n_win if mask is None else mask, smb, out_len, acc, m, l, k_scale.shape[1],
             H, S, HQ // H, scale * LOG2E)  # fmt: skip
     meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, HAS_MASK=mask is not None,
-                PREFETCH=PREFETCH, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1,
+                PREFETCH=PREFETCH, PRODUCERS=PRODUCERS, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1,
                 K_QBITS=k_qbits, V_QBITS=v_qbits)
     if q.device.type == "cpu":
         from . import gluon_attention, gluon_eager

@@ -28,12 +28,14 @@ from packkv.ops.kernels.gluon_attention import decode_attention_kernel  # noqa: 
 ORDER = ["q_ptr", "pool_ptr", "k_off_ptr", "v_off_ptr", "k_meta_ptr", "v_meta_ptr", "k_scale_ptr", "k_zero_ptr",
          "v_scale_ptr", "v_zero_ptr", "ring_k_ptr", "ring_v_ptr", "n_blocks_ptr", "n_win_ptr", "perm_ptr", "mask_ptr",
          "smb", "out_len", "acc_ptr", "m_ptr", "l_ptr", "NB", "H", "S", "n_rep", "qk_scale", "T", "D", "R", "STAGES",
-         "PRODUCER_REGS", "HAS_MASK", "PREFETCH", "ROTATE", "ROT_SCALE", "LOG2_D", "K_QBITS", "V_QBITS"]  # fmt: skip
-# (MAXNREG, PRODUCER_REGS, PROGRAMS_PER_SM, PREFETCH, STAGES); GLUON_SETTINGS="128,128,2,1,3;..." replaces them
-SETTINGS = ((128, 128, 2, 1, 2), (128, 128, 2, 0, 2), (128, 160, 2, 1, 2), (128, 128, 2, 1, 3))
+         "PRODUCER_REGS", "HAS_MASK", "PREFETCH", "ROTATE", "PRODUCERS", "ROT_SCALE", "LOG2_D", "K_QBITS", "V_QBITS"]  # fmt: skip
+# (MAXNREG, PRODUCER_REGS, PROGRAMS_PER_SM, PREFETCH, STAGES, PRODUCERS); GLUON_SETTINGS="128,128,2,1,3,1;..."
+# replaces them (a missing PRODUCERS is 1)
+SETTINGS = ((128, 128, 2, 1, 2, 1), (80, 88, 2, 1, 2, 2), (80, 88, 2, 0, 2, 2), (128, 128, 1, 1, 2, 2))
 
 
-def run_on_gpu(maxnreg: int | None, producer_regs: int, per_sm: int, prefetch: int, stages: int) -> None:
+def run_on_gpu(maxnreg: int | None, producer_regs: int, per_sm: int, prefetch: int, stages: int,
+               producers: int = 1) -> None:
     """On a GPU, for one register setting: a real ``PackedLayer`` per size (random bf16 K/V compressed by
     ``append_`` with the default config: Hadamard rotation, ``k_rel`` 0.07 / ``v_rel`` 0.15), the Gluon kernel
     (``attention(..., gluon=True)``, merge included) against the Triton kernel, without and with a decode step's
@@ -50,7 +52,7 @@ def run_on_gpu(maxnreg: int | None, producer_regs: int, per_sm: int, prefetch: i
 
     ga = gluon_attention
     ga.MAXNREG, ga.PRODUCER_REGS, ga.PROGRAMS_PER_SM, ga.PREFETCH = maxnreg, producer_regs, per_sm, prefetch
-    ga.STAGES = stages
+    ga.STAGES, ga.PRODUCERS = stages, producers
     for batch, context in ((8, 32768), (1, 131072)):
         heads, n_rep, d = 8, 4, 128
         k, v = make_kv(batch, context, heads, d, "random", "cuda")
@@ -73,7 +75,8 @@ def run_on_gpu(maxnreg: int | None, producer_regs: int, per_sm: int, prefetch: i
         t_g, t_t = bench_ms(lambda: run(True)), bench_ms(lambda: run(False))
         t_gm, t_tm = bench_ms(lambda: run(True, longer, mask)), bench_ms(lambda: run(False, longer, mask))
         t_sdpa = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-        print(f"maxnreg {maxnreg}, producer regs {producer_regs}, {per_sm}/SM, prefetch {prefetch}, {stages} stages | B{batch}/{context}: error vs Triton "
+        print(f"maxnreg {maxnreg}, producer regs {producer_regs}, {per_sm}/SM, prefetch {prefetch}, {stages} stages, "
+              f"{producers} producer warpgroups | B{batch}/{context}: error vs Triton "
               f"{e:.1e} (masked {e_m:.1e}) | Gluon {t_g:.3f} ms, Triton {t_t:.3f}, SDPA {t_sdpa:.3f} | Gluon "
               f"{t_sdpa / t_g:.2f}x SDPA, {t_t / t_g:.2f}x Triton | masked: Gluon {t_gm:.3f}, Triton {t_tm:.3f}",
               flush=True)  # fmt: skip
@@ -86,13 +89,13 @@ def main() -> None:
             "v_zero_ptr": "*i16", "ring_k_ptr": "*bf16", "ring_v_ptr": "*bf16", "acc_ptr": "*fp32", "m_ptr": "*fp32",
             "l_ptr": "*fp32", "NB": "i32", "H": "i32", "S": "i32", "perm_ptr": "*u8", "mask_ptr": "*i1", "smb": "i32",
             "out_len": "i32", "n_rep": "i32", "qk_scale": "fp32", "T": "constexpr", "D": "constexpr", "R": "constexpr",
-            "STAGES": "constexpr", "PRODUCER_REGS": "constexpr", "HAS_MASK": "constexpr", "PREFETCH": "constexpr", "ROTATE": "constexpr", "ROT_SCALE": "constexpr",
+            "STAGES": "constexpr", "PRODUCER_REGS": "constexpr", "HAS_MASK": "constexpr", "PREFETCH": "constexpr", "ROTATE": "constexpr", "PRODUCERS": "constexpr", "ROT_SCALE": "constexpr",
             "LOG2_D": "constexpr", "K_QBITS": "constexpr", "V_QBITS": "constexpr"}  # fmt: skip
     sig = {k: sig[k] for k in ORDER}
     aligned = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(ORDER) if k.endswith("_ptr")}
     ga = gluon_attention
     consts = dict(T=ga.T_BLOCK, D=ga.HEAD_DIM, R=ga.ROWS, STAGES=ga.STAGES, PRODUCER_REGS=ga.PRODUCER_REGS,
-                  HAS_MASK=True, PREFETCH=ga.PREFETCH, ROTATE=True, ROT_SCALE=ga.HEAD_DIM**-0.5,
+                  HAS_MASK=True, PREFETCH=ga.PREFETCH, ROTATE=True, PRODUCERS=ga.PRODUCERS, ROT_SCALE=ga.HEAD_DIM**-0.5,
                   LOG2_D=ga.HEAD_DIM.bit_length() - 1, K_QBITS=4, V_QBITS=3)  # the e2e decode step's case  # fmt: skip
     ck = compile_gluon(decode_attention_kernel, sig, consts, aligned, maxnreg=ga.MAXNREG)
     report(f"PackKV decode attention, warp-specialized (4 decode warps, 4 wgmma warps; maxnreg {ga.MAXNREG}, "
@@ -123,6 +126,6 @@ if __name__ == "__main__":
                 break
         if "--one" in sys.argv:
             a = sys.argv[sys.argv.index("--one") + 1 :]
-            run_on_gpu(None if a[0] == "None" else int(a[0]), *map(int, a[1:5]))
+            run_on_gpu(None if a[0] == "None" else int(a[0]), *map(int, a[1:6]))
     else:
         main()
