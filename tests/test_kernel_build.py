@@ -69,7 +69,10 @@ GLUON_BUILDS = {
     # S = K q^T as 8 HGMMA.64x8x16 and O^T += V^T P as 8 more, per 64-token tile
     "decode_attention_pipeline.py": [r"\n   HGMMA 16,", r"consumer loop: \d+ instructions .*HGMMA 16"],
     # and with PackKV's decode as the producer: 64 HADD2 per thread and block (two values each, K and V)
-    "packed_decode_attention.py": [r"consumer loop: \d+ .*HGMMA 16", r"producer loop: \d+ .*HADD2 64"],
+    # (and with two decoding warpgroups, PRODUCERS = 2: 12 warps)
+    "packed_decode_attention.py": [r"consumer loop: \d+ .*HGMMA 16", r"producer loop: \d+ .*HADD2 64",
+                                   r"8 decode warps.*12 warps(.|\n)*consumer loop: \d+ .*HGMMA 16.*\n"
+                                   r"producer loop: \d+ .*HADD2 64"],
 }
 
 

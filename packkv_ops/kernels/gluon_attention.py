@@ -53,7 +53,9 @@ PROGRAMS_PER_SM = 2  # the split count fills this many programs per SM
 # each block's in its own iteration (0: two dependent global round trips per block, with only 8 decoding warps per
 # SM to hide them at 2 programs per SM; 547 instead of 582 loop instructions).
 PREFETCH = 1
-PRODUCERS = 1  # decoding warpgroups per program (2: they take turns over the blocks)
+# Decoding warpgroups per program: 2 take turns over the blocks, 16 decoding warps per SM instead of 8 to hide the
+# gathers' latency (ncu: latency-bound); with MAXNREG 80, PRODUCER_REGS 88, PREFETCH 0 (2026-12-05f, not yet timed).
+PRODUCERS = 1
 
 
 @gluon.jit

@@ -5,7 +5,8 @@ and its check and timing on one.
     python scripts/gluon_sm90/packed_decode_attention.py --gpu   # on the GPU machine
 
 Compiled here (2026-12-05e): producer loop 569 sm_90 instructions per 64-token block and warp, consumer loop 238
-(with the mask); 4 + 4 warps, 68 KB of shared memory with 2 stages. ``--gpu`` compares it, through
+(with the mask); 4 + 4 warps, 68 KB of shared memory with 2 stages. With two decoding warpgroups (``PRODUCERS = 2``,
+80 / 88 registers, no prefetch; 2026-12-05f): 530 and 239, 4 + 8 warps, not yet timed. ``--gpu`` compares it, through
 ``attention(..., gluon=True)``, with the Triton kernel on a real ``PackedLayer`` (without and with a padding mask
 and zero keys, with the Hadamard rotation) and times both beside SDPA, per launch setting (``SETTINGS`` or
 ``GLUON_SETTINGS``). On the H100 (2026-12-05e): 0.237 ms at B8/32K (Triton 0.294, SDPA 0.355), 0.133 at B1/128K
@@ -94,17 +95,22 @@ def main() -> None:
     sig = {k: sig[k] for k in ORDER}
     aligned = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(ORDER) if k.endswith("_ptr")}
     ga = gluon_attention
-    consts = dict(T=ga.T_BLOCK, D=ga.HEAD_DIM, R=ga.ROWS, STAGES=ga.STAGES, PRODUCER_REGS=ga.PRODUCER_REGS,
-                  HAS_MASK=True, PREFETCH=ga.PREFETCH, ROTATE=True, PRODUCERS=ga.PRODUCERS, ROT_SCALE=ga.HEAD_DIM**-0.5,
-                  LOG2_D=ga.HEAD_DIM.bit_length() - 1, K_QBITS=4, V_QBITS=3)  # the e2e decode step's case  # fmt: skip
-    ck = compile_gluon(decode_attention_kernel, sig, consts, aligned, maxnreg=ga.MAXNREG)
-    report(f"PackKV decode attention, warp-specialized (4 decode warps, 4 wgmma warps; maxnreg {ga.MAXNREG}, "
-           f"producer {ga.PRODUCER_REGS}, prefetch {ga.PREFETCH})", ck, ("HGMMA", "SYNCS", "BAR", "SHFL", "LDG", "STS", "HADD2", "LOP3", "PRMT"))  # fmt: skip
-    sass = sass_of(ck)
-    for part, opcode in (("consumer", "HGMMA"), ("producer", "HADD2")):
-        n, top = innermost_loop(sass, opcode)
-        print(f"{part} loop: {n} instructions per 64-token block and warp ({top})")
-
+    # The launch options (module defaults), then two decoding warpgroups per program (PRODUCERS = 2: 12 warps, so
+    # 80 registers per thread for 2 programs per SM; the decoding warps get 88, the wgmma warps the 64 left).
+    for maxnreg, producer_regs, prefetch, producers in ((ga.MAXNREG, ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS),
+                                                        (80, 88, 0, 2)):  # fmt: skip
+        consts = dict(T=ga.T_BLOCK, D=ga.HEAD_DIM, R=ga.ROWS, STAGES=ga.STAGES, PRODUCER_REGS=producer_regs,
+                      HAS_MASK=True, PREFETCH=prefetch, ROTATE=True, PRODUCERS=producers,
+                      ROT_SCALE=ga.HEAD_DIM**-0.5, LOG2_D=ga.HEAD_DIM.bit_length() - 1, K_QBITS=4,
+                      V_QBITS=3)  # the e2e decode step's case  # fmt: skip
+        ck = compile_gluon(decode_attention_kernel, sig, consts, aligned, maxnreg=maxnreg)
+        report(f"PackKV decode attention, warp-specialized ({4 * producers} decode warps, 4 wgmma warps; maxnreg "
+               f"{maxnreg}, producer {producer_regs}, prefetch {prefetch})", ck,
+               ("HGMMA", "SYNCS", "BAR", "SHFL", "LDG", "STS", "HADD2", "LOP3", "PRMT"))  # fmt: skip
+        sass = sass_of(ck)
+        for part, opcode in (("consumer", "HGMMA"), ("producer", "HADD2")):
+            n, top = innermost_loop(sass, opcode)
+            print(f"{part} loop: {n} instructions per 64-token block and warp ({top})")
 
 if __name__ == "__main__":
     if "--gpu" in sys.argv:
