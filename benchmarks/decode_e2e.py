@@ -7,10 +7,11 @@ decodes after a prompt of each context length, side by side in one run:
 
 * ``static``: transformers ``StaticCache`` (bf16), forward compiled with ``mode="reduce-overhead"`` (CUDA
   graphs), SDPA attention: the path users have;
-* ``packkv``: ``packkv.compile(model)`` (packed cache, fused attention in the compiled step, CUDA graphs);
+* ``packkv``: ``packkv.compile(model)`` (packed cache, fused attention in the compiled step, CUDA graphs; the
+  decode steps' attention on the warp-specialized Gluon kernel on sm_90, on the Triton kernel elsewhere);
 * ``weights``: the static cache at a 1K context: the cost of reading the weights alone;
-* ``packkv_gluon`` (with ``--paths ... packkv_gluon``): ``packkv`` again, retraced with the decode steps' attention on
-  the warp-specialized Gluon kernel (sm_90; ``attention.GLUON``), so both kernels' rows come from one run;
+* ``packkv_triton`` (with ``--paths ... packkv_triton``): ``packkv`` again, retraced with the decode steps' attention
+  on the Triton kernel (``attention.GLUON = False``), so both kernels' rows come from one run;
 * ``quantized`` (with ``--paths ... quantized``): transformers' ``QuantizedCache`` (``optimum-quanto`` backend,
   ``--quantized-nbits``, residual window 128), eager: it re-quantizes and dequantizes in Python every step and is
   not compilable with ``fullgraph``. Needs ``pip install optimum-quanto`` (not a project dependency; on a machine
@@ -253,14 +254,14 @@ def plot(rows: list[dict], path: Path) -> None:
     budget = [r for r in rows if r["path"].endswith("_budget")]
     fig, axes = plt.subplots(1, 2 if budget else 1, figsize=(11 if budget else 7, 4.5), squeeze=False)
     ax = axes[0][0]
-    for name in ("static", "packkv", "packkv_gluon", "quantized"):
+    for name in ("static", "packkv", "packkv_triton", "quantized"):
         rs = [r for r in rows if r["path"] == name and r["batch"] == 1]
         if rs:
             ax.plot([r["context"] // 1024 for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=name)
     w = [r for r in rows if r["path"] == "weights"]
     if w:
         ax.axhline(w[0]["tokens_per_s"], ls=":", color="gray", label="1K context (weights only)")
-    if any(r["path"] in ("static", "packkv", "packkv_gluon", "quantized") for r in rows):
+    if any(r["path"] in ("static", "packkv", "packkv_triton", "quantized") for r in rows):
         ax.set_xscale("log", base=2)
     ax.set_xlabel("context (K tokens)")
     ax.set_ylabel("decode tokens/s (batch 1)")
@@ -288,9 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--chunk", type=int, default=8192, help="prefill chunk (tokens)")
     p.add_argument("--small", action="store_true", help="tiny model (CPU smoke test)")
-    p.add_argument("--paths", nargs="+", choices=["static", "packkv", "packkv_gluon", "quantized"],
+    p.add_argument("--paths", nargs="+", choices=["static", "packkv", "packkv_triton", "quantized"],
                    default=["static", "packkv"],
-                   help="packkv_gluon: PackKV again, its decode steps' attention on the Gluon kernel (as --gluon), "
+                   help="packkv_triton: PackKV again, its decode steps' attention on the Triton kernel (as --triton), "
                         "recompiled, after the packkv rows: both kernels side by side in one run")
     p.add_argument("--quantized-nbits", type=int, choices=[2, 4], default=4, help="QuantizedCache bits (quanto)")
     p.add_argument("--budget-gib", type=float, default=0,
@@ -313,13 +314,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows-as-16", action="store_true",
                    help="PackKV: the attention's query rows padded to 16 and as the products' M dimension "
                         "(attention.MIN_ROWS=16, ROWS_AS_N=False; before 2026-12-04i)")
-    p.add_argument("--gluon", action="store_true",
-                   help="PackKV: the decode steps' attention on the warp-specialized Gluon kernel where it applies "
-                        "(attention.GLUON; sm_90, the default layout, head_dim 128)")
+    p.add_argument("--triton", action="store_true",
+                   help="PackKV: the decode steps' attention on the Triton kernel even where the warp-specialized "
+                        "Gluon kernel applies (attention.GLUON = False; it applies on sm_90, default layout, head_dim 128)")
     p.add_argument("--watchdog", type=float, default=0, help="dump Python stacks every N s (diagnosing stalls)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_e2e")
     args = p.parse_args(argv)
-    if args.profile or args.gluon or "packkv_gluon" in args.paths:  # the attention launches as traced (kernel, grid, query, mask): packkv_ops' debug log
+    if args.profile or args.triton or "packkv_triton" in args.paths:  # the attention launches as traced (kernel, grid, query, mask): packkv_ops' debug log
         import logging
 
         logging.basicConfig(format="%(name)s: %(message)s")
@@ -328,10 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         from packkv.ops.kernels import attention as attention_kernel
 
         attention_kernel.MIN_ROWS, attention_kernel.ROWS_AS_N = 16, False
-    if args.gluon:
+    if args.triton:
         from packkv.ops.kernels import attention as attention_kernel
 
-        attention_kernel.GLUON = True
+        attention_kernel.GLUON = False
     if args.rotate_around_kernel:
         from packkv.ops.kernels import attention as attention_kernel
 
@@ -387,16 +388,21 @@ def main(argv: list[str] | None = None) -> int:
     if "packkv" in args.paths:
         budget_rows("packkv", lambda b, ctx, chunk: run_packkv(model, b, ctx, args.steps, args.warmup, device, chunk,
                                                                model.packkv_config))  # fmt: skip
-    if "packkv_gluon" in args.paths:
+    if "packkv_triton" in args.paths:
         from packkv.ops.kernels import attention as attention_kernel
 
-        # The kernel is chosen when the step is traced: the same compiled model, retraced with the switch on.
-        was, attention_kernel.GLUON = attention_kernel.GLUON, True
+        # The kernel is chosen when the step is traced: the same compiled model, retraced with the switch off. Inductor's
+        # FX/AOT graph caches key on the Dynamo graph, where the attention is one node: without disabling them the
+        # retrace replays the first kernel's code (2026-12-06: 64 Triton launches logged, none on Gluon).
+        was, attention_kernel.GLUON = attention_kernel.GLUON, False
+        from torch._inductor import config as inductor_config
+
+        inductor_config.force_disable_caches = True
         torch._dynamo.reset()
         for ctx in args.contexts:
             row = run_packkv(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, model.packkv_config,
                              args.profile, args.step_plan, args.capacity_x)  # fmt: skip
-            record(dict(row, path="packkv_gluon"))
+            record(dict(row, path="packkv_triton"))
             torch.cuda.empty_cache() if device == "cuda" else None
         attention_kernel.GLUON = was
     plot(rows, args.out / "decode_e2e.png")
@@ -404,16 +410,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     by = {(r["path"], r["context"]): r for r in rows}
     quant = "quantized" in args.paths
-    glu = "packkv_gluon" in args.paths
+    glu = "packkv_triton" in args.paths
     print("| context | static tok/s | PackKV tok/s | ratio | PackKV step / 1K step | static peak GiB | PackKV peak GiB |"
-          + (" PackKV on Gluon tok/s | ratio | step / 1K step |" if glu else "")
+          + (" PackKV on Triton tok/s | ratio | step / 1K step |" if glu else "")
           + (" QuantizedCache tok/s | its peak GiB |" if quant else ""))  # fmt: skip
     print("|---|---|---|---|---|---|---|" + ("---|---|---|" if glu else "") + ("---|---|" if quant else ""))
     w = rows[0]["step_ms"]
     for ctx in args.contexts:
         s, k = by[("static", ctx)], by[("packkv", ctx)]
         q = f" {by[('quantized', ctx)]['tokens_per_s']:.1f} | {by[('quantized', ctx)]['peak_gib']:.1f} |" if quant else ""
-        g = by.get(("packkv_gluon", ctx))
+        g = by.get(("packkv_triton", ctx))
         g = (f" {g['tokens_per_s']:.1f} | {g['tokens_per_s'] / s['tokens_per_s']:.2f}x | {g['step_ms'] / w:.2f} |"
              if glu else "")  # fmt: skip
         print(f"| {ctx // 1024}K | {s['tokens_per_s']:.1f} | {k['tokens_per_s']:.1f} | {k['tokens_per_s'] / s['tokens_per_s']:.2f}x | "

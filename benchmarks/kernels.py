@@ -267,8 +267,9 @@ VARIANTS = {  # name -> attention() keyword arguments, each a change from the de
     # A compiled decode step passes a bool padding mask [B, 1, 1, out_len] (all True here: same results).
     "with a decode mask, read as one row per tile": dict(with_mask=True),
     "  with a decode mask, read as a [rows, tokens] tile (before 2026-12-04e)": dict(with_mask=True, mask_row=False),
-    # The warp-specialized Gluon kernel (gluon_attention.py, sm_90, 2026-12-05d; never timed): its own launch settings
-    # (gluon_attention.MAXNREG, PRODUCER_REGS, PROGRAMS_PER_SM); a ValueError row where it does not cover the layout.
+    # The warp-specialized Gluon kernel (gluon_attention.py, sm_90; the op's default there since 2026-12-06): its own
+    # launch settings (gluon_attention.MAXNREG, PRODUCER_REGS, PROGRAMS_PER_SM, PRODUCERS); a ValueError row where it
+    # does not cover the layout. Every other row is the Triton kernel (gluon=False unless a row says otherwise).
     "Gluon kernel (4 decode warps + 4 wgmma warps)": dict(gluon=True),
     "  Gluon kernel, out_len 2x with a decode mask": dict(gluon=True, out_len_x=2, with_mask=True),
 }
@@ -292,7 +293,7 @@ def variants(cfg, batch, length, heads, q_heads, dim, data, device, table: dict 
                  t_ms=bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)))]  # fmt: skip
     wants = {1: want}
     for name, kw in (table or VARIANTS).items():
-        kw = dict(kw)
+        kw = {"gluon": False, **kw}
         x = kw.pop("out_len_x", 1)
         mask = torch.ones(batch, 1, 1, x * length, dtype=torch.bool, device=device) if kw.pop("with_mask", False) else None
         if x not in wants:  # zero keys past the length count (no mask), as in decompress
@@ -306,7 +307,7 @@ def variants(cfg, batch, length, heads, q_heads, dim, data, device, table: dict 
             t = err = float("nan")
             print(f"variant {name}: {type(e).__name__}: {e}")
         rows.append(dict(batch=batch, context=length, variant=name, t_ms=t, rel_err=err))
-        if not kw and x == 1 and mask is None:  # eager launches too: the host overhead an uncompiled caller pays
+        if kw == {"gluon": False} and x == 1 and mask is None:  # eager launches too: the host overhead an uncompiled caller pays
             rows[-1]["t_eager_ms"] = bench_ms(fn, graph=False)
     return rows
 
@@ -405,8 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="print where compression and attention spend GPU time")
     p.add_argument("--compress-variants", action="store_true",
                    help="also time compression at other kernel launch widths (at --variant-sizes)")
-    p.add_argument("--gluon", action="store_true",
-                   help="the main table's PackKV column on the Gluon kernel where it applies (attention.GLUON)")
+    p.add_argument("--triton", action="store_true",
+                   help="the main table's PackKV column on the Triton kernel even where the Gluon kernel applies "
+                        "(attention.GLUON = False; by default the op takes Gluon on sm_90)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -416,9 +418,9 @@ def main(argv: list[str] | None = None) -> int:
                          lay.v.qbits)  # fmt: skip
     print(f"{lay.k.qbits}-bit K / {lay.v.qbits}-bit V ints in packs of {cfg.pack_size}: decoded as {paths[0]} / "
           f"{paths[1]} (tiles.decode_paths)", flush=True)
-    if args.gluon:
-        attention_module.GLUON = True
-        print("PackKV column: the Gluon kernel where it applies (attention.GLUON)", flush=True)
+    if args.triton:
+        attention_module.GLUON = False
+        print("PackKV column: the Triton kernel (attention.GLUON = False)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     if args.variants_only:

@@ -39,18 +39,18 @@ def test_a_guard_filter_replaces_the_mode_by_its_options():
     assert decode_e2e.compile_kwargs(None, True)["options"].keys() == {"guard_filter_fn"}
 
 
-def test_the_gluon_path_runs_beside_packkv_and_leaves_the_switch_as_it_was(tmp_path):
-    """``--paths ... packkv_gluon``: PackKV's rows again, retraced with ``attention.GLUON`` on, in the same run and
-    table. On the CPU the switch changes nothing (the Gluon kernel needs sm_90): this checks the plumbing only."""
+def test_the_triton_path_runs_beside_packkv_and_leaves_the_switch_as_it_was(tmp_path):
+    """``--paths ... packkv_triton``: PackKV's rows again, retraced with ``attention.GLUON`` off, in the same run and
+    table. On the CPU the switch changes nothing (the Gluon kernel runs on sm_90 only): this checks the plumbing."""
     from packkv.ops.kernels import attention as attention_kernel
 
     torch._dynamo.reset()
     before = attention_kernel.GLUON
-    argv = ["--small", "--layers", "2", "--contexts", "512", "--paths", "static", "packkv", "packkv_gluon",
+    argv = ["--small", "--layers", "2", "--contexts", "512", "--paths", "static", "packkv", "packkv_triton",
             "--steps", "2", "--warmup", "1", "--chunk", "256", "--out", str(tmp_path)]  # fmt: skip
     assert decode_e2e.main(argv) == 0
     rows = json.loads((tmp_path / "decode_e2e.json").read_text())["rows"]
-    assert [r["path"] for r in rows] == ["weights", "static", "packkv", "packkv_gluon"]
+    assert [r["path"] for r in rows] == ["weights", "static", "packkv", "packkv_triton"]
     assert rows[3]["context"] == 512 and rows[3]["tokens_per_s"] > 0
     assert attention_kernel.GLUON is before
     torch._dynamo.reset()

@@ -163,14 +163,22 @@ def test_gluon_attention_names_what_it_does_not_decode(change, reason, caplog, m
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
 
 
-def test_switched_on_for_a_model_the_gluon_kernel_takes_the_decode_steps_it_covers(monkeypatch):
+def test_by_default_the_gluon_kernel_takes_the_decode_steps_it_covers_on_an_sm90_gpu_only(monkeypatch):
+    """``attention.GLUON`` None (the default): a decode step on CUDA tensors of an sm_90 GPU runs on it, one on CPU
+    tensors does not (there its body runs eagerly: a check, not a fast path); False: never; True: also on the CPU."""
     calls = []
     real = attention_kernel._gluon_attention
     monkeypatch.setattr(attention_kernel, "_gluon_attention", lambda *a: calls.append(1) or real(*a))
     st = _layer(PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none"), torch.float16)
     q = torch.randn(B, H * 4, 1, D, device=DEV, dtype=torch.float16)
+    monkeypatch.setattr(attention_kernel, "GLUON", None)
     gpu.attention(q, st, L, None, False, None, splits=2)
-    assert calls == []  # off by default
+    hopper = DEV == "cuda" and torch.cuda.get_device_capability() == (9, 0)
+    assert calls == ([1] if hopper else [])
+    calls.clear()
+    monkeypatch.setattr(attention_kernel, "GLUON", False)
+    gpu.attention(q, st, L, None, False, None, splits=2)
+    assert calls == []
     monkeypatch.setattr(attention_kernel, "GLUON", True)
     got = gpu.attention(q, st, L, None, False, None, splits=2)
     assert calls == [1]

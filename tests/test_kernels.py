@@ -23,6 +23,15 @@ DEV = "cuda" if HAS_CUDA else "cpu"
 LIVE_FIELDS = ("k_meta", "k_offsets", "k_scale", "k_zero", "v_meta", "v_offsets", "v_scale", "v_zero", "perm")
 
 
+@pytest.fixture(autouse=True)
+def _triton_kernel(monkeypatch):
+    """These tests specify the Triton kernels: on an sm_90 GPU the attention op would take the Gluon kernel for the
+    decode steps it covers (``tests/test_gluon_attention.py`` specifies that one)."""
+    from packkv.ops.kernels import attention as attention_kernel
+
+    monkeypatch.setattr(attention_kernel, "GLUON", False)
+
+
 def build(cfg: PackKVConfig, steps: list[int], heads=2, dim=64, batch=2, dtype=torch.bfloat16, seed=0):
     """The same tokens appended through the reference and through the CUDA path: (reference, kernel, k, v)."""
     g = torch.Generator().manual_seed(seed)

@@ -546,10 +546,13 @@ SPLIT_FACTOR = 8  # the former rule's programs per SM (benchmark variant: split_
 # <= 128; the fast Walsh-Hadamard transform (hadamard.fwht_rows) does every supported head_dim.
 ROTATE_IN_KERNEL = True
 ROTATE_MAX_DIM = 256
-# The warp-specialized Gluon kernel (gluon_attention.py) for the decode steps it covers, on sm_90: opt-in until its
-# first GPU run (never run; estimated ~1.6-1.9x SDPA at B8/32K against ~1x now). Read at each call, so a benchmark
-# switches it for a whole compiled model (decode_e2e.py --gluon); PACKKV_GLUON_ATTENTION=1 switches it on.
-GLUON = os.environ.get("PACKKV_GLUON_ATTENTION") == "1"
+# The warp-specialized Gluon kernel (gluon_attention.py) for the decode steps it covers: None (the default) takes it
+# for CUDA tensors (it needs sm_90; elsewhere, and for what it does not cover, the Triton kernel runs), True also on
+# the CPU (its body run eagerly: the tests' slow check), False never. On the H100 (2026-12-06) it is 2.1-2.2x SDPA
+# against ~1x for the Triton kernel, and takes Llama-3.1-8B's decode from 3.49x to 4.11x static at 64K. Read at each
+# call, so a benchmark switches it for a whole compiled model (decode_e2e.py --paths ... packkv_triton);
+# PACKKV_GLUON_ATTENTION=0 / 1 sets it to False / True.
+GLUON: bool | None = {"0": False, "1": True}.get(os.environ.get("PACKKV_GLUON_ATTENTION", ""))
 
 
 @functools.cache
@@ -642,9 +645,10 @@ def attention(
       row mask with in-kernel rotations: 1,401 vs 1,504), 0.338 / 0.173 ms vs 0.394 / 0.201 at B8/32K, B1/128K
       (H200, 2026-12-04i); other groupings, and more than ``ROWS_AS_N_MAX`` padded rows, keep the rows as the M
       dimension; a query block of more than ``MAX_ROWS`` rows runs in chunks of queries (one launch each);
-    * ``gluon`` (None: ``GLUON``, off): a decode step the Gluon kernel covers (``gluon_attention.supported``) runs
-      on it, and its partials are merged by ``_merge_kernel``; the rest stays here. True: it must cover the call
-      (a ``ValueError`` says why it does not); the Triton launch parameters above then do not apply;
+    * ``gluon`` (None: ``GLUON``, by default on for CUDA tensors): a decode step the Gluon kernel covers
+      (``gluon_attention.supported``: sm_90, the default layout, head_dim 128) runs on it, and its partials are
+      merged by ``_merge_kernel``; the rest stays here. True: it must cover the call (a ``ValueError`` says why it
+      does not); the Triton launch parameters above then do not apply. False: the Triton kernel;
     * ``skip_decode`` (benchmarks only, wrong results) replaces value extraction by a constant to show what the
       rest of the kernel costs.
 
@@ -677,7 +681,10 @@ def attention(
     # A mask broadcast over heads and queries (decode's padding mask, [B, 1, 1, L]) is read as one row per tile.
     row_mask = mask_row and mask is not None and strides[1] == 0 and strides[2] == 0
     sm_scale = 1.0 / math.sqrt(D) if scale is None else scale
-    if GLUON if gluon is None else gluon:
+    use_gluon = GLUON if gluon is None else gluon
+    if use_gluon is None:
+        use_gluon = q.device.type == "cuda"
+    if use_gluon:
         from . import gluon_attention
 
         why = gluon_attention.supported(q, lay, st.ring_k.dtype, mask, is_causal, out_len)

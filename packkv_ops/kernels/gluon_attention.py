@@ -43,19 +43,22 @@ from ..layout import Layout
 
 LOG2E = 1.4426950408889634
 T_BLOCK, HEAD_DIM, ROWS, STAGES = 64, 128, 8, 2  # the one shape it decodes; ROWS: the wgmma's N (query heads)
-# Launch options, timed on the H100 (2026-12-05e, before the stage order: 160 producer registers -3%, one program
-# per SM -25%, PREFETCH 0 -10%, 3 stages +1%). Uncapped, ptxas reserves 255 registers per thread: one
-# program of 8 warps per SM; MAXNREG = 128 compiles without spills and fits two (68 KB of shared memory each).
-MAXNREG: int | None = 128
-PRODUCER_REGS = 128  # what setmaxnreg gives the decoding warps out of the pool
+# Launch options, timed on the H100 (2026-12-05e, one decoding warpgroup: 160 producer registers -3%, one program
+# per SM -25%, PREFETCH 0 -10%, 3 stages +1%). Uncapped, ptxas reserves 255 registers per thread: one program
+# per SM. The default (2026-12-06, H100, scripts/gluon_sm90/packed_decode_attention.py --gpu): two decoding
+# warpgroups at MAXNREG 80 (88 for the decoders, 64 left for the wgmma warpgroup), no prefetch, two programs per SM:
+# 0.207 ms at B8/32K and 0.116 at B1/128K against 0.238 / 0.132 for one warpgroup at 128 registers with prefetch;
+# with prefetch at 88 registers it spills (0.260), with 4 stages 0.301.
+MAXNREG: int | None = 80
+PRODUCER_REGS = 88  # what setmaxnreg gives the decoding warps out of the pool
 PROGRAMS_PER_SM = 2  # the split count fills this many programs per SM
 # The producer loads block i + 2's fields and offsets and block i + 1's pack bits while it decodes block i (1), or
-# each block's in its own iteration (0: two dependent global round trips per block, with only 8 decoding warps per
-# SM to hide them at 2 programs per SM; 547 instead of 582 loop instructions).
-PREFETCH = 1
+# each block's in its own iteration (0: two dependent global round trips per block; hidden instead by the second
+# decoding warpgroup, and the prefetch's registers do not fit in 88).
+PREFETCH = 0
 # Decoding warpgroups per program: 2 take turns over the blocks, 16 decoding warps per SM instead of 8 to hide the
-# gathers' latency (ncu: latency-bound); with MAXNREG 80, PRODUCER_REGS 88, PREFETCH 0 (2026-12-05f, not yet timed).
-PRODUCERS = 1
+# gathers' latency (ncu, 2026-12-05e: latency-bound, 0.50 issued warps per scheduler).
+PRODUCERS = 2
 
 
 @gluon.jit

@@ -6,11 +6,11 @@ and its check and timing on one.
 
 Compiled here (2026-12-05e): producer loop 569 sm_90 instructions per 64-token block and warp, consumer loop 238
 (with the mask); 4 + 4 warps, 68 KB of shared memory with 2 stages. With two decoding warpgroups (``PRODUCERS = 2``,
-80 / 88 registers, no prefetch; 2026-12-05f): 530 and 239, 4 + 8 warps, not yet timed. ``--gpu`` compares it, through
+80 / 88 registers, no prefetch; 2026-12-05f, the default since 2026-12-06): 530 and 239, 4 + 8 warps. ``--gpu`` compares it, through
 ``attention(..., gluon=True)``, with the Triton kernel on a real ``PackedLayer`` (without and with a padding mask
 and zero keys, with the Hadamard rotation) and times both beside SDPA, per launch setting (``SETTINGS`` or
-``GLUON_SETTINGS``). On the H100 (2026-12-05e): 0.237 ms at B8/32K (Triton 0.294, SDPA 0.355), 0.133 at B1/128K
-(0.155, 0.188); ``benchmarks/results/kernels/gluon_*_h100_2026-12-05e*``.
+``GLUON_SETTINGS``). On the H100 (2026-12-06): two decoding warpgroups 0.207 ms at B8/32K (one: 0.238; Triton 0.292, SDPA 0.365),
+0.116 at B1/128K (0.132; 0.154, 0.193); ``benchmarks/results/kernels/gluon_producers_h100_2026-12-06.log``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ ORDER = ["q_ptr", "pool_ptr", "k_off_ptr", "v_off_ptr", "k_meta_ptr", "v_meta_pt
          "PRODUCER_REGS", "HAS_MASK", "PREFETCH", "ROTATE", "PRODUCERS", "ROT_SCALE", "LOG2_D", "K_QBITS", "V_QBITS"]  # fmt: skip
 # (MAXNREG, PRODUCER_REGS, PROGRAMS_PER_SM, PREFETCH, STAGES, PRODUCERS); GLUON_SETTINGS="128,128,2,1,3,1;..."
 # replaces them (a missing PRODUCERS is 1)
-SETTINGS = ((128, 128, 2, 1, 2, 1), (80, 88, 2, 1, 2, 2), (80, 88, 2, 0, 2, 2), (128, 128, 1, 1, 2, 2))
+SETTINGS = ((80, 88, 2, 0, 2, 2), (128, 128, 2, 1, 2, 1))
 
 
 def run_on_gpu(maxnreg: int | None, producer_regs: int, per_sm: int, prefetch: int, stages: int,
@@ -98,7 +98,7 @@ def main() -> None:
     # The launch options (module defaults), then two decoding warpgroups per program (PRODUCERS = 2: 12 warps, so
     # 80 registers per thread for 2 programs per SM; the decoding warps get 88, the wgmma warps the 64 left).
     for maxnreg, producer_regs, prefetch, producers in ((ga.MAXNREG, ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS),
-                                                        (80, 88, 0, 2)):  # fmt: skip
+                                                        (128, 128, 1, 1)):  # and the one-warpgroup build  # fmt: skip
         consts = dict(T=ga.T_BLOCK, D=ga.HEAD_DIM, R=ga.ROWS, STAGES=ga.STAGES, PRODUCER_REGS=producer_regs,
                       HAS_MASK=True, PREFETCH=prefetch, ROTATE=True, PRODUCERS=producers,
                       ROT_SCALE=ga.HEAD_DIM**-0.5, LOG2_D=ga.HEAD_DIM.bit_length() - 1, K_QBITS=4,
