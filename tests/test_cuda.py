@@ -90,11 +90,13 @@ def test_real_size_attention_matches_the_reference(n_rep, mask_kind):
     torch.testing.assert_close(got16.float(), want, rtol=2e-2, atol=2e-2)
     # Variants: the query rows padded to 4 (min_rows=1), and as the products' N dimension (rows_as_n); without
     # lane extraction (lanes=0: the former asm), and lanes with the tiles' rows in token order (lanes=1); the
-    # softmax sums kept per token and summed once per split (defer_sums)
+    # softmax sums kept per token and summed once per split (defer_sums); all on the Triton kernel (gluon=False: on
+    # sm_90 the op takes the Gluon kernel for the bf16 decode steps, tests/test_gluon_attention.py)
     from packkv.ops.kernels import attention as kernel
 
     for kw in (dict(min_rows=1), dict(rows_as_n=True), dict(rows_as_n=True, min_rows=1), dict(lanes=0),
                dict(lanes=1), dict(lanes=0, pairs=False), dict(defer_sums=True)):  # fmt: skip
+        kw["gluon"] = False
         got = kernel.attention(q, st, out_len, mask, mask_kind == "causal", None, **kw)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         got = kernel.attention(q.bfloat16(), st, out_len, mask, mask_kind == "causal", None, **kw)
@@ -208,6 +210,8 @@ def test_rotation_on_cuda_matches_the_cpu_ops():
 def test_rotation_inside_the_attention_kernels_matches_rotation_around_them(monkeypatch):
     """``ROTATE_IN_KERNEL``: the op's query and output rotations move into the attention and merge kernels."""
     from packkv.ops.kernels import attention as kernel
+
+    monkeypatch.setattr(kernel, "GLUON", False)  # the Triton kernel's switch (the Gluon kernel always rotates inside)
 
     k = torch.randn(2, 8, 3000, 128).bfloat16().cuda()
     v = torch.randn(2, 8, 3000, 128).bfloat16().cuda()
