@@ -391,9 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     if "packkv_triton" in args.paths:
         from packkv.ops.kernels import attention as attention_kernel
 
-        # The kernel is chosen when the step is traced: the same compiled model, retraced with the switch off. Inductor's
-        # FX/AOT graph caches key on the Dynamo graph, where the attention is one node: without disabling them the
-        # retrace replays the first kernel's code (2026-12-06: 64 Triton launches logged, none on Gluon).
+        # The kernel is chosen when the step is traced: the same compiled model, retraced with the switch off. Before
+        # the PackKV backend keyed Inductor's caches on the switches (inductor/cache_key.py) the retrace replayed the
+        # first kernel's code (2026-12-06: 64 Triton launches logged, none on Gluon); caches stay off here so that
+        # the retrace is a fresh compile (a cache-replayed graph ran the Triton kernel slower, NOTES 2026-12-06).
         was, attention_kernel.GLUON = attention_kernel.GLUON, False
         from torch._inductor import config as inductor_config
 

@@ -39,8 +39,18 @@ def packkv_backend(
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
+    from torch._inductor import config as inductor_config
+
+    from .cache_key import OpsCacheKey
+
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(options or {})
+    # Inductor's graph caches key on the graph, where PackKV's ops are single nodes: this no-op pass adds their
+    # sources and the kernels' switches (attention.GLUON...) to the key (cache_key.py).
+    if patches.get("post_grad_custom_post_pass") is None and inductor_config.post_grad_custom_post_pass is None:
+        patches["post_grad_custom_post_pass"] = OpsCacheKey()
+    else:
+        log.info("packkv backend: a post-grad pass is set; Inductor's caches will not see PackKV's kernel switches")
     # No compile_threads patch: the attention's register cap survives Inductor's compile workers (packkv_ops/
     # kernels/inductor_compat.py builds kernels that set one in this process; verified on the H200, 2026-12-04i).
     return compile_fx(gm, example_inputs, config_patches=patches)
