@@ -398,14 +398,14 @@ def main(argv: list[str] | None = None) -> int:
         was, attention_kernel.GLUON = attention_kernel.GLUON, False
         from torch._inductor import config as inductor_config
 
-        inductor_config.force_disable_caches = True
+        caches_were, inductor_config.force_disable_caches = inductor_config.force_disable_caches, True
         torch._dynamo.reset()
         for ctx in args.contexts:
             row = run_packkv(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, model.packkv_config,
                              args.profile, args.step_plan, args.capacity_x)  # fmt: skip
             record(dict(row, path="packkv_triton"))
             torch.cuda.empty_cache() if device == "cuda" else None
-        attention_kernel.GLUON = was
+        attention_kernel.GLUON, inductor_config.force_disable_caches = was, caches_were
     plot(rows, args.out / "decode_e2e.png")
     if not {"static", "packkv"} <= set(args.paths):
         return 0

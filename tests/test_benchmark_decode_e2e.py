@@ -53,4 +53,7 @@ def test_the_triton_path_runs_beside_packkv_and_leaves_the_switch_as_it_was(tmp_
     assert [r["path"] for r in rows] == ["weights", "static", "packkv", "packkv_triton"]
     assert rows[3]["context"] == 512 and rows[3]["tokens_per_s"] > 0
     assert attention_kernel.GLUON is before
+    from torch._inductor import config as inductor_config
+
+    assert not inductor_config.force_disable_caches  # the retrace's cache switch is put back too
     torch._dynamo.reset()

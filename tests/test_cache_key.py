@@ -48,7 +48,7 @@ def test_a_compiled_graph_is_not_replayed_after_the_attention_kernel_choice_chan
         torch.compile(lambda t: torch.sin(t) * 2 + 1, backend=packkv_backend)(x)
         return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
-    with inductor_config.patch(fx_graph_cache=True, fx_graph_remote_cache=False):
+    with inductor_config.patch(fx_graph_cache=True, fx_graph_remote_cache=False, force_disable_caches=False):
         assert compile_once() == (0, 1)
         assert compile_once() == (1, 0)
         monkeypatch.setattr(attention_kernel, "GLUON", False)
