@@ -37,7 +37,7 @@ def switches() -> str:
     for info in sorted(pkgutil.iter_modules(kernels.__path__), key=lambda m: m.name):
         try:
             mod = importlib.import_module(f"{kernels.__name__}.{info.name}")
-        except ImportError:  # a kernel module this machine cannot load (no Triton) takes no part in a compile
+        except Exception:  # a kernel module this machine cannot load (no Triton, no Gluon) takes no part in a compile
             continue
         for name, value in sorted(vars(mod).items()):
             if name.isupper() and (value is None or isinstance(value, (bool, int, float, str))):
