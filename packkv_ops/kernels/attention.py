@@ -549,7 +549,7 @@ ROTATE_MAX_DIM = 256
 # The warp-specialized Gluon kernel (gluon_attention.py) for the decode steps it covers: None (the default) takes it
 # for CUDA tensors (it needs sm_90; elsewhere, and for what it does not cover, the Triton kernel runs), True also on
 # the CPU (its body run eagerly: the tests' slow check), False never. On the H100 (2026-12-06) it is 2.1-2.2x SDPA
-# against ~1x for the Triton kernel, and takes Llama-3.1-8B's decode from 3.49x to 4.11x static at 64K. Read at each
+# against ~1x for the Triton kernel, and takes Llama-3.1-8B's decode from 3.5-3.7x to 4.11x static at 64K. Read at each
 # call, so a benchmark switches it for a whole compiled model (decode_e2e.py --paths ... packkv_triton);
 # PACKKV_GLUON_ATTENTION=0 / 1 sets it to False / True.
 GLUON: bool | None = {"0": False, "1": True}.get(os.environ.get("PACKKV_GLUON_ATTENTION", ""))
