@@ -162,6 +162,14 @@ def run_case(cfg, batch, length, heads, q_heads, dim, data, device, paper: bool)
                ratio_compressed=nbytes["fp16_compressed"] / max(1, nbytes["compressed"]),
                ratio_read=fp16 / read, bytes_fp16=fp16, bytes_read=read)  # fmt: skip
 
+    # Which kernel the op runs here (attention.GLUON: by default Gluon where it covers the step, on sm_90).
+    use = attention_module.GLUON if attention_module.GLUON is not None else device == "cuda"
+    row["attention_kernel"] = "triton"
+    if use:
+        from packkv.ops.kernels import gluon_attention
+
+        if gluon_attention.supported(q, lay, st.ring_k.dtype, None, False, length) is None:
+            row["attention_kernel"] = "gluon"
     # Correctness on this data before timing: the fused op vs SDPA over the decompressed cache.
     out = torch.ops.packkv.attention(q, *st.tensors(), length, None, False, None, *spec)
     kd, vd = torch.ops.packkv.decompress(*st.tensors(), length, *spec)
@@ -474,13 +482,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| batch | context | bits/value | ratio read | SDPA ms | PackKV ms | speedup | goal | PackKV GB/s | PackKV eager ms | "
+    head = ("| batch | context | bits/value | ratio read | SDPA ms | PackKV kernel | PackKV ms | speedup | goal | PackKV GB/s | PackKV eager ms | "
             "GEMV K / ours | GEMV V / ours | same, windows pair | compress GB/s (GPU / eager) | rel. err |")  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['batch']} | {r['context'] // 1024}K | {r['bits_per_value']:.2f} | {r['ratio_read']:.2f}x | "
-            f"{r['t_sdpa_ms']:.3f} | {r['t_packkv_ms']:.3f} | {r['speedup_vs_sdpa']:.2f}x | {r['goal_speedup']:.2f}x | "
+            f"{r['t_sdpa_ms']:.3f} | {r.get('attention_kernel', '?')} | {r['t_packkv_ms']:.3f} | {r['speedup_vs_sdpa']:.2f}x | {r['goal_speedup']:.2f}x | "
             f"{r['packkv_gbps']:.0f} | {r.get('t_packkv_eager_ms', math.nan):.3f} | {r.get('paper_speedup_k', math.nan):.2f}x | {r.get('paper_speedup_v', math.nan):.2f}x | "
             f"{r.get('paper_speedup_k_windows', math.nan):.2f}x / {r.get('paper_speedup_v_windows', math.nan):.2f}x | "
             f"{r['compress_gbps']:.0f} / {r.get('compress_eager_gbps', math.nan):.0f} | {r['rel_err_vs_decompressed']:.1e} |"
