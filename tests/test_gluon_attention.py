@@ -84,6 +84,29 @@ def test_gluon_attention_matches_the_reference(n_rep, splits, extra, masked, rag
     assert ((got.float() - want).abs().max() / want.abs().max()).item() < tol
 
 
+# A padded batch's decode-step mask: the first sequence left-padded into its first block, the second's compressed
+# blocks all visible but one key of its window hidden, zero keys past the length partly visible. With MASK_SCAN a
+# split first scans its compressed positions and skips the per-tile mask gathers where none is hidden (here split 0
+# of the first sequence gathers, the others do not); off, every tile gathers.
+@pytest.mark.parametrize("mask_scan", [True, False])
+def test_a_split_whose_blocks_are_all_visible_skips_the_mask_gathers_with_the_same_result(mask_scan, monkeypatch):
+    from packkv.ops.kernels import gluon_attention
+
+    monkeypatch.setattr(gluon_attention, "MASK_SCAN", mask_scan)
+    st = _layer(PackKVConfig(k_rel=0.1, v_rel=0.2), torch.float16)
+    out_len = L + 50
+    mask = torch.ones(B, 1, 1, out_len, dtype=torch.bool, device=DEV)
+    mask[0, ..., :20] = False
+    mask[1, ..., L - 5] = False
+    mask[:, ..., L + 10 :] = False
+    q = torch.randn(B, H * 4, 1, D, device=DEV).to(torch.float16)
+    got = gpu.attention(q, st, out_len, mask, False, None, splits=4, gluon=True)
+    want = _want(q, st, out_len, mask, "none")
+    # Mutation-checked: scanning another range than the split's blocks (the left padding ignored), or skipping the
+    # window's gather too (its hidden key seen).
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-3
+
+
 # (PREFETCH, PRODUCERS): each block's fields, offsets and pack bits loaded in its own iteration (0), not one and two
 # blocks ahead (1; its last blocks' look-ahead clamped to a block that exists); one decoding warpgroup, or two taking
 # turns over the blocks and the window's tiles (with splits=1 one takes blocks 0, 2 and tiles 4, the other block 1

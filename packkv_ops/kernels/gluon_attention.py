@@ -59,6 +59,9 @@ PREFETCH = 0
 # Decoding warpgroups per program: 2 take turns over the blocks, 16 decoding warps per SM instead of 8 to hide the
 # gathers' latency (ncu, 2026-12-05e: latency-bound, 0.50 issued warps per scheduler).
 PRODUCERS = 2
+# With a padding mask: scan the split's compressed positions first and skip the per-tile mask gathers where none
+# is masked (the decode step's usual case; see ``_consumer``).
+MASK_SCAN = True
 
 
 @gluon.jit
@@ -297,12 +300,40 @@ def _butterfly(x, M: gl.constexpr, D: gl.constexpr, H: gl.constexpr):
 def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
               perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, row0, n_rep, split, b, lo, hi, r_lo, r_hi, nb, total,
               z_lo, z_hi, NB, qk_scale, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
-              HAS_MASK: gl.constexpr):  # fmt: skip
+              HAS_MASK: gl.constexpr, MASK_SCAN: gl.constexpr):  # fmt: skip
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, R, 16])  # fmt: skip
     rows: gl.constexpr = gl.SliceLayout(0, mma)
     toks: gl.constexpr = gl.SliceLayout(1, mma)
     qs = gl.convert_layout(qsum, rows)
+    n_c = hi - lo
+    # The padding mask's scans come before the tiles, where their loads overlap the producers' first decode
+    # instead of the softmax: the zero keys from the length up to out_len (a compiled step passes the storage's
+    # capacity; up to twice the length right after a growth), this split's share [z_lo, z_hi), each scoring exactly
+    # 0 and adding nothing to O, so only the visible ones' count enters the softmax; and (MASK_SCAN) whether any of
+    # the split's compressed positions is masked. A decode step's mask rarely hides one: then the tiles skip their
+    # mask gather, which waits on the permutation's gather (two dependent round trips per tile, ~11% of the
+    # kernel at B1/128K, H100 2026-12-06).
+    zl: gl.constexpr = gl.BlockedLayout([8], [32], [gl.num_warps()], [0])
+    if HAS_MASK:
+        cnt = gl.zeros([1024], gl.float32, zl)
+        for z0 in range(z_lo, z_hi, 1024):
+            zpos = z0 + gl.arange(0, 1024, zl)
+            vis = zpos < z_hi
+            vis = vis & (gl.load(mask_ptr + b * smb + zpos, mask=vis, other=0) != 0)
+            cnt = cnt + gl.where(vis, 1.0, 0.0)
+        n = gl.sum(cnt, axis=0)
+        if MASK_SCAN:
+            hid = gl.zeros([1024], gl.int32, zl)
+            for p0 in range(lo * T, hi * T, 1024):
+                ppos = p0 + gl.arange(0, 1024, zl)
+                inr = ppos < hi * T
+                hid = hid + (inr & (gl.load(mask_ptr + b * smb + ppos, mask=inr, other=0) == 0)).to(gl.int32)
+            gather = gl.sum(hid, axis=0) > 0
+        else:
+            gather = n_c >= 0
+    else:
+        n = gl.maximum(z_hi - z_lo, 0).to(gl.float32)
     i_t = gl.arange(0, T, toks)
     k8 = i_t % 8
     lane_tok = i_t - k8 + (k8 & 1) * 4 + (k8 >> 1)  # the stage's rows are in lane order
@@ -310,7 +341,6 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
     l_t = gl.zeros([T, R], gl.float32, mma)
     z_t = gl.zeros([T, R], gl.float32, mma)
     o_t = gl.zeros([D, R], gl.float32, mma)
-    n_c = hi - lo
     for i in range(n_c + r_hi - r_lo):
         s = i % STAGES
         # Compressed blocks first (rows in lane order, token-grouped scales and zeros: [B, NB, 1, T, 1]), then the
@@ -323,9 +353,10 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
         vz = gl.load(v_zero_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.float32)
         live = packed | ((nb + r_lo + i - n_c) * T + i_t < total)
         if HAS_MASK:  # a decode step's padding mask, one row per sequence ([B, 1, 1, L] bool)
-            perm = gl.load(perm_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.int32)
-            pos = gl.where(packed, (lo + i) * T + perm, (nb + r_lo + i - n_c) * T + i_t).to(gl.int32)
-            live = live & (gl.load(mask_ptr + b * smb + pos, mask=live, other=0) != 0)
+            if gather | (i >= n_c):  # (the window's tiles are in token order: one gather)
+                perm = gl.load(perm_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.int32)
+                pos = gl.where(packed, (lo + i) * T + perm, (nb + r_lo + i - n_c) * T + i_t).to(gl.int32)
+                live = live & (gl.load(mask_ptr + b * smb + pos, mask=live, other=0) != 0)
         mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
         acc = warpgroup_mma(k_bufs.index(s).permute([1, 0]), q_s.permute([1, 0]), gl.zeros([T, R], gl.float32, mma),
                             use_acc=False, is_async=True)  # fmt: skip
@@ -349,20 +380,7 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
         mbarrier.arrive(empty.index(s), count=1)
     o_t = o_t + gl.expand_dims(gl.sum(z_t, axis=0), 0)
     l_i = gl.sum(l_t, axis=0)
-    # Zero keys from the length up to out_len (a compiled step passes the storage's capacity; up to twice the length
-    # right after a growth), this split's share [z_lo, z_hi): each scores exactly 0 and adds nothing to O, so only
-    # their count enters the softmax; without a mask in closed form.
-    if HAS_MASK:
-        zl: gl.constexpr = gl.BlockedLayout([8], [32], [gl.num_warps()], [0])
-        cnt = gl.zeros([1024], gl.float32, zl)
-        for z0 in range(z_lo, z_hi, 1024):
-            zpos = z0 + gl.arange(0, 1024, zl)
-            vis = zpos < z_hi
-            vis = vis & (gl.load(mask_ptr + b * smb + zpos, mask=vis, other=0) != 0)
-            cnt = cnt + gl.where(vis, 1.0, 0.0)
-        n = gl.sum(cnt, axis=0)
-    else:
-        n = gl.maximum(z_hi - z_lo, 0).to(gl.float32)
+    # The n visible zero keys (counted above) enter the softmax.
     m_new = gl.where(n > 0, gl.maximum(m_i, 0.0), m_i)
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = gl.exp2(m_i - m_safe)
@@ -388,7 +406,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                             PRODUCER_REGS: gl.constexpr = 128, HAS_MASK: gl.constexpr = False,
                             PREFETCH: gl.constexpr = 1, ROTATE: gl.constexpr = False, PRODUCERS: gl.constexpr = 1,
                             ROT_SCALE: gl.constexpr = 1.0, LOG2_D: gl.constexpr = 7, K_QBITS: gl.constexpr = 4,
-                            V_QBITS: gl.constexpr = 3):  # fmt: skip
+                            V_QBITS: gl.constexpr = 3, MASK_SCAN: gl.constexpr = True):  # fmt: skip
     """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
     rotated, padded to ``R`` with zeros) against the split's share of the sequence's compressed blocks of a
     ``PackedLayer`` (its pool, offsets, metadata, scales and zeros as they are stored) and its share of the exact
@@ -439,7 +457,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
         gl.warp_specialize([
             (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
-                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK)),
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 0, 1)),
@@ -448,7 +466,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
         gl.warp_specialize([
             (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
-                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK)),
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 0, 2)),
@@ -525,7 +543,7 @@ def partials(
             H, S, HQ // H, scale * LOG2E)  # fmt: skip
     meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, HAS_MASK=mask is not None,
                 PREFETCH=PREFETCH, PRODUCERS=PRODUCERS, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1,
-                K_QBITS=k_qbits, V_QBITS=v_qbits)
+                K_QBITS=k_qbits, V_QBITS=v_qbits, MASK_SCAN=MASK_SCAN)
     if q.device.type == "cpu":
         from . import gluon_attention, gluon_eager
 

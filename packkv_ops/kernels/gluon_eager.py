@@ -73,6 +73,7 @@ class T:
     __gt__ = lambda s, o: s._bin(o, lambda a, b: a > b, result=BOOL)
     __lt__ = lambda s, o: s._bin(o, lambda a, b: a < b, result=BOOL)
     __ge__ = lambda s, o: s._bin(o, lambda a, b: a >= b, result=BOOL)
+    __le__ = lambda s, o: s._bin(o, lambda a, b: a <= b, result=BOOL)
     __eq__ = lambda s, o: s._bin(o, lambda a, b: a == b, result=BOOL)
     __ne__ = lambda s, o: s._bin(o, lambda a, b: a != b, result=BOOL)
 
@@ -86,6 +87,9 @@ class T:
         return int(self.data)
 
     __int__ = __index__
+
+    def __bool__(self) -> bool:  # a 0-d condition of an ``if``
+        return bool(self.data)
 
     def to(self, dtype: Dtype, bitcast: bool = False) -> T:
         name = dtype.name
