@@ -30,6 +30,12 @@ def packkv_backend(
 ) -> Callable:
     """Rewrite attention over decompressed K/V into the fused op, then compile with ``inner`` (Inductor's
     ``compile_fx`` by default, honouring ``mode`` and ``options`` as ``torch.compile`` would)."""
+    from packkv.ops.kernels.inductor_compat import keep_maxnreg
+
+    # Before anything is compiled or loaded: a graph replayed from Inductor's caches in a new process never traces
+    # the attention (whose first launch installs this otherwise), and its launchers would rebuild the kernel without
+    # its register cap (the suspected cause of the cache-replayed Triton attention's 6-15% slower e2e, 2026-12-06).
+    keep_maxnreg()
     n = rewrite_attention(gm)
     stats["graphs"] += 1
     stats["fused_attention"] += n

@@ -1,7 +1,11 @@
 """Inductor's graph caches key on PackKV's op sources and kernel switches (``packkv.inductor.cache_key``): a graph
-compiled with one attention kernel is not replayed after the choice changed, or after PackKV's code changed."""
+compiled with one attention kernel is not replayed after the choice changed, or after PackKV's code changed; and
+a replayed graph keeps the attention's register cap (the backend installs ``keep_maxnreg`` before Inductor loads it)."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import torch
 from torch._dynamo.utils import counters
@@ -56,3 +60,21 @@ def test_a_compiled_graph_is_not_replayed_after_the_attention_kernel_choice_chan
         monkeypatch.setattr(attention_kernel, "GLUON", None)
         assert compile_once() == (1, 0)
     torch._dynamo.reset()
+
+
+def test_the_backend_keeps_register_caps_before_inductor_loads_a_cached_graph():
+    """A graph replayed from Inductor's caches in a new process is not traced again, so the attention's first launch
+    (which installs ``keep_maxnreg`` otherwise) comes after Inductor has rebuilt its kernels: the backend installs
+    it first. In a fresh process, as a second process on a warm cache starts."""
+    code = """
+import torch, triton
+from torch._inductor.runtime import triton_heuristics as th
+probe = triton.Config({}, num_warps=4, maxnreg=128)
+assert "maxnreg" not in th.config_to_dict(probe), "this torch keeps maxnreg itself: inductor_compat can go"
+from packkv.inductor import packkv_backend
+gm = torch.fx.symbolic_trace(torch.nn.Identity())
+packkv_backend(gm, [torch.zeros(1)], inner=lambda g, example_inputs: g)
+assert th.config_to_dict(probe)["maxnreg"] == 128
+"""
+    # Mutation-checked: without the backend's keep_maxnreg() call the last assertion fails.
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
