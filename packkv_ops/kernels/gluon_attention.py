@@ -323,13 +323,16 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
             vis = vis & (gl.load(mask_ptr + b * smb + zpos, mask=vis, other=0) != 0)
             cnt = cnt + gl.where(vis, 1.0, 0.0)
         n = gl.sum(cnt, axis=0)
-        if MASK_SCAN:
-            hid = gl.zeros([1024], gl.int32, zl)
-            for p0 in range(lo * T, hi * T, 1024):
+        if MASK_SCAN:  # up to the first chunk with a hidden position (a mask with holes gathers anyway)
+            p0 = lo * T
+            hidden = lo * 0
+            while (p0 < hi * T) & (hidden == 0):
                 ppos = p0 + gl.arange(0, 1024, zl)
                 inr = ppos < hi * T
-                hid = hid + (inr & (gl.load(mask_ptr + b * smb + ppos, mask=inr, other=0) == 0)).to(gl.int32)
-            gather = gl.sum(hid, axis=0) > 0
+                hid = inr & (gl.load(mask_ptr + b * smb + ppos, mask=inr, other=0) == 0)
+                hidden = gl.sum(hid.to(gl.int32), axis=0)
+                p0 = p0 + 1024
+            gather = hidden > 0
         else:
             gather = n_c >= 0
     else:
