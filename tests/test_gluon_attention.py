@@ -87,12 +87,15 @@ def test_gluon_attention_matches_the_reference(n_rep, splits, extra, masked, rag
 # A padded batch's decode-step mask: the first sequence left-padded into its first block, the second's compressed
 # blocks all visible but one key of its window hidden, zero keys past the length partly visible. With MASK_SCAN a
 # split first scans its compressed positions and skips the per-tile mask gathers where none is hidden (here split 0
-# of the first sequence gathers, the others do not); off, every tile gathers.
-@pytest.mark.parametrize("mask_scan", [True, False])
-def test_a_split_whose_blocks_are_all_visible_skips_the_mask_gathers_with_the_same_result(mask_scan, monkeypatch):
+# of the first sequence gathers, the others do not; MASK_BRANCH: branched around, or predicated off); off, every
+# tile gathers.
+@pytest.mark.parametrize("mask_scan, mask_branch", [(True, True), (True, False), (False, True)])
+def test_a_split_whose_blocks_are_all_visible_skips_the_mask_gathers_with_the_same_result(mask_scan, mask_branch,
+                                                                                          monkeypatch):  # fmt: skip
     from packkv.ops.kernels import gluon_attention
 
     monkeypatch.setattr(gluon_attention, "MASK_SCAN", mask_scan)
+    monkeypatch.setattr(gluon_attention, "MASK_BRANCH", mask_branch)
     st = _layer(PackKVConfig(k_rel=0.1, v_rel=0.2), torch.float16)
     out_len = L + 50
     mask = torch.ones(B, 1, 1, out_len, dtype=torch.bool, device=DEV)

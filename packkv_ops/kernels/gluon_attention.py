@@ -60,8 +60,13 @@ PREFETCH = 0
 # gathers' latency (ncu, 2026-12-05e: latency-bound, 0.50 issued warps per scheduler).
 PRODUCERS = 2
 # With a padding mask: scan the split's compressed positions first and skip the per-tile mask gathers where none
-# is masked (the decode step's usual case; see ``_consumer``).
+# is masked (the decode step's usual case; see ``_consumer``). Tiles that need no gather branch around it
+# (MASK_BRANCH) or run it predicated off. H100, 2026-12-06b (gluon_mask_branch_h100_2026-12-06b.log), a decode
+# step's mask (out_len 2x, every key up to the length visible, one left-padded sequence) / a mask with 10% holes,
+# B8/32K and B1/128K: scan + branch 0.211 / 0.252 and 0.122 / 0.137 ms, scan + predicated 0.229 / 0.241 and
+# 0.127 / 0.135, neither (every tile gathers) 0.241 / 0.238 and 0.134 / 0.134; unmasked 0.210 and 0.117.
 MASK_SCAN = True
+MASK_BRANCH = True
 
 
 @gluon.jit
@@ -300,7 +305,7 @@ def _butterfly(x, M: gl.constexpr, D: gl.constexpr, H: gl.constexpr):
 def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
               perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, row0, n_rep, split, b, lo, hi, r_lo, r_hi, nb, total,
               z_lo, z_hi, NB, qk_scale, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
-              HAS_MASK: gl.constexpr, MASK_SCAN: gl.constexpr):  # fmt: skip
+              HAS_MASK: gl.constexpr, MASK_SCAN: gl.constexpr, MASK_BRANCH: gl.constexpr):  # fmt: skip
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, R, 16])  # fmt: skip
     rows: gl.constexpr = gl.SliceLayout(0, mma)
@@ -356,10 +361,16 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
         vz = gl.load(v_zero_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.float32)
         live = packed | ((nb + r_lo + i - n_c) * T + i_t < total)
         if HAS_MASK:  # a decode step's padding mask, one row per sequence ([B, 1, 1, L] bool)
-            if gather | (i >= n_c):  # (the window's tiles are in token order: one gather)
-                perm = gl.load(perm_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.int32)
+            if MASK_BRANCH:
+                if gather | (i >= n_c):  # (the window's tiles are in token order: one gather)
+                    perm = gl.load(perm_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.int32)
+                    pos = gl.where(packed, (lo + i) * T + perm, (nb + r_lo + i - n_c) * T + i_t).to(gl.int32)
+                    live = live & (gl.load(mask_ptr + b * smb + pos, mask=live, other=0) != 0)
+            else:  # the same gathers predicated off instead of branched around
+                g = gather | (i >= n_c)
+                perm = gl.load(perm_ptr + tok, mask=packed & g & (i_t >= 0), other=0).to(gl.int32)
                 pos = gl.where(packed, (lo + i) * T + perm, (nb + r_lo + i - n_c) * T + i_t).to(gl.int32)
-                live = live & (gl.load(mask_ptr + b * smb + pos, mask=live, other=0) != 0)
+                live = live & (gl.load(mask_ptr + b * smb + pos, mask=live & g, other=1) != 0)
         mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
         acc = warpgroup_mma(k_bufs.index(s).permute([1, 0]), q_s.permute([1, 0]), gl.zeros([T, R], gl.float32, mma),
                             use_acc=False, is_async=True)  # fmt: skip
@@ -409,7 +420,8 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                             PRODUCER_REGS: gl.constexpr = 128, HAS_MASK: gl.constexpr = False,
                             PREFETCH: gl.constexpr = 1, ROTATE: gl.constexpr = False, PRODUCERS: gl.constexpr = 1,
                             ROT_SCALE: gl.constexpr = 1.0, LOG2_D: gl.constexpr = 7, K_QBITS: gl.constexpr = 4,
-                            V_QBITS: gl.constexpr = 3, MASK_SCAN: gl.constexpr = True):  # fmt: skip
+                            V_QBITS: gl.constexpr = 3, MASK_SCAN: gl.constexpr = True,
+                            MASK_BRANCH: gl.constexpr = True):  # fmt: skip
     """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
     rotated, padded to ``R`` with zeros) against the split's share of the sequence's compressed blocks of a
     ``PackedLayer`` (its pool, offsets, metadata, scales and zeros as they are stored) and its share of the exact
@@ -460,7 +472,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
         gl.warp_specialize([
             (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
-                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN)),
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 0, 1)),
@@ -469,7 +481,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
         gl.warp_specialize([
             (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
-                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN)),
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 0, 2)),
@@ -546,7 +558,7 @@ def partials(
             H, S, HQ // H, scale * LOG2E)  # fmt: skip
     meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, HAS_MASK=mask is not None,
                 PREFETCH=PREFETCH, PRODUCERS=PRODUCERS, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1,
-                K_QBITS=k_qbits, V_QBITS=v_qbits, MASK_SCAN=MASK_SCAN)
+                K_QBITS=k_qbits, V_QBITS=v_qbits, MASK_SCAN=MASK_SCAN, MASK_BRANCH=MASK_BRANCH)
     if q.device.type == "cpu":
         from . import gluon_attention, gluon_eager
 
