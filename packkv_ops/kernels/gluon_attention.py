@@ -1,15 +1,16 @@
-"""Fused decode attention on the packed cache as a warp-specialized Gluon kernel for sm_90 (Hopper): opt-in,
-for the decode steps it covers (twin of ``reference.attention``; its CPU check is ``gluon_eager``). On the H100
-(2026-12-05e) 1.24x the Triton kernel at batch 8 / 32K and 1.16x at batch 1 / 128K (1.50x / 1.42x SDPA on the
-bf16 cache); not yet the default: the end-to-end run and memcheck with it are still to do.
+"""Fused decode attention on the packed cache as a warp-specialized Gluon kernel for sm_90 (Hopper): the attention
+op's kernel for the decode steps it covers since 2026-12-06 (``attention.GLUON``; twin of ``reference.attention``;
+its CPU check is ``gluon_eager``). On the H100 (2026-12-06b) 0.210 ms at batch 8 / 32K and 0.117 at batch 1 /
+128K: 1.4x / 1.33x the Triton kernel, 1.7x / 1.6x SDPA on the bf16 cache in the same run (``benchmarks/kernels.py``
+gives 2.09x / 1.74x with its own SDPA timing); a decode step's padding mask costs 1-4% more.
 
 Why a second kernel: the Triton kernel (``attention.py``) decodes, multiplies and runs the softmax in the same
 warps, joined by ~20 barriers per tile, and spends 8.35 thread-instructions per decoded value; Triton cannot state
-the layouts that would remove its scan's and its MMA operands' moves (NOTES.md, 2026-12-05c). Here 4 producer
-warps decode each 64-token block into shared-memory stages (each thread owns 4 consecutive packs of a row: one
-warp scan for both streams' pack starts) while a 4-warp consumer runs ``S = K q^T`` and ``O^T += V^T P`` as
-wgmma, with the online softmax and the scales between them: 569 + 238 sm_90 instructions per block and warp
-(producer with its prefetch, consumer with the padding mask), 0.75x the Triton kernel's 4 x 1,069.
+the layouts that would remove its scan's and its MMA operands' moves (NOTES.md, 2026-12-05c). Here two
+decoding warpgroups (``PRODUCERS``) take turns decoding 64-token blocks into shared-memory stages (each thread
+owns 4 consecutive packs of a row: one warp scan for both streams' pack starts) while a 4-warp consumer runs
+``S = K q^T`` and ``O^T += V^T P`` as wgmma, with the online softmax and the scales between them: 530 + 244 sm_90
+instructions per block and warp (consumer with the padding mask), 0.72x the Triton kernel's 4 x 1,069.
 
 What it decodes (``supported`` says why not, for anything else, and ``attention`` keeps the Triton kernel there):
 packs of 16 in 64-token blocks, 2- to 4-bit ints in each stream (``k_rel`` / ``v_rel`` from 0.07 to 0.5: the
