@@ -278,8 +278,12 @@ VARIANTS = {  # name -> attention() keyword arguments, each a change from the de
     # The warp-specialized Gluon kernel (gluon_attention.py, sm_90; the op's default there since 2026-12-06): its own
     # launch settings (gluon_attention.MAXNREG, PRODUCER_REGS, PROGRAMS_PER_SM, PRODUCERS); a ValueError row where it
     # does not cover the layout. Every other row is the Triton kernel (gluon=False unless a row says otherwise).
-    "Gluon kernel (4 decode warps + 4 wgmma warps)": dict(gluon=True),
+    "Gluon kernel (2 decoding warpgroups + 1 wgmma warpgroup)": dict(gluon=True),
     "  Gluon kernel, out_len 2x with a decode mask": dict(gluon=True, out_len_x=2, with_mask=True),
+    # Its split count: by default gluon_attention.WAVES = 2 waves of its 2 programs per SM (the count every timing
+    # until 2026-12-06b used); split_factor: that many programs per SM in all.
+    "  Gluon kernel, one wave (split_factor=2)": dict(gluon=True, split_factor=2),
+    "  Gluon kernel, four waves (split_factor=8)": dict(gluon=True, split_factor=8),
 }
 
 

@@ -189,6 +189,30 @@ def test_gluon_attention_names_what_it_does_not_decode(change, reason, caplog, m
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
 
 
+def test_the_gluon_kernel_takes_its_own_split_count_unless_the_caller_sets_one(monkeypatch):
+    """Its programs per SM differ from the Triton kernel's (2 at its register cap, not 4): without a caller's
+    ``splits`` it launches ``gluon_attention.WAVES`` waves of them (``splits_for``), with one it takes that."""
+    from packkv.ops.kernels import gluon_attention
+    from packkv.ops.kernels._launch import num_sms
+
+    seen = []
+    partials = gluon_attention.partials
+    monkeypatch.setattr(gluon_attention, "partials", lambda *a: seen.append(a[17]) or partials(*a))
+    st = _layer(PackKVConfig(k_rel=0.1, v_rel=0.2), torch.float16)
+    q = torch.randn(B, H * 4, 1, D, device=DEV).to(torch.float16)
+    want = _want(q, st, L, None, "none")
+    for waves, splits in ((2, None), (1, None), (1, 3)):
+        monkeypatch.setattr(gluon_attention, "WAVES", waves)
+        got = gpu.attention(q, st, L, None, False, None, splits=splits, gluon=True)
+        assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-3
+    own = []
+    for waves in (2, 1):
+        monkeypatch.setattr(gluon_attention, "WAVES", waves)
+        own.append(gluon_attention.splits_for(q, H, L, num_sms(q.device)))
+    # Mutation-checked: handing the kernel the Triton kernel's count (4 here whatever WAVES is) fails.
+    assert own[0] == 2 * own[1] and seen == [*own, 3]
+
+
 def test_by_default_the_gluon_kernel_takes_the_decode_steps_it_covers_on_an_sm90_gpu_only(monkeypatch):
     """``attention.GLUON`` None (the default): a decode step on CUDA tensors of an sm_90 GPU runs on it, one on CPU
     tensors does not (there its body runs eagerly: a check, not a fast path); False: never; True: also on the CPU."""

@@ -664,8 +664,9 @@ def attention(
     H, T = lay.num_heads, lay.block_size
     n_rep = HQ // H
     n_virtual = max(1, -(-out_len // T))
+    chosen_splits = splits  # the caller's (or split_factor's) split count; None: each kernel's own rule
     if splits is None and split_factor is not None:  # the former rule: programs per SM, whatever fits at once
-        splits = -(-split_factor * num_sms(q.device) // (B * H))
+        splits = chosen_splits = -(-split_factor * num_sms(q.device) // (B * H))
     elif splits is None:  # whole waves (a partial last wave of equal programs costs a full one)
         slots = resident_programs(q.device, num_warps, maxnreg) * num_sms(q.device)
         splits = max(1, waves * slots // (B * H))
@@ -689,7 +690,7 @@ def attention(
 
         why = gluon_attention.supported(q, lay, st.ring_k.dtype, mask, is_causal, out_len)
         if why is None:
-            return _gluon_attention(q, st, out_len, mask, sm_scale, rotate, splits, n_virtual)
+            return _gluon_attention(q, st, out_len, mask, sm_scale, rotate, chosen_splits, n_virtual)
         if gluon:
             raise ValueError(f"the Gluon attention kernel does not cover this call: {why}")
         log.debug("attention: the Triton kernel, as the Gluon kernel does not cover this call: %s", why)

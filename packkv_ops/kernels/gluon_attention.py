@@ -52,7 +52,12 @@ T_BLOCK, HEAD_DIM, ROWS, STAGES = 64, 128, 8, 2  # the one shape it decodes; ROW
 # with prefetch at 88 registers it spills (0.260), with 4 stages 0.301.
 MAXNREG: int | None = 80
 PRODUCER_REGS = 88  # what setmaxnreg gives the decoding warps out of the pool
-PROGRAMS_PER_SM = 2  # the split count fills this many programs per SM
+PROGRAMS_PER_SM = 2  # programs an SM holds at MAXNREG 80 x 12 warps (registers bind)
+# Waves of them per launch. Until 2026-12-06b every Gluon timing ran with the Triton kernel's split count (4 of its
+# programs per SM, one wave: the caller's split count reached this kernel already set), i.e. two waves here: 66
+# splits at batch 1 x 8 KV heads on 132 SMs, 8 at batch 8. Kept as the measured default; one wave is untimed
+# (benchmarks/kernels.py's "Gluon kernel, one wave" row).
+WAVES = 2
 # The producer loads block i + 2's fields and offsets and block i + 1's pack bits while it decodes block i (1), or
 # each block's in its own iteration (0: two dependent global round trips per block; hidden instead by the second
 # decoding warpgroup, and the prefetch's registers do not fit in 88).
@@ -528,8 +533,8 @@ def supported(q: Tensor, lay: Layout, ring_dtype: torch.dtype, mask: Tensor | No
 
 
 def splits_for(q: Tensor, num_heads: int, out_len: int, sms: int) -> int:
-    """Programs per (sequence, KV head): ``PROGRAMS_PER_SM`` per SM in one wave, at most one per block."""
-    return max(1, min(PROGRAMS_PER_SM * sms // (q.shape[0] * num_heads), -(-out_len // T_BLOCK)))
+    """Programs per (sequence, KV head): ``WAVES`` waves of ``PROGRAMS_PER_SM`` per SM, at most one per block."""
+    return max(1, min(WAVES * PROGRAMS_PER_SM * sms // (q.shape[0] * num_heads), -(-out_len // T_BLOCK)))
 
 
 def partials(
