@@ -32,6 +32,8 @@ ORDER = ["q_ptr", "pool_ptr", "k_off_ptr", "v_off_ptr", "k_meta_ptr", "v_meta_pt
          "PRODUCER_REGS", "HAS_MASK", "PREFETCH", "ROTATE", "PRODUCERS", "ROT_SCALE", "LOG2_D", "K_QBITS", "V_QBITS",
          "MASK_SCAN", "MASK_BRANCH"]  # fmt: skip
 # (MAXNREG, PRODUCER_REGS, PROGRAMS_PER_SM, PREFETCH, STAGES, PRODUCERS); GLUON_SETTINGS="128,128,2,1,3,1;..."
+# (PROGRAMS_PER_SM sets the split count with gluon_attention.WAVES since 2026-12-06b; before, the Triton kernel's
+# count applied whatever it was: runs until then all had 2 waves of 2 programs per SM)
 # replaces them (a missing PRODUCERS is 1)
 SETTINGS = ((80, 88, 2, 0, 2, 2), (128, 128, 2, 1, 2, 1))
 
