@@ -110,6 +110,33 @@ def test_a_split_whose_blocks_are_all_visible_skips_the_mask_gathers_with_the_sa
     assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-3
 
 
+# The mask scans read SCAN chunks of 1,024 positions per round trip: a long split's compressed positions (70 blocks,
+# 4,480 tokens, the window holding 168: two rounds of 4 chunks, five of 1) with 64 hidden keys in a later chunk of
+# the first round, in the second round, or none; and 5,000 zero keys past the length, a hidden stretch among them,
+# counted over rounds.
+@pytest.mark.parametrize("scan", [1, 4])
+@pytest.mark.parametrize("hidden", [None, 3000, 4300])
+def test_the_mask_scans_cover_a_long_split_in_rounds_of_chunks(scan, hidden, monkeypatch):
+    from packkv.ops.kernels import gluon_attention
+
+    monkeypatch.setattr(gluon_attention, "SCAN", scan)
+    n = 72 * 64 + 40
+    k, v = torch.randn(1, 1, n, D, device=DEV), torch.randn(1, 1, n, D, device=DEV)
+    st = fill(PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none"), k.half(), v.half())
+    assert int(st.n_blocks[0]) == 70
+    out_len = n + 5000
+    mask = torch.ones(1, 1, 1, out_len, dtype=torch.bool, device=DEV)
+    mask[..., n + 1500 : n + 4700] = False
+    if hidden is not None:
+        mask[..., hidden : hidden + 64] = False
+    q = torch.randn(1, 4, 1, D, device=DEV).half()
+    got = gpu.attention(q, st, out_len, mask, False, None, splits=1, gluon=True)
+    want = _want(q, st, out_len, mask, "none")
+    # Mutation-checked: every chunk of a round reading the first chunk's positions; the scan's loop ending after
+    # one round.
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-3
+
+
 # (PREFETCH, PRODUCERS): each block's fields, offsets and pack bits loaded in its own iteration (0), not one and two
 # blocks ahead (1; its last blocks' look-ahead clamped to a block that exists); one decoding warpgroup, or two taking
 # turns over the blocks and the window's tiles (with splits=1 one takes blocks 0, 2 and tiles 4, the other block 1

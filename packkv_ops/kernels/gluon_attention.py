@@ -28,6 +28,7 @@ its compilation for sm_90 by ``tests/test_kernel_build.py``; its synchronization
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -56,8 +57,8 @@ PROGRAMS_PER_SM = 2  # programs an SM holds at MAXNREG 80 x 12 warps (registers 
 # Waves of them per launch. Until 2026-12-06b every Gluon timing ran with the Triton kernel's split count (4 of its
 # programs per SM, one wave: the caller's split count reached this kernel already set), i.e. two waves here: 66
 # splits at batch 1 x 8 KV heads on 132 SMs, 8 at batch 8. Kept as the measured default; one wave is untimed
-# (benchmarks/kernels.py's "Gluon kernel, one wave" row).
-WAVES = 2
+# (benchmarks/kernels.py's "Gluon kernel, one wave" row). PACKKV_GLUON_WAVES sets it (an e2e A/B in two processes).
+WAVES = int(os.environ.get("PACKKV_GLUON_WAVES", "2"))
 # The producer loads block i + 2's fields and offsets and block i + 1's pack bits while it decodes block i (1), or
 # each block's in its own iteration (0: two dependent global round trips per block; hidden instead by the second
 # decoding warpgroup, and the prefetch's registers do not fit in 88).
@@ -73,6 +74,8 @@ PRODUCERS = 2
 # 0.127 / 0.135, neither (every tile gathers) 0.241 / 0.238 and 0.134 / 0.134; unmasked 0.210 and 0.117.
 MASK_SCAN = True
 MASK_BRANCH = True
+# Chunks of 1,024 mask positions per round trip of the scans (1: one load at a time, as timed until 2026-12-06b).
+SCAN = 4
 
 
 @gluon.jit
@@ -311,7 +314,7 @@ def _butterfly(x, M: gl.constexpr, D: gl.constexpr, H: gl.constexpr):
 def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
               perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, row0, n_rep, split, b, lo, hi, r_lo, r_hi, nb, total,
               z_lo, z_hi, NB, qk_scale, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
-              HAS_MASK: gl.constexpr, MASK_SCAN: gl.constexpr, MASK_BRANCH: gl.constexpr):  # fmt: skip
+              HAS_MASK: gl.constexpr, MASK_SCAN: gl.constexpr, MASK_BRANCH: gl.constexpr, SCAN: gl.constexpr):  # fmt: skip
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, R, 16])  # fmt: skip
     rows: gl.constexpr = gl.SliceLayout(0, mma)
@@ -326,23 +329,26 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
     # mask gather, which waits on the permutation's gather (two dependent round trips per tile, ~11% of the
     # kernel at B1/128K, H100 2026-12-06).
     zl: gl.constexpr = gl.BlockedLayout([8], [32], [gl.num_warps()], [0])
-    if HAS_MASK:
+    if HAS_MASK:  # SCAN chunks of 1,024 per round trip: their loads issue together (a long split's scans stall it)
         cnt = gl.zeros([1024], gl.float32, zl)
-        for z0 in range(z_lo, z_hi, 1024):
-            zpos = z0 + gl.arange(0, 1024, zl)
-            vis = zpos < z_hi
-            vis = vis & (gl.load(mask_ptr + b * smb + zpos, mask=vis, other=0) != 0)
-            cnt = cnt + gl.where(vis, 1.0, 0.0)
+        for z0 in range(z_lo, z_hi, 1024 * SCAN):
+            for u in gl.static_range(SCAN):
+                zpos = z0 + u * 1024 + gl.arange(0, 1024, zl)
+                vis = zpos < z_hi
+                vis = vis & (gl.load(mask_ptr + b * smb + zpos, mask=vis, other=0) != 0)
+                cnt = cnt + gl.where(vis, 1.0, 0.0)
         n = gl.sum(cnt, axis=0)
-        if MASK_SCAN:  # up to the first chunk with a hidden position (a mask with holes gathers anyway)
+        if MASK_SCAN:  # up to the first round with a hidden position (a mask with holes gathers anyway)
             p0 = lo * T
             hidden = lo * 0
             while (p0 < hi * T) & (hidden == 0):
-                ppos = p0 + gl.arange(0, 1024, zl)
-                inr = ppos < hi * T
-                hid = inr & (gl.load(mask_ptr + b * smb + ppos, mask=inr, other=0) == 0)
-                hidden = gl.sum(hid.to(gl.int32), axis=0)
-                p0 = p0 + 1024
+                hid = gl.zeros([1024], gl.int32, zl)
+                for u in gl.static_range(SCAN):
+                    ppos = p0 + u * 1024 + gl.arange(0, 1024, zl)
+                    inr = ppos < hi * T
+                    hid = hid | (inr & (gl.load(mask_ptr + b * smb + ppos, mask=inr, other=0) == 0)).to(gl.int32)
+                hidden = gl.sum(hid, axis=0)
+                p0 = p0 + 1024 * SCAN
             gather = hidden > 0
         else:
             gather = n_c >= 0
@@ -427,7 +433,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                             PREFETCH: gl.constexpr = 1, ROTATE: gl.constexpr = False, PRODUCERS: gl.constexpr = 1,
                             ROT_SCALE: gl.constexpr = 1.0, LOG2_D: gl.constexpr = 7, K_QBITS: gl.constexpr = 4,
                             V_QBITS: gl.constexpr = 3, MASK_SCAN: gl.constexpr = True,
-                            MASK_BRANCH: gl.constexpr = True):  # fmt: skip
+                            MASK_BRANCH: gl.constexpr = True, SCAN: gl.constexpr = 4):  # fmt: skip
     """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
     rotated, padded to ``R`` with zeros) against the split's share of the sequence's compressed blocks of a
     ``PackedLayer`` (its pool, offsets, metadata, scales and zeros as they are stored) and its share of the exact
@@ -478,7 +484,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
         gl.warp_specialize([
             (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
-                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH)),
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 0, 1)),
@@ -487,7 +493,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
         gl.warp_specialize([
             (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
-                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH)),
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 0, 2)),
@@ -564,7 +570,7 @@ def partials(
             H, S, HQ // H, scale * LOG2E)  # fmt: skip
     meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, HAS_MASK=mask is not None,
                 PREFETCH=PREFETCH, PRODUCERS=PRODUCERS, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1,
-                K_QBITS=k_qbits, V_QBITS=v_qbits, MASK_SCAN=MASK_SCAN, MASK_BRANCH=MASK_BRANCH)
+                K_QBITS=k_qbits, V_QBITS=v_qbits, MASK_SCAN=MASK_SCAN, MASK_BRANCH=MASK_BRANCH, SCAN=SCAN)
     if q.device.type == "cpu":
         from . import gluon_attention, gluon_eager
 

@@ -30,7 +30,7 @@ ORDER = ["q_ptr", "pool_ptr", "k_off_ptr", "v_off_ptr", "k_meta_ptr", "v_meta_pt
          "v_scale_ptr", "v_zero_ptr", "ring_k_ptr", "ring_v_ptr", "n_blocks_ptr", "n_win_ptr", "perm_ptr", "mask_ptr",
          "smb", "out_len", "acc_ptr", "m_ptr", "l_ptr", "NB", "H", "S", "n_rep", "qk_scale", "T", "D", "R", "STAGES",
          "PRODUCER_REGS", "HAS_MASK", "PREFETCH", "ROTATE", "PRODUCERS", "ROT_SCALE", "LOG2_D", "K_QBITS", "V_QBITS",
-         "MASK_SCAN", "MASK_BRANCH"]  # fmt: skip
+         "MASK_SCAN", "MASK_BRANCH", "SCAN"]  # fmt: skip
 # (MAXNREG, PRODUCER_REGS, PROGRAMS_PER_SM, PREFETCH, STAGES, PRODUCERS); GLUON_SETTINGS="128,128,2,1,3,1;..."
 # (PROGRAMS_PER_SM sets the split count with gluon_attention.WAVES since 2026-12-06b; before, the Triton kernel's
 # count applied whatever it was: runs until then all had 2 waves of 2 programs per SM)
@@ -84,19 +84,19 @@ def run_on_gpu(maxnreg: int | None, producer_regs: int, per_sm: int, prefetch: i
         torch.cuda.synchronize()
         t_g, t_t = bench_ms(lambda: run(True)), bench_ms(lambda: run(False))
         t_gm, t_tm = bench_ms(lambda: run(True, longer, mask)), bench_ms(lambda: run(False, longer, mask))
-        t_gs, t_gh = {}, {}  # (MASK_SCAN, MASK_BRANCH): the step mask, the mask with holes
-        defaults = ga.MASK_SCAN, ga.MASK_BRANCH
-        for scan, branch in ((True, True), (True, False), (False, False)):
-            ga.MASK_SCAN, ga.MASK_BRANCH = scan, branch
-            t_gs[scan, branch] = bench_ms(lambda: run(True, 2 * out_len, step))
-            t_gh[scan, branch] = bench_ms(lambda: run(True, longer, mask))
-        ga.MASK_SCAN, ga.MASK_BRANCH = defaults
+        t_gs, t_gh = {}, {}  # (MASK_SCAN, MASK_BRANCH, SCAN): the step mask, the mask with holes
+        defaults = ga.MASK_SCAN, ga.MASK_BRANCH, ga.SCAN
+        for scan, branch, unroll in ((True, True, 4), (True, True, 1), (True, False, 4), (False, False, 4)):
+            ga.MASK_SCAN, ga.MASK_BRANCH, ga.SCAN = scan, branch, unroll
+            t_gs[scan, branch, unroll] = bench_ms(lambda: run(True, 2 * out_len, step))
+            t_gh[scan, branch, unroll] = bench_ms(lambda: run(True, longer, mask))
+        ga.MASK_SCAN, ga.MASK_BRANCH, ga.SCAN = defaults
         t_sdpa = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
         print(f"maxnreg {maxnreg}, producer regs {producer_regs}, {per_sm}/SM, prefetch {prefetch}, {stages} stages, "
               f"{producers} producer warpgroups | B{batch}/{context}: error vs Triton "
               f"{e:.1e} (masked {e_m:.1e}, step mask {e_s:.1e}) | Gluon {t_g:.3f} ms, Triton {t_t:.3f}, SDPA "
               f"{t_sdpa:.3f} | Gluon {t_sdpa / t_g:.2f}x SDPA, {t_t / t_g:.2f}x Triton | masked (10% holes): Gluon "
-              f"{t_gm:.3f}, Triton {t_tm:.3f} | step mask / holes by (MASK_SCAN, MASK_BRANCH): "
+              f"{t_gm:.3f}, Triton {t_tm:.3f} | step mask / holes by (MASK_SCAN, MASK_BRANCH, SCAN): "
               + ", ".join(f"{k}: {t_gs[k]:.3f} / {t_gh[k]:.3f}" for k in t_gs),
               flush=True)  # fmt: skip
 
@@ -109,7 +109,7 @@ def main() -> None:
             "l_ptr": "*fp32", "NB": "i32", "H": "i32", "S": "i32", "perm_ptr": "*u8", "mask_ptr": "*i1", "smb": "i32",
             "out_len": "i32", "n_rep": "i32", "qk_scale": "fp32", "T": "constexpr", "D": "constexpr", "R": "constexpr",
             "STAGES": "constexpr", "PRODUCER_REGS": "constexpr", "HAS_MASK": "constexpr", "PREFETCH": "constexpr", "ROTATE": "constexpr", "PRODUCERS": "constexpr", "ROT_SCALE": "constexpr",
-            "LOG2_D": "constexpr", "K_QBITS": "constexpr", "V_QBITS": "constexpr", "MASK_SCAN": "constexpr", "MASK_BRANCH": "constexpr"}  # fmt: skip
+            "LOG2_D": "constexpr", "K_QBITS": "constexpr", "V_QBITS": "constexpr", "MASK_SCAN": "constexpr", "MASK_BRANCH": "constexpr", "SCAN": "constexpr"}  # fmt: skip
     sig = {k: sig[k] for k in ORDER}
     aligned = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(ORDER) if k.endswith("_ptr")}
     ga = gluon_attention
@@ -120,7 +120,7 @@ def main() -> None:
         consts = dict(T=ga.T_BLOCK, D=ga.HEAD_DIM, R=ga.ROWS, STAGES=ga.STAGES, PRODUCER_REGS=producer_regs,
                       HAS_MASK=True, PREFETCH=prefetch, ROTATE=True, PRODUCERS=producers,
                       ROT_SCALE=ga.HEAD_DIM**-0.5, LOG2_D=ga.HEAD_DIM.bit_length() - 1, K_QBITS=4,
-                      V_QBITS=3, MASK_SCAN=ga.MASK_SCAN, MASK_BRANCH=ga.MASK_BRANCH)  # the e2e decode step's case  # fmt: skip
+                      V_QBITS=3, MASK_SCAN=ga.MASK_SCAN, MASK_BRANCH=ga.MASK_BRANCH, SCAN=ga.SCAN)  # the e2e decode step's case  # fmt: skip
         ck = compile_gluon(decode_attention_kernel, sig, consts, aligned, maxnreg=maxnreg)
         report(f"PackKV decode attention, warp-specialized ({4 * producers} decode warps, 4 wgmma warps; maxnreg "
                f"{maxnreg}, producer {producer_regs}, prefetch {prefetch})", ck,
