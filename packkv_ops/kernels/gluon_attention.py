@@ -54,11 +54,12 @@ T_BLOCK, HEAD_DIM, ROWS, STAGES = 64, 128, 8, 2  # the one shape it decodes; ROW
 MAXNREG: int | None = 80
 PRODUCER_REGS = 88  # what setmaxnreg gives the decoding warps out of the pool
 PROGRAMS_PER_SM = 2  # programs an SM holds at MAXNREG 80 x 12 warps (registers bind)
-# Waves of them per launch. Until 2026-12-06b every Gluon timing ran with the Triton kernel's split count (4 of its
-# programs per SM, one wave: the caller's split count reached this kernel already set), i.e. two waves here: 66
-# splits at batch 1 x 8 KV heads on 132 SMs, 8 at batch 8. Kept as the measured default; one wave is untimed
-# (benchmarks/kernels.py's "Gluon kernel, one wave" row). PACKKV_GLUON_WAVES sets it (an e2e A/B in two processes).
-WAVES = int(os.environ.get("PACKKV_GLUON_WAVES", "2"))
+# Waves of them per launch. Until 2026-12-06b every Gluon timing ran two waves (the caller's split count, the Triton
+# kernel's, reached this kernel already set): 66 splits at batch 1 x 8 KV heads on 132 SMs, 8 at batch 8. One wave
+# (H100, 2026-12-06c): B1/128K 0.108 vs 0.117 ms, B8/32K 0.203 vs 0.208 (scripts/gluon_sm90/packed_decode_attention.py
+# --gpu); in the 64K e2e step the attention 52.8 vs 58.3 us per layer, the merge 2.7 vs 3.6 us, the step 9.77 vs
+# 9.98 ms (each alone in a fresh process). PACKKV_GLUON_WAVES sets it.
+WAVES = int(os.environ.get("PACKKV_GLUON_WAVES", "1"))
 # The producer loads block i + 2's fields and offsets and block i + 1's pack bits while it decodes block i (1), or
 # each block's in its own iteration (0: two dependent global round trips per block; hidden instead by the second
 # decoding warpgroup, and the prefetch's registers do not fit in 88).
@@ -66,12 +67,15 @@ PREFETCH = 0
 # Decoding warpgroups per program: 2 take turns over the blocks, 16 decoding warps per SM instead of 8 to hide the
 # gathers' latency (ncu, 2026-12-05e: latency-bound, 0.50 issued warps per scheduler).
 PRODUCERS = 2
-# With a padding mask: scan the split's compressed positions first and skip the per-tile mask gathers where none
-# is masked (the decode step's usual case; see ``_consumer``). Tiles that need no gather branch around it
-# (MASK_BRANCH) or run it predicated off. H100, 2026-12-06b (gluon_mask_branch_h100_2026-12-06b.log), a decode
-# step's mask (out_len 2x, every key up to the length visible, one left-padded sequence) / a mask with 10% holes,
-# B8/32K and B1/128K: scan + branch 0.211 / 0.252 and 0.122 / 0.137 ms, scan + predicated 0.229 / 0.241 and
-# 0.127 / 0.135, neither (every tile gathers) 0.241 / 0.238 and 0.134 / 0.134; unmasked 0.210 and 0.117.
+# With a padding mask: scan the split's compressed positions first and let only the tiles from the first to the
+# last block holding a hidden key run the per-tile mask gathers (a decode step's usual mask hides none, or only a
+# left padding; see ``_consumer``). Tiles that need no gather branch around it (MASK_BRANCH) or run it predicated
+# off. H100, 2026-12-06b (gluon_mask_branch_h100_2026-12-06b.log; then a split gathered in all its tiles if any was
+# hidden), a decode step's mask (out_len 2x, every key up to the length visible, one left-padded sequence) / a mask
+# with 10% holes, B8/32K and B1/128K: scan + branch 0.211 / 0.252 and 0.122 / 0.137 ms, scan + predicated 0.229 /
+# 0.241 and 0.127 / 0.135, neither (every tile gathers) 0.241 / 0.238 and 0.134 / 0.134; unmasked 0.210 and 0.117.
+# With one wave (2026-12-06c) the left-padded split gathering all its tiles made the kernel 21% slower than unmasked
+# at B8/32K (0.246 vs 0.203 ms): hence the block range.
 MASK_SCAN = True
 MASK_BRANCH = True
 # Chunks of 1,024 mask positions per round trip of the scans (1: one load at a time, as timed until 2026-12-06b).
@@ -338,20 +342,22 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
                 vis = vis & (gl.load(mask_ptr + b * smb + zpos, mask=vis, other=0) != 0)
                 cnt = cnt + gl.where(vis, 1.0, 0.0)
         n = gl.sum(cnt, axis=0)
-        if MASK_SCAN:  # up to the first round with a hidden position (a mask with holes gathers anyway)
-            p0 = lo * T
-            hidden = lo * 0
-            while (p0 < hi * T) & (hidden == 0):
-                hid = gl.zeros([1024], gl.int32, zl)
+        if MASK_SCAN:  # the first and last block holding a hidden position: only the tiles between them gather
+            h_lo = gl.full([1024], 2**30, gl.int32, zl)
+            h_hi = gl.full([1024], -1, gl.int32, zl)
+            for p0 in range(lo * T, hi * T, 1024 * SCAN):
                 for u in gl.static_range(SCAN):
                     ppos = p0 + u * 1024 + gl.arange(0, 1024, zl)
                     inr = ppos < hi * T
-                    hid = hid | (inr & (gl.load(mask_ptr + b * smb + ppos, mask=inr, other=0) == 0)).to(gl.int32)
-                hidden = gl.sum(hid, axis=0)
-                p0 = p0 + 1024 * SCAN
-            gather = hidden > 0
+                    hid = inr & (gl.load(mask_ptr + b * smb + ppos, mask=inr, other=0) == 0)
+                    h_lo = gl.minimum(h_lo, gl.where(hid, ppos, 2**30))
+                    h_hi = gl.maximum(h_hi, gl.where(hid, ppos, -1))
+            g_lo = gl.min(h_lo, axis=0) // T - lo  # (tile indices; none hidden: g_lo > g_hi)
+            last = gl.max(h_hi, axis=0)
+            g_hi = gl.where(last >= 0, last // T - lo, -1)
         else:
-            gather = n_c >= 0
+            g_lo = n_c * 0
+            g_hi = n_c
     else:
         n = gl.maximum(z_hi - z_lo, 0).to(gl.float32)
     i_t = gl.arange(0, T, toks)
@@ -374,12 +380,12 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
         live = packed | ((nb + r_lo + i - n_c) * T + i_t < total)
         if HAS_MASK:  # a decode step's padding mask, one row per sequence ([B, 1, 1, L] bool)
             if MASK_BRANCH:
-                if gather | (i >= n_c):  # (the window's tiles are in token order: one gather)
+                if ((i >= g_lo) & (i <= g_hi)) | (i >= n_c):  # (the window's tiles are in token order: one gather)
                     perm = gl.load(perm_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.int32)
                     pos = gl.where(packed, (lo + i) * T + perm, (nb + r_lo + i - n_c) * T + i_t).to(gl.int32)
                     live = live & (gl.load(mask_ptr + b * smb + pos, mask=live, other=0) != 0)
             else:  # the same gathers predicated off instead of branched around
-                g = gather | (i >= n_c)
+                g = ((i >= g_lo) & (i <= g_hi)) | (i >= n_c)
                 perm = gl.load(perm_ptr + tok, mask=packed & g & (i_t >= 0), other=0).to(gl.int32)
                 pos = gl.where(packed, (lo + i) * T + perm, (nb + r_lo + i - n_c) * T + i_t).to(gl.int32)
                 live = live & (gl.load(mask_ptr + b * smb + pos, mask=live & g, other=1) != 0)

@@ -308,7 +308,10 @@ def _build_gl(state: dict) -> types.SimpleNamespace:
         return buf
 
     def reduce_max(x, axis):
-        return T(x.data.float().amax(axis), F32)
+        return T(x.data.amax(axis), x.dtype) if x.dtype in _INT else T(x.data.float().amax(axis), F32)
+
+    def reduce_min(x, axis):
+        return T(x.data.amin(axis), x.dtype) if x.dtype in _INT else T(x.data.float().amin(axis), F32)
 
     def reduce_sum(x, axis):
         return T(x.data.sum(axis), x.dtype)
@@ -331,7 +334,7 @@ def _build_gl(state: dict) -> types.SimpleNamespace:
         maximum=_maximum,
         minimum=lambda a, b: T(torch.minimum(torch.as_tensor(a.data if isinstance(a, T) else a),
                                              torch.as_tensor(b.data if isinstance(b, T) else b)), I32),
-        max=reduce_max, sum=reduce_sum, exp2=lambda x: T(torch.exp2(x.data.float()), F32),
+        max=reduce_max, min=reduce_min, sum=reduce_sum, exp2=lambda x: T(torch.exp2(x.data.float()), F32),
         program_id=lambda axis: state["pid"][axis], num_programs=lambda axis: state["grid"][axis],
         cdiv=lambda a, b: (a + b - 1) // b,
         where=_where,
