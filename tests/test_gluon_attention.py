@@ -114,7 +114,8 @@ def test_a_split_whose_blocks_are_all_visible_skips_the_mask_gathers_with_the_sa
 # 4,480 tokens, the window holding 168: two rounds of 4 chunks, five of 1) with 64 hidden keys in a later chunk of
 # the first round, in the second round, at the start (left padding), or none; and 5,000 zero keys past the length, a
 # hidden stretch among them, counted over rounds. Only the tiles from the first to the last block holding a hidden
-# key gather the mask (mutation-checked: that range one block short at either end).
+# key gather the mask (mutation-checked: that range one block short at either end; the backward scan for the last
+# one starting a chunk short of the split's end).
 @pytest.mark.parametrize("scan", [1, 4])
 @pytest.mark.parametrize("hidden", [None, 0, 3000, 4300])
 def test_the_mask_scans_cover_a_long_split_in_rounds_of_chunks(scan, hidden, monkeypatch):

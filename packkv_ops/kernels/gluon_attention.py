@@ -79,7 +79,7 @@ PRODUCERS = 2
 MASK_SCAN = True
 MASK_BRANCH = True
 # Chunks of 1,024 mask positions per round trip of the scans (1: one load at a time, as timed until 2026-12-06b).
-SCAN = 4
+SCAN = 1
 
 
 @gluon.jit
@@ -328,10 +328,10 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
     # The padding mask's scans come before the tiles, where their loads overlap the producers' first decode
     # instead of the softmax: the zero keys from the length up to out_len (a compiled step passes the storage's
     # capacity; up to twice the length right after a growth), this split's share [z_lo, z_hi), each scoring exactly
-    # 0 and adding nothing to O, so only the visible ones' count enters the softmax; and (MASK_SCAN) whether any of
-    # the split's compressed positions is masked. A decode step's mask rarely hides one: then the tiles skip their
-    # mask gather, which waits on the permutation's gather (two dependent round trips per tile, ~11% of the
-    # kernel at B1/128K, H100 2026-12-06).
+    # 0 and adding nothing to O, so only the visible ones' count enters the softmax; and (MASK_SCAN) the first and
+    # last of the split's compressed positions that are masked. A decode step's mask hides none, or a left padding:
+    # the tiles outside that range skip their mask gather, which waits on the permutation's gather (two dependent
+    # round trips per tile, ~11% of the kernel at B1/128K, H100 2026-12-06).
     zl: gl.constexpr = gl.BlockedLayout([8], [32], [gl.num_warps()], [0])
     if HAS_MASK:  # SCAN chunks of 1,024 per round trip: their loads issue together (a long split's scans stall it)
         cnt = gl.zeros([1024], gl.float32, zl)
@@ -343,17 +343,32 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
                 cnt = cnt + gl.where(vis, 1.0, 0.0)
         n = gl.sum(cnt, axis=0)
         if MASK_SCAN:  # the first and last block holding a hidden position: only the tiles between them gather
-            h_lo = gl.full([1024], 2**30, gl.int32, zl)
-            h_hi = gl.full([1024], -1, gl.int32, zl)
-            for p0 in range(lo * T, hi * T, 1024 * SCAN):
+            # Forward to the first round that finds a hidden position, then (if one) backward from the split's end
+            # to the first round that finds one: a mask without any scans the split once, a left padding once and
+            # a round, a mask with holes two rounds.
+            first = lo * 0 + 2**30
+            p0 = lo * T
+            while (p0 < hi * T) & (first == 2**30):
+                h = gl.full([1024], 2**30, gl.int32, zl)
                 for u in gl.static_range(SCAN):
                     ppos = p0 + u * 1024 + gl.arange(0, 1024, zl)
                     inr = ppos < hi * T
                     hid = inr & (gl.load(mask_ptr + b * smb + ppos, mask=inr, other=0) == 0)
-                    h_lo = gl.minimum(h_lo, gl.where(hid, ppos, 2**30))
-                    h_hi = gl.maximum(h_hi, gl.where(hid, ppos, -1))
-            g_lo = gl.min(h_lo, axis=0) // T - lo  # (tile indices; none hidden: g_lo > g_hi)
-            last = gl.max(h_hi, axis=0)
+                    h = gl.minimum(h, gl.where(hid, ppos, 2**30))
+                first = gl.min(h, axis=0)
+                p0 = p0 + 1024 * SCAN
+            last = lo * 0 - 1
+            p1 = hi * T
+            while (first < 2**30) & (last < 0) & (p1 > first):  # finds ``first`` at the latest
+                h = gl.full([1024], -1, gl.int32, zl)
+                for u in gl.static_range(SCAN):
+                    ppos = p1 - (u + 1) * 1024 + gl.arange(0, 1024, zl)
+                    inr = ppos >= first
+                    hid = inr & (gl.load(mask_ptr + b * smb + ppos, mask=inr, other=1) == 0)
+                    h = gl.maximum(h, gl.where(hid, ppos, -1))
+                last = gl.max(h, axis=0)
+                p1 = p1 - 1024 * SCAN
+            g_lo = first // T - lo  # (tile indices; none hidden: g_lo > g_hi)
             g_hi = gl.where(last >= 0, last // T - lo, -1)
         else:
             g_lo = n_c * 0
