@@ -235,9 +235,11 @@ def reset_peak(device: str) -> None:
 
 
 def result(name, batch, context, times, device) -> dict:
+    # Every step's time too: whether a slow median is every step or some of them (GC, a host hiccup).
     med = statistics.median(times)
     return dict(path=name, batch=batch, context=context, step_ms=med, tokens_per_s=batch * 1e3 / med,
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"))  # fmt: skip
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
+                step_times_ms=[round(t, 3) for t in times])  # fmt: skip
 
 
 def kilo(tokens: int) -> str:

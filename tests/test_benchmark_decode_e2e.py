@@ -52,6 +52,8 @@ def test_the_triton_path_runs_beside_packkv_and_leaves_the_switch_as_it_was(tmp_
     rows = json.loads((tmp_path / "decode_e2e.json").read_text())["rows"]
     assert [r["path"] for r in rows] == ["weights", "static", "packkv", "packkv_triton"]
     assert rows[3]["context"] == 512 and rows[3]["tokens_per_s"] > 0
+    for r in rows:  # every timed step is kept beside the median
+        assert len(r["step_times_ms"]) == 2 and min(r["step_times_ms"]) <= r["step_ms"] <= max(r["step_times_ms"])
     assert attention_kernel.GLUON is before
     from torch._inductor import config as inductor_config
 

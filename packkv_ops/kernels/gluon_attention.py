@@ -1,8 +1,9 @@
 """Fused decode attention on the packed cache as a warp-specialized Gluon kernel for sm_90 (Hopper): the attention
 op's kernel for the decode steps it covers since 2026-12-06 (``attention.GLUON``; twin of ``reference.attention``;
-its CPU check is ``gluon_eager``). On the H100 (2026-12-06b) 0.210 ms at batch 8 / 32K and 0.117 at batch 1 /
-128K: 1.4x / 1.33x the Triton kernel, 1.7x / 1.6x SDPA on the bf16 cache in the same run (``benchmarks/kernels.py``
-gives 2.09x / 1.74x with its own SDPA timing); a decode step's padding mask costs 1-4% more.
+its CPU check is ``gluon_eager``). On the H100 (2026-12-06c, one wave of programs) 0.200 ms at batch 8 / 32K and
+0.108 at batch 1 / 128K: 1.46x / 1.44x the Triton kernel, 1.8x SDPA on the bf16 cache in the same run
+(``benchmarks/kernels.py`` gives 2.14x / 1.85x with its own SDPA timing); a decode step's padding mask with a
+left-padded sequence costs 6-8% more.
 
 Why a second kernel: the Triton kernel (``attention.py``) decodes, multiplies and runs the softmax in the same
 warps, joined by ~20 barriers per tile, and spends 8.35 thread-instructions per decoded value; Triton cannot state
