@@ -59,3 +59,19 @@ def test_the_triton_path_runs_beside_packkv_and_leaves_the_switch_as_it_was(tmp_
 
     assert not inductor_config.force_disable_caches  # the retrace's cache switch is put back too
     torch._dynamo.reset()
+
+
+def test_gc_freeze_freezes_after_each_paths_warm_up_and_thaws_after_its_timing(tmp_path, monkeypatch):
+    """``--gc-freeze``: each timed path (the weights row, static, PackKV) freezes the collector once its warm-up is
+    done and unfreezes it after its steps, so no path inherits another's frozen objects."""
+    events = []
+    monkeypatch.setattr(decode_e2e.gc, "freeze", lambda: events.append("freeze"))
+    monkeypatch.setattr(decode_e2e.gc, "unfreeze", lambda: events.append("unfreeze"))
+    torch._dynamo.reset()
+    argv = ["--small", "--layers", "2", "--contexts", "512", "--steps", "2", "--warmup", "1", "--chunk", "256",
+            "--gc-freeze", "--out", str(tmp_path)]  # fmt: skip
+    assert decode_e2e.main(argv) == 0
+    assert events == ["freeze", "unfreeze"] * 3
+    assert decode_e2e.main(argv[:-3] + ["--out", str(tmp_path)]) == 0  # without the flag: untouched
+    assert events == ["freeze", "unfreeze"] * 3
+    torch._dynamo.reset()
