@@ -76,7 +76,9 @@ PRODUCERS = 2
 # with 10% holes, B8/32K and B1/128K: scan + branch 0.211 / 0.252 and 0.122 / 0.137 ms, scan + predicated 0.229 /
 # 0.241 and 0.127 / 0.135, neither (every tile gathers) 0.241 / 0.238 and 0.134 / 0.134; unmasked 0.210 and 0.117.
 # With one wave (2026-12-06c) the left-padded split gathering all its tiles made the kernel 21% slower than unmasked
-# at B8/32K (0.246 vs 0.203 ms): hence the block range.
+# at B8/32K (0.246 vs 0.203 ms): hence the block range. With it (one wave, H100 2026-12-06c,
+# gluon_mask_scan_final_h100_2026-12-06c.log): step mask 0.217 / 0.113 ms at B8/32K / B1/128K (unmasked 0.203 /
+# 0.108), 10% holes 0.258 / 0.134 (no scan, every tile gathering: 0.237 / 0.122).
 MASK_SCAN = True
 MASK_BRANCH = True
 # Chunks of 1,024 mask positions per round trip of the scans (1: one load at a time, as timed until 2026-12-06b).
