@@ -572,24 +572,32 @@ def _attention_and_grid(q, ker, out_len, **kw):
 
 def test_split_merge_kernel_matches_its_reference():
     """Partial softmax results merge by log-sum-exp in one launch; splits that saw no visible token (max -inf,
-    sum 0) weigh nothing, and more splits than one merge chunk (32) are folded in chunks."""
-    from packkv.ops.kernels.attention import _merge_kernel, merge_splits
+    sum 0) weigh nothing, and more splits than one chunk fold in one pass, the running sums rescaled whenever a
+    later chunk raises the max (including after whole chunks of empty splits)."""
+    from packkv.ops.kernels.attention import _merge_kernel, merge_chunk, merge_splits
     from packkv.ops.kernels._launch import launch
 
     g = torch.Generator().manual_seed(0)
     ns, d = 70, 64
     acc = torch.randn(2, 3, 1, ns, d, generator=g).to(DEV)
     m = (torch.randn(2, 3, 1, ns, generator=g) * 4).to(DEV)
+    m[1, 2, 0] = torch.linspace(-8, 8, ns)  # the max grows in every chunk
     l = (torch.rand(2, 3, 1, ns, generator=g) + 0.5).to(DEV)
-    m[..., 5:40] = float("-inf")  # splits without visible tokens
-    l[..., 5:40] = 0.0
-    acc[..., 5:40, :] = 0.0
-    for dtype in (torch.float32, torch.bfloat16):
-        out = torch.empty(2, 3, 1, d, dtype=dtype, device=DEV)
-        launch(_merge_kernel)[(6,)](acc, m, l, out, ns, D=d, BS=32)
-        want = merge_splits(acc, m, l)
-        tol = 1e-5 if dtype == torch.float32 else 8e-3
-        torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol)
+    empty = torch.zeros(2, 3, 1, ns, dtype=torch.bool, device=DEV)
+    empty[..., 5:40] = True  # splits without visible tokens
+    empty[0, 1, 0, :40] = True  # whole chunks of them first
+    m[empty] = float("-inf")
+    l[empty] = 0.0
+    acc[empty] = 0.0
+    want = merge_splits(acc, m, l)
+    assert want.isfinite().all()
+    for bs in (8, 32, merge_chunk(d)):
+        for dtype in (torch.float32, torch.bfloat16):
+            out = torch.empty(2, 3, 1, d, dtype=dtype, device=DEV)
+            launch(_merge_kernel)[(6,)](acc, m, l, out, ns, D=d, BS=bs)
+            tol = 1e-5 if dtype == torch.float32 else 8e-3
+            torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol)
+    assert merge_chunk(128) >= 33  # a batch-1 decode step's splits (132 SMs, 8 KV heads) in one chunk
 
 
 def test_eager_launches_bypass_wrap_triton_only_when_nothing_traces():

@@ -737,7 +737,7 @@ def _gluon_attention(q, st, out_len, mask, sm_scale, rotate, splits, n_virtual) 
         st.ring_k, st.ring_v, st.n_blocks, st.n_win, st.perm, mask, out_len, ns, sm_scale, rotate, st.layout.k.qbits,
         st.layout.v.qbits)  # fmt: skip
     out = torch.empty(B, HQ, 1, D, dtype=q.dtype, device=q.device)
-    launch(_merge_kernel)[(B * HQ,)](acc, m, l, out, ns, D=D, BS=32, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D))
+    launch(_merge_kernel)[(B * HQ,)](acc, m, l, out, ns, D=D, BS=merge_chunk(D), ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D))
     return out
 
 
@@ -768,7 +768,7 @@ def _launch_rows(
         ROWS_AS_N=rows_as_n and m_pad <= ROWS_AS_N_MAX, CHANNEL_ROWS=channel_rows, FUSED_RED=fused_reductions, EARLY_LOADS=early_loads, PAIRS=pairs, ZERO_COUNT=zero_count, PREFETCH=prefetch, ZERO_SPAN=zero_span, ZCHUNK=zero_chunk, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), BALANCED=balanced, LANES=lanes, DEFER_SUMS=defer_sums, MASK_ROW=row_mask, PAIRED=paired and windows and packwise and paired_scan_fits(
             min(max(sub_tile, lay.pack_size), T), D, lay.pack_size, lay.k.qbits, lay.v.qbits), **meta,
     )  # fmt: skip
-    launch(_merge_kernel)[(B * HQ * TQ,)](acc, m, l, out, ns, D=D, BS=32, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D))
+    launch(_merge_kernel)[(B * HQ * TQ,)](acc, m, l, out, ns, D=D, BS=merge_chunk(D), ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D))
 
 
 @triton.jit
@@ -776,27 +776,40 @@ def _merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, NS, D: tl.constexpr, BS: tl.co
                   ROTATE: tl.constexpr = False, ROT_SCALE: tl.constexpr = 1.0):  # fmt: skip
     """One output row from its ``NS`` partial (acc, max, sum): one launch instead of a chain of small torch ops
     (eager decode is bound by launches). Twin of ``merge_splits``; ``ROTATE``: the row rotated back to the model's
-    coordinates (the rotation is linear, so it commutes with the merge), rounded once."""
+    coordinates (the rotation is linear, so it commutes with the merge), rounded once.
+
+    One pass, ``BS`` splits per chunk, each chunk's max, sums and outputs loaded together and folded into running
+    ones (rescaled when the max grows): up to ``BS`` splits cost one round trip to memory. The kernel is latency
+    bound (a few KB per row): a pass for the max and another for the sums cost 4 round trips at 33 splits in
+    chunks of 32 (2.7 us per layer in the 64K decode step, H100 2026-12-06c)."""
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BS)
     cc = tl.arange(0, D)
-    top = tl.full((BS,), float("-inf"), tl.float32)
-    for s0 in range(0, NS, BS):
-        top = tl.maximum(top, tl.load(m_ptr + row * NS + s0 + s, mask=s0 + s < NS, other=float("-inf")))
-    top_all = tl.max(top, 0)
-    top_all = tl.where(top_all == float("-inf"), 0.0, top_all)
+    top = tl.max(tl.full((BS,), float("-inf"), tl.float32), 0)
     num = tl.zeros((D,), tl.float32)
     den = tl.zeros((BS,), tl.float32)
     for s0 in range(0, NS, BS):
         ok = s0 + s < NS
-        w = tl.exp2(tl.load(m_ptr + row * NS + s0 + s, mask=ok, other=float("-inf")) - top_all)
-        den += w * tl.load(l_ptr + row * NS + s0 + s, mask=ok, other=0.0)
+        mc = tl.load(m_ptr + row * NS + s0 + s, mask=ok, other=float("-inf"))
+        lc = tl.load(l_ptr + row * NS + s0 + s, mask=ok, other=0.0)
         a = tl.load(acc_ptr + (row * NS + s0 + s)[:, None] * D + cc[None, :], mask=ok[:, None], other=0.0)
-        num += tl.sum(a * w[:, None], 0)
+        new = tl.maximum(top, tl.max(mc, 0))
+        safe = tl.where(new == float("-inf"), 0.0, new)  # nothing visible yet: weights 0, not NaN
+        alpha = tl.exp2(top - safe)
+        w = tl.exp2(mc - safe)
+        num = num * alpha + tl.sum(a * w[:, None], 0)
+        den = den * alpha + w * lc
+        top = new
     o = num / tl.sum(den, 0)
     if ROTATE:
         o = tl.reshape(fwht_rows(tl.reshape(o, (1, D)), 1, D), (D,)) * ROT_SCALE
     tl.store(out_ptr + row * D + cc, o.to(out_ptr.dtype.element_ty))
+
+
+def merge_chunk(d: int) -> int:
+    """Splits per chunk of ``_merge_kernel``: 64 (one round trip for a batch-1 decode step's 33 splits) while its
+    ``[64, D]`` fp32 chunk stays within 64 registers per thread (4 warps)."""
+    return 64 if d <= 128 else 32
 
 
 def merge_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:

@@ -50,16 +50,22 @@ def _append_token_kernel(
     c = tl.arange(0, D)[None, :]
     m = h < H
     inv_sqrt = tl.cast(inv_sqrt, tl.float32)
-    bad = tl.zeros((HP, D), tl.int32)
+    # One round trip: the counters load with the tokens (not after the check), the own token is rotated once and
+    # the loop gathers the others only (the own loads predicated off): at batch 1 the kernel waited on two.
+    nw = tl.load(n_win_ptr + b)
+    nb = tl.load(n_blocks_ptr + b)
+    xk = _token(k_ptr, skb, skh, b, h, c, m, inv_sqrt, HP, D, ROTATE)
+    xv = _token(v_ptr, svb, svh, b, h, c, m, inv_sqrt, HP, D, ROTATE)
+    bad = _non_finite(xk) | _non_finite(xv)
     for i in range(B):  # every program checks the whole batch (a few KB per sequence, from L2)
-        bad |= _non_finite(_token(k_ptr, skb, skh, i, h, c, m, inv_sqrt, HP, D, ROTATE))
-        bad |= _non_finite(_token(v_ptr, svb, svh, i, h, c, m, inv_sqrt, HP, D, ROTATE))
+        o = m & (i != b)
+        bad |= _non_finite(_token(k_ptr, skb, skh, i, h, c, o, inv_sqrt, HP, D, ROTATE))
+        bad |= _non_finite(_token(v_ptr, svb, svh, i, h, c, o, inv_sqrt, HP, D, ROTATE))
     if tl.max(tl.max(bad, 1), 0) == 0:
-        nw = tl.load(n_win_ptr + b)
-        slot = (tl.load(n_blocks_ptr + b) * T + nw) % S
+        slot = (nb * T + nw) % S
         dst = ((b * H + h).to(tl.int64) * S + slot) * D + c
-        tl.store(ring_k_ptr + dst, _token(k_ptr, skb, skh, b, h, c, m, inv_sqrt, HP, D, ROTATE), mask=m)
-        tl.store(ring_v_ptr + dst, _token(v_ptr, svb, svh, b, h, c, m, inv_sqrt, HP, D, ROTATE), mask=m)
+        tl.store(ring_k_ptr + dst, xk, mask=m)
+        tl.store(ring_v_ptr + dst, xv, mask=m)
         tl.store(n_win_ptr + b, nw + 1)
 
 
