@@ -162,6 +162,64 @@ def test_the_producers_launch_options_give_the_same_attention(prefetch, producer
     assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-3
 
 
+# L2_AHEAD: each decoding warpgroup asks L2 for the block it will decode L2_AHEAD turns later (its fields exactly,
+# the most its payloads can span from their offsets). A hint: the attention is the same bit for bit. On the CPU the
+# eager run records every prefetch and checks what the hardware requires (16-byte aligned, inside the tensor); here
+# on a compacted pool (the last chunk's largest span clipped at the pool's end) and a ragged batch, every block but
+# the first L2_AHEAD of each warpgroup's turns in a split is asked for once, and each request covers what the
+# decode then reads. Mutation-checked: the look-ahead's offsets of the current block; the clip dropped; K's span
+# halved; the start rounded up, not down; prefetches for blocks past the split's end.
+@pytest.mark.parametrize("ahead", [1, 2])
+@pytest.mark.parametrize("splits", [1, 2])
+def test_the_producers_ask_l2_for_the_blocks_they_decode_next(ahead, splits, monkeypatch):
+    from packkv.ops.kernels import gluon_attention, gluon_eager
+
+    n = 11 * 64 + 30
+    k = torch.randn(2, 2, n, D, device=DEV)
+    v = torch.randn(2, 2, 1, D, device=DEV) + 1e-3 * torch.randn(2, 2, n, D, device=DEV)  # narrow packs: V's
+    st = fill(PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none"), k.half(), v.half())  # spans pass the pool's end
+    st.n_blocks[1] -= 2  # ragged
+    st = st.compacted()
+    q = torch.randn(2, 8, 1, D, device=DEV).half()
+    monkeypatch.setattr(gluon_attention, "L2_AHEAD", 0)
+    plain = gpu.attention(q, st, n + 7, None, False, None, splits=splits, gluon=True)
+    monkeypatch.setattr(gluon_attention, "L2_AHEAD", ahead)
+    gluon_eager.PREFETCHES.clear()
+    got = gpu.attention(q, st, n + 7, None, False, None, splits=splits, gluon=True)
+    torch.testing.assert_close(got, plain, rtol=0, atol=0)
+    if DEV == "cuda":
+        return
+    asked = {}
+    for base, first, size in gluon_eager.PREFETCHES:
+        asked.setdefault(base.data_ptr(), []).append((first, size))
+    lay, npar = st.layout, gluon_attention.PRODUCERS
+    kw, vw = st.chunk_words()
+    want_meta = {"k": [], "v": []}
+    want_payload = []
+    for b in range(2):
+        nb = int(st.n_blocks[b])
+        per = -(-nb // splits)
+        for sp in range(splits):
+            lo, hi = min(sp * per, nb), min(sp * per + per, nb)
+            for j in range(lo + ahead * npar, hi):
+                for h in range(2):
+                    for name, meta in (("k", st.k_meta), ("v", st.v_meta)):
+                        row = meta[b, j, h]
+                        want_meta[name].append((row.data_ptr() - meta.data_ptr(), row.numel() * 4))
+                    want_payload.append((int(st.k_offsets[b, j, h]) * 4, int(kw[b, j, h]) * 4))
+                    want_payload.append((int(st.v_offsets[b, j, h]) * 4, int(vw[b, j, h]) * 4))
+    assert want_payload, "the case must have blocks to look ahead to"
+    assert sorted(asked[st.k_meta.data_ptr()]) == sorted(want_meta["k"])
+    assert sorted(asked[st.v_meta.data_ptr()]) == sorted(want_meta["v"])
+    spans = asked[st.pool.data_ptr()]
+    assert len(spans) <= len(want_payload)  # a payload in the pool's last 16 bytes cannot be asked for
+    last16 = st.pool.numel() * 4 // 16 * 16
+    assert any(start + size > last16 for start, size in want_payload), "the clip at the pool's end is exercised"
+    for start, size in want_payload:  # some request covers each payload (up to the pool's last 16 bytes)
+        end = min(start + size, last16)
+        assert end <= start or any(f <= start and end <= f + s for f, s in spans), (start, size)
+
+
 @pytest.mark.parametrize("k_rel, v_rel", [(0.4, 0.1), (0.2, 0.5), (0.07, 0.07)])  # K/V: 2/4, 3/2, 4/4-bit ints
 def test_gluon_attention_decodes_2_to_4_bit_ints_in_either_stream(k_rel, v_rel):
     st = _layer(PackKVConfig(k_rel=k_rel, v_rel=v_rel, rotation="none"), torch.float16, ragged=True)

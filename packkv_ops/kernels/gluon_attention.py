@@ -83,6 +83,12 @@ MASK_SCAN = True
 MASK_BRANCH = True
 # Chunks of 1,024 mask positions per round trip of the scans (1: one load at a time, as timed until 2026-12-06b).
 SCAN = 1
+# Each decoding warpgroup asks L2 for the fields and the (at most) payload of its block ``L2_AHEAD`` turns ahead
+# while it decodes the current one (sm_90 bulk L2 prefetches, 4 instructions per block; the offsets they need load
+# with the current block's fields). A program is bound by its producers' chain per block (fields, then the pack
+# bits, then the decode; H100 2026-12-06d: 24 splits at 64K took 43/31 of 33 splits' time though a third of the SMs
+# then held one program, not two), and two of its links are DRAM round trips. 0: none.
+L2_AHEAD = int(os.environ.get("PACKKV_GLUON_L2_AHEAD", "1"))
 
 
 @gluon.jit
@@ -97,6 +103,35 @@ def _funnel_clamp(lo, hi, sh):
     """Low 32 bits of (hi:lo) >> sh, sh <= 32."""
     return gl.inline_asm_elementwise("shf.r.clamp.b32 $0, $1, $2, $3;", "=r,r,r,r", [lo, hi, sh], dtype=gl.uint32,
                                      is_pure=True, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _prefetch_l2(ptr, nbytes, on):
+    """Ask L2 for ``nbytes`` (a multiple of 16) from ``ptr`` (16-byte aligned) if ``on``: a hint, nothing waits for
+    it and nothing changes if it comes late."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.b32 $0, 0; }",
+        "=r,l,r,r", [ptr, on, nbytes], dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _prefetch_block(pool_ptr, k_meta_ptr, v_meta_ptr, chunk, ko, vo, on, pool_words, N: gl.constexpr,
+                    K_MBITS: gl.constexpr, V_MBITS: gl.constexpr, K_QBITS: gl.constexpr, V_QBITS: gl.constexpr):  # fmt: skip
+    """A block's fields (both streams) and the most its payloads can span from their offsets ``ko`` / ``vo`` (words,
+    rounded down to 16 bytes and clipped to the pool), as four L2 prefetches. Scalar operands: each warp issues the
+    four as uniform instructions (the requests repeat per warp; a per-lane predicate instead made ptxas loop over
+    the lanes' operands, +84 instructions per block)."""
+    gl.static_assert((N * K_MBITS // 8) % 16 == 0)
+    gl.static_assert((N * V_MBITS // 8) % 16 == 0)
+    z = chunk * 0
+    _prefetch_l2(k_meta_ptr + chunk * (N * K_MBITS // 32), N * K_MBITS // 8 + z, on)
+    _prefetch_l2(v_meta_ptr + chunk * (N * V_MBITS // 32), N * V_MBITS // 8 + z, on)
+    ka = ko & ~3  # 16-byte aligned (the pool's base is)
+    va = vo & ~3
+    kn = gl.minimum(N * K_QBITS // 2 + 4, pool_words - ka) & ~3  # words: 16 values of at most QBITS bits a pack
+    vn = gl.minimum(N * V_QBITS // 2 + 4, pool_words - va) & ~3
+    _prefetch_l2(pool_ptr + ka, kn * 4, on & (kn > 0))
+    _prefetch_l2(pool_ptr + va, vn * 4, on & (vn > 0))
 
 
 @gluon.jit
@@ -242,7 +277,7 @@ def _block_bits(pool_ptr, fk, fv, ko, vo, K_QBITS: gl.constexpr, V_QBITS: gl.con
 def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs, v_bufs,
                      ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T: gl.constexpr,
                      D: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, K_QBITS: gl.constexpr,
-                     V_QBITS: gl.constexpr, par, NPAR: gl.constexpr):  # fmt: skip
+                     V_QBITS: gl.constexpr, par, NPAR: gl.constexpr, pool_words, L2_AHEAD: gl.constexpr):  # fmt: skip
     P: gl.constexpr = 16
     N: gl.constexpr = (T // P) * D  # packs per block and stream, in stream order (row-major: row, channel)
     # Each thread: 4 consecutive packs of one row (channels 4l .. 4l+3), warp w = pack row w.
@@ -274,7 +309,15 @@ def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, rin
         else:  # each block's loads in its own iteration
             fk, fv, ko, vo = _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr, (base + lo + i) * H + kvh, N,
                                          D, LB, K_MBITS, V_MBITS)  # fmt: skip
+            if L2_AHEAD > 0:  # the offsets of the block L2_AHEAD turns ahead, in the same round trip as the fields
+                ahead = lo + i + L2_AHEAD * NPAR
+                ca = (base + gl.minimum(ahead, last)) * H + kvh
+                koa = gl.load(k_off_ptr + ca)
+                voa = gl.load(v_off_ptr + ca)
             k_lo, k_hi, v_lo, v_hi = _block_bits(pool_ptr, fk, fv, ko, vo, K_QBITS, V_QBITS)
+            if L2_AHEAD > 0:
+                _prefetch_block(pool_ptr, k_meta_ptr, v_meta_ptr, ca, koa, voa, ahead < hi, pool_words, N, K_MBITS,
+                                V_MBITS, K_QBITS, V_QBITS)  # fmt: skip
         kx = _pack_values(gl.convert_layout(fk, LP), gl.convert_layout(k_lo, LP), gl.convert_layout(k_hi, LP), K_QBITS,
                           L2)  # [N, 16]: pack (row r, channel c), its 16 tokens  # fmt: skip
         vx = _pack_values(gl.convert_layout(fv, LP), gl.convert_layout(v_lo, LP), gl.convert_layout(v_hi, LP), V_QBITS,
@@ -452,12 +495,13 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
 def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, k_scale_ptr,
                             k_zero_ptr, v_scale_ptr, v_zero_ptr, ring_k_ptr, ring_v_ptr, n_blocks_ptr, n_win_ptr,
                             perm_ptr, mask_ptr, smb, out_len, acc_ptr, m_ptr, l_ptr, NB, H, S, n_rep, qk_scale,
-                            T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
+                            pool_words, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
                             PRODUCER_REGS: gl.constexpr = 128, HAS_MASK: gl.constexpr = False,
                             PREFETCH: gl.constexpr = 1, ROTATE: gl.constexpr = False, PRODUCERS: gl.constexpr = 1,
                             ROT_SCALE: gl.constexpr = 1.0, LOG2_D: gl.constexpr = 7, K_QBITS: gl.constexpr = 4,
                             V_QBITS: gl.constexpr = 3, MASK_SCAN: gl.constexpr = True,
-                            MASK_BRANCH: gl.constexpr = True, SCAN: gl.constexpr = 4):  # fmt: skip
+                            MASK_BRANCH: gl.constexpr = True, SCAN: gl.constexpr = 4,
+                            L2_AHEAD: gl.constexpr = 0):  # fmt: skip
     """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
     rotated, padded to ``R`` with zeros) against the split's share of the sequence's compressed blocks of a
     ``PackedLayer`` (its pool, offsets, metadata, scales and zeros as they are stored) and its share of the exact
@@ -511,7 +555,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                          hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
-                                PREFETCH, K_QBITS, V_QBITS, 0, 1)),
+                                PREFETCH, K_QBITS, V_QBITS, 0, 1, pool_words, L2_AHEAD)),
         ], [4], [PRODUCER_REGS])
     else:  # two decoding warpgroups taking turns over the blocks: twice the warps to hide the gathers' latency
         gl.warp_specialize([
@@ -520,10 +564,10 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                          hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
-                                PREFETCH, K_QBITS, V_QBITS, 0, 2)),
+                                PREFETCH, K_QBITS, V_QBITS, 0, 2, pool_words, L2_AHEAD)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
-                                PREFETCH, K_QBITS, V_QBITS, 1, 2)),
+                                PREFETCH, K_QBITS, V_QBITS, 1, 2, pool_words, L2_AHEAD)),
         ], [4, 4], [PRODUCER_REGS, PRODUCER_REGS])  # fmt: skip
 
 
@@ -591,10 +635,14 @@ def partials(
     smb = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
     args = (q.contiguous(), pool, k_offsets, v_offsets, k_meta, v_meta, k_scale, k_zero, v_scale, v_zero, ring_k,
             ring_v, n_blocks, n_win, perm, n_win if mask is None else mask, smb, out_len, acc, m, l, k_scale.shape[1],
-            H, S, HQ // H, scale * LOG2E)  # fmt: skip
+            H, S, HQ // H, scale * LOG2E, pool.numel())  # fmt: skip
+    # The bulk prefetches need 16-byte aligned addresses: a storage whose tensors are views at odd offsets (none
+    # that PackKV makes) goes without them.
+    ahead = L2_AHEAD if all(t.data_ptr() % 16 == 0 for t in (pool, k_meta, v_meta)) else 0
     meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, HAS_MASK=mask is not None,
                 PREFETCH=PREFETCH, PRODUCERS=PRODUCERS, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1,
-                K_QBITS=k_qbits, V_QBITS=v_qbits, MASK_SCAN=MASK_SCAN, MASK_BRANCH=MASK_BRANCH, SCAN=SCAN)
+                K_QBITS=k_qbits, V_QBITS=v_qbits, MASK_SCAN=MASK_SCAN, MASK_BRANCH=MASK_BRANCH, SCAN=SCAN,
+                L2_AHEAD=ahead)
     if q.device.type == "cpu":
         from . import gluon_attention, gluon_eager
 

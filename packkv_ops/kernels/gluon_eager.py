@@ -174,7 +174,27 @@ def _asm_lanes_1024_packed(win, o, m2, mu2):
     return torch.where(lane == 0, lo, hi)
 
 
+# Every L2 prefetch the eager run issued: (tensor, first byte, bytes), for the tests to compare with what the
+# kernel then reads. The twin checks what the hardware requires (16-byte alignment and size, inside the tensor).
+PREFETCHES: list[tuple[torch.Tensor, int, int]] = []
+
+
+def _asm_prefetch_l2(ptr: Ptr, on: T, nbytes: T) -> torch.Tensor:
+    es = ptr.base.element_size()
+    off = ptr.offset.data if isinstance(ptr.offset, T) else torch.tensor(ptr.offset)
+    off, on_, n = torch.broadcast_tensors(off, on.data.bool(), nbytes.data if isinstance(nbytes, T) else torch.tensor(nbytes))
+    for o, size in zip(off[on_].tolist(), n[on_].tolist()):
+        first = o * es
+        if first % 16 or size % 16 or size <= 0 or first < 0 or first + size > ptr.base.numel() * es:
+            raise AssertionError(f"L2 prefetch of {size} bytes at byte {first} of a {ptr.base.numel() * es}-byte "
+                                 "tensor: not 16-byte aligned, or outside it")  # fmt: skip
+        PREFETCHES.append((ptr.base, first, size))
+    return torch.zeros_like(off)
+
+
 ASM: dict[str, Callable] = {
+    "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.b32 $0, 0; }":
+        _asm_prefetch_l2,
     "shf.r.wrap.b32 $0, $1, $2, $3;": _asm_funnel_wrap,
     "shf.r.clamp.b32 $0, $1, $2, $3;": _asm_funnel_clamp,
     "{ .reg .b32 t; shr.b32 t, $1, $2; prmt.b32 $0, $1, t, 0x5410; }": _asm_lane_join,
@@ -185,6 +205,8 @@ ASM: dict[str, Callable] = {
 
 def _inline_asm(asm, constraints, args, dtype, is_pure, pack):
     fn = ASM[asm]  # a KeyError names an asm string without a twin
+    if any(isinstance(a, Ptr) for a in args):  # pointer operands: the twin reads them itself
+        return T(fn(*args), dtype.name)
     data = torch.broadcast_tensors(*[a.data if isinstance(a, T) else torch.tensor(a) for a in args])
     return T(fn(*data), dtype.name)
 
@@ -287,6 +309,10 @@ def _maximum(a, b) -> T:
     return T(torch.maximum(*(x.data.float() if isinstance(x, T) else torch.tensor(float(x)) for x in (a, b))), F32)
 
 
+def _static_assert(cond, msg: str = "") -> None:
+    assert bool(cond), msg or "static_assert"
+
+
 def _build_gl(state: dict) -> types.SimpleNamespace:
     def arange(lo, hi, layout=None):
         return T(torch.arange(lo, hi), I32)
@@ -339,7 +365,7 @@ def _build_gl(state: dict) -> types.SimpleNamespace:
         cdiv=lambda a, b: (a + b - 1) // b,
         where=_where,
         static_range=range, thread_barrier=lambda: None, allocate_shared_memory=allocate_shared_memory,
-        warp_specialize=warp_specialize,
+        warp_specialize=warp_specialize, static_assert=_static_assert,
     )  # fmt: skip
     return types.SimpleNamespace(**ns)
 

@@ -3,6 +3,7 @@
 * the Gluon kernel's partials over contexts 1K..128K (a line fitted over 8K..128K: its intercept is the cost per
   launch that no context amortizes: prologue, pipeline fill, tail, launch), with and without the decode step's
   mask, beside the Triton kernel and SDPA;
+* the producers' L2 look-ahead (``gluon_attention.L2_AHEAD`` 0-3) at each context and at batch 8 / 32K;
 * at 64K: split counts, the query rotation off, no mask;
 * the merge and the one-token append before (copies of the 2026-12-06c kernels, here) and after this change.
 
@@ -81,9 +82,13 @@ def _append_two_trips(k_ptr, v_ptr, ring_k_ptr, ring_v_ptr, n_blocks_ptr, n_win_
         tl.store(n_win_ptr + b, nw + 1)
 
 
+L2_AHEADS = (0, 1, 2, 3)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="+", default=[1 << i for i in range(10, 18)])
+    p.add_argument("--batch8-context", type=int, default=32768)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--device", default="cuda", help="cpu: a dry run of this script (TRITON_INTERPRET=1, small contexts)")
     args = p.parse_args()
@@ -93,6 +98,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(0) if dev == "cuda" else dev
     print(name, f"{sms} SMs, Gluon WAVES {ga.WAVES}", flush=True)
     rows, big = [], None
+    default_ahead = ga.L2_AHEAD
     for ctx in args.contexts:
         k, v = make_kv(1, ctx, heads, d, "random", dev)
         st, _ = compress(PackKVConfig(), k, v)
@@ -128,6 +134,10 @@ def main() -> None:
             triton_step_mask=bench_ms(lambda: A.attention(q, st, cap, mask, False, None, rotate=True, gluon=False)),
             sdpa=bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)),
         )  # fmt: skip
+        for ahead in L2_AHEADS:  # the producers' L2 look-ahead (gluon_attention.L2_AHEAD), same run
+            ga.L2_AHEAD = ahead
+            row[f"partials_l2_ahead_{ahead}"] = bench_ms(partials)
+        ga.L2_AHEAD = default_ahead
         if ctx == 65536:
             for s in (16, ns // 2 + ns // 4, 2 * ns, 4 * ns):
                 row[f"partials_{s}_splits"] = bench_ms(lambda: partials(s))
@@ -145,6 +155,21 @@ def main() -> None:
             slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
             icpt = y.mean() - slope * x.mean()
             print(f"{key}: {1e3 * icpt.item():.1f} us + {1e3 * slope.item():.3f} us per 1K tokens (fit over 8K..)")
+    # Batch 8 at 32K (the kernel table's first column): the L2 look-ahead there too.
+    c8 = args.batch8_context
+    k, v = make_kv(8, c8, heads, d, "random", dev)
+    st8, _ = compress(PackKVConfig(), k, v)
+    q8 = torch.randn(8, heads * n_rep, 1, d, device=dev, dtype=torch.bfloat16)
+    row = dict(batch=8, context=c8)
+    for ahead in L2_AHEADS:
+        ga.L2_AHEAD = ahead
+        row[f"gluon_l2_ahead_{ahead}"] = bench_ms(lambda: A.attention(q8, st8, c8, None, False, None, rotate=True,
+                                                                       gluon=True))  # fmt: skip
+    ga.L2_AHEAD = default_ahead
+    row["sdpa"] = bench_ms(lambda: F.scaled_dot_product_attention(q8, k, v, enable_gqa=True))
+    rows.append(row)
+    print(json.dumps({k_: round(v_, 4) if isinstance(v_, float) else v_ for k_, v_ in row.items()}), flush=True)
+    del k, v, st8
     # The one-token append at batch 1 and 8 (a ring with room; each replay advances the window counter, harmless).
     for batch in (1, 8):
         lay = (big or st).layout
