@@ -83,12 +83,13 @@ MASK_SCAN = True
 MASK_BRANCH = True
 # Chunks of 1,024 mask positions per round trip of the scans (1: one load at a time, as timed until 2026-12-06b).
 SCAN = 1
-# Each decoding warpgroup asks L2 for the fields and the (at most) payload of its block ``L2_AHEAD`` turns ahead
-# while it decodes the current one (sm_90 bulk L2 prefetches, 4 instructions per block; the offsets they need load
-# with the current block's fields). A program is bound by its producers' chain per block (fields, then the pack
-# bits, then the decode; H100 2026-12-06d: 24 splits at 64K took 43/31 of 33 splits' time though a third of the SMs
-# then held one program, not two), and two of its links are DRAM round trips. 0: none.
-L2_AHEAD = int(os.environ.get("PACKKV_GLUON_L2_AHEAD", "1"))
+# Each decoding warpgroup can ask L2 for the fields and the (at most) payload of its block ``L2_AHEAD`` turns ahead
+# while it decodes the current one (sm_90 bulk L2 prefetches; the offsets they need load with the current block's
+# fields). Off: it bought nothing (H100 2026-12-06d, scripts/gluon_sm90/launch_cost.py, partials at B1/64K 0.0595 ms
+# with 0, 0.0609 / 0.0615 / 0.0623 with 1 / 2 / 3; B8/32K 0.203 vs 0.206-0.208): the producers' loads are not
+# waiting on DRAM, and the look-ahead costs 69 instructions per block (530 -> 599). Kept as an option for a layout
+# whose gathers do miss.
+L2_AHEAD = int(os.environ.get("PACKKV_GLUON_L2_AHEAD", "0"))
 
 
 @gluon.jit

@@ -117,7 +117,7 @@ def main() -> None:
     # 80 registers per thread for 2 programs per SM; the decoding warps get 88, the wgmma warps the 64 left).
     for maxnreg, producer_regs, prefetch, producers, l2_ahead in (
             (ga.MAXNREG, ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, ga.L2_AHEAD),
-            (ga.MAXNREG, ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, 0),  # without the L2 look-ahead
+            (ga.MAXNREG, ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, 1),  # with the L2 look-ahead (599 / 530)
             (128, 128, 1, 1, 0)):  # and the one-warpgroup build  # fmt: skip
         consts = dict(T=ga.T_BLOCK, D=ga.HEAD_DIM, R=ga.ROWS, STAGES=ga.STAGES, PRODUCER_REGS=producer_regs,
                       HAS_MASK=True, PREFETCH=prefetch, ROTATE=True, PRODUCERS=producers,
