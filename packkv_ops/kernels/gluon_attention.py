@@ -90,6 +90,10 @@ SCAN = 1
 # waiting on DRAM, and the look-ahead costs 69 instructions per block (530 -> 599). Kept as an option for a layout
 # whose gathers do miss.
 L2_AHEAD = int(os.environ.get("PACKKV_GLUON_L2_AHEAD", "0"))
+# Benchmarks only, wrong results: what the rest of the kernel costs without a part of the producers' work. 1: no
+# pack-bit gathers (the fields stand in for the bits; the decode runs as usual); 2: no loads at all (fields made up
+# from the block index); 3: no loads and no decode (zero tiles). scripts/gluon_sm90/launch_cost.py times them.
+SKIP = 0
 
 
 @gluon.jit
@@ -278,7 +282,8 @@ def _block_bits(pool_ptr, fk, fv, ko, vo, K_QBITS: gl.constexpr, V_QBITS: gl.con
 def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs, v_bufs,
                      ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T: gl.constexpr,
                      D: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, K_QBITS: gl.constexpr,
-                     V_QBITS: gl.constexpr, par, NPAR: gl.constexpr, pool_words, L2_AHEAD: gl.constexpr):  # fmt: skip
+                     V_QBITS: gl.constexpr, par, NPAR: gl.constexpr, pool_words, L2_AHEAD: gl.constexpr,
+                     SKIP: gl.constexpr):  # fmt: skip
     P: gl.constexpr = 16
     N: gl.constexpr = (T // P) * D  # packs per block and stream, in stream order (row-major: row, channel)
     # Each thread: 4 consecutive packs of one row (channels 4l .. 4l+3), warp w = pack row w.
@@ -307,6 +312,11 @@ def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, rin
             n2fk, n2fv, n2ko, n2vo = _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr,
                                                  (base + gl.minimum(lo + i + 2 * NPAR, last)) * H + kvh, N, D, LB,
                                                  K_MBITS, V_MBITS)  # fmt: skip
+        elif SKIP >= 2:  # (benchmarks only) fields made up from the block index, no load
+            made = (gl.arange(0, N, LB) * 668265261 + i).to(gl.uint32)
+            fk = made & ((1 << K_MBITS) - 1)
+            fv = (made >> 7) & ((1 << V_MBITS) - 1)
+            k_lo, k_hi, v_lo, v_hi = made * 40503, made ^ fk, made * 69069, made ^ fv
         else:  # each block's loads in its own iteration
             fk, fv, ko, vo = _block_meta(k_meta_ptr, v_meta_ptr, k_off_ptr, v_off_ptr, (base + lo + i) * H + kvh, N,
                                          D, LB, K_MBITS, V_MBITS)  # fmt: skip
@@ -315,14 +325,21 @@ def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, rin
                 ca = (base + gl.minimum(ahead, last)) * H + kvh
                 koa = gl.load(k_off_ptr + ca)
                 voa = gl.load(v_off_ptr + ca)
-            k_lo, k_hi, v_lo, v_hi = _block_bits(pool_ptr, fk, fv, ko, vo, K_QBITS, V_QBITS)
+            if SKIP == 1:  # (benchmarks only) no pack-bit gathers
+                k_lo, k_hi, v_lo, v_hi = fk * 40503, fk ^ ko.to(gl.uint32), fv * 69069, fv ^ vo.to(gl.uint32)
+            else:
+                k_lo, k_hi, v_lo, v_hi = _block_bits(pool_ptr, fk, fv, ko, vo, K_QBITS, V_QBITS)
             if L2_AHEAD > 0:
                 _prefetch_block(pool_ptr, k_meta_ptr, v_meta_ptr, ca, koa, voa, ahead < hi, pool_words, N, K_MBITS,
                                 V_MBITS, K_QBITS, V_QBITS)  # fmt: skip
-        kx = _pack_values(gl.convert_layout(fk, LP), gl.convert_layout(k_lo, LP), gl.convert_layout(k_hi, LP), K_QBITS,
-                          L2)  # [N, 16]: pack (row r, channel c), its 16 tokens  # fmt: skip
-        vx = _pack_values(gl.convert_layout(fv, LP), gl.convert_layout(v_lo, LP), gl.convert_layout(v_hi, LP), V_QBITS,
-                          L2)  # fmt: skip
+        if SKIP == 3:  # (benchmarks only) zero tiles
+            kx = gl.zeros([N, P], gl.float16, L2)
+            vx = gl.zeros([N, P], gl.float16, L2)
+        else:
+            kx = _pack_values(gl.convert_layout(fk, LP), gl.convert_layout(k_lo, LP), gl.convert_layout(k_hi, LP),
+                              K_QBITS, L2)  # [N, 16]: pack (row r, channel c), its 16 tokens  # fmt: skip
+            vx = _pack_values(gl.convert_layout(fv, LP), gl.convert_layout(v_lo, LP), gl.convert_layout(v_hi, LP),
+                              V_QBITS, L2)  # fmt: skip
         # [D, T]: channel c, token 16 r + t (lane order within each pack); rows in the stage's order
         kt = _stage_rows(gl.reshape(gl.permute(gl.reshape(kx, (T // P, D, P)), (1, 0, 2)), (D, T)), D, T)
         vt = _stage_rows(gl.reshape(gl.permute(gl.reshape(vx, (T // P, D, P)), (1, 0, 2)), (D, T)), D, T)
@@ -502,7 +519,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                             ROT_SCALE: gl.constexpr = 1.0, LOG2_D: gl.constexpr = 7, K_QBITS: gl.constexpr = 4,
                             V_QBITS: gl.constexpr = 3, MASK_SCAN: gl.constexpr = True,
                             MASK_BRANCH: gl.constexpr = True, SCAN: gl.constexpr = 4,
-                            L2_AHEAD: gl.constexpr = 0):  # fmt: skip
+                            L2_AHEAD: gl.constexpr = 0, SKIP: gl.constexpr = 0):  # fmt: skip
     """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
     rotated, padded to ``R`` with zeros) against the split's share of the sequence's compressed blocks of a
     ``PackedLayer`` (its pool, offsets, metadata, scales and zeros as they are stored) and its share of the exact
@@ -556,7 +573,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                          hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
-                                PREFETCH, K_QBITS, V_QBITS, 0, 1, pool_words, L2_AHEAD)),
+                                PREFETCH, K_QBITS, V_QBITS, 0, 1, pool_words, L2_AHEAD, SKIP)),
         ], [4], [PRODUCER_REGS])
     else:  # two decoding warpgroups taking turns over the blocks: twice the warps to hide the gathers' latency
         gl.warp_specialize([
@@ -565,10 +582,10 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                          hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
-                                PREFETCH, K_QBITS, V_QBITS, 0, 2, pool_words, L2_AHEAD)),
+                                PREFETCH, K_QBITS, V_QBITS, 0, 2, pool_words, L2_AHEAD, SKIP)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
-                                PREFETCH, K_QBITS, V_QBITS, 1, 2, pool_words, L2_AHEAD)),
+                                PREFETCH, K_QBITS, V_QBITS, 1, 2, pool_words, L2_AHEAD, SKIP)),
         ], [4, 4], [PRODUCER_REGS, PRODUCER_REGS])  # fmt: skip
 
 
@@ -643,7 +660,7 @@ def partials(
     meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, HAS_MASK=mask is not None,
                 PREFETCH=PREFETCH, PRODUCERS=PRODUCERS, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1,
                 K_QBITS=k_qbits, V_QBITS=v_qbits, MASK_SCAN=MASK_SCAN, MASK_BRANCH=MASK_BRANCH, SCAN=SCAN,
-                L2_AHEAD=ahead)
+                L2_AHEAD=ahead, SKIP=SKIP)
     if q.device.type == "cpu":
         from . import gluon_attention, gluon_eager
 

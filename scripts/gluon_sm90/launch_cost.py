@@ -4,7 +4,8 @@
   launch that no context amortizes: prologue, pipeline fill, tail, launch), with and without the decode step's
   mask, beside the Triton kernel and SDPA;
 * the producers' L2 look-ahead (``gluon_attention.L2_AHEAD`` 0-3) at each context and at batch 8 / 32K;
-* at 64K: split counts, the query rotation off, no mask;
+* at 64K: split counts, the query rotation off, no mask, and the producers without a part of their work
+  (``gluon_attention.SKIP`` 1-3: no pack-bit gathers, no loads, no decode; wrong results), also at batch 8 / 32K;
 * the merge and the one-token append before (copies of the 2026-12-06c kernels, here) and after this change.
 
     python scripts/gluon_sm90/launch_cost.py [--out DIR]
@@ -88,6 +89,7 @@ L2_AHEADS = (0, 1, 2, 3)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="+", default=[1 << i for i in range(10, 18)])
+    p.add_argument("--l2-aheads", type=int, nargs="*", default=list(L2_AHEADS))
     p.add_argument("--batch8-context", type=int, default=32768)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--device", default="cuda", help="cpu: a dry run of this script (TRITON_INTERPRET=1, small contexts)")
@@ -134,13 +136,17 @@ def main() -> None:
             triton_step_mask=bench_ms(lambda: A.attention(q, st, cap, mask, False, None, rotate=True, gluon=False)),
             sdpa=bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)),
         )  # fmt: skip
-        for ahead in L2_AHEADS:  # the producers' L2 look-ahead (gluon_attention.L2_AHEAD), same run
+        for ahead in args.l2_aheads:  # the producers' L2 look-ahead (gluon_attention.L2_AHEAD), same run
             ga.L2_AHEAD = ahead
             row[f"partials_l2_ahead_{ahead}"] = bench_ms(partials)
         ga.L2_AHEAD = default_ahead
         if ctx == 65536:
             for s in (16, ns // 2 + ns // 4, 2 * ns, 4 * ns):
                 row[f"partials_{s}_splits"] = bench_ms(lambda: partials(s))
+            for skip in (1, 2, 3):  # what the rest costs (wrong results): gluon_attention.SKIP
+                ga.SKIP = skip
+                row[f"partials_skip_{skip}"] = bench_ms(partials)
+            ga.SKIP = 0
             row["partials_no_rotate"] = bench_ms(lambda: partials(rotate=False))
             row["partials_no_mask"] = bench_ms(lambda: partials(msk=None))
             big = st
@@ -161,11 +167,15 @@ def main() -> None:
     st8, _ = compress(PackKVConfig(), k, v)
     q8 = torch.randn(8, heads * n_rep, 1, d, device=dev, dtype=torch.bfloat16)
     row = dict(batch=8, context=c8)
-    for ahead in L2_AHEADS:
+    for ahead in args.l2_aheads:
         ga.L2_AHEAD = ahead
         row[f"gluon_l2_ahead_{ahead}"] = bench_ms(lambda: A.attention(q8, st8, c8, None, False, None, rotate=True,
                                                                        gluon=True))  # fmt: skip
     ga.L2_AHEAD = default_ahead
+    for skip in (1, 2, 3):
+        ga.SKIP = skip
+        row[f"gluon_skip_{skip}"] = bench_ms(lambda: A.attention(q8, st8, c8, None, False, None, rotate=True, gluon=True))
+    ga.SKIP = 0
     row["sdpa"] = bench_ms(lambda: F.scaled_dot_product_attention(q8, k, v, enable_gqa=True))
     rows.append(row)
     print(json.dumps({k_: round(v_, 4) if isinstance(v_, float) else v_ for k_, v_ in row.items()}), flush=True)
