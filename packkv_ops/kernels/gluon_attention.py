@@ -90,6 +90,8 @@ SCAN = 1
 # waiting on DRAM, and the look-ahead costs 69 instructions per block (530 -> 599). Kept as an option for a layout
 # whose gathers do miss.
 L2_AHEAD = int(os.environ.get("PACKKV_GLUON_L2_AHEAD", "0"))
+# The consumer loads a tile's scales and zeros during the tile before (1) or at the top of its own iteration (0).
+SCALES_AHEAD = int(os.environ.get("PACKKV_GLUON_SCALES_AHEAD", "1"))
 # Benchmarks only, wrong results: what the rest of the kernel costs without a part of the producers' work. 1: no
 # pack-bit gathers (the fields stand in for the bits; the decode runs as usual); 2: no loads at all (fields made up
 # from the block index); 3: no loads and no decode (zero tiles). scripts/gluon_sm90/launch_cost.py times them.
@@ -382,7 +384,8 @@ def _butterfly(x, M: gl.constexpr, D: gl.constexpr, H: gl.constexpr):
 def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
               perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, row0, n_rep, split, b, lo, hi, r_lo, r_hi, nb, total,
               z_lo, z_hi, NB, qk_scale, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
-              HAS_MASK: gl.constexpr, MASK_SCAN: gl.constexpr, MASK_BRANCH: gl.constexpr, SCAN: gl.constexpr):  # fmt: skip
+              HAS_MASK: gl.constexpr, MASK_SCAN: gl.constexpr, MASK_BRANCH: gl.constexpr, SCAN: gl.constexpr,
+              SCALES_AHEAD: gl.constexpr):  # fmt: skip
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, R, 16])  # fmt: skip
     rows: gl.constexpr = gl.SliceLayout(0, mma)
@@ -446,16 +449,32 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
     l_t = gl.zeros([T, R], gl.float32, mma)
     z_t = gl.zeros([T, R], gl.float32, mma)
     o_t = gl.zeros([D, R], gl.float32, mma)
+    # Compressed blocks first (rows in lane order, token-grouped scales and zeros: [B, NB, 1, T, 1]), then the
+    # ring's exact tiles (rows in token order, scale 1, zero 0, positions past the length masked). SCALES_AHEAD: a
+    # tile's scales and zeros load during the tile before (their round trip was on the consumer's path every tile).
+    tok = (b * NB + lo) * T + lane_tok
+    has_first = (n_c > 0) & (i_t >= 0)
+    if SCALES_AHEAD:
+        nks = gl.load(k_scale_ptr + tok, mask=has_first, other=1.0)
+        nkz = gl.load(k_zero_ptr + tok, mask=has_first, other=0)
+        nvs = gl.load(v_scale_ptr + tok, mask=has_first, other=1.0)
+        nvz = gl.load(v_zero_ptr + tok, mask=has_first, other=0)
     for i in range(n_c + r_hi - r_lo):
         s = i % STAGES
-        # Compressed blocks first (rows in lane order, token-grouped scales and zeros: [B, NB, 1, T, 1]), then the
-        # ring's exact tiles (rows in token order, scale 1, zero 0, positions past the length masked).
         packed = i < n_c
         tok = (b * NB + lo + i) * T + lane_tok
-        ks = gl.load(k_scale_ptr + tok, mask=packed & (i_t >= 0), other=1.0).to(gl.float32)
-        kz = gl.load(k_zero_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.float32)
-        vs = gl.load(v_scale_ptr + tok, mask=packed & (i_t >= 0), other=1.0).to(gl.float32)
-        vz = gl.load(v_zero_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.float32)
+        if SCALES_AHEAD:
+            ks, kz, vs, vz = nks.to(gl.float32), nkz.to(gl.float32), nvs.to(gl.float32), nvz.to(gl.float32)
+            ahead = (i + 1 < n_c) & (i_t >= 0)
+            nks = gl.load(k_scale_ptr + tok + T, mask=ahead, other=1.0)
+            nkz = gl.load(k_zero_ptr + tok + T, mask=ahead, other=0)
+            nvs = gl.load(v_scale_ptr + tok + T, mask=ahead, other=1.0)
+            nvz = gl.load(v_zero_ptr + tok + T, mask=ahead, other=0)
+        else:
+            ks = gl.load(k_scale_ptr + tok, mask=packed & (i_t >= 0), other=1.0).to(gl.float32)
+            kz = gl.load(k_zero_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.float32)
+            vs = gl.load(v_scale_ptr + tok, mask=packed & (i_t >= 0), other=1.0).to(gl.float32)
+            vz = gl.load(v_zero_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.float32)
         live = packed | ((nb + r_lo + i - n_c) * T + i_t < total)
         if HAS_MASK:  # a decode step's padding mask, one row per sequence ([B, 1, 1, L] bool)
             if MASK_BRANCH:
@@ -519,7 +538,8 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                             ROT_SCALE: gl.constexpr = 1.0, LOG2_D: gl.constexpr = 7, K_QBITS: gl.constexpr = 4,
                             V_QBITS: gl.constexpr = 3, MASK_SCAN: gl.constexpr = True,
                             MASK_BRANCH: gl.constexpr = True, SCAN: gl.constexpr = 4,
-                            L2_AHEAD: gl.constexpr = 0, SKIP: gl.constexpr = 0):  # fmt: skip
+                            L2_AHEAD: gl.constexpr = 0, SKIP: gl.constexpr = 0,
+                            SCALES_AHEAD: gl.constexpr = 0):  # fmt: skip
     """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
     rotated, padded to ``R`` with zeros) against the split's share of the sequence's compressed blocks of a
     ``PackedLayer`` (its pool, offsets, metadata, scales and zeros as they are stored) and its share of the exact
@@ -570,7 +590,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
         gl.warp_specialize([
             (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
-                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN)),
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, SCALES_AHEAD)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 0, 1, pool_words, L2_AHEAD, SKIP)),
@@ -579,7 +599,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
         gl.warp_specialize([
             (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
-                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN)),
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, SCALES_AHEAD)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 0, 2, pool_words, L2_AHEAD, SKIP)),
@@ -660,7 +680,7 @@ def partials(
     meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, HAS_MASK=mask is not None,
                 PREFETCH=PREFETCH, PRODUCERS=PRODUCERS, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1,
                 K_QBITS=k_qbits, V_QBITS=v_qbits, MASK_SCAN=MASK_SCAN, MASK_BRANCH=MASK_BRANCH, SCAN=SCAN,
-                L2_AHEAD=ahead, SKIP=SKIP)
+                L2_AHEAD=ahead, SKIP=SKIP, SCALES_AHEAD=SCALES_AHEAD)
     if q.device.type == "cpu":
         from . import gluon_attention, gluon_eager
 

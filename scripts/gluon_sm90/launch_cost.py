@@ -3,6 +3,7 @@
 * the Gluon kernel's partials over contexts 1K..128K (a line fitted over 8K..128K: its intercept is the cost per
   launch that no context amortizes: prologue, pipeline fill, tail, launch), with and without the decode step's
   mask, beside the Triton kernel and SDPA;
+* the consumer's scales and zeros one tile ahead or not (``gluon_attention.SCALES_AHEAD``);
 * the producers' L2 look-ahead (``gluon_attention.L2_AHEAD`` 0-3) at each context and at batch 8 / 32K;
 * at 64K: split counts, the query rotation off, no mask, and the producers without a part of their work
   (``gluon_attention.SKIP`` 1-3: no pack-bit gathers, no loads, no decode; wrong results), also at batch 8 / 32K;
@@ -100,7 +101,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(0) if dev == "cuda" else dev
     print(name, f"{sms} SMs, Gluon WAVES {ga.WAVES}", flush=True)
     rows, big = [], None
-    default_ahead = ga.L2_AHEAD
+    default_ahead, default_scales = ga.L2_AHEAD, ga.SCALES_AHEAD
     for ctx in args.contexts:
         k, v = make_kv(1, ctx, heads, d, "random", dev)
         st, _ = compress(PackKVConfig(), k, v)
@@ -140,6 +141,12 @@ def main() -> None:
             ga.L2_AHEAD = ahead
             row[f"partials_l2_ahead_{ahead}"] = bench_ms(partials)
         ga.L2_AHEAD = default_ahead
+        for ahead in (0, 1):  # the consumer's scales one tile ahead (gluon_attention.SCALES_AHEAD), same run
+            ga.SCALES_AHEAD = ahead
+            row[f"partials_scales_ahead_{ahead}"] = bench_ms(partials)
+            row[f"gluon_step_mask_scales_ahead_{ahead}"] = bench_ms(
+                lambda: A.attention(q, st, cap, mask, False, None, rotate=True, gluon=True))
+        ga.SCALES_AHEAD = default_scales
         if ctx == 65536:
             for s in (16, ns // 2 + ns // 4, 2 * ns, 4 * ns):
                 row[f"partials_{s}_splits"] = bench_ms(lambda: partials(s))
@@ -172,6 +179,11 @@ def main() -> None:
         row[f"gluon_l2_ahead_{ahead}"] = bench_ms(lambda: A.attention(q8, st8, c8, None, False, None, rotate=True,
                                                                        gluon=True))  # fmt: skip
     ga.L2_AHEAD = default_ahead
+    for ahead in (0, 1):
+        ga.SCALES_AHEAD = ahead
+        row[f"gluon_scales_ahead_{ahead}"] = bench_ms(lambda: A.attention(q8, st8, c8, None, False, None, rotate=True,
+                                                                          gluon=True))  # fmt: skip
+    ga.SCALES_AHEAD = default_scales
     for skip in (1, 2, 3):
         ga.SKIP = skip
         row[f"gluon_skip_{skip}"] = bench_ms(lambda: A.attention(q8, st8, c8, None, False, None, rotate=True, gluon=True))
