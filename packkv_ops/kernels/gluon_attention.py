@@ -92,6 +92,8 @@ SCAN = 1
 L2_AHEAD = int(os.environ.get("PACKKV_GLUON_L2_AHEAD", "0"))
 # The consumer loads a tile's scales and zeros during the tile before (1) or at the top of its own iteration (0).
 SCALES_AHEAD = int(os.environ.get("PACKKV_GLUON_SCALES_AHEAD", "1"))
+# The consumer starts the next tile's S = K q^T before this tile's softmax (1), or each tile's when it gets there.
+MMA_AHEAD = int(os.environ.get("PACKKV_GLUON_MMA_AHEAD", "1"))
 # Benchmarks only, wrong results: what the rest of the kernel costs without a part of the producers' work. 1: no
 # pack-bit gathers (the fields stand in for the bits; the decode runs as usual); 2: no loads at all (fields made up
 # from the block index); 3: no loads and no decode (zero tiles). scripts/gluon_sm90/launch_cost.py times them.
@@ -385,7 +387,7 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
               perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, row0, n_rep, split, b, lo, hi, r_lo, r_hi, nb, total,
               z_lo, z_hi, NB, qk_scale, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
               HAS_MASK: gl.constexpr, MASK_SCAN: gl.constexpr, MASK_BRANCH: gl.constexpr, SCAN: gl.constexpr,
-              SCALES_AHEAD: gl.constexpr):  # fmt: skip
+              SCALES_AHEAD: gl.constexpr, MMA_AHEAD: gl.constexpr):  # fmt: skip
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, R, 16])  # fmt: skip
     rows: gl.constexpr = gl.SliceLayout(0, mma)
@@ -459,7 +461,14 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
         nkz = gl.load(k_zero_ptr + tok, mask=has_first, other=0)
         nvs = gl.load(v_scale_ptr + tok, mask=has_first, other=1.0)
         nvz = gl.load(v_zero_ptr + tok, mask=has_first, other=0)
-    for i in range(n_c + r_hi - r_lo):
+    n_t = n_c + r_hi - r_lo
+    if MMA_AHEAD:  # the first tile's S before the loop; each iteration starts the next one's
+        if n_t > 0:
+            mbarrier.wait(ready.index(0), phase=0)
+        acc_s = warpgroup_mma(k_bufs.index(0).permute([1, 0]), q_s.permute([1, 0]), gl.zeros([T, R], gl.float32, mma),
+                              use_acc=False, is_async=True)  # fmt: skip
+        raw = warpgroup_mma_wait(num_outstanding=0, deps=(acc_s,))
+    for i in range(n_t):
         s = i % STAGES
         packed = i < n_c
         tok = (b * NB + lo + i) * T + lane_tok
@@ -487,10 +496,17 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
                 perm = gl.load(perm_ptr + tok, mask=packed & g & (i_t >= 0), other=0).to(gl.int32)
                 pos = gl.where(packed, (lo + i) * T + perm, (nb + r_lo + i - n_c) * T + i_t).to(gl.int32)
                 live = live & (gl.load(mask_ptr + b * smb + pos, mask=live & g, other=1) != 0)
-        mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
-        acc = warpgroup_mma(k_bufs.index(s).permute([1, 0]), q_s.permute([1, 0]), gl.zeros([T, R], gl.float32, mma),
-                            use_acc=False, is_async=True)  # fmt: skip
-        raw = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        if MMA_AHEAD:  # S of the next tile runs on the tensor cores while this tile's softmax runs here
+            s1 = (i + 1) % STAGES
+            if i + 1 < n_t:  # (after the last tile: a stage no producer writes any more, its product unused)
+                mbarrier.wait(ready.index(s1), phase=((i + 1) // STAGES) & 1)
+            acc_s = warpgroup_mma(k_bufs.index(s1).permute([1, 0]), q_s.permute([1, 0]),
+                                  gl.zeros([T, R], gl.float32, mma), use_acc=False, is_async=True)  # fmt: skip
+        else:
+            mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
+            acc = warpgroup_mma(k_bufs.index(s).permute([1, 0]), q_s.permute([1, 0]),
+                                gl.zeros([T, R], gl.float32, mma), use_acc=False, is_async=True)  # fmt: skip
+            raw = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         sc = (raw + gl.expand_dims(kz, 1) * gl.expand_dims(qs, 0)) * gl.expand_dims(ks * qk_scale, 1)
         sc = gl.where(gl.expand_dims(live, 1), sc, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(sc, axis=0))
@@ -506,7 +522,10 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
         fence_async_shared()
         gl.thread_barrier()
         acc = warpgroup_mma(v_bufs.index(s), p_s, o_t, is_async=True)
-        o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        if MMA_AHEAD:
+            raw, o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc_s, acc))  # (the last tile: acc_s is done)
+        else:
+            o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index(s), count=1)
     o_t = o_t + gl.expand_dims(gl.sum(z_t, axis=0), 0)
     l_i = gl.sum(l_t, axis=0)
@@ -539,7 +558,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                             V_QBITS: gl.constexpr = 3, MASK_SCAN: gl.constexpr = True,
                             MASK_BRANCH: gl.constexpr = True, SCAN: gl.constexpr = 4,
                             L2_AHEAD: gl.constexpr = 0, SKIP: gl.constexpr = 0,
-                            SCALES_AHEAD: gl.constexpr = 0):  # fmt: skip
+                            SCALES_AHEAD: gl.constexpr = 0, MMA_AHEAD: gl.constexpr = 0):  # fmt: skip
     """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
     rotated, padded to ``R`` with zeros) against the split's share of the sequence's compressed blocks of a
     ``PackedLayer`` (its pool, offsets, metadata, scales and zeros as they are stored) and its share of the exact
@@ -590,7 +609,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
         gl.warp_specialize([
             (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
-                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, SCALES_AHEAD)),
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, SCALES_AHEAD, MMA_AHEAD)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 0, 1, pool_words, L2_AHEAD, SKIP)),
@@ -599,7 +618,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
         gl.warp_specialize([
             (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
-                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, SCALES_AHEAD)),
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, SCALES_AHEAD, MMA_AHEAD)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 0, 2, pool_words, L2_AHEAD, SKIP)),
@@ -680,7 +699,8 @@ def partials(
     meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, HAS_MASK=mask is not None,
                 PREFETCH=PREFETCH, PRODUCERS=PRODUCERS, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1,
                 K_QBITS=k_qbits, V_QBITS=v_qbits, MASK_SCAN=MASK_SCAN, MASK_BRANCH=MASK_BRANCH, SCAN=SCAN,
-                L2_AHEAD=ahead, SKIP=SKIP, SCALES_AHEAD=SCALES_AHEAD)
+                L2_AHEAD=ahead, SKIP=SKIP, SCALES_AHEAD=SCALES_AHEAD,
+                MMA_AHEAD=MMA_AHEAD)
     if q.device.type == "cpu":
         from . import gluon_attention, gluon_eager
 

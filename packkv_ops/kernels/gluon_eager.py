@@ -244,7 +244,10 @@ class _Stage:
         self.buf.queues.setdefault(self.s, []).append(x.data.float())
 
     def tensor(self) -> torch.Tensor:
-        return self.buf.queues[self.s][0]
+        q = self.buf.queues.get(self.s)
+        if not q:  # a stage nothing was stored in (a product the kernel discards): unwritten memory, here zeros
+            return torch.zeros(self.buf.shape[1:])
+        return q[0]
 
     def permute(self, dims):
         return _View(lambda: self.tensor().permute(*dims))
@@ -382,7 +385,7 @@ def run(kernel, grid: tuple[int, int], *args, module: types.ModuleType, **conste
             state: dict = {"pid": (pid0, pid1), "grid": grid}
             ns = dict(vars(module))
             ns.update(gl=_build_gl(state), mbarrier=_MBarrier, fence_async_shared=lambda: None,
-                      warpgroup_mma=_mma, warpgroup_mma_wait=lambda num_outstanding=0, deps=(): deps[0])  # fmt: skip
+                      warpgroup_mma=_mma, warpgroup_mma_wait=lambda num_outstanding=0, deps=(): deps[0] if len(deps) == 1 else tuple(deps))  # fmt: skip
             for name, value in vars(module).items():
                 if hasattr(value, "fn") and hasattr(value.fn, "__code__"):  # gluon.jit functions
                     ns[name] = _eager(value.fn, ns)
