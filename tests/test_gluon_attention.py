@@ -220,6 +220,28 @@ def test_the_producers_ask_l2_for_the_blocks_they_decode_next(ahead, splits, mon
         assert end <= start or any(f <= start and end <= f + s for f, s in spans), (start, size)
 
 
+# The consumer's look-aheads (off by default): a tile's scales and zeros loaded during the tile before
+# (SCALES_AHEAD), the next tile's S = K q^T started before this tile's softmax (MMA_AHEAD; after the last tile it
+# multiplies a stage nobody writes any more and drops the product). The same attention bit for bit, over compressed
+# tiles and the window's, one tile alone, and a split with no tile. Mutation-checked: the next S reading the
+# current stage; the next S's product dropped.
+@pytest.mark.parametrize("scales_ahead, mma_ahead", [(1, 0), (0, 1), (1, 1)])
+@pytest.mark.parametrize("splits", [1, 4, 16])
+def test_the_consumers_look_aheads_give_the_same_attention(scales_ahead, mma_ahead, splits, monkeypatch):
+    from packkv.ops.kernels import gluon_attention
+
+    st = _layer(PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none"), torch.float16, ragged=True)
+    mask = _padding_mask(L + 20)
+    q = torch.randn(B, H * 4, 1, D, device=DEV, dtype=torch.float16)
+    monkeypatch.setattr(gluon_attention, "SCALES_AHEAD", 0)
+    monkeypatch.setattr(gluon_attention, "MMA_AHEAD", 0)
+    default = gpu.attention(q, st, L + 20, mask, False, None, splits=splits, gluon=True)
+    monkeypatch.setattr(gluon_attention, "SCALES_AHEAD", scales_ahead)
+    monkeypatch.setattr(gluon_attention, "MMA_AHEAD", mma_ahead)
+    got = gpu.attention(q, st, L + 20, mask, False, None, splits=splits, gluon=True)
+    torch.testing.assert_close(got, default, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("k_rel, v_rel", [(0.4, 0.1), (0.2, 0.5), (0.07, 0.07)])  # K/V: 2/4, 3/2, 4/4-bit ints
 def test_gluon_attention_decodes_2_to_4_bit_ints_in_either_stream(k_rel, v_rel):
     st = _layer(PackKVConfig(k_rel=k_rel, v_rel=v_rel, rotation="none"), torch.float16, ragged=True)

@@ -90,10 +90,18 @@ SCAN = 1
 # waiting on DRAM, and the look-ahead costs 69 instructions per block (530 -> 599). Kept as an option for a layout
 # whose gathers do miss.
 L2_AHEAD = int(os.environ.get("PACKKV_GLUON_L2_AHEAD", "0"))
-# The consumer loads a tile's scales and zeros during the tile before (1) or at the top of its own iteration (0).
-SCALES_AHEAD = int(os.environ.get("PACKKV_GLUON_SCALES_AHEAD", "1"))
-# The consumer starts the next tile's S = K q^T before this tile's softmax (1), or each tile's when it gets there.
-MMA_AHEAD = int(os.environ.get("PACKKV_GLUON_MMA_AHEAD", "1"))
+# Two consumer-side options, for the finding that the consumer and the pipeline set most of the time (H100
+# 2026-12-06d, launch_cost.py, SKIP = 3: with zero tiles and no producer loads the kernel still takes 0.0496 ms at
+# B1/64K against 0.0605 with everything, 0.161 at B8/32K against 0.203):
+# SCALES_AHEAD: a tile's scales and zeros load during the tile before (1) or at the top of its own iteration (0).
+# With zero tiles it helps (0.0459 vs 0.0496 ms at B1/64K, 0.150 vs 0.161 at B8/32K), with the real producers not
+# (0.0608 vs 0.0600, 0.2023 vs 0.2022), and it spills 12 B more: off.
+SCALES_AHEAD = int(os.environ.get("PACKKV_GLUON_SCALES_AHEAD", "0"))
+# MMA_AHEAD: the consumer starts the next tile's S = K q^T before this tile's softmax (1), or each tile's when it
+# gets there (0). CPU-checked (eager, mutation-checked) and built for sm_90 (consumer loop 284 instructions with 7
+# local loads, against 249 and none); NOT yet run or timed on a GPU (no machine at the end of 2026-12-06d): off
+# until `launch_cost.py` (its CONSUMER rows) and the cuda tests have run with it.
+MMA_AHEAD = int(os.environ.get("PACKKV_GLUON_MMA_AHEAD", "0"))
 # Benchmarks only, wrong results: what the rest of the kernel costs without a part of the producers' work. 1: no
 # pack-bit gathers (the fields stand in for the bits; the decode runs as usual); 2: no loads at all (fields made up
 # from the block index); 3: no loads and no decode (zero tiles). scripts/gluon_sm90/launch_cost.py times them.
