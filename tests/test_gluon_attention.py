@@ -220,33 +220,27 @@ def test_the_producers_ask_l2_for_the_blocks_they_decode_next(ahead, splits, mon
         assert end <= start or any(f <= start and end <= f + s for f, s in spans), (start, size)
 
 
-# The consumer's other schedules (off by default): a tile's scales and zeros loaded during the tile before
+# The consumer's look-aheads (off by default): a tile's scales and zeros loaded during the tile before
 # (SCALES_AHEAD), the next tile's S = K q^T started before this tile's softmax (MMA_AHEAD; after the last tile it
-# multiplies a stage nobody writes any more and drops the product), two tiles per round (PAIRS; an odd last tile
-# alone). The same attention over compressed tiles and the window's, an odd and an even count of tiles, one tile
-# alone, and a split with no tile: bit for bit, or (PAIRS: one softmax maximum per pair, sums in another order)
-# within fp16 rounding. Mutation-checked: the next S reading the current stage; the next S's product dropped; the
-# pair's second tile's scales taken from the first; the pair's odd last tile skipped.
-@pytest.mark.parametrize("scales_ahead, mma_ahead, pairs", [(1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1)])
+# multiplies a stage nobody writes any more and drops the product). The same attention bit for bit, over compressed
+# tiles and the window's, one tile alone, and a split with no tile. Mutation-checked: the next S reading the
+# current stage; the next S's product dropped. (Two tiles per round, one from each stage, was tried too: right on the
+# H100 but spilling at 64 consumer registers and 60% slower; NOTES 2026-12-06d.)
+@pytest.mark.parametrize("scales_ahead, mma_ahead", [(1, 0), (0, 1), (1, 1)])
 @pytest.mark.parametrize("splits", [1, 4, 16])
-def test_the_consumers_look_aheads_give_the_same_attention(scales_ahead, mma_ahead, pairs, splits, monkeypatch):
+def test_the_consumers_look_aheads_give_the_same_attention(scales_ahead, mma_ahead, splits, monkeypatch):
     from packkv.ops.kernels import gluon_attention
 
     st = _layer(PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none"), torch.float16, ragged=True)
     mask = _padding_mask(L + 20)
     q = torch.randn(B, H * 4, 1, D, device=DEV, dtype=torch.float16)
-    for name, value in (("SCALES_AHEAD", 0), ("MMA_AHEAD", 0), ("PAIRS", 0)):
-        monkeypatch.setattr(gluon_attention, name, value)
+    monkeypatch.setattr(gluon_attention, "SCALES_AHEAD", 0)
+    monkeypatch.setattr(gluon_attention, "MMA_AHEAD", 0)
     default = gpu.attention(q, st, L + 20, mask, False, None, splits=splits, gluon=True)
-    for name, value in (("SCALES_AHEAD", scales_ahead), ("MMA_AHEAD", mma_ahead), ("PAIRS", pairs)):
-        monkeypatch.setattr(gluon_attention, name, value)
+    monkeypatch.setattr(gluon_attention, "SCALES_AHEAD", scales_ahead)
+    monkeypatch.setattr(gluon_attention, "MMA_AHEAD", mma_ahead)
     got = gpu.attention(q, st, L + 20, mask, False, None, splits=splits, gluon=True)
-    if pairs:
-        torch.testing.assert_close(got, default, rtol=2e-3, atol=2e-3 * default.abs().max().item())
-        want = _want(q, st, L + 20, mask, "none")
-        assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-3
-    else:
-        torch.testing.assert_close(got, default, rtol=0, atol=0)
+    torch.testing.assert_close(got, default, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("k_rel, v_rel", [(0.4, 0.1), (0.2, 0.5), (0.07, 0.07)])  # K/V: 2/4, 3/2, 4/4-bit ints

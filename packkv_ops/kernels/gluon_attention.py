@@ -102,9 +102,6 @@ SCALES_AHEAD = int(os.environ.get("PACKKV_GLUON_SCALES_AHEAD", "0"))
 # local loads, against 249 and none); NOT yet run or timed on a GPU (no machine at the end of 2026-12-06d): off
 # until `launch_cost.py` (its CONSUMER rows) and the cuda tests have run with it.
 MMA_AHEAD = int(os.environ.get("PACKKV_GLUON_MMA_AHEAD", "0"))
-# PAIRS: the consumer takes two tiles per round, one from each stage (both S products, then one wait, one
-# softmax maximum over 128 keys, one barrier, both PV products, one wait), an odd last tile alone.
-PAIRS = int(os.environ.get("PACKKV_GLUON_PAIRS", "0"))
 # Benchmarks only, wrong results: what the rest of the kernel costs without a part of the producers' work. 1: no
 # pack-bit gathers (the fields stand in for the bits; the decode runs as usual); 2: no loads at all (fields made up
 # from the block index); 3: no loads and no decode (zero tiles). scripts/gluon_sm90/launch_cost.py times them.
@@ -394,37 +391,11 @@ def _butterfly(x, M: gl.constexpr, D: gl.constexpr, H: gl.constexpr):
 
 
 @gluon.jit
-def _tile_operands(i, b, NB, lo, n_c, nb, r_lo, total, lane_tok, i_t, k_scale_ptr, k_zero_ptr, v_scale_ptr,
-                   v_zero_ptr, perm_ptr, mask_ptr, smb, g_lo, g_hi, T: gl.constexpr, HAS_MASK: gl.constexpr,
-                   MASK_BRANCH: gl.constexpr):  # fmt: skip
-    """Tile ``i``'s scales and zeros (fp32) and which of its keys are live, as ``_consumer``'s loop reads them."""
-    packed = i < n_c
-    tok = (b * NB + lo + i) * T + lane_tok
-    ks = gl.load(k_scale_ptr + tok, mask=packed & (i_t >= 0), other=1.0).to(gl.float32)
-    kz = gl.load(k_zero_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.float32)
-    vs = gl.load(v_scale_ptr + tok, mask=packed & (i_t >= 0), other=1.0).to(gl.float32)
-    vz = gl.load(v_zero_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.float32)
-    live = packed | ((nb + r_lo + i - n_c) * T + i_t < total)
-    if HAS_MASK:
-        if MASK_BRANCH:
-            if ((i >= g_lo) & (i <= g_hi)) | (i >= n_c):
-                perm = gl.load(perm_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.int32)
-                pos = gl.where(packed, (lo + i) * T + perm, (nb + r_lo + i - n_c) * T + i_t).to(gl.int32)
-                live = live & (gl.load(mask_ptr + b * smb + pos, mask=live, other=0) != 0)
-        else:
-            g = ((i >= g_lo) & (i <= g_hi)) | (i >= n_c)
-            perm = gl.load(perm_ptr + tok, mask=packed & g & (i_t >= 0), other=0).to(gl.int32)
-            pos = gl.where(packed, (lo + i) * T + perm, (nb + r_lo + i - n_c) * T + i_t).to(gl.int32)
-            live = live & (gl.load(mask_ptr + b * smb + pos, mask=live & g, other=1) != 0)
-    return ks, kz, vs, vz, live
-
-
-@gluon.jit
-def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, p_s1, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
+def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
               perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, row0, n_rep, split, b, lo, hi, r_lo, r_hi, nb, total,
               z_lo, z_hi, NB, qk_scale, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
               HAS_MASK: gl.constexpr, MASK_SCAN: gl.constexpr, MASK_BRANCH: gl.constexpr, SCAN: gl.constexpr,
-              SCALES_AHEAD: gl.constexpr, MMA_AHEAD: gl.constexpr, PAIRS: gl.constexpr):  # fmt: skip
+              SCALES_AHEAD: gl.constexpr, MMA_AHEAD: gl.constexpr):  # fmt: skip
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, R, 16])  # fmt: skip
     rows: gl.constexpr = gl.SliceLayout(0, mma)
@@ -499,60 +470,13 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, p_s1, ready, empty, k_scale_ptr, k
         nvs = gl.load(v_scale_ptr + tok, mask=has_first, other=1.0)
         nvz = gl.load(v_zero_ptr + tok, mask=has_first, other=0)
     n_t = n_c + r_hi - r_lo
-    t0 = n_t * 0  # where the one-tile loop below starts
-    if PAIRS:  # two tiles per round (one from each stage): one wgmma wait per product, one max, one barrier
-        gl.static_assert(STAGES == 2)
-        gl.static_assert(not SCALES_AHEAD and not MMA_AHEAD)
-        if not HAS_MASK:
-            g_lo = t0
-            g_hi = t0
-        for k in range(n_t // 2):
-            i = 2 * k
-            ks, kz, vs, vz, live = _tile_operands(i, b, NB, lo, n_c, nb, r_lo, total, lane_tok, i_t, k_scale_ptr,
-                                                  k_zero_ptr, v_scale_ptr, v_zero_ptr, perm_ptr, mask_ptr, smb, g_lo,
-                                                  g_hi, T, HAS_MASK, MASK_BRANCH)  # fmt: skip
-            ks_b, kz_b, vs_b, vz_b, live_b = _tile_operands(i + 1, b, NB, lo, n_c, nb, r_lo, total, lane_tok, i_t,
-                                                       k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, perm_ptr,
-                                                       mask_ptr, smb, g_lo, g_hi, T, HAS_MASK, MASK_BRANCH)  # fmt: skip
-            mbarrier.wait(ready.index(0), phase=k & 1)
-            acc0 = warpgroup_mma(k_bufs.index(0).permute([1, 0]), q_s.permute([1, 0]),
-                                 gl.zeros([T, R], gl.float32, mma), use_acc=False, is_async=True)  # fmt: skip
-            mbarrier.wait(ready.index(1), phase=k & 1)
-            acc_b = warpgroup_mma(k_bufs.index(1).permute([1, 0]), q_s.permute([1, 0]),
-                                 gl.zeros([T, R], gl.float32, mma), use_acc=False, is_async=True)  # fmt: skip
-            raw, raw_b = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc_b))
-            sc = (raw + gl.expand_dims(kz, 1) * gl.expand_dims(qs, 0)) * gl.expand_dims(ks * qk_scale, 1)
-            sc = gl.where(gl.expand_dims(live, 1), sc, float("-inf"))
-            sc_b = (raw_b + gl.expand_dims(kz_b, 1) * gl.expand_dims(qs, 0)) * gl.expand_dims(ks_b * qk_scale, 1)
-            sc_b = gl.where(gl.expand_dims(live_b, 1), sc_b, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(gl.maximum(sc, sc_b), axis=0))
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            p = gl.exp2(sc - gl.expand_dims(m_safe, 0))
-            p_b = gl.exp2(sc_b - gl.expand_dims(m_safe, 0))
-            alpha = gl.expand_dims(gl.exp2(m_i - m_safe), 0)
-            pvs = p * gl.expand_dims(vs, 1)
-            pvs_b = p_b * gl.expand_dims(vs_b, 1)
-            l_t = l_t * alpha + (p + p_b)
-            z_t = z_t * alpha + (pvs * gl.expand_dims(vz, 1) + pvs_b * gl.expand_dims(vz_b, 1))
-            o_t = o_t * alpha
-            m_i = m_new
-            p_s.store(pvs.to(gl.float16))
-            p_s1.store(pvs_b.to(gl.float16))
-            fence_async_shared()
-            gl.thread_barrier()
-            acc = warpgroup_mma(v_bufs.index(0), p_s, o_t, is_async=True)
-            acc = warpgroup_mma(v_bufs.index(1), p_s1, acc, is_async=True)
-            o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(empty.index(0), count=1)
-            mbarrier.arrive(empty.index(1), count=1)
-        t0 = n_t - n_t % 2  # an odd last tile goes through the loop below
     if MMA_AHEAD:  # the first tile's S before the loop; each iteration starts the next one's
         if n_t > 0:
             mbarrier.wait(ready.index(0), phase=0)
         acc_s = warpgroup_mma(k_bufs.index(0).permute([1, 0]), q_s.permute([1, 0]), gl.zeros([T, R], gl.float32, mma),
                               use_acc=False, is_async=True)  # fmt: skip
         raw = warpgroup_mma_wait(num_outstanding=0, deps=(acc_s,))
-    for i in range(t0, n_t):
+    for i in range(n_t):
         s = i % STAGES
         packed = i < n_c
         tok = (b * NB + lo + i) * T + lane_tok
@@ -642,8 +566,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                             V_QBITS: gl.constexpr = 3, MASK_SCAN: gl.constexpr = True,
                             MASK_BRANCH: gl.constexpr = True, SCAN: gl.constexpr = 4,
                             L2_AHEAD: gl.constexpr = 0, SKIP: gl.constexpr = 0,
-                            SCALES_AHEAD: gl.constexpr = 0, MMA_AHEAD: gl.constexpr = 0,
-                            PAIRS: gl.constexpr = 0):  # fmt: skip
+                            SCALES_AHEAD: gl.constexpr = 0, MMA_AHEAD: gl.constexpr = 0):  # fmt: skip
     """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
     rotated, padded to ``R`` with zeros) against the split's share of the sequence's compressed blocks of a
     ``PackedLayer`` (its pool, offsets, metadata, scales and zeros as they are stored) and its share of the exact
@@ -680,7 +603,6 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
     q_s = gl.allocate_shared_memory(gl.float16, [R, D], gl.NVMMASharedLayout.get_default_for([R, D], gl.float16),
                                     value=q)  # fmt: skip
     p_s = gl.allocate_shared_memory(gl.float16, [T, R], gl.NVMMASharedLayout.get_default_for([T, R], gl.float16))
-    p_s1 = gl.allocate_shared_memory(gl.float16, [T, R], gl.NVMMASharedLayout.get_default_for([T, R], gl.float16))
     stage: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, T], gl.float16)
     k_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, D, T], stage)
     v_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, D, T], stage)
@@ -693,18 +615,18 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
     # (The argument lists are written out: a tuple variable would turn the constexprs into tensors.)
     if PRODUCERS == 1:
         gl.warp_specialize([
-            (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, p_s1, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
+            (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
-                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, SCALES_AHEAD, MMA_AHEAD, PAIRS)),
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, SCALES_AHEAD, MMA_AHEAD)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 0, 1, pool_words, L2_AHEAD, SKIP)),
         ], [4], [PRODUCER_REGS])
     else:  # two decoding warpgroups taking turns over the blocks: twice the warps to hide the gathers' latency
         gl.warp_specialize([
-            (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, p_s1, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
+            (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
-                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, SCALES_AHEAD, MMA_AHEAD, PAIRS)),
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, SCALES_AHEAD, MMA_AHEAD)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 0, 2, pool_words, L2_AHEAD, SKIP)),
@@ -786,7 +708,7 @@ def partials(
                 PREFETCH=PREFETCH, PRODUCERS=PRODUCERS, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1,
                 K_QBITS=k_qbits, V_QBITS=v_qbits, MASK_SCAN=MASK_SCAN, MASK_BRANCH=MASK_BRANCH, SCAN=SCAN,
                 L2_AHEAD=ahead, SKIP=SKIP, SCALES_AHEAD=SCALES_AHEAD,
-                MMA_AHEAD=MMA_AHEAD, PAIRS=PAIRS)
+                MMA_AHEAD=MMA_AHEAD)
     if q.device.type == "cpu":
         from . import gluon_attention, gluon_eager
 

@@ -3,8 +3,8 @@
 * the Gluon kernel's partials over contexts 1K..128K (a line fitted over 8K..128K: its intercept is the cost per
   launch that no context amortizes: prologue, pipeline fill, tail, launch), with and without the decode step's
   mask, beside the Triton kernel and SDPA;
-* the consumer's scales and zeros one tile ahead or not (``gluon_attention.SCALES_AHEAD``), the next tile's
-  S = K q^T started before this tile's softmax or not (``MMA_AHEAD``), two tiles per round (``PAIRS``);
+* the consumer's scales and zeros one tile ahead or not (``gluon_attention.SCALES_AHEAD``), and the next tile's
+  S = K q^T started before this tile's softmax or not (``MMA_AHEAD``);
 * the producers' L2 look-ahead (``gluon_attention.L2_AHEAD`` 0-3) at each context and at batch 8 / 32K;
 * at 64K: split counts, the query rotation off, no mask, and the producers without a part of their work
   (``gluon_attention.SKIP`` 1-3: no pack-bit gathers, no loads, no decode; wrong results), also at batch 8 / 32K;
@@ -86,7 +86,7 @@ def _append_two_trips(k_ptr, v_ptr, ring_k_ptr, ring_v_ptr, n_blocks_ptr, n_win_
 
 
 L2_AHEADS = (0, 1, 2, 3)
-CONSUMER = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1))  # (SCALES_AHEAD, MMA_AHEAD, PAIRS)
+CONSUMER = ((0, 0), (1, 0), (0, 1), (1, 1))  # (SCALES_AHEAD, MMA_AHEAD)
 
 
 def main() -> None:
@@ -104,8 +104,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(0) if dev == "cuda" else dev
     print(name, f"{sms} SMs, Gluon WAVES {ga.WAVES}", flush=True)
     rows, big = [], None
-    default_ahead, default_scales, default_mma, default_pairs = ga.L2_AHEAD, ga.SCALES_AHEAD, ga.MMA_AHEAD, ga.PAIRS
-    consumer = [c for c in CONSUMER if not args.consumer_only or c in ((0, 0, 0), (0, 0, 1))]
+    default_ahead, default_scales, default_mma = ga.L2_AHEAD, ga.SCALES_AHEAD, ga.MMA_AHEAD
     for ctx in args.contexts:
         k, v = make_kv(1, ctx, heads, d, "random", dev)
         st, _ = compress(PackKVConfig(), k, v)
@@ -146,12 +145,12 @@ def main() -> None:
             ga.L2_AHEAD = ahead
             row[f"partials_l2_ahead_{ahead}"] = bench_ms(partials)
         ga.L2_AHEAD = default_ahead
-        for sa, ma, pa in consumer:  # the consumer's scales / next S one tile ahead, two tiles a round; same run
-            ga.SCALES_AHEAD, ga.MMA_AHEAD, ga.PAIRS = sa, ma, pa
-            row[f"partials_scales_{sa}_mma_{ma}_pairs_{pa}"] = bench_ms(partials)
-            row[f"gluon_step_mask_scales_{sa}_mma_{ma}_pairs_{pa}"] = bench_ms(
+        for sa, ma in CONSUMER:  # the consumer's scales / next S one tile ahead, same run
+            ga.SCALES_AHEAD, ga.MMA_AHEAD = sa, ma
+            row[f"partials_scales_{sa}_mma_{ma}"] = bench_ms(partials)
+            row[f"gluon_step_mask_scales_{sa}_mma_{ma}"] = bench_ms(
                 lambda: A.attention(q, st, cap, mask, False, None, rotate=True, gluon=True))
-        ga.SCALES_AHEAD, ga.MMA_AHEAD, ga.PAIRS = default_scales, default_mma, default_pairs
+        ga.SCALES_AHEAD, ga.MMA_AHEAD = default_scales, default_mma
         if args.consumer_only:
             rows.append(row)
             print(json.dumps({k_: round(v_, 4) if isinstance(v_, float) else v_ for k_, v_ in row.items()}), flush=True)
@@ -188,11 +187,11 @@ def main() -> None:
         row[f"gluon_l2_ahead_{ahead}"] = bench_ms(lambda: A.attention(q8, st8, c8, None, False, None, rotate=True,
                                                                        gluon=True))  # fmt: skip
     ga.L2_AHEAD = default_ahead
-    for sa, ma, pa in consumer:
-        ga.SCALES_AHEAD, ga.MMA_AHEAD, ga.PAIRS = sa, ma, pa
-        row[f"gluon_scales_{sa}_mma_{ma}_pairs_{pa}"] = bench_ms(
-            lambda: A.attention(q8, st8, c8, None, False, None, rotate=True, gluon=True))
-    ga.SCALES_AHEAD, ga.MMA_AHEAD, ga.PAIRS = default_scales, default_mma, default_pairs
+    for sa, ma in CONSUMER:
+        ga.SCALES_AHEAD, ga.MMA_AHEAD = sa, ma
+        row[f"gluon_scales_{sa}_mma_{ma}"] = bench_ms(lambda: A.attention(q8, st8, c8, None, False, None, rotate=True,
+                                                                          gluon=True))  # fmt: skip
+    ga.SCALES_AHEAD, ga.MMA_AHEAD = default_scales, default_mma
     for skip in () if args.consumer_only else (1, 2, 3):
         ga.SKIP = skip
         row[f"gluon_skip_{skip}"] = bench_ms(lambda: A.attention(q8, st8, c8, None, False, None, rotate=True, gluon=True))
