@@ -98,9 +98,9 @@ L2_AHEAD = int(os.environ.get("PACKKV_GLUON_L2_AHEAD", "0"))
 # (0.0608 vs 0.0600, 0.2023 vs 0.2022), and it spills 12 B more: off.
 SCALES_AHEAD = int(os.environ.get("PACKKV_GLUON_SCALES_AHEAD", "0"))
 # MMA_AHEAD: the consumer starts the next tile's S = K q^T before this tile's softmax (1), or each tile's when it
-# gets there (0). CPU-checked (eager, mutation-checked) and built for sm_90 (consumer loop 284 instructions with 7
-# local loads, against 249 and none); NOT yet run or timed on a GPU (no machine at the end of 2026-12-06d): off
-# until `launch_cost.py` (its CONSUMER rows) and the cuda tests have run with it.
+# gets there (0). Right on the H100 (the Gluon tests with it on: 61 passed) but no faster (0.0611 vs 0.0598 ms at
+# B1/64K, 0.204 vs 0.202 at B8/32K; with SCALES_AHEAD too 0.071: spills): the consumer loop grows to 284
+# instructions with 7 local loads at 64 registers (249 and none without). Off.
 MMA_AHEAD = int(os.environ.get("PACKKV_GLUON_MMA_AHEAD", "0"))
 # Benchmarks only, wrong results: what the rest of the kernel costs without a part of the producers' work. 1: no
 # pack-bit gathers (the fields stand in for the bits; the decode runs as usual); 2: no loads at all (fields made up
