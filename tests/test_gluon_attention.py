@@ -139,6 +139,22 @@ def test_the_mask_scans_cover_a_long_split_in_rounds_of_chunks(scan, hidden, mon
     assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-3
 
 
+def _under_settings(monkeypatch, splits: int, base: dict, variant: dict):
+    """The Gluon attention over a ragged fp16 layer with a padding mask under ``base``, then ``variant`` settings of
+    ``gluon_attention``; and the reference."""
+    from packkv.ops.kernels import gluon_attention
+
+    st = _layer(PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none"), torch.float16, ragged=True)
+    mask = _padding_mask(L + 20)
+    q = torch.randn(B, H * 4, 1, D, device=DEV, dtype=torch.float16)
+    out = []
+    for settings in (base, variant):
+        for name, value in settings.items():
+            monkeypatch.setattr(gluon_attention, name, value)
+        out.append(gpu.attention(q, st, L + 20, mask, False, None, splits=splits, gluon=True))
+    return out[0], out[1], _want(q, st, L + 20, mask, "none")
+
+
 # (PREFETCH, PRODUCERS): each block's fields, offsets and pack bits loaded in its own iteration (0), not one and two
 # blocks ahead (1; its last blocks' look-ahead clamped to a block that exists); one decoding warpgroup, or two taking
 # turns over the blocks and the window's tiles (with splits=1 one takes blocks 0, 2 and tiles 4, the other block 1
@@ -146,19 +162,9 @@ def test_the_mask_scans_cover_a_long_split_in_rounds_of_chunks(scan, hidden, mon
 @pytest.mark.parametrize("prefetch, producers", [(0, 1), (1, 2), (0, 2)])
 @pytest.mark.parametrize("splits", [1, 4])
 def test_the_producers_launch_options_give_the_same_attention(prefetch, producers, splits, monkeypatch):
-    from packkv.ops.kernels import gluon_attention
-
-    st = _layer(PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none"), torch.float16, ragged=True)
-    mask = _padding_mask(L + 20)
-    q = torch.randn(B, H * 4, 1, D, device=DEV, dtype=torch.float16)
-    monkeypatch.setattr(gluon_attention, "PREFETCH", 1)
-    monkeypatch.setattr(gluon_attention, "PRODUCERS", 1)
-    default = gpu.attention(q, st, L + 20, mask, False, None, splits=splits, gluon=True)
-    monkeypatch.setattr(gluon_attention, "PREFETCH", prefetch)
-    monkeypatch.setattr(gluon_attention, "PRODUCERS", producers)
-    got = gpu.attention(q, st, L + 20, mask, False, None, splits=splits, gluon=True)
+    default, got, want = _under_settings(monkeypatch, splits, dict(PREFETCH=1, PRODUCERS=1),
+                                         dict(PREFETCH=prefetch, PRODUCERS=producers))  # fmt: skip
     torch.testing.assert_close(got, default, rtol=0, atol=0)
-    want = _want(q, st, L + 20, mask, "none")
     assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-3
 
 
@@ -229,17 +235,8 @@ def test_the_producers_ask_l2_for_the_blocks_they_decode_next(ahead, splits, mon
 @pytest.mark.parametrize("scales_ahead, mma_ahead", [(1, 0), (0, 1), (1, 1)])
 @pytest.mark.parametrize("splits", [1, 4, 16])
 def test_the_consumers_look_aheads_give_the_same_attention(scales_ahead, mma_ahead, splits, monkeypatch):
-    from packkv.ops.kernels import gluon_attention
-
-    st = _layer(PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none"), torch.float16, ragged=True)
-    mask = _padding_mask(L + 20)
-    q = torch.randn(B, H * 4, 1, D, device=DEV, dtype=torch.float16)
-    monkeypatch.setattr(gluon_attention, "SCALES_AHEAD", 0)
-    monkeypatch.setattr(gluon_attention, "MMA_AHEAD", 0)
-    default = gpu.attention(q, st, L + 20, mask, False, None, splits=splits, gluon=True)
-    monkeypatch.setattr(gluon_attention, "SCALES_AHEAD", scales_ahead)
-    monkeypatch.setattr(gluon_attention, "MMA_AHEAD", mma_ahead)
-    got = gpu.attention(q, st, L + 20, mask, False, None, splits=splits, gluon=True)
+    default, got, _ = _under_settings(monkeypatch, splits, dict(SCALES_AHEAD=0, MMA_AHEAD=0),
+                                      dict(SCALES_AHEAD=scales_ahead, MMA_AHEAD=mma_ahead))  # fmt: skip
     torch.testing.assert_close(got, default, rtol=0, atol=0)
 
 
