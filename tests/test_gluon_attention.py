@@ -226,17 +226,18 @@ def test_the_producers_ask_l2_for_the_blocks_they_decode_next(ahead, splits, mon
         assert end <= start or any(f <= start and end <= f + s for f, s in spans), (start, size)
 
 
-# The consumer's look-aheads (off by default): a tile's scales and zeros loaded during the tile before
+# The consumer's other schedules (off by default): a tile's scales and zeros loaded during the tile before
 # (SCALES_AHEAD), the next tile's S = K q^T started before this tile's softmax (MMA_AHEAD; after the last tile it
-# multiplies a stage nobody writes any more and drops the product). The same attention bit for bit, over compressed
-# tiles and the window's, one tile alone, and a split with no tile. Mutation-checked: the next S reading the
-# current stage; the next S's product dropped. (Two tiles per round, one from each stage, was tried too: right on the
-# H100 but spilling at 64 consumer registers and 60% slower; NOTES 2026-12-06d.)
-@pytest.mark.parametrize("scales_ahead, mma_ahead", [(1, 0), (0, 1), (1, 1)])
+# multiplies a stage nobody writes any more and drops the product), the tile's maximum from per-warp maxima
+# exchanged through shared memory (WARP_MAX). The same attention bit for bit, over compressed tiles and the
+# window's, one tile alone, and a split with no tile. Mutation-checked: the next S reading the current stage; the
+# next S's product dropped; the per-warp minimum for the maximum. (Two tiles per round, one from each stage, was
+# tried too: right on the H100 but spilling at 64 consumer registers and 60% slower; NOTES 2026-12-06d.)
+@pytest.mark.parametrize("scales_ahead, mma_ahead, warp_max", [(1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1)])
 @pytest.mark.parametrize("splits", [1, 4, 16])
-def test_the_consumers_look_aheads_give_the_same_attention(scales_ahead, mma_ahead, splits, monkeypatch):
-    default, got, _ = _under_settings(monkeypatch, splits, dict(SCALES_AHEAD=0, MMA_AHEAD=0),
-                                      dict(SCALES_AHEAD=scales_ahead, MMA_AHEAD=mma_ahead))  # fmt: skip
+def test_the_consumers_look_aheads_give_the_same_attention(scales_ahead, mma_ahead, warp_max, splits, monkeypatch):
+    default, got, _ = _under_settings(monkeypatch, splits, dict(SCALES_AHEAD=0, MMA_AHEAD=0, WARP_MAX=0),
+                                      dict(SCALES_AHEAD=scales_ahead, MMA_AHEAD=mma_ahead, WARP_MAX=warp_max))  # fmt: skip
     torch.testing.assert_close(got, default, rtol=0, atol=0)
 
 

@@ -102,6 +102,11 @@ SCALES_AHEAD = int(os.environ.get("PACKKV_GLUON_SCALES_AHEAD", "0"))
 # B1/64K, 0.204 vs 0.202 at B8/32K; with SCALES_AHEAD too 0.071: spills): the consumer loop grows to 284
 # instructions with 7 local loads at 64 registers (249 and none without). Off.
 MMA_AHEAD = int(os.environ.get("PACKKV_GLUON_MMA_AHEAD", "0"))
+# WARP_MAX: the consumer's maximum over a tile's keys as per-warp maxima exchanged through a small shared buffer
+# with one barrier (the compiler's cross-warp reduction takes three). Built for sm_90 (2026-12-06d, after the last
+# GPU call): 4 BAR.SYNC per tile instead of 6, consumer loop 245 instructions instead of 249, the layout conversion
+# free (4 LDS.64); CPU-checked. NOT yet run on a GPU: off until `launch_cost.py` and the cuda tests run with it.
+WARP_MAX = int(os.environ.get("PACKKV_GLUON_WARP_MAX", "0"))
 # Benchmarks only, wrong results: what the rest of the kernel costs without a part of the producers' work. 1: no
 # pack-bit gathers (the fields stand in for the bits; the decode runs as usual); 2: no loads at all (fields made up
 # from the block index); 3: no loads and no decode (zero tiles). scripts/gluon_sm90/launch_cost.py times them.
@@ -391,11 +396,11 @@ def _butterfly(x, M: gl.constexpr, D: gl.constexpr, H: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
+def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, mx_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
               perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, row0, n_rep, split, b, lo, hi, r_lo, r_hi, nb, total,
               z_lo, z_hi, NB, qk_scale, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
               HAS_MASK: gl.constexpr, MASK_SCAN: gl.constexpr, MASK_BRANCH: gl.constexpr, SCAN: gl.constexpr,
-              SCALES_AHEAD: gl.constexpr, MMA_AHEAD: gl.constexpr):  # fmt: skip
+              SCALES_AHEAD: gl.constexpr, MMA_AHEAD: gl.constexpr, WARP_MAX: gl.constexpr):  # fmt: skip
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, R, 16])  # fmt: skip
     rows: gl.constexpr = gl.SliceLayout(0, mma)
@@ -517,7 +522,14 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
             raw = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         sc = (raw + gl.expand_dims(kz, 1) * gl.expand_dims(qs, 0)) * gl.expand_dims(ks * qk_scale, 1)
         sc = gl.where(gl.expand_dims(live, 1), sc, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(sc, axis=0))
+        if WARP_MAX:  # each warp's maximum over its 16 keys, exchanged through shared memory: one barrier
+            wm = gl.max(gl.reshape(sc, (gl.num_warps(), T // gl.num_warps(), R)), axis=1)
+            mx_s.store(wm)
+            gl.thread_barrier()
+            allw: gl.constexpr = gl.BlockedLayout([gl.num_warps(), 2], [8, 4], [gl.num_warps(), 1], [1, 0])
+            m_new = gl.maximum(m_i, gl.convert_layout(gl.max(mx_s.load(allw), axis=0), rows))
+        else:
+            m_new = gl.maximum(m_i, gl.max(sc, axis=0))
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
         p = gl.exp2(sc - gl.expand_dims(m_safe, 0))
         alpha = gl.expand_dims(gl.exp2(m_i - m_safe), 0)
@@ -566,7 +578,8 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                             V_QBITS: gl.constexpr = 3, MASK_SCAN: gl.constexpr = True,
                             MASK_BRANCH: gl.constexpr = True, SCAN: gl.constexpr = 4,
                             L2_AHEAD: gl.constexpr = 0, SKIP: gl.constexpr = 0,
-                            SCALES_AHEAD: gl.constexpr = 0, MMA_AHEAD: gl.constexpr = 0):  # fmt: skip
+                            SCALES_AHEAD: gl.constexpr = 0, MMA_AHEAD: gl.constexpr = 0,
+                            WARP_MAX: gl.constexpr = 0):  # fmt: skip
     """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
     rotated, padded to ``R`` with zeros) against the split's share of the sequence's compressed blocks of a
     ``PackedLayer`` (its pool, offsets, metadata, scales and zeros as they are stored) and its share of the exact
@@ -603,6 +616,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
     q_s = gl.allocate_shared_memory(gl.float16, [R, D], gl.NVMMASharedLayout.get_default_for([R, D], gl.float16),
                                     value=q)  # fmt: skip
     p_s = gl.allocate_shared_memory(gl.float16, [T, R], gl.NVMMASharedLayout.get_default_for([T, R], gl.float16))
+    mx_s = gl.allocate_shared_memory(gl.float32, [gl.num_warps(), R], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     stage: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, T], gl.float16)
     k_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, D, T], stage)
     v_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, D, T], stage)
@@ -615,18 +629,18 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
     # (The argument lists are written out: a tuple variable would turn the constexprs into tensors.)
     if PRODUCERS == 1:
         gl.warp_specialize([
-            (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
+            (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, mx_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
-                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, SCALES_AHEAD, MMA_AHEAD)),
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, SCALES_AHEAD, MMA_AHEAD, WARP_MAX)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 0, 1, pool_words, L2_AHEAD, SKIP)),
         ], [4], [PRODUCER_REGS])
     else:  # two decoding warpgroups taking turns over the blocks: twice the warps to hide the gathers' latency
         gl.warp_specialize([
-            (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
+            (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, mx_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
-                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, SCALES_AHEAD, MMA_AHEAD)),
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, SCALES_AHEAD, MMA_AHEAD, WARP_MAX)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 0, 2, pool_words, L2_AHEAD, SKIP)),
@@ -708,7 +722,7 @@ def partials(
                 PREFETCH=PREFETCH, PRODUCERS=PRODUCERS, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1,
                 K_QBITS=k_qbits, V_QBITS=v_qbits, MASK_SCAN=MASK_SCAN, MASK_BRANCH=MASK_BRANCH, SCAN=SCAN,
                 L2_AHEAD=ahead, SKIP=SKIP, SCALES_AHEAD=SCALES_AHEAD,
-                MMA_AHEAD=MMA_AHEAD)
+                MMA_AHEAD=MMA_AHEAD, WARP_MAX=WARP_MAX)
     if q.device.type == "cpu":
         from . import gluon_attention, gluon_eager
 

@@ -232,6 +232,9 @@ class Smem:
     def permute(self, dims):
         return _View(lambda: self.value.permute(*dims))
 
+    def load(self, layout=None) -> T:
+        return T(self.value.clone(), F32)
+
     def tensor(self) -> torch.Tensor:
         return self.value
 
@@ -352,7 +355,7 @@ def _build_gl(state: dict) -> types.SimpleNamespace:
     ns = dict(
         constexpr=object, float16=Dtype(F16), float32=Dtype(F32), uint32=Dtype(U32), int32=Dtype(I32),
         int64=Dtype("i64"), BlockedLayout=_Layout, SliceLayout=_Layout, NVMMADistributedLayout=_Layout,
-        NVMMASharedLayout=_Layout, num_warps=lambda: 4, arange=arange, full=full, zeros=zeros,
+        NVMMASharedLayout=_Layout, SwizzledSharedLayout=_Layout, num_warps=lambda: 4, arange=arange, full=full, zeros=zeros,
         expand_dims=lambda x, axis: T(x.data.unsqueeze(axis), x.dtype), convert_layout=lambda x, layout: x,
         join=lambda a, b: T(torch.stack(torch.broadcast_tensors(a.data, b.data), -1), _promote(a.dtype, b.dtype)),
         reshape=lambda x, shape: T(x.data.reshape(list(shape)), x.dtype),

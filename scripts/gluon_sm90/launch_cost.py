@@ -4,7 +4,8 @@
   launch that no context amortizes: prologue, pipeline fill, tail, launch), with and without the decode step's
   mask, beside the Triton kernel and SDPA;
 * the consumer's scales and zeros one tile ahead or not (``gluon_attention.SCALES_AHEAD``), and the next tile's
-  S = K q^T started before this tile's softmax or not (``MMA_AHEAD``);
+  S = K q^T started before this tile's softmax or not (``MMA_AHEAD``), the tile maximum from per-warp maxima
+  (``WARP_MAX``);
 * the producers' L2 look-ahead (``gluon_attention.L2_AHEAD`` 0-3) at each context and at batch 8 / 32K;
 * at 64K: split counts, the query rotation off, no mask, and the producers without a part of their work
   (``gluon_attention.SKIP`` 1-3: no pack-bit gathers, no loads, no decode; wrong results), also at batch 8 / 32K;
@@ -86,7 +87,7 @@ def _append_two_trips(k_ptr, v_ptr, ring_k_ptr, ring_v_ptr, n_blocks_ptr, n_win_
 
 
 L2_AHEADS = (0, 1, 2, 3)
-CONSUMER = ((0, 0), (1, 0), (0, 1), (1, 1))  # (SCALES_AHEAD, MMA_AHEAD)
+CONSUMER = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1))  # (SCALES_AHEAD, MMA_AHEAD, WARP_MAX)
 
 
 def main() -> None:
@@ -104,7 +105,9 @@ def main() -> None:
     name = torch.cuda.get_device_name(0) if dev == "cuda" else dev
     print(name, f"{sms} SMs, Gluon WAVES {ga.WAVES}", flush=True)
     rows, big = [], None
-    default_ahead, default_scales, default_mma = ga.L2_AHEAD, ga.SCALES_AHEAD, ga.MMA_AHEAD
+    default_ahead, default_scales = ga.L2_AHEAD, ga.SCALES_AHEAD
+    default_mma, default_warp_max = ga.MMA_AHEAD, ga.WARP_MAX
+    consumer = [c for c in CONSUMER if not args.consumer_only or c in ((0, 0, 0), (0, 0, 1))]
     for ctx in args.contexts:
         k, v = make_kv(1, ctx, heads, d, "random", dev)
         st, _ = compress(PackKVConfig(), k, v)
@@ -145,12 +148,12 @@ def main() -> None:
             ga.L2_AHEAD = ahead
             row[f"partials_l2_ahead_{ahead}"] = bench_ms(partials)
         ga.L2_AHEAD = default_ahead
-        for sa, ma in CONSUMER:  # the consumer's scales / next S one tile ahead, same run
-            ga.SCALES_AHEAD, ga.MMA_AHEAD = sa, ma
-            row[f"partials_scales_{sa}_mma_{ma}"] = bench_ms(partials)
-            row[f"gluon_step_mask_scales_{sa}_mma_{ma}"] = bench_ms(
+        for sa, ma, wm in consumer:  # the consumer's scales / next S one tile ahead, per-warp maxima; same run
+            ga.SCALES_AHEAD, ga.MMA_AHEAD, ga.WARP_MAX = sa, ma, wm
+            row[f"partials_scales_{sa}_mma_{ma}_warp_max_{wm}"] = bench_ms(partials)
+            row[f"gluon_step_mask_scales_{sa}_mma_{ma}_warp_max_{wm}"] = bench_ms(
                 lambda: A.attention(q, st, cap, mask, False, None, rotate=True, gluon=True))
-        ga.SCALES_AHEAD, ga.MMA_AHEAD = default_scales, default_mma
+        ga.SCALES_AHEAD, ga.MMA_AHEAD, ga.WARP_MAX = default_scales, default_mma, default_warp_max
         if args.consumer_only:
             rows.append(row)
             print(json.dumps({k_: round(v_, 4) if isinstance(v_, float) else v_ for k_, v_ in row.items()}), flush=True)
@@ -187,11 +190,11 @@ def main() -> None:
         row[f"gluon_l2_ahead_{ahead}"] = bench_ms(lambda: A.attention(q8, st8, c8, None, False, None, rotate=True,
                                                                        gluon=True))  # fmt: skip
     ga.L2_AHEAD = default_ahead
-    for sa, ma in CONSUMER:
-        ga.SCALES_AHEAD, ga.MMA_AHEAD = sa, ma
-        row[f"gluon_scales_{sa}_mma_{ma}"] = bench_ms(lambda: A.attention(q8, st8, c8, None, False, None, rotate=True,
-                                                                          gluon=True))  # fmt: skip
-    ga.SCALES_AHEAD, ga.MMA_AHEAD = default_scales, default_mma
+    for sa, ma, wm in consumer:
+        ga.SCALES_AHEAD, ga.MMA_AHEAD, ga.WARP_MAX = sa, ma, wm
+        row[f"gluon_scales_{sa}_mma_{ma}_warp_max_{wm}"] = bench_ms(
+            lambda: A.attention(q8, st8, c8, None, False, None, rotate=True, gluon=True))
+    ga.SCALES_AHEAD, ga.MMA_AHEAD, ga.WARP_MAX = default_scales, default_mma, default_warp_max
     for skip in () if args.consumer_only else (1, 2, 3):
         ga.SKIP = skip
         row[f"gluon_skip_{skip}"] = bench_ms(lambda: A.attention(q8, st8, c8, None, False, None, rotate=True, gluon=True))
