@@ -111,6 +111,10 @@ WARP_MAX = int(os.environ.get("PACKKV_GLUON_WARP_MAX", "0"))
 # pack-bit gathers (the fields stand in for the bits; the decode runs as usual); 2: no loads at all (fields made up
 # from the block index); 3: no loads and no decode (zero tiles). scripts/gluon_sm90/launch_cost.py times them.
 SKIP = 0
+# Benchmarks only, wrong results: the consumer without a part of its chain per tile (bits): 1 no scale and zero
+# loads, 2 no S = K q^T product, 4 no P V product, 8 no running maximum (exp2 of the raw scores), 16 (with 4) no P
+# store, fence and barrier either. With SKIP = 3 what is left is the handshake. launch_cost.py --consumer-ablation.
+CSKIP = 0
 
 
 @gluon.jit
@@ -400,7 +404,8 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, mx_s, ready, empty, k_scale_ptr, k
               perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, row0, n_rep, split, b, lo, hi, r_lo, r_hi, nb, total,
               z_lo, z_hi, NB, qk_scale, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
               HAS_MASK: gl.constexpr, MASK_SCAN: gl.constexpr, MASK_BRANCH: gl.constexpr, SCAN: gl.constexpr,
-              SCALES_AHEAD: gl.constexpr, MMA_AHEAD: gl.constexpr, WARP_MAX: gl.constexpr):  # fmt: skip
+              SCALES_AHEAD: gl.constexpr, MMA_AHEAD: gl.constexpr, WARP_MAX: gl.constexpr,
+              CSKIP: gl.constexpr):  # fmt: skip
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, R, 16])  # fmt: skip
     rows: gl.constexpr = gl.SliceLayout(0, mma)
@@ -492,6 +497,11 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, mx_s, ready, empty, k_scale_ptr, k
             nkz = gl.load(k_zero_ptr + tok + T, mask=ahead, other=0)
             nvs = gl.load(v_scale_ptr + tok + T, mask=ahead, other=1.0)
             nvz = gl.load(v_zero_ptr + tok + T, mask=ahead, other=0)
+        elif CSKIP & 1:  # (benchmarks only)
+            ks = gl.full([T], 1.0, gl.float32, toks)
+            kz = gl.zeros([T], gl.float32, toks)
+            vs = ks
+            vz = kz
         else:
             ks = gl.load(k_scale_ptr + tok, mask=packed & (i_t >= 0), other=1.0).to(gl.float32)
             kz = gl.load(k_zero_ptr + tok, mask=packed & (i_t >= 0), other=0).to(gl.float32)
@@ -517,9 +527,12 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, mx_s, ready, empty, k_scale_ptr, k
                                   gl.zeros([T, R], gl.float32, mma), use_acc=False, is_async=True)  # fmt: skip
         else:
             mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
-            acc = warpgroup_mma(k_bufs.index(s).permute([1, 0]), q_s.permute([1, 0]),
-                                gl.zeros([T, R], gl.float32, mma), use_acc=False, is_async=True)  # fmt: skip
-            raw = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            if CSKIP & 2:  # (benchmarks only)
+                raw = gl.zeros([T, R], gl.float32, mma)
+            else:
+                acc = warpgroup_mma(k_bufs.index(s).permute([1, 0]), q_s.permute([1, 0]),
+                                    gl.zeros([T, R], gl.float32, mma), use_acc=False, is_async=True)  # fmt: skip
+                raw = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         sc = (raw + gl.expand_dims(kz, 1) * gl.expand_dims(qs, 0)) * gl.expand_dims(ks * qk_scale, 1)
         sc = gl.where(gl.expand_dims(live, 1), sc, float("-inf"))
         if WARP_MAX:  # each warp's maximum over its 16 keys, exchanged through shared memory: one barrier
@@ -528,6 +541,8 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, mx_s, ready, empty, k_scale_ptr, k
             gl.thread_barrier()
             allw: gl.constexpr = gl.BlockedLayout([gl.num_warps(), 2], [8, 4], [gl.num_warps(), 1], [1, 0])
             m_new = gl.maximum(m_i, gl.convert_layout(gl.max(mx_s.load(allw), axis=0), rows))
+        elif CSKIP & 8:  # (benchmarks only)
+            m_new = gl.maximum(m_i, 0.0)
         else:
             m_new = gl.maximum(m_i, gl.max(sc, axis=0))
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
@@ -538,14 +553,16 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, mx_s, ready, empty, k_scale_ptr, k
         z_t = z_t * alpha + pvs * gl.expand_dims(vz, 1)
         o_t = o_t * alpha
         m_i = m_new
-        p_s.store(pvs.to(gl.float16))  # V's scale folded into the weights (no per-tile normalization)
-        fence_async_shared()
-        gl.thread_barrier()
-        acc = warpgroup_mma(v_bufs.index(s), p_s, o_t, is_async=True)
-        if MMA_AHEAD:
-            raw, o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc_s, acc))  # (the last tile: acc_s is done)
-        else:
-            o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        if (CSKIP & 20) != 20:
+            p_s.store(pvs.to(gl.float16))  # V's scale folded into the weights (no per-tile normalization)
+            fence_async_shared()
+            gl.thread_barrier()
+        if not (CSKIP & 4):  # (CSKIP & 4: benchmarks only)
+            acc = warpgroup_mma(v_bufs.index(s), p_s, o_t, is_async=True)
+            if MMA_AHEAD:
+                raw, o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc_s, acc))  # (the last tile: acc_s is done)
+            else:
+                o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index(s), count=1)
     o_t = o_t + gl.expand_dims(gl.sum(z_t, axis=0), 0)
     l_i = gl.sum(l_t, axis=0)
@@ -579,7 +596,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                             MASK_BRANCH: gl.constexpr = True, SCAN: gl.constexpr = 4,
                             L2_AHEAD: gl.constexpr = 0, SKIP: gl.constexpr = 0,
                             SCALES_AHEAD: gl.constexpr = 0, MMA_AHEAD: gl.constexpr = 0,
-                            WARP_MAX: gl.constexpr = 0):  # fmt: skip
+                            WARP_MAX: gl.constexpr = 0, CSKIP: gl.constexpr = 0):  # fmt: skip
     """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
     rotated, padded to ``R`` with zeros) against the split's share of the sequence's compressed blocks of a
     ``PackedLayer`` (its pool, offsets, metadata, scales and zeros as they are stored) and its share of the exact
@@ -631,7 +648,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
         gl.warp_specialize([
             (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, mx_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
-                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, SCALES_AHEAD, MMA_AHEAD, WARP_MAX)),
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, SCALES_AHEAD, MMA_AHEAD, WARP_MAX, CSKIP)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 0, 1, pool_words, L2_AHEAD, SKIP)),
@@ -640,7 +657,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
         gl.warp_specialize([
             (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, mx_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
-                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, SCALES_AHEAD, MMA_AHEAD, WARP_MAX)),
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, SCALES_AHEAD, MMA_AHEAD, WARP_MAX, CSKIP)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 0, 2, pool_words, L2_AHEAD, SKIP)),
@@ -722,7 +739,7 @@ def partials(
                 PREFETCH=PREFETCH, PRODUCERS=PRODUCERS, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1,
                 K_QBITS=k_qbits, V_QBITS=v_qbits, MASK_SCAN=MASK_SCAN, MASK_BRANCH=MASK_BRANCH, SCAN=SCAN,
                 L2_AHEAD=ahead, SKIP=SKIP, SCALES_AHEAD=SCALES_AHEAD,
-                MMA_AHEAD=MMA_AHEAD, WARP_MAX=WARP_MAX)
+                MMA_AHEAD=MMA_AHEAD, WARP_MAX=WARP_MAX, CSKIP=CSKIP)
     if q.device.type == "cpu":
         from . import gluon_attention, gluon_eager
 

@@ -90,12 +90,54 @@ L2_AHEADS = (0, 1, 2, 3)
 CONSUMER = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1))  # (SCALES_AHEAD, MMA_AHEAD, WARP_MAX)
 
 
+CSKIPS = (0, 1, 2, 4, 8, 2 | 4, 1 | 2 | 4 | 8 | 16)  # gluon_attention.CSKIP: 31 leaves the handshake alone
+
+
+def consumer_ablation(dev: str, sms: int, heads: int, n_rep: int, d: int, contexts: list[int]) -> list[dict]:
+    """The partials at batch 1 (each context) and batch 8 / 32K with parts of the consumer's chain per tile left
+    out (``CSKIP``), with the real producers and with zero tiles (``SKIP = 3``); then 3 stages instead of 2 (a
+    real setting: its error against the default is printed)."""
+    rows = []
+    for batch, ctx in [(1, c) for c in contexts] + ([(8, 32768)] if dev == "cuda" else []):
+        k, v = make_kv(batch, ctx, heads, d, "random", dev)
+        st, _ = compress(PackKVConfig(), k, v)
+        del k, v
+        q = torch.randn(batch, heads * n_rep, 1, d, device=dev, dtype=torch.bfloat16)
+        ns = ga.splits_for(q, heads, ctx, sms)
+
+        def partials():
+            return ga.partials(q, st.pool, st.k_offsets, st.v_offsets, st.k_meta, st.v_meta, st.k_scale, st.k_zero,
+                               st.v_scale, st.v_zero, st.ring_k, st.ring_v, st.n_blocks, st.n_win, st.perm, None, ctx,
+                               ns, 1 / math.sqrt(d), True, st.layout.k.qbits, st.layout.v.qbits)  # fmt: skip
+
+        row = dict(batch=batch, context=ctx, splits=ns)
+        for skip in (0, 3):
+            for cskip in CSKIPS:
+                ga.SKIP, ga.CSKIP = skip, cskip
+                row[f"skip_{skip}_cskip_{cskip}"] = bench_ms(partials)
+        ga.SKIP = ga.CSKIP = 0
+        ref = partials()
+        stages = ga.STAGES
+        ga.STAGES = 3
+        got = partials()
+        row["stages_3"] = bench_ms(partials)
+        ga.STAGES = stages
+        row["stages_3_err"] = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+                                  for a, b in zip(got, ref))  # fmt: skip
+        row["stages_default"] = bench_ms(partials)
+        rows.append(row)
+        print(json.dumps({k_: round(v_, 4) if isinstance(v_, float) else v_ for k_, v_ in row.items()}), flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="+", default=[1 << i for i in range(10, 18)])
     p.add_argument("--l2-aheads", type=int, nargs="*", default=list(L2_AHEADS))
     p.add_argument("--batch8-context", type=int, default=32768)
     p.add_argument("--consumer-only", action="store_true", help="the consumer's schedules only (a short GPU call)")
+    p.add_argument("--consumer-ablation", action="store_true",
+                   help="only the consumer's chain taken apart (gluon_attention.CSKIP x SKIP) and 3 stages")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--device", default="cuda", help="cpu: a dry run of this script (TRITON_INTERPRET=1, small contexts)")
     args = p.parse_args()
@@ -104,6 +146,12 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 132
     name = torch.cuda.get_device_name(0) if dev == "cuda" else dev
     print(name, f"{sms} SMs, Gluon WAVES {ga.WAVES}", flush=True)
+    if args.consumer_ablation:
+        rows = consumer_ablation(dev, sms, heads, n_rep, d, args.contexts)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "consumer_ablation.json").write_text(json.dumps(rows, indent=1))
+        return
     rows, big = [], None
     default_ahead, default_scales = ga.L2_AHEAD, ga.SCALES_AHEAD
     default_mma, default_warp_max = ga.MMA_AHEAD, ga.WARP_MAX
