@@ -218,12 +218,16 @@ class Smem:
     """A shared buffer; stages (``.index``) are FIFO queues so that a producer run to completion before its
     consumer hands over every tile in order."""
 
-    def __init__(self, shape, value: T | None = None):
+    def __init__(self, shape, value: T | None = None, ring: bool = True):
         self.shape = list(shape)
         self.queues: dict[int, list] = {}
         self.value = value.data.float() if value is not None else None
+        self.ring = ring
+        self.parts: dict[int, Smem] = {}
 
     def index(self, s):
+        if not self.ring:  # a plain array of buffers (the consumer's maxima): each part overwritten in place
+            return self.parts.setdefault(int(s), Smem(self.shape[1:]))
         return _Stage(self, int(s))
 
     def store(self, x: T) -> None:
@@ -309,10 +313,16 @@ def _where(c, a, b) -> T:
     return T(torch.where(cond, *(x.data.float() if isinstance(x, T) else torch.tensor(float(x)) for x in (a, b))), F32)
 
 
-def _maximum(a, b) -> T:
-    if all(isinstance(x, int) or (isinstance(x, T) and x.dtype in _INT) for x in (a, b)):  # integer maxima stay ints
-        return T(torch.maximum(*(torch.as_tensor(x.data if isinstance(x, T) else x) for x in (a, b))), I32)
-    return T(torch.maximum(*(x.data.float() if isinstance(x, T) else torch.tensor(float(x)) for x in (a, b))), F32)
+def _extreme(fn):
+    def pick(a, b) -> T:
+        if all(isinstance(x, int) or (isinstance(x, T) and x.dtype in _INT) for x in (a, b)):  # ints stay ints
+            return T(fn(*(torch.as_tensor(x.data if isinstance(x, T) else x) for x in (a, b))), I32)
+        return T(fn(*(x.data.float() if isinstance(x, T) else torch.tensor(float(x)) for x in (a, b))), F32)
+
+    return pick
+
+
+_maximum, _minimum = _extreme(torch.maximum), _extreme(torch.minimum)
 
 
 def _static_assert(cond, msg: str = "") -> None:
@@ -334,8 +344,9 @@ def _build_gl(state: dict) -> types.SimpleNamespace:
             kind = "ready" if "ready" not in state else "empty"
             state[kind] = _Barriers(kind, state["stages"])
             return state[kind]
-        buf = Smem(shape, value)
-        if len(shape) == 3:  # a ring of stages
+        ring = len(shape) == 3 and dtype.name == F16  # a ring of stages (the tiles); fp32: the maxima's buffers
+        buf = Smem(shape, value, ring=ring)
+        if ring:
             state.setdefault("stages", []).append(buf)
         return buf
 
@@ -364,8 +375,7 @@ def _build_gl(state: dict) -> types.SimpleNamespace:
         associative_scan=lambda x, axis, fn: T(x.data.cumsum(axis), x.dtype),  # the kernels' combine is an add
         load=_load, store=_store, inline_asm_elementwise=_inline_asm,
         maximum=_maximum,
-        minimum=lambda a, b: T(torch.minimum(torch.as_tensor(a.data if isinstance(a, T) else a),
-                                             torch.as_tensor(b.data if isinstance(b, T) else b)), I32),
+        minimum=_minimum,
         max=reduce_max, min=reduce_min, sum=reduce_sum, exp2=lambda x: T(torch.exp2(x.data.float()), F32),
         program_id=lambda axis: state["pid"][axis], num_programs=lambda axis: state["grid"][axis],
         cdiv=lambda a, b: (a + b - 1) // b,

@@ -93,10 +93,11 @@ CONSUMER = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1))  # (SCALES_AH
 CSKIPS = (0, 1, 2, 4, 8, 2 | 4, 1 | 2 | 4 | 8 | 16)  # gluon_attention.CSKIP: 31 leaves the handshake alone
 
 
-def consumer_ablation(dev: str, sms: int, heads: int, n_rep: int, d: int, contexts: list[int]) -> list[dict]:
+def consumer_ablation(dev: str, sms: int, heads: int, n_rep: int, d: int, contexts: list[int],
+                      cskips: list[int]) -> list[dict]:  # fmt: skip
     """The partials at batch 1 (each context) and batch 8 / 32K with parts of the consumer's chain per tile left
-    out (``CSKIP``), with the real producers and with zero tiles (``SKIP = 3``); then 3 stages instead of 2 (a
-    real setting: its error against the default is printed)."""
+    out (``CSKIP``), with the real producers and with zero tiles (``SKIP = 3``); then real settings beside the
+    default, each with its error against it: 3 stages instead of 2, the lazy maximum (``LAZY_MAX``)."""
     rows = []
     for batch, ctx in [(1, c) for c in contexts] + ([(8, 32768)] if dev == "cuda" else []):
         k, v = make_kv(batch, ctx, heads, d, "random", dev)
@@ -112,7 +113,7 @@ def consumer_ablation(dev: str, sms: int, heads: int, n_rep: int, d: int, contex
 
         row = dict(batch=batch, context=ctx, splits=ns)
         for skip in (0, 3):
-            for cskip in CSKIPS:
+            for cskip in cskips:
                 ga.SKIP, ga.CSKIP = skip, cskip
                 row[f"skip_{skip}_cskip_{cskip}"] = bench_ms(partials)
         ga.SKIP = ga.CSKIP = 0
@@ -124,6 +125,13 @@ def consumer_ablation(dev: str, sms: int, heads: int, n_rep: int, d: int, contex
         ga.STAGES = stages
         row["stages_3_err"] = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
                                   for a, b in zip(got, ref))  # fmt: skip
+        ga.LAZY_MAX = 1
+        got = partials()
+        row["lazy_max"] = bench_ms(partials)
+        ga.LAZY_MAX = 0
+        # (the partials are relative to different stabilizers: compare each split's normalized output)
+        norm = [(acc / lsum[..., None].clamp_min(1e-30)) for acc, _, lsum in (got, ref)]
+        row["lazy_max_err"] = ((norm[0] - norm[1]).abs().max() / norm[1].abs().max()).item()
         row["stages_default"] = bench_ms(partials)
         rows.append(row)
         print(json.dumps({k_: round(v_, 4) if isinstance(v_, float) else v_ for k_, v_ in row.items()}), flush=True)
@@ -138,6 +146,7 @@ def main() -> None:
     p.add_argument("--consumer-only", action="store_true", help="the consumer's schedules only (a short GPU call)")
     p.add_argument("--consumer-ablation", action="store_true",
                    help="only the consumer's chain taken apart (gluon_attention.CSKIP x SKIP) and 3 stages")
+    p.add_argument("--cskips", type=int, nargs="*", default=list(CSKIPS), help="with --consumer-ablation")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--device", default="cuda", help="cpu: a dry run of this script (TRITON_INTERPRET=1, small contexts)")
     args = p.parse_args()
@@ -147,7 +156,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(0) if dev == "cuda" else dev
     print(name, f"{sms} SMs, Gluon WAVES {ga.WAVES}", flush=True)
     if args.consumer_ablation:
-        rows = consumer_ablation(dev, sms, heads, n_rep, d, args.contexts)
+        rows = consumer_ablation(dev, sms, heads, n_rep, d, args.contexts, args.cskips)
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "consumer_ablation.json").write_text(json.dumps(rows, indent=1))
