@@ -103,9 +103,9 @@ SCALES_AHEAD = int(os.environ.get("PACKKV_GLUON_SCALES_AHEAD", "0"))
 # instructions with 7 local loads at 64 registers (249 and none without). Off.
 MMA_AHEAD = int(os.environ.get("PACKKV_GLUON_MMA_AHEAD", "0"))
 # WARP_MAX: the consumer's maximum over a tile's keys as per-warp maxima exchanged through a small shared buffer
-# with one barrier (the compiler's cross-warp reduction takes three). Built for sm_90 (2026-12-06d, after the last
-# GPU call): 4 BAR.SYNC per tile instead of 6, consumer loop 245 instructions instead of 249, the layout conversion
-# free (4 LDS.64); CPU-checked. NOT yet run on a GPU: off until `launch_cost.py` and the cuda tests run with it.
+# with one barrier (the compiler's cross-warp reduction takes three): 4 BAR.SYNC per tile instead of 6 in the sm_90
+# build. Right on the H100 (the Gluon tests with it on: 64 passed) but no faster: 0.0590 vs 0.0598 ms at B1/64K,
+# 0.2012 vs 0.2001 at B8/32K (2026-12-06e, launch_cost.py --consumer-only). Off.
 WARP_MAX = int(os.environ.get("PACKKV_GLUON_WARP_MAX", "0"))
 # Benchmarks only, wrong results: what the rest of the kernel costs without a part of the producers' work. 1: no
 # pack-bit gathers (the fields stand in for the bits; the decode runs as usual); 2: no loads at all (fields made up
