@@ -226,46 +226,6 @@ def test_the_producers_ask_l2_for_the_blocks_they_decode_next(ahead, splits, mon
         assert end <= start or any(f <= start and end <= f + s for f, s in spans), (start, size)
 
 
-# The consumer's other schedules (off by default): a tile's scales and zeros loaded during the tile before
-# (SCALES_AHEAD), the next tile's S = K q^T started before this tile's softmax (MMA_AHEAD; after the last tile it
-# multiplies a stage nobody writes any more and drops the product), the tile's maximum from per-warp maxima
-# exchanged through shared memory (WARP_MAX). The same attention bit for bit, over compressed tiles and the
-# window's, one tile alone, and a split with no tile. Mutation-checked: the next S reading the current stage; the
-# next S's product dropped; the per-warp minimum for the maximum. (Two tiles per round, one from each stage, was
-# tried too: right on the H100 but spilling at 64 consumer registers and 60% slower; NOTES 2026-12-06d.)
-@pytest.mark.parametrize("scales_ahead, mma_ahead, warp_max", [(1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1)])
-@pytest.mark.parametrize("splits", [1, 4, 16])
-def test_the_consumers_look_aheads_give_the_same_attention(scales_ahead, mma_ahead, warp_max, splits, monkeypatch):
-    default, got, _ = _under_settings(monkeypatch, splits, dict(SCALES_AHEAD=0, MMA_AHEAD=0, WARP_MAX=0),
-                                      dict(SCALES_AHEAD=scales_ahead, MMA_AHEAD=mma_ahead, WARP_MAX=warp_max))  # fmt: skip
-    torch.testing.assert_close(got, default, rtol=0, atol=0)
-
-
-# LAZY_MAX (off by default): P against the running maximum as it stands, a tile redone only when its maximum passes
-# that by more than LAZY_TAU. Keys growing along the sequence make the maximum jump by more than that again and
-# again within a split (each jump a redo; mutation-checked: with only the first tile redone the error is ~1); V of
-# magnitude 500 keeps the V-scaled weights, up to 2^LAZY_TAU times V's scale, inside fp16.
-@pytest.mark.parametrize("splits", [1, 4])
-@pytest.mark.parametrize("keys, v_size", [("growing", 1.0), ("flat", 500.0)])
-def test_the_lazy_maximum_gives_the_attention_of_the_exact_one(splits, keys, v_size, monkeypatch):
-    from packkv.ops.kernels import gluon_attention
-
-    ramp = torch.linspace(0.2, 30.0, L, device=DEV)[:, None] if keys == "growing" else 1.0
-    k = torch.randn(B, H, L, D, device=DEV) * ramp
-    v = torch.randn(B, H, L, D, device=DEV) * v_size
-    st = fill(PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none"), k.half(), v.half())
-    mask = _padding_mask(L + 20)
-    q = torch.randn(B, H * 4, 1, D, device=DEV).half()
-    out = {}
-    for lazy in (0, 1):
-        monkeypatch.setattr(gluon_attention, "LAZY_MAX", lazy)
-        out[lazy] = gpu.attention(q, st, L + 20, mask, False, None, splits=splits, gluon=True)
-    want = _want(q, st, L + 20, mask, "none")
-    err = {lazy: ((o.float() - want).abs().max() / want.abs().max()).item() for lazy, o in out.items()}
-    assert err[1] < 2e-3, err
-    assert err[1] < 2 * err[0] + 2e-4, err  # no worse than the exact maximum beyond fp16 rounding
-
-
 @pytest.mark.parametrize("k_rel, v_rel", [(0.4, 0.1), (0.2, 0.5), (0.07, 0.07)])  # K/V: 2/4, 3/2, 4/4-bit ints
 def test_gluon_attention_decodes_2_to_4_bit_ints_in_either_stream(k_rel, v_rel):
     st = _layer(PackKVConfig(k_rel=k_rel, v_rel=v_rel, rotation="none"), torch.float16, ragged=True)

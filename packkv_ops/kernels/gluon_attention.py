@@ -90,37 +90,14 @@ SCAN = 1
 # waiting on DRAM, and the look-ahead costs 69 instructions per block (530 -> 599). Kept as an option for a layout
 # whose gathers do miss.
 L2_AHEAD = int(os.environ.get("PACKKV_GLUON_L2_AHEAD", "0"))
-# Two consumer-side options, for the finding that the consumer and the pipeline set most of the time (H100
-# 2026-12-06d, launch_cost.py, SKIP = 3: with zero tiles and no producer loads the kernel still takes 0.0496 ms at
-# B1/64K against 0.0605 with everything, 0.161 at B8/32K against 0.203):
-# SCALES_AHEAD: a tile's scales and zeros load during the tile before (1) or at the top of its own iteration (0).
-# With zero tiles it helps (0.0459 vs 0.0496 ms at B1/64K, 0.150 vs 0.161 at B8/32K), with the real producers not
-# (0.0608 vs 0.0600, 0.2023 vs 0.2022), and it spills 12 B more: off.
-SCALES_AHEAD = int(os.environ.get("PACKKV_GLUON_SCALES_AHEAD", "0"))
-# MMA_AHEAD: the consumer starts the next tile's S = K q^T before this tile's softmax (1), or each tile's when it
-# gets there (0). Right on the H100 (the Gluon tests with it on: 61 passed) but no faster (0.0611 vs 0.0598 ms at
-# B1/64K, 0.204 vs 0.202 at B8/32K; with SCALES_AHEAD too 0.071: spills): the consumer loop grows to 284
-# instructions with 7 local loads at 64 registers (249 and none without). Off.
-MMA_AHEAD = int(os.environ.get("PACKKV_GLUON_MMA_AHEAD", "0"))
-# WARP_MAX: the consumer's maximum over a tile's keys as per-warp maxima exchanged through a small shared buffer
-# with one barrier (the compiler's cross-warp reduction takes three): 4 BAR.SYNC per tile instead of 6 in the sm_90
-# build. Right on the H100 (the Gluon tests with it on: 64 passed) but no faster: 0.0590 vs 0.0598 ms at B1/64K,
-# 0.2012 vs 0.2001 at B8/32K (2026-12-06e, launch_cost.py --consumer-only). Off.
-WARP_MAX = int(os.environ.get("PACKKV_GLUON_WARP_MAX", "0"))
+# The consumer's schedule was tried four other ways, each right on the H100 and none faster (NOTES 2026-12-06d/e;
+# the code is in git at 062d14c, gluon_attention.SCALES_AHEAD / MMA_AHEAD / WARP_MAX / LAZY_MAX): a tile's scales one
+# tile ahead, the next tile's S before this tile's softmax, the tile maximum through one shared buffer, a lazy
+# running maximum off the chain to the P V product. The kernel is bound by instruction issue, not by the order.
 # Benchmarks only, wrong results: what the rest of the kernel costs without a part of the producers' work. 1: no
 # pack-bit gathers (the fields stand in for the bits; the decode runs as usual); 2: no loads at all (fields made up
 # from the block index); 3: no loads and no decode (zero tiles). scripts/gluon_sm90/launch_cost.py times them.
 SKIP = 0
-# LAZY_MAX: P against the running maximum as it stands; the tile's maximum (per warp, through shared memory with
-# P) only decides after the barrier whether to redo the tile, when it passes the running maximum by more than
-# LAZY_TAU (log2 units; P and the V-scaled weights then stay below 2^LAZY_TAU, fp16's range holds V scales up to
-# ~1,000). Built because the consumer without its maximum (CSKIP 8, wrong results) ran B1/64K 0.0576 vs 0.0591 ms,
-# B8/32K 0.1875 vs 0.2002 (H100 2026-12-06e). Right on the H100 (the Gluon tests with it on: 68 passed) but no
-# faster: 0.0594 vs 0.0593 ms at B1/64K, 0.105 vs 0.1038 at B1/128K, 0.202 vs 0.1988 at B8/32K
-# (launch_cost.py --consumer-ablation --cskips). The maximum's cost was its instructions, not its place on the
-# chain: the lazy one keeps the per-warp shuffles and adds a load and a branch. Off.
-LAZY_MAX = int(os.environ.get("PACKKV_GLUON_LAZY_MAX", "0"))
-LAZY_TAU = 6.0
 # Benchmarks only, wrong results: the consumer without a part of its chain per tile (bits): 1 no scale and zero
 # loads, 2 no S = K q^T product, 4 no P V product, 8 no running maximum (exp2 of the raw scores), 16 (with 4) no P
 # store, fence and barrier either. With SKIP = 3 what is left is the handshake. launch_cost.py --consumer-ablation.
@@ -410,12 +387,11 @@ def _butterfly(x, M: gl.constexpr, D: gl.constexpr, H: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, mx_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
+def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
               perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, row0, n_rep, split, b, lo, hi, r_lo, r_hi, nb, total,
               z_lo, z_hi, NB, qk_scale, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
               HAS_MASK: gl.constexpr, MASK_SCAN: gl.constexpr, MASK_BRANCH: gl.constexpr, SCAN: gl.constexpr,
-              SCALES_AHEAD: gl.constexpr, MMA_AHEAD: gl.constexpr, WARP_MAX: gl.constexpr,
-              CSKIP: gl.constexpr, LAZY_MAX: gl.constexpr, LAZY_TAU: gl.constexpr):  # fmt: skip
+              CSKIP: gl.constexpr):  # fmt: skip
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, R, 16])  # fmt: skip
     rows: gl.constexpr = gl.SliceLayout(0, mma)
@@ -480,34 +456,13 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, mx_s, ready, empty, k_scale_ptr, k
     z_t = gl.zeros([T, R], gl.float32, mma)
     o_t = gl.zeros([D, R], gl.float32, mma)
     # Compressed blocks first (rows in lane order, token-grouped scales and zeros: [B, NB, 1, T, 1]), then the
-    # ring's exact tiles (rows in token order, scale 1, zero 0, positions past the length masked). SCALES_AHEAD: a
-    # tile's scales and zeros load during the tile before (their round trip was on the consumer's path every tile).
-    tok = (b * NB + lo) * T + lane_tok
-    has_first = (n_c > 0) & (i_t >= 0)
-    if SCALES_AHEAD:
-        nks = gl.load(k_scale_ptr + tok, mask=has_first, other=1.0)
-        nkz = gl.load(k_zero_ptr + tok, mask=has_first, other=0)
-        nvs = gl.load(v_scale_ptr + tok, mask=has_first, other=1.0)
-        nvz = gl.load(v_zero_ptr + tok, mask=has_first, other=0)
+    # ring's exact tiles (rows in token order, scale 1, zero 0, positions past the length masked).
     n_t = n_c + r_hi - r_lo
-    if MMA_AHEAD:  # the first tile's S before the loop; each iteration starts the next one's
-        if n_t > 0:
-            mbarrier.wait(ready.index(0), phase=0)
-        acc_s = warpgroup_mma(k_bufs.index(0).permute([1, 0]), q_s.permute([1, 0]), gl.zeros([T, R], gl.float32, mma),
-                              use_acc=False, is_async=True)  # fmt: skip
-        raw = warpgroup_mma_wait(num_outstanding=0, deps=(acc_s,))
     for i in range(n_t):
         s = i % STAGES
         packed = i < n_c
         tok = (b * NB + lo + i) * T + lane_tok
-        if SCALES_AHEAD:
-            ks, kz, vs, vz = nks.to(gl.float32), nkz.to(gl.float32), nvs.to(gl.float32), nvz.to(gl.float32)
-            ahead = (i + 1 < n_c) & (i_t >= 0)
-            nks = gl.load(k_scale_ptr + tok + T, mask=ahead, other=1.0)
-            nkz = gl.load(k_zero_ptr + tok + T, mask=ahead, other=0)
-            nvs = gl.load(v_scale_ptr + tok + T, mask=ahead, other=1.0)
-            nvz = gl.load(v_zero_ptr + tok + T, mask=ahead, other=0)
-        elif CSKIP & 1:  # (benchmarks only)
+        if CSKIP & 1:  # (benchmarks only)
             ks = gl.full([T], 1.0, gl.float32, toks)
             kz = gl.zeros([T], gl.float32, toks)
             vs = ks
@@ -529,83 +484,34 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, mx_s, ready, empty, k_scale_ptr, k
                 perm = gl.load(perm_ptr + tok, mask=packed & g & (i_t >= 0), other=0).to(gl.int32)
                 pos = gl.where(packed, (lo + i) * T + perm, (nb + r_lo + i - n_c) * T + i_t).to(gl.int32)
                 live = live & (gl.load(mask_ptr + b * smb + pos, mask=live & g, other=1) != 0)
-        if MMA_AHEAD:  # S of the next tile runs on the tensor cores while this tile's softmax runs here
-            s1 = (i + 1) % STAGES
-            if i + 1 < n_t:  # (after the last tile: a stage no producer writes any more, its product unused)
-                mbarrier.wait(ready.index(s1), phase=((i + 1) // STAGES) & 1)
-            acc_s = warpgroup_mma(k_bufs.index(s1).permute([1, 0]), q_s.permute([1, 0]),
-                                  gl.zeros([T, R], gl.float32, mma), use_acc=False, is_async=True)  # fmt: skip
+        mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
+        if CSKIP & 2:  # (benchmarks only)
+            raw = gl.zeros([T, R], gl.float32, mma)
         else:
-            mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
-            if CSKIP & 2:  # (benchmarks only)
-                raw = gl.zeros([T, R], gl.float32, mma)
-            else:
-                acc = warpgroup_mma(k_bufs.index(s).permute([1, 0]), q_s.permute([1, 0]),
-                                    gl.zeros([T, R], gl.float32, mma), use_acc=False, is_async=True)  # fmt: skip
-                raw = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            acc = warpgroup_mma(k_bufs.index(s).permute([1, 0]), q_s.permute([1, 0]),
+                                gl.zeros([T, R], gl.float32, mma), use_acc=False, is_async=True)  # fmt: skip
+            raw = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         sc = (raw + gl.expand_dims(kz, 1) * gl.expand_dims(qs, 0)) * gl.expand_dims(ks * qk_scale, 1)
         sc = gl.where(gl.expand_dims(live, 1), sc, float("-inf"))
-        allw: gl.constexpr = gl.BlockedLayout([gl.num_warps(), 2], [8, 4], [gl.num_warps(), 1], [1, 0])
-        if LAZY_MAX:
-            # P against the running maximum as it stands, so that the tile's own maximum is off the chain to the
-            # P V product: each warp's maximum goes to shared memory with P, and after the barrier P needs anyway
-            # every warp reads all of them; a tile whose maximum passes m_i + LAZY_TAU (the first visible one
-            # always) is redone against its maximum (what it stored first, even inf, is overwritten before the
-            # product reads it). Otherwise P <= 2^LAZY_TAU, and m_i is the stabilizer the partials are relative
-            # to, within LAZY_TAU of the exact maximum: the merge takes any.
-            buf = mx_s.index(i % 2)  # (two buffers: a warp's next store cannot overtake a slower warp's load)
-            buf.store(gl.max(gl.reshape(sc, (gl.num_warps(), T // gl.num_warps(), R)), axis=1))
-            m_safe = gl.where(m_i == float("-inf"), 0.0, m_i)
-            p = gl.exp2(sc - gl.expand_dims(m_safe, 0))
-            pvs = p * gl.expand_dims(vs, 1)
-            p_s.store(pvs.to(gl.float16))
+        if CSKIP & 8:  # (benchmarks only)
+            m_new = gl.maximum(m_i, 0.0)
+        else:
+            m_new = gl.maximum(m_i, gl.max(sc, axis=0))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+        p = gl.exp2(sc - gl.expand_dims(m_safe, 0))
+        alpha = gl.expand_dims(gl.exp2(m_i - m_safe), 0)
+        pvs = p * gl.expand_dims(vs, 1)
+        l_t = l_t * alpha + p
+        z_t = z_t * alpha + pvs * gl.expand_dims(vz, 1)
+        o_t = o_t * alpha
+        m_i = m_new
+        if (CSKIP & 20) != 20:
+            p_s.store(pvs.to(gl.float16))  # V's scale folded into the weights (no per-tile normalization)
             fence_async_shared()
             gl.thread_barrier()
-            t_max = gl.convert_layout(gl.max(buf.load(allw), axis=0), rows)
-            over = t_max > gl.where(m_i == float("-inf"), float("-inf"), m_i + LAZY_TAU)
-            if gl.max(over.to(gl.int32), axis=0) > 0:  # (the same for every warp: one branch)
-                m_new = gl.maximum(m_i, t_max)
-                m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-                p = gl.exp2(sc - gl.expand_dims(m_safe, 0))
-                alpha = gl.expand_dims(gl.exp2(m_i - m_safe), 0)
-                pvs = p * gl.expand_dims(vs, 1)
-                l_t = l_t * alpha
-                z_t = z_t * alpha
-                o_t = o_t * alpha
-                m_i = m_new
-                p_s.store(pvs.to(gl.float16))
-                fence_async_shared()
-                gl.thread_barrier()
-            l_t = l_t + p
-            z_t = z_t + pvs * gl.expand_dims(vz, 1)
-        else:
-            if WARP_MAX:  # each warp's maximum over its 16 keys, exchanged through shared memory: one barrier
-                wm = gl.max(gl.reshape(sc, (gl.num_warps(), T // gl.num_warps(), R)), axis=1)
-                mx_s.index(0).store(wm)
-                gl.thread_barrier()
-                m_new = gl.maximum(m_i, gl.convert_layout(gl.max(mx_s.index(0).load(allw), axis=0), rows))
-            elif CSKIP & 8:  # (benchmarks only)
-                m_new = gl.maximum(m_i, 0.0)
-            else:
-                m_new = gl.maximum(m_i, gl.max(sc, axis=0))
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-            p = gl.exp2(sc - gl.expand_dims(m_safe, 0))
-            alpha = gl.expand_dims(gl.exp2(m_i - m_safe), 0)
-            pvs = p * gl.expand_dims(vs, 1)
-            l_t = l_t * alpha + p
-            z_t = z_t * alpha + pvs * gl.expand_dims(vz, 1)
-            o_t = o_t * alpha
-            m_i = m_new
-            if (CSKIP & 20) != 20:
-                p_s.store(pvs.to(gl.float16))  # V's scale folded into the weights (no per-tile normalization)
-                fence_async_shared()
-                gl.thread_barrier()
         if not (CSKIP & 4):  # (CSKIP & 4: benchmarks only)
             acc = warpgroup_mma(v_bufs.index(s), p_s, o_t, is_async=True)
-            if MMA_AHEAD:
-                raw, o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc_s, acc))  # (the last tile: acc_s is done)
-            else:
-                o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index(s), count=1)
     o_t = o_t + gl.expand_dims(gl.sum(z_t, axis=0), 0)
     l_i = gl.sum(l_t, axis=0)
@@ -638,9 +544,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                             V_QBITS: gl.constexpr = 3, MASK_SCAN: gl.constexpr = True,
                             MASK_BRANCH: gl.constexpr = True, SCAN: gl.constexpr = 4,
                             L2_AHEAD: gl.constexpr = 0, SKIP: gl.constexpr = 0,
-                            SCALES_AHEAD: gl.constexpr = 0, MMA_AHEAD: gl.constexpr = 0,
-                            WARP_MAX: gl.constexpr = 0, CSKIP: gl.constexpr = 0, LAZY_MAX: gl.constexpr = 0,
-                            LAZY_TAU: gl.constexpr = 6.0):  # fmt: skip
+                            CSKIP: gl.constexpr = 0):  # fmt: skip
     """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
     rotated, padded to ``R`` with zeros) against the split's share of the sequence's compressed blocks of a
     ``PackedLayer`` (its pool, offsets, metadata, scales and zeros as they are stored) and its share of the exact
@@ -677,7 +581,6 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
     q_s = gl.allocate_shared_memory(gl.float16, [R, D], gl.NVMMASharedLayout.get_default_for([R, D], gl.float16),
                                     value=q)  # fmt: skip
     p_s = gl.allocate_shared_memory(gl.float16, [T, R], gl.NVMMASharedLayout.get_default_for([T, R], gl.float16))
-    mx_s = gl.allocate_shared_memory(gl.float32, [2, gl.num_warps(), R], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     stage: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, T], gl.float16)
     k_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, D, T], stage)
     v_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, D, T], stage)
@@ -690,18 +593,18 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
     # (The argument lists are written out: a tuple variable would turn the constexprs into tensors.)
     if PRODUCERS == 1:
         gl.warp_specialize([
-            (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, mx_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
+            (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
-                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, SCALES_AHEAD, MMA_AHEAD, WARP_MAX, CSKIP, LAZY_MAX, LAZY_TAU)),
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, CSKIP)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 0, 1, pool_words, L2_AHEAD, SKIP)),
         ], [4], [PRODUCER_REGS])
     else:  # two decoding warpgroups taking turns over the blocks: twice the warps to hide the gathers' latency
         gl.warp_specialize([
-            (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, mx_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
+            (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
-                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, SCALES_AHEAD, MMA_AHEAD, WARP_MAX, CSKIP, LAZY_MAX, LAZY_TAU)),
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, CSKIP)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 0, 2, pool_words, L2_AHEAD, SKIP)),
@@ -782,8 +685,7 @@ def partials(
     meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, HAS_MASK=mask is not None,
                 PREFETCH=PREFETCH, PRODUCERS=PRODUCERS, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1,
                 K_QBITS=k_qbits, V_QBITS=v_qbits, MASK_SCAN=MASK_SCAN, MASK_BRANCH=MASK_BRANCH, SCAN=SCAN,
-                L2_AHEAD=ahead, SKIP=SKIP, SCALES_AHEAD=SCALES_AHEAD,
-                MMA_AHEAD=MMA_AHEAD, WARP_MAX=WARP_MAX, CSKIP=CSKIP, LAZY_MAX=LAZY_MAX, LAZY_TAU=LAZY_TAU)
+                L2_AHEAD=ahead, SKIP=SKIP, CSKIP=CSKIP)
     if q.device.type == "cpu":
         from . import gluon_attention, gluon_eager
 

@@ -218,16 +218,12 @@ class Smem:
     """A shared buffer; stages (``.index``) are FIFO queues so that a producer run to completion before its
     consumer hands over every tile in order."""
 
-    def __init__(self, shape, value: T | None = None, ring: bool = True):
+    def __init__(self, shape, value: T | None = None):
         self.shape = list(shape)
         self.queues: dict[int, list] = {}
         self.value = value.data.float() if value is not None else None
-        self.ring = ring
-        self.parts: dict[int, Smem] = {}
 
     def index(self, s):
-        if not self.ring:  # a plain array of buffers (the consumer's maxima): each part overwritten in place
-            return self.parts.setdefault(int(s), Smem(self.shape[1:]))
         return _Stage(self, int(s))
 
     def store(self, x: T) -> None:
@@ -344,9 +340,8 @@ def _build_gl(state: dict) -> types.SimpleNamespace:
             kind = "ready" if "ready" not in state else "empty"
             state[kind] = _Barriers(kind, state["stages"])
             return state[kind]
-        ring = len(shape) == 3 and dtype.name == F16  # a ring of stages (the tiles); fp32: the maxima's buffers
-        buf = Smem(shape, value, ring=ring)
-        if ring:
+        buf = Smem(shape, value)
+        if len(shape) == 3:  # a ring of stages
             state.setdefault("stages", []).append(buf)
         return buf
 

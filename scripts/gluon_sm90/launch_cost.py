@@ -3,15 +3,15 @@
 * the Gluon kernel's partials over contexts 1K..128K (a line fitted over 8K..128K: its intercept is the cost per
   launch that no context amortizes: prologue, pipeline fill, tail, launch), with and without the decode step's
   mask, beside the Triton kernel and SDPA;
-* the consumer's scales and zeros one tile ahead or not (``gluon_attention.SCALES_AHEAD``), and the next tile's
-  S = K q^T started before this tile's softmax or not (``MMA_AHEAD``), the tile maximum from per-warp maxima
-  (``WARP_MAX``);
 * the producers' L2 look-ahead (``gluon_attention.L2_AHEAD`` 0-3) at each context and at batch 8 / 32K;
 * at 64K: split counts, the query rotation off, no mask, and the producers without a part of their work
   (``gluon_attention.SKIP`` 1-3: no pack-bit gathers, no loads, no decode; wrong results), also at batch 8 / 32K;
-* the merge and the one-token append before (copies of the 2026-12-06c kernels, here) and after this change.
+* the merge and the one-token append before (copies of the 2026-12-06c kernels, here) and after this change;
+* with ``--consumer-ablation`` only: the consumer without a part of its chain per tile (``gluon_attention.CSKIP``),
+  beside the producers' zero tiles, and 3 stages.
 
     python scripts/gluon_sm90/launch_cost.py [--out DIR]
+    python scripts/gluon_sm90/launch_cost.py --consumer-ablation --contexts 65536
 """
 
 from __future__ import annotations
@@ -87,9 +87,6 @@ def _append_two_trips(k_ptr, v_ptr, ring_k_ptr, ring_v_ptr, n_blocks_ptr, n_win_
 
 
 L2_AHEADS = (0, 1, 2, 3)
-CONSUMER = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1))  # (SCALES_AHEAD, MMA_AHEAD, WARP_MAX)
-
-
 CSKIPS = (0, 1, 2, 4, 8, 2 | 4, 1 | 2 | 4 | 8 | 16)  # gluon_attention.CSKIP: 31 leaves the handshake alone
 
 
@@ -97,7 +94,8 @@ def consumer_ablation(dev: str, sms: int, heads: int, n_rep: int, d: int, contex
                       cskips: list[int]) -> list[dict]:  # fmt: skip
     """The partials at batch 1 (each context) and batch 8 / 32K with parts of the consumer's chain per tile left
     out (``CSKIP``), with the real producers and with zero tiles (``SKIP = 3``); then real settings beside the
-    default, each with its error against it: 3 stages instead of 2, the lazy maximum (``LAZY_MAX``)."""
+    default (its error against it printed): 3 stages instead of 2. (The lazy maximum's rows, 2026-12-06e, timed the
+    option removed since: ``benchmarks/results/kernels/lazy_max_h100_2026-12-06e.json``.)"""
     rows = []
     for batch, ctx in [(1, c) for c in contexts] + ([(8, 32768)] if dev == "cuda" else []):
         k, v = make_kv(batch, ctx, heads, d, "random", dev)
@@ -125,13 +123,6 @@ def consumer_ablation(dev: str, sms: int, heads: int, n_rep: int, d: int, contex
         ga.STAGES = stages
         row["stages_3_err"] = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
                                   for a, b in zip(got, ref))  # fmt: skip
-        ga.LAZY_MAX = 1
-        got = partials()
-        row["lazy_max"] = bench_ms(partials)
-        ga.LAZY_MAX = 0
-        # (the partials are relative to different stabilizers: compare each split's normalized output)
-        norm = [(acc / lsum[..., None].clamp_min(1e-30)) for acc, _, lsum in (got, ref)]
-        row["lazy_max_err"] = ((norm[0] - norm[1]).abs().max() / norm[1].abs().max()).item()
         row["stages_default"] = bench_ms(partials)
         rows.append(row)
         print(json.dumps({k_: round(v_, 4) if isinstance(v_, float) else v_ for k_, v_ in row.items()}), flush=True)
@@ -143,7 +134,6 @@ def main() -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=[1 << i for i in range(10, 18)])
     p.add_argument("--l2-aheads", type=int, nargs="*", default=list(L2_AHEADS))
     p.add_argument("--batch8-context", type=int, default=32768)
-    p.add_argument("--consumer-only", action="store_true", help="the consumer's schedules only (a short GPU call)")
     p.add_argument("--consumer-ablation", action="store_true",
                    help="only the consumer's chain taken apart (gluon_attention.CSKIP x SKIP) and 3 stages")
     p.add_argument("--cskips", type=int, nargs="*", default=list(CSKIPS), help="with --consumer-ablation")
@@ -162,9 +152,7 @@ def main() -> None:
             (args.out / "consumer_ablation.json").write_text(json.dumps(rows, indent=1))
         return
     rows, big = [], None
-    default_ahead, default_scales = ga.L2_AHEAD, ga.SCALES_AHEAD
-    default_mma, default_warp_max = ga.MMA_AHEAD, ga.WARP_MAX
-    consumer = [c for c in CONSUMER if not args.consumer_only or c in ((0, 0, 0), (0, 0, 1))]
+    default_ahead = ga.L2_AHEAD
     for ctx in args.contexts:
         k, v = make_kv(1, ctx, heads, d, "random", dev)
         st, _ = compress(PackKVConfig(), k, v)
@@ -197,24 +185,13 @@ def main() -> None:
             partials=bench_ms(partials),
             merge_one_pass=bench_ms(lambda: merge(A._merge_kernel, A.merge_chunk(d))),
             merge_two_pass=bench_ms(lambda: merge(_merge_two_pass, 32)),
-            triton_step_mask=None if args.consumer_only else bench_ms(
-                lambda: A.attention(q, st, cap, mask, False, None, rotate=True, gluon=False)),
+            triton_step_mask=bench_ms(lambda: A.attention(q, st, cap, mask, False, None, rotate=True, gluon=False)),
             sdpa=bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)),
         )  # fmt: skip
         for ahead in args.l2_aheads:  # the producers' L2 look-ahead (gluon_attention.L2_AHEAD), same run
             ga.L2_AHEAD = ahead
             row[f"partials_l2_ahead_{ahead}"] = bench_ms(partials)
         ga.L2_AHEAD = default_ahead
-        for sa, ma, wm in consumer:  # the consumer's scales / next S one tile ahead, per-warp maxima; same run
-            ga.SCALES_AHEAD, ga.MMA_AHEAD, ga.WARP_MAX = sa, ma, wm
-            row[f"partials_scales_{sa}_mma_{ma}_warp_max_{wm}"] = bench_ms(partials)
-            row[f"gluon_step_mask_scales_{sa}_mma_{ma}_warp_max_{wm}"] = bench_ms(
-                lambda: A.attention(q, st, cap, mask, False, None, rotate=True, gluon=True))
-        ga.SCALES_AHEAD, ga.MMA_AHEAD, ga.WARP_MAX = default_scales, default_mma, default_warp_max
-        if args.consumer_only:
-            rows.append(row)
-            print(json.dumps({k_: round(v_, 4) if isinstance(v_, float) else v_ for k_, v_ in row.items()}), flush=True)
-            continue
         if ctx == 65536:
             for s in (16, ns // 2 + ns // 4, 2 * ns, 4 * ns):
                 row[f"partials_{s}_splits"] = bench_ms(lambda: partials(s))
@@ -247,12 +224,7 @@ def main() -> None:
         row[f"gluon_l2_ahead_{ahead}"] = bench_ms(lambda: A.attention(q8, st8, c8, None, False, None, rotate=True,
                                                                        gluon=True))  # fmt: skip
     ga.L2_AHEAD = default_ahead
-    for sa, ma, wm in consumer:
-        ga.SCALES_AHEAD, ga.MMA_AHEAD, ga.WARP_MAX = sa, ma, wm
-        row[f"gluon_scales_{sa}_mma_{ma}_warp_max_{wm}"] = bench_ms(
-            lambda: A.attention(q8, st8, c8, None, False, None, rotate=True, gluon=True))
-    ga.SCALES_AHEAD, ga.MMA_AHEAD, ga.WARP_MAX = default_scales, default_mma, default_warp_max
-    for skip in () if args.consumer_only else (1, 2, 3):
+    for skip in (1, 2, 3):
         ga.SKIP = skip
         row[f"gluon_skip_{skip}"] = bench_ms(lambda: A.attention(q8, st8, c8, None, False, None, rotate=True, gluon=True))
     ga.SKIP = 0
@@ -260,8 +232,6 @@ def main() -> None:
     rows.append(row)
     print(json.dumps({k_: round(v_, 4) if isinstance(v_, float) else v_ for k_, v_ in row.items()}), flush=True)
     del k, v, st8
-    if args.consumer_only:
-        return
     # The one-token append at batch 1 and 8 (a ring with room; each replay advances the window counter, harmless).
     for batch in (1, 8):
         lay = (big or st).layout
