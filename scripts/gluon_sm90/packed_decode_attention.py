@@ -38,6 +38,18 @@ ORDER = ["q_ptr", "pool_ptr", "k_off_ptr", "v_off_ptr", "k_meta_ptr", "v_meta_pt
 SETTINGS = ((80, 88, 2, 0, 2, 2), (128, 128, 2, 1, 2, 1))
 
 
+CLOCK_GHZ = 1.755  # the H100 SXM's clock under this kernel's load (assumed; nvidia-smi reports 1.98 boost)
+
+
+def issue_floor_us(per_tile: int, context: int = 65536, kv_heads: int = 8, sms: int = 132) -> float:
+    """The kernel is bound by instruction issue (2026-12-06e: neither the producers nor the consumer alone sets
+    its time): the time to issue ``per_tile`` warp instructions for each 64-token tile of one KV head at batch 1,
+    at one instruction per cycle on each of an H100's 4 x ``sms`` schedulers. A build's loop counts turn into
+    this lower bound without a GPU; the fixed cost per launch (~5 us) comes on top."""
+    tiles = context // 64 * kv_heads
+    return per_tile * tiles / (4 * sms * CLOCK_GHZ * 1e3)
+
+
 def run_on_gpu(maxnreg: int | None, producer_regs: int, per_sm: int, prefetch: int, stages: int,
                producers: int = 1) -> None:
     """On a GPU, for one register setting: a real ``PackedLayer`` per size (random bf16 K/V compressed by
@@ -128,9 +140,14 @@ def main() -> None:
                f"{maxnreg}, producer {producer_regs}, prefetch {prefetch}, L2 look-ahead {l2_ahead})", ck,
                ("HGMMA", "SYNCS", "BAR", "SHFL", "LDG", "STS", "HADD2", "LOP3", "PRMT"))  # fmt: skip
         sass = sass_of(ck)
+        per_tile = 0
         for part, opcode in (("consumer", "HGMMA"), ("producer", "HADD2")):
             n, top = innermost_loop(sass, opcode)
             print(f"{part} loop: {n} instructions per 64-token block and warp ({top})")
+            per_tile += 4 * n  # each tile: the consumer's 4 warps and one decoding warpgroup's 4
+        print(f"per tile: {per_tile} warp instructions; {issue_floor_us(per_tile):.1f} us of issue at B1/64K "
+              f"(one instruction per cycle on every scheduler of an H100 at {CLOCK_GHZ} GHz; measured ~48 us "
+              f"beyond the fixed cost with 3,116 per tile, 2026-12-06e)")
 
 if __name__ == "__main__":
     if "--gpu" in sys.argv:
