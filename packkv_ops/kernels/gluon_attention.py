@@ -10,8 +10,9 @@ warps, joined by ~20 barriers per tile, and spends 8.35 thread-instructions per 
 the layouts that would remove its scan's and its MMA operands' moves (NOTES.md, 2026-12-05c). Here two
 decoding warpgroups (``PRODUCERS``) take turns decoding 64-token blocks into shared-memory stages (each thread
 owns 4 consecutive packs of a row: one warp scan for both streams' pack starts) while a 4-warp consumer runs
-``S = K q^T`` and ``O^T += V^T P`` as wgmma, with the online softmax and the scales between them: 530 + 244 sm_90
-instructions per block and warp (consumer with the padding mask), 0.72x the Triton kernel's 4 x 1,069.
+``S = K q^T`` and ``O^T += V^T P`` as wgmma, with the online softmax and the scales between them: 530 + 222 sm_90
+instructions per compressed block and warp (consumer with the padding mask; 174 per window tile), 0.70x the Triton
+kernel's 4 x 1,069.
 
 What it decodes (``supported`` says why not, for anything else, and ``attention`` keeps the Triton kernel there):
 packs of 16 in 64-token blocks, 2- to 4-bit ints in each stream (``k_rel`` / ``v_rel`` from 0.07 to 0.5: the
@@ -390,22 +391,29 @@ def _butterfly(x, M: gl.constexpr, D: gl.constexpr, H: gl.constexpr):
 def _tile(i, PACKED: gl.constexpr, q_s, qs, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
           v_zero_ptr, perm_ptr, mask_ptr, smb, b, lo, nb, r_lo, n_c, total, NB, qk_scale, g_lo, g_hi, i_t, lane_tok,
           m_i, l_t, z_t, o_t, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
-          HAS_MASK: gl.constexpr, MASK_BRANCH: gl.constexpr):  # fmt: skip
+          HAS_MASK: gl.constexpr, MASK_BRANCH: gl.constexpr, CSKIP: gl.constexpr = 0):  # fmt: skip
     """The consumer's tile ``i``: a compressed block (``PACKED``: its scales and zeros, the mask only between the
     split's first and last hidden position) or one of the window's exact tiles (scale 1, zero 0, positions past
     the length hidden). Two loops over this instead of one whose tiles test which kind they are: 222 and 174
     sm_90 instructions per tile and warp instead of 249 (the predicates, the loads' defaults and their selects
-    go)."""
+    go; H100 2026-12-06f, ``launch_cost.py``: B1/64K 0.0616-0.0620 ms vs 0.0628, B1/128K 0.1069-0.1074 vs 0.1109,
+    B8/32K 0.2004-0.2006 vs 0.2035). ``CSKIP``: the benchmarks' ablation bits (module ``CSKIP``)."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, R, 16])  # fmt: skip
     toks: gl.constexpr = gl.SliceLayout(1, mma)
     s = i % STAGES
     if PACKED:
         tok = (b * NB + lo + i) * T + lane_tok
-        ks = gl.load(k_scale_ptr + tok).to(gl.float32)
-        kz = gl.load(k_zero_ptr + tok).to(gl.float32)
-        vs = gl.load(v_scale_ptr + tok).to(gl.float32)
-        vz = gl.load(v_zero_ptr + tok).to(gl.float32)
+        if CSKIP & 1:  # (benchmarks only)
+            ks = gl.full([T], 1.0, gl.float32, toks)
+            kz = gl.zeros([T], gl.float32, toks)
+            vs = ks
+            vz = kz
+        else:
+            ks = gl.load(k_scale_ptr + tok).to(gl.float32)
+            kz = gl.load(k_zero_ptr + tok).to(gl.float32)
+            vs = gl.load(v_scale_ptr + tok).to(gl.float32)
+            vz = gl.load(v_zero_ptr + tok).to(gl.float32)
         live = i_t >= 0
         if HAS_MASK:  # only the tiles between the split's first and last hidden position gather the mask
             if MASK_BRANCH:
@@ -426,12 +434,18 @@ def _tile(i, PACKED: gl.constexpr, q_s, qs, k_bufs, v_bufs, p_s, ready, empty, k
         if HAS_MASK:
             live = live & (gl.load(mask_ptr + b * smb + pos, mask=live, other=0) != 0)
     mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
-    acc = warpgroup_mma(k_bufs.index(s).permute([1, 0]), q_s.permute([1, 0]), gl.zeros([T, R], gl.float32, mma),
-                        use_acc=False, is_async=True)  # fmt: skip
-    raw = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    if CSKIP & 2:  # (benchmarks only)
+        raw = gl.zeros([T, R], gl.float32, mma)
+    else:
+        acc = warpgroup_mma(k_bufs.index(s).permute([1, 0]), q_s.permute([1, 0]),
+                            gl.zeros([T, R], gl.float32, mma), use_acc=False, is_async=True)  # fmt: skip
+        raw = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     sc = (raw + gl.expand_dims(kz, 1) * gl.expand_dims(qs, 0)) * gl.expand_dims(ks * qk_scale, 1)
     sc = gl.where(gl.expand_dims(live, 1), sc, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(sc, axis=0))
+    if CSKIP & 8:  # (benchmarks only)
+        m_new = gl.maximum(m_i, 0.0)
+    else:
+        m_new = gl.maximum(m_i, gl.max(sc, axis=0))
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
     p = gl.exp2(sc - gl.expand_dims(m_safe, 0))
     alpha = gl.expand_dims(gl.exp2(m_i - m_safe), 0)
@@ -439,11 +453,13 @@ def _tile(i, PACKED: gl.constexpr, q_s, qs, k_bufs, v_bufs, p_s, ready, empty, k
     l_t = l_t * alpha + p
     z_t = z_t * alpha + pvs * gl.expand_dims(vz, 1)
     o_t = o_t * alpha
-    p_s.store(pvs.to(gl.float16))
-    fence_async_shared()
-    gl.thread_barrier()
-    acc = warpgroup_mma(v_bufs.index(s), p_s, o_t, is_async=True)
-    o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    if (CSKIP & 20) != 20:
+        p_s.store(pvs.to(gl.float16))  # V's scale folded into the weights (no per-tile normalization)
+        fence_async_shared()
+        gl.thread_barrier()
+    if not (CSKIP & 4):  # (CSKIP & 4: benchmarks only)
+        acc = warpgroup_mma(v_bufs.index(s), p_s, o_t, is_async=True)
+        o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     mbarrier.arrive(empty.index(s), count=1)
     return m_new, l_t, z_t, o_t
 
@@ -525,12 +541,12 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
         m_i, l_t, z_t, o_t = _tile(i, True, q_s, qs, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr,
                                    v_scale_ptr, v_zero_ptr, perm_ptr, mask_ptr, smb, b, lo, nb, r_lo, n_c, total, NB,
                                    qk_scale, g_lo, g_hi, i_t, lane_tok, m_i, l_t, z_t, o_t, T, D, R, STAGES, HAS_MASK,
-                                   MASK_BRANCH)
+                                   MASK_BRANCH, CSKIP)
     for i in range(n_c, n_c + r_hi - r_lo):
         m_i, l_t, z_t, o_t = _tile(i, False, q_s, qs, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr,
                                    v_scale_ptr, v_zero_ptr, perm_ptr, mask_ptr, smb, b, lo, nb, r_lo, n_c, total, NB,
                                    qk_scale, g_lo, g_hi, i_t, lane_tok, m_i, l_t, z_t, o_t, T, D, R, STAGES, HAS_MASK,
-                                   MASK_BRANCH)
+                                   MASK_BRANCH, CSKIP)
     o_t = o_t + gl.expand_dims(gl.sum(z_t, axis=0), 0)
     l_i = gl.sum(l_t, axis=0)
     # The n visible zero keys (counted above) enter the softmax.

@@ -113,19 +113,26 @@ def decode_attention(q_ptr, k_desc, v_desc, o_ptr, m_ptr, l_ptr, n_tiles, qk_sca
     ], [1], [24])  # fmt: skip
 
 
-def innermost_loop(sass: str, opcode: str) -> tuple[int, str]:
-    """The smallest loop (label .. backward branch) holding ``opcode``: its instruction count and top opcodes.
-    The mbarrier waits are loops of their own (a try-wait and a branch), placed out of line."""
+def innermost_loops(sass: str, opcode: str) -> list[tuple[int, str]]:
+    """Every innermost loop (label .. backward branch, holding no other such loop) with ``opcode`` in it, in code
+    order: its instruction count and top opcodes. The mbarrier waits are loops of their own (a try-wait and a
+    branch), placed out of line."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
-    loops = []
+    spans = []
     for i, line in enumerate(lines):
         m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
         if m and labels[m.group(1)] < i:
             ops = opcodes("\n".join(lines[labels[m.group(1)] : i + 1]))
             if ops[opcode]:
-                loops.append((sum(ops.values()), ", ".join(f"{k} {v}" for k, v in ops.most_common(14))))
-    return min(loops)
+                spans.append((labels[m.group(1)], i, ops))
+    inner = [(a, b, ops) for a, b, ops in spans if not any(a <= c and d <= b and (c, d) != (a, b) for c, d, _ in spans)]
+    return [(sum(ops.values()), ", ".join(f"{k} {v}" for k, v in ops.most_common(14))) for _, _, ops in sorted(inner)]
+
+
+def innermost_loop(sass: str, opcode: str) -> tuple[int, str]:
+    """The smallest loop holding ``opcode`` (``innermost_loops``)."""
+    return min(innermost_loops(sass, opcode))
 
 
 def run_on_gpu(batch: int, context: int, heads: int = 8, n_rep: int = 4, d: int = 128, splits: int = 16) -> None:

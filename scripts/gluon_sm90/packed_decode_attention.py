@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from decode_attention_pipeline import innermost_loop
+from decode_attention_pipeline import innermost_loops
 from sass import compile_gluon, report, sass_of
 
 # As installed (packkv.ops), not as the source folder packkv_ops: one module object, one registration of its op.
@@ -142,9 +142,12 @@ def main() -> None:
         sass = sass_of(ck)
         per_tile = 0
         for part, opcode in (("consumer", "HGMMA"), ("producer", "HADD2")):
-            n, top = innermost_loop(sass, opcode)
-            print(f"{part} loop: {n} instructions per 64-token block and warp ({top})")
-            per_tile += 4 * n  # each tile: the consumer's 4 warps and one decoding warpgroup's 4
+            # The consumer's loops in code order: the compressed tiles', the window's (then, as a backward branch,
+            # code ptxas placed out of line: not a loop of tiles). The first is the one a 64K context runs.
+            loops = innermost_loops(sass, opcode)
+            for n, top in loops[:2]:
+                print(f"{part} loop: {n} instructions per 64-token block and warp ({top})")
+            per_tile += 4 * loops[0][0]  # each tile: the consumer's 4 warps and one decoding warpgroup's 4
         print(f"per tile: {per_tile} warp instructions; {issue_floor_us(per_tile):.1f} us of issue at B1/64K "
               f"(one instruction per cycle on every scheduler of an H100 at {CLOCK_GHZ} GHz; measured ~48 us "
               f"beyond the fixed cost with 3,116 per tile, 2026-12-06e)")
