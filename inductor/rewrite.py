@@ -121,6 +121,77 @@ def rewrite_attention(gm: fx.GraphModule) -> int:
     return replaced
 
 
+def _is_op(node, packet) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (packet, packet.default)
+
+
+def fuse_decode_appends(gm: fx.GraphModule) -> int:
+    """Fuse each decode step's ``append_`` (one token, no block to compress) with the ``attention`` over the same
+    layer that follows it into ``append_attention_``; returns how many were fused.
+
+    The pattern is the step plan's (``models/step_plan.py``): ``append_(pool, *stacks, k, v, 0, *spec, slot)``, then
+    ``attention(q, pool, stacks[0][slot], ..., stacks[13][slot], ...)``. The append moves to the attention's place:
+    only the attention read the storage in between (its decompress, which the SDPA rewrite removed), which is
+    checked: any other user of the pool or the stacks between the two leaves the pair alone."""
+    appends = {}
+    fused = 0
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        if _is_op(node, torch.ops.packkv.append_):
+            a = node.args
+            if len(a) >= N_STORAGE + 3 + 7 + 1 and a[N_STORAGE + 2] == 0 and isinstance(a[-1], int) and a[-1] >= 0:
+                appends[(a[0], a[-1])] = node
+            continue
+        if not _is_op(node, torch.ops.packkv.attention):
+            continue
+        q, pool, views = node.args[0], node.args[1], node.args[2 : 1 + N_STORAGE]
+        if not all(isinstance(v, fx.Node) and v.op == "call_function" and v.target is operator.getitem for v in views):
+            continue
+        slots = {v.args[1] for v in views}
+        if len(slots) != 1:
+            continue
+        slot = slots.pop()
+        app = appends.get((pool, slot))
+        if app is None:
+            continue
+        stacks = app.args[1:N_STORAGE]
+        new_k, new_v = app.args[N_STORAGE], app.args[N_STORAGE + 1]
+        spec = app.args[N_STORAGE + 3 : -1]
+        kv = new_k.meta.get("example_value") if isinstance(new_k, fx.Node) else None
+        why = None
+        if tuple(v.args[0] for v in views) != tuple(stacks):
+            why = "the attention reads other storage than the append wrote"
+        elif kv is None or kv.dim() != 4 or kv.shape[2] != 1:
+            why = "not a one-token append"
+        elif tuple(spec) != tuple(node.args[N_STORAGE + 5 :]):
+            why = "the two layouts differ"
+        else:
+            between = [n for n in gm.graph.nodes if order[app] < order.get(n, -1) < order[node]]
+            touched = {pool, *stacks}
+            if any(set(n.all_input_nodes) & touched and n not in views for n in between):
+                why = "something else reads or writes the storage in between"
+        if why is not None:
+            log.debug("packkv rewrite: append %s and attention %s not fused (%s)", app.name, node.name, why)
+            continue
+        out_len, mask, is_causal, scale = node.args[1 + N_STORAGE : 5 + N_STORAGE]
+        args = (q, pool, *stacks, new_k, new_v, out_len, mask, is_causal, scale, *spec, slot)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(torch.ops.packkv.append_attention_.default, args)
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(app)
+        del appends[(pool, slot)]
+        for v in views:
+            if not v.users:
+                gm.graph.erase_node(v)
+        fused += 1
+    if fused:
+        gm.graph.lint()
+        gm.recompile()
+    return fused
+
+
 def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
     """Erase the now unused views of the decompressed K/V and the decompress calls themselves.
 

@@ -219,6 +219,50 @@ def attention(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# append_attention_ (a decode step's append and attention in one op: the FX rewrite fuses them, inductor/rewrite.py)
+# ---------------------------------------------------------------------------------------------------------------
+def _append_attention(
+    q: Tensor,
+    pool: Tensor, cursor: Tensor,
+    k_meta: Tensor, k_offsets: Tensor, k_scale: Tensor, k_zero: Tensor,
+    v_meta: Tensor, v_offsets: Tensor, v_scale: Tensor, v_zero: Tensor,
+    perm: Tensor, ring_k: Tensor, ring_v: Tensor, n_blocks: Tensor, n_win: Tensor,
+    new_k: Tensor, new_v: Tensor,
+    out_len: int, mask: Tensor | None, is_causal: bool, scale: float | None,
+    k_rel: float, k_grouping: int, v_rel: float, v_grouping: int, pack_size: int, repack: int,
+    rotation: int = 0, slot: int = -1,
+) -> Tensor:  # fmt: skip
+    """``append_(storage, new_k, new_v, n_flush=0)`` then ``attention(q, storage, ...)``: one op, so that on an sm_90
+    GPU the append runs inside the attention's merge (``kernels/fused_append.py``: one launch fewer per layer and
+    step); elsewhere the two ops' bodies run in turn. ``slot``: the storage fields (all but the pool) are stacks
+    along a leading layer dimension and the layer is this one (as ``append_``)."""
+    args = (pool, cursor, k_meta, k_offsets, k_scale, k_zero, v_meta, v_offsets, v_scale, v_zero, perm,
+            ring_k, ring_v, n_blocks, n_win)  # fmt: skip
+    if slot >= 0:
+        args = (pool,) + _stacked_slot(args[1:], slot)
+    spec = (k_rel, k_grouping, v_rel, v_grouping, pack_size, repack, rotation)
+    st = _storage(args, spec)
+    _check_new(st.ring_k, new_k, new_v)
+    _check_query(q, st.ring_k)
+    if _is_cuda(pool) and new_k.shape[2] == 1:
+        from .kernels import fused_append
+
+        if fused_append.covers(q, st, mask, is_causal, scale, out_len):
+            return fused_append.append_and_attend(q, st, new_k, new_v, out_len, mask, rotation)
+    with torch.no_grad():
+        _append(*args, new_k, new_v, 0, *spec)
+    return attention(q, *args, out_len, mask, is_causal, scale, *spec)
+
+
+append_attention_ = custom_op("packkv::append_attention_", mutates_args=MUTATED_BY_APPEND)(_append_attention)
+
+
+@append_attention_.register_fake
+def _(q, *args, **kwargs):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # argument checks (shapes only: they cost nothing inside a compiled graph)
 # ---------------------------------------------------------------------------------------------------------------
 def _check_new(ring_k: Tensor, new_k: Tensor, new_v: Tensor) -> None:

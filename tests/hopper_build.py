@@ -11,7 +11,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource
 
 from packkv.ops import Layout, PackKVConfig
-from packkv.ops.kernels import matvec, pack, quantize, token
+from packkv.ops.kernels import fused_append, matvec, pack, quantize, token
 from packkv.ops.kernels._launch import next_pow2
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -63,6 +63,11 @@ def compression_kernels(name: str) -> None:
     for rotate in (False, True):  # the decode-token kernel with and without its Hadamard product
         compile_for_hopper(token._append_token_kernel, dict(T=T, D=D, HP=next_pow2(lay.num_heads), ROTATE=rotate),
                            rings | {"inv_sqrt": "fp32"})  # fmt: skip
+    for rotate in (False, True):  # the merge that takes the decode step's token (fused_append, an experiment)
+        compile_for_hopper(fused_append._merge_append_kernel, dict(D=D, BS=64, HP=next_pow2(lay.num_heads),
+                           ROTATE=rotate, HAS_MASK=True), rings | {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
+                           "out_ptr": "*bf16", "q_ptr": "*bf16", "mask_ptr": "*i1", "qk_scale": "fp32",
+                           "inv_sqrt": "fp32"})  # fmt: skip
     for stream, s in (("k", lay.k), ("v", lay.v)):  # the paper's mat-vec pair decoded as the attention decodes
         if matvec.windows_fit(lay, stream):
             kernel = matvec._k_matvec_windows_kernel if stream == "k" else matvec._v_matvec_windows_kernel

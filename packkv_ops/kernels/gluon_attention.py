@@ -571,18 +571,20 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
 def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, k_scale_ptr,
                             k_zero_ptr, v_scale_ptr, v_zero_ptr, ring_k_ptr, ring_v_ptr, n_blocks_ptr, n_win_ptr,
                             perm_ptr, mask_ptr, smb, out_len, acc_ptr, m_ptr, l_ptr, NB, H, S, n_rep, qk_scale,
-                            pool_words, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
+                            pool_words, tot_ptr, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
                             PRODUCER_REGS: gl.constexpr = 128, HAS_MASK: gl.constexpr = False,
                             PREFETCH: gl.constexpr = 1, ROTATE: gl.constexpr = False, PRODUCERS: gl.constexpr = 1,
                             ROT_SCALE: gl.constexpr = 1.0, LOG2_D: gl.constexpr = 7, K_QBITS: gl.constexpr = 4,
                             V_QBITS: gl.constexpr = 3, MASK_SCAN: gl.constexpr = True,
                             MASK_BRANCH: gl.constexpr = True, SCAN: gl.constexpr = 4,
                             L2_AHEAD: gl.constexpr = 0, SKIP: gl.constexpr = 0,
-                            CSKIP: gl.constexpr = 0):  # fmt: skip
+                            CSKIP: gl.constexpr = 0, APPEND: gl.constexpr = False):  # fmt: skip
     """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
     rotated, padded to ``R`` with zeros) against the split's share of the sequence's compressed blocks of a
     ``PackedLayer`` (its pool, offsets, metadata, scales and zeros as they are stored) and its share of the exact
-    window; writes the split's unnormalized output, row maxima (log2 units) and sums."""
+    window; writes the split's unnormalized output, row maxima (log2 units) and sums. ``APPEND``: the step's new
+    token (position ``total``) is attended by the merge (``fused_append``), not as a zero key here; each sequence's
+    ``total`` goes to ``tot_ptr`` for it."""
     head = gl.program_id(0)
     split = gl.program_id(1)
     ns = gl.num_programs(1)
@@ -599,9 +601,14 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
     r_per = gl.cdiv(n_ring, ns)
     r_lo = gl.minimum((ns - 1 - split) * r_per, n_ring)
     r_hi = gl.minimum(r_lo + r_per, n_ring)
-    z_per = gl.cdiv(gl.maximum(out_len - total, 0), ns)  # the zero keys past the length, shared by the splits
-    z_lo = total + split * z_per
-    z_hi = gl.minimum(z_lo + z_per, gl.maximum(out_len, total))
+    zt = total
+    if APPEND:  # the appended token's position is not a zero key
+        zt = total + 1
+        if (kvh == 0) & (split == 0):
+            gl.store(tot_ptr + b, total)
+    z_per = gl.cdiv(gl.maximum(out_len - zt, 0), ns)  # the zero keys past the length, shared by the splits
+    z_lo = zt + split * z_per
+    z_hi = gl.minimum(z_lo + z_per, gl.maximum(out_len, zt))
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
     r = gl.arange(0, R, gl.SliceLayout(1, ld))
     q = gl.load(q_ptr + gl.expand_dims(head * n_rep + r, 1) * D + gl.expand_dims(gl.arange(0, D, gl.SliceLayout(0, ld)), 0),
@@ -694,11 +701,14 @@ def partials(
     k_scale: Tensor, k_zero: Tensor, v_scale: Tensor, v_zero: Tensor,
     ring_k: Tensor, ring_v: Tensor, n_blocks: Tensor, n_win: Tensor, perm: Tensor,
     mask: Tensor | None, out_len: int, splits: int, scale: float, rotate: bool, k_qbits: int, v_qbits: int,
+    totals: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """The per-split partials (acc ``[B, HQ, 1, NS, D]``, max and sum ``[B, HQ, 1, NS]``; log2 units) of the
     attention of the queries ``q`` (``rotate``: in the model's coordinates, rotated in the kernel; else in the
     cache's) over a layer's tensors (``k_qbits`` / ``v_qbits``: its layout's int widths), for
-    ``attention._merge_kernel``. On CPU tensors
+    ``attention._merge_kernel``. ``totals`` (int32 ``[B]``): the step appends a token that the merge attends
+    (``fused_append``); each sequence's length before it is written there and the zero keys start after it. On CPU
+    tensors
     it runs the kernel's body eagerly (``gluon_eager``): the tests' path, not a fast one. Traced code calls it as
     the op below; plain eager calls skip the dispatcher (host time, as ``_launch._Launcher`` does)."""
     B, HQ, _, D = q.shape
@@ -712,14 +722,14 @@ def partials(
     smb = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
     args = (q.contiguous(), pool, k_offsets, v_offsets, k_meta, v_meta, k_scale, k_zero, v_scale, v_zero, ring_k,
             ring_v, n_blocks, n_win, perm, n_win if mask is None else mask, smb, out_len, acc, m, l, k_scale.shape[1],
-            H, S, HQ // H, scale * LOG2E, pool.numel())  # fmt: skip
+            H, S, HQ // H, scale * LOG2E, pool.numel(), n_win if totals is None else totals)  # fmt: skip
     # The bulk prefetches need 16-byte aligned addresses: a storage whose tensors are views at odd offsets (none
     # that PackKV makes) goes without them.
     ahead = L2_AHEAD if all(t.data_ptr() % 16 == 0 for t in (pool, k_meta, v_meta)) else 0
     meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, HAS_MASK=mask is not None,
                 PREFETCH=PREFETCH, PRODUCERS=PRODUCERS, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1,
                 K_QBITS=k_qbits, V_QBITS=v_qbits, MASK_SCAN=MASK_SCAN, MASK_BRANCH=MASK_BRANCH, SCAN=SCAN,
-                L2_AHEAD=ahead, SKIP=SKIP, CSKIP=CSKIP)
+                L2_AHEAD=ahead, SKIP=SKIP, CSKIP=CSKIP, APPEND=totals is not None)
     if q.device.type == "cpu":
         from . import gluon_attention, gluon_eager
 

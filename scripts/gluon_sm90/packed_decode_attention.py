@@ -28,9 +28,9 @@ from packkv.ops.kernels.gluon_attention import decode_attention_kernel  # noqa: 
 
 ORDER = ["q_ptr", "pool_ptr", "k_off_ptr", "v_off_ptr", "k_meta_ptr", "v_meta_ptr", "k_scale_ptr", "k_zero_ptr",
          "v_scale_ptr", "v_zero_ptr", "ring_k_ptr", "ring_v_ptr", "n_blocks_ptr", "n_win_ptr", "perm_ptr", "mask_ptr",
-         "smb", "out_len", "acc_ptr", "m_ptr", "l_ptr", "NB", "H", "S", "n_rep", "qk_scale", "pool_words", "T", "D", "R", "STAGES",
+         "smb", "out_len", "acc_ptr", "m_ptr", "l_ptr", "NB", "H", "S", "n_rep", "qk_scale", "pool_words", "tot_ptr", "T", "D", "R", "STAGES",
          "PRODUCER_REGS", "HAS_MASK", "PREFETCH", "ROTATE", "PRODUCERS", "ROT_SCALE", "LOG2_D", "K_QBITS", "V_QBITS",
-         "MASK_SCAN", "MASK_BRANCH", "SCAN", "L2_AHEAD", "SKIP", "CSKIP"]  # fmt: skip
+         "MASK_SCAN", "MASK_BRANCH", "SCAN", "L2_AHEAD", "SKIP", "CSKIP", "APPEND"]  # fmt: skip
 # (MAXNREG, PRODUCER_REGS, PROGRAMS_PER_SM, PREFETCH, STAGES, PRODUCERS); GLUON_SETTINGS="128,128,2,1,3,1;..."
 # (PROGRAMS_PER_SM sets the split count with gluon_attention.WAVES since 2026-12-06b; before, the Triton kernel's
 # count applied whatever it was: runs until then all had 2 waves of 2 programs per SM)
@@ -119,9 +119,9 @@ def main() -> None:
     sig |= {"q_ptr": "*bf16", "k_scale_ptr": "*bf16", "v_scale_ptr": "*bf16", "k_zero_ptr": "*i16",
             "v_zero_ptr": "*i16", "ring_k_ptr": "*bf16", "ring_v_ptr": "*bf16", "acc_ptr": "*fp32", "m_ptr": "*fp32",
             "l_ptr": "*fp32", "NB": "i32", "H": "i32", "S": "i32", "perm_ptr": "*u8", "mask_ptr": "*i1", "smb": "i32",
-            "out_len": "i32", "n_rep": "i32", "qk_scale": "fp32", "pool_words": "i32", "T": "constexpr", "D": "constexpr", "R": "constexpr",
+            "out_len": "i32", "n_rep": "i32", "qk_scale": "fp32", "pool_words": "i32", "tot_ptr": "*i32", "T": "constexpr", "D": "constexpr", "R": "constexpr",
             "STAGES": "constexpr", "PRODUCER_REGS": "constexpr", "HAS_MASK": "constexpr", "PREFETCH": "constexpr", "ROTATE": "constexpr", "PRODUCERS": "constexpr", "ROT_SCALE": "constexpr",
-            "LOG2_D": "constexpr", "K_QBITS": "constexpr", "V_QBITS": "constexpr", "MASK_SCAN": "constexpr", "MASK_BRANCH": "constexpr", "SCAN": "constexpr", "L2_AHEAD": "constexpr", "SKIP": "constexpr", "CSKIP": "constexpr"}  # fmt: skip
+            "LOG2_D": "constexpr", "K_QBITS": "constexpr", "V_QBITS": "constexpr", "MASK_SCAN": "constexpr", "MASK_BRANCH": "constexpr", "SCAN": "constexpr", "L2_AHEAD": "constexpr", "SKIP": "constexpr", "CSKIP": "constexpr", "APPEND": "constexpr"}  # fmt: skip
     sig = {k: sig[k] for k in ORDER}
     aligned = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(ORDER) if k.endswith("_ptr")}
     ga = gluon_attention
@@ -134,7 +134,7 @@ def main() -> None:
         consts = dict(T=ga.T_BLOCK, D=ga.HEAD_DIM, R=ga.ROWS, STAGES=ga.STAGES, PRODUCER_REGS=producer_regs,
                       HAS_MASK=True, PREFETCH=prefetch, ROTATE=True, PRODUCERS=producers,
                       ROT_SCALE=ga.HEAD_DIM**-0.5, LOG2_D=ga.HEAD_DIM.bit_length() - 1, K_QBITS=4,
-                      V_QBITS=3, MASK_SCAN=ga.MASK_SCAN, MASK_BRANCH=ga.MASK_BRANCH, SCAN=ga.SCAN, L2_AHEAD=l2_ahead, SKIP=0, CSKIP=0)  # the e2e decode step's case  # fmt: skip
+                      V_QBITS=3, MASK_SCAN=ga.MASK_SCAN, MASK_BRANCH=ga.MASK_BRANCH, SCAN=ga.SCAN, L2_AHEAD=l2_ahead, SKIP=0, CSKIP=0, APPEND=False)  # the e2e decode step's case  # fmt: skip
         ck = compile_gluon(decode_attention_kernel, sig, consts, aligned, maxnreg=maxnreg)
         report(f"PackKV decode attention, warp-specialized ({4 * producers} decode warps, 4 wgmma warps; maxnreg "
                f"{maxnreg}, producer {producer_regs}, prefetch {prefetch}, L2 look-ahead {l2_ahead})", ck,
