@@ -12,6 +12,8 @@ decodes after a prompt of each context length, side by side in one run:
 * ``weights``: the static cache at a 1K context: the cost of reading the weights alone;
 * ``packkv_triton`` (with ``--paths ... packkv_triton``): ``packkv`` again, retraced with the decode steps' attention
   on the Triton kernel (``attention.GLUON = False``), so both kernels' rows come from one run;
+* ``packkv_unfused`` (with ``--paths ... packkv_unfused``): ``packkv`` again, retraced with each decode step's append a
+  kernel of its own (``inductor.backend.FUSE_APPENDS = False``; on: the append runs in the attention's merge);
 * ``quantized`` (with ``--paths ... quantized``): transformers' ``QuantizedCache`` (``optimum-quanto`` backend,
   ``--quantized-nbits``, residual window 128), eager: it re-quantizes and dequantizes in Python every step and is
   not compilable with ``fullgraph``. Needs ``pip install optimum-quanto`` (not a project dependency; on a machine
@@ -267,14 +269,14 @@ def plot(rows: list[dict], path: Path) -> None:
     budget = [r for r in rows if r["path"].endswith("_budget")]
     fig, axes = plt.subplots(1, 2 if budget else 1, figsize=(11 if budget else 7, 4.5), squeeze=False)
     ax = axes[0][0]
-    for name in ("static", "packkv", "packkv_triton", "quantized"):
+    for name in ("static", "packkv", "packkv_triton", "packkv_unfused", "quantized"):
         rs = [r for r in rows if r["path"] == name and r["batch"] == 1]
         if rs:
-            ax.plot([r["context"] // 1024 for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=name)
+            ax.plot([r["context"] / 1024 for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=name)
     w = [r for r in rows if r["path"] == "weights"]
     if w:
         ax.axhline(w[0]["tokens_per_s"], ls=":", color="gray", label="1K context (weights only)")
-    if any(r["path"] in ("static", "packkv", "packkv_triton", "quantized") for r in rows):
+    if any(r["path"] != "weights" and not r["path"].endswith("_budget") for r in rows):
         ax.set_xscale("log", base=2)
     ax.set_xlabel("context (K tokens)")
     ax.set_ylabel("decode tokens/s (batch 1)")
@@ -292,6 +294,42 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+# A retraced PackKV variant: the same compiled model traced again with one switch flipped, so that its rows and the
+# ``packkv`` rows come from one run.
+RETRACE_SWITCHES = {
+    "packkv_triton": ("packkv.ops.kernels.attention", "GLUON", False),  # the decode steps' attention on Triton
+    "packkv_unfused": ("packkv.inductor.backend", "FUSE_APPENDS", False),  # each step's append a kernel of its own
+}
+
+
+def retraced_packkv_rows(model, args, variant: str) -> list[dict]:
+    import importlib
+
+    from torch._inductor import config as inductor_config
+
+    module, name, value = RETRACE_SWITCHES[variant]
+    mod = importlib.import_module(module)
+    # The switch is read when the step is traced. Before the PackKV backend keyed Inductor's caches on the switches
+    # (inductor/cache_key.py) a retrace replayed the first kernel's code (2026-12-06: 64 Triton launches logged, none
+    # on Gluon); caches stay off here so that the retrace is a fresh compile (a cache-replayed graph ran the Triton
+    # kernel slower, NOTES 2026-12-06).
+    was, caches_were = getattr(mod, name), inductor_config.force_disable_caches
+    setattr(mod, name, value)
+    inductor_config.force_disable_caches = True
+    torch._dynamo.reset()
+    rows = []
+    try:
+        for ctx in args.contexts:
+            row = run_packkv(model, args.batch, ctx, args.steps, args.warmup, model.device.type, args.chunk,
+                             model.packkv_config, args.profile, args.step_plan, args.capacity_x)  # fmt: skip
+            rows.append(dict(row, path=variant))
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    finally:
+        setattr(mod, name, was)
+        inductor_config.force_disable_caches = caches_were
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="*", default=[8192, 32768, 65536, 131072],
@@ -302,10 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--chunk", type=int, default=8192, help="prefill chunk (tokens)")
     p.add_argument("--small", action="store_true", help="tiny model (CPU smoke test)")
-    p.add_argument("--paths", nargs="+", choices=["static", "packkv", "packkv_triton", "quantized"],
+    p.add_argument("--paths", nargs="+", choices=["static", "packkv", "packkv_triton", "packkv_unfused", "quantized"],
                    default=["static", "packkv"],
                    help="packkv_triton: PackKV again, its decode steps' attention on the Triton kernel (as --triton), "
-                        "recompiled, after the packkv rows: both kernels side by side in one run")
+                        "recompiled, after the packkv rows: both kernels side by side in one run; packkv_unfused: the "
+                        "same with each step's append a kernel of its own (as --no-fuse-append)")
     p.add_argument("--quantized-nbits", type=int, choices=[2, 4], default=4, help="QuantizedCache bits (quanto)")
     p.add_argument("--budget-gib", type=float, default=0,
                    help="also run each path at the largest batch this GPU-memory budget fits (e.g. 80)")
@@ -330,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--triton", action="store_true",
                    help="PackKV: the decode steps' attention on the Triton kernel even where the warp-specialized "
                         "Gluon kernel applies (attention.GLUON = False; it applies on sm_90, default layout, head_dim 128)")
+    p.add_argument("--no-fuse-append", action="store_true",
+                   help="PackKV: keep each decode step's append a kernel of its own (inductor.backend.FUSE_APPENDS "
+                        "off; on: the append runs in the attention's merge on sm_90, kernels/fused_append.py)")
     p.add_argument("--watchdog", type=float, default=0, help="dump Python stacks every N s (diagnosing stalls)")
     p.add_argument("--gc-freeze", action="store_true",
                    help="every path: gc.freeze() after its warm-up (a run's later paths then pay no collector passes over "
@@ -355,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         from packkv.ops.kernels import attention as attention_kernel
 
         attention_kernel.ROTATE_IN_KERNEL = False
+    if args.no_fuse_append:
+        from packkv.inductor import backend as packkv_backend_module
+
+        packkv_backend_module.FUSE_APPENDS = False
     if args.watchdog:
         import faulthandler
 
@@ -406,41 +452,26 @@ def main(argv: list[str] | None = None) -> int:
     if "packkv" in args.paths:
         budget_rows("packkv", lambda b, ctx, chunk: run_packkv(model, b, ctx, args.steps, args.warmup, device, chunk,
                                                                model.packkv_config))  # fmt: skip
-    if "packkv_triton" in args.paths:
-        from packkv.ops.kernels import attention as attention_kernel
-
-        # The kernel is chosen when the step is traced: the same compiled model, retraced with the switch off. Before
-        # the PackKV backend keyed Inductor's caches on the switches (inductor/cache_key.py) the retrace replayed the
-        # first kernel's code (2026-12-06: 64 Triton launches logged, none on Gluon); caches stay off here so that
-        # the retrace is a fresh compile (a cache-replayed graph ran the Triton kernel slower, NOTES 2026-12-06).
-        was, attention_kernel.GLUON = attention_kernel.GLUON, False
-        from torch._inductor import config as inductor_config
-
-        caches_were, inductor_config.force_disable_caches = inductor_config.force_disable_caches, True
-        torch._dynamo.reset()
-        for ctx in args.contexts:
-            row = run_packkv(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, model.packkv_config,
-                             args.profile, args.step_plan, args.capacity_x)  # fmt: skip
-            record(dict(row, path="packkv_triton"))
-            torch.cuda.empty_cache() if device == "cuda" else None
-        attention_kernel.GLUON, inductor_config.force_disable_caches = was, caches_were
+    for variant in ("packkv_triton", "packkv_unfused"):
+        if variant in args.paths:
+            for row in retraced_packkv_rows(model, args, variant):
+                record(row)
     plot(rows, args.out / "decode_e2e.png")
     if not {"static", "packkv"} <= set(args.paths):
         return 0
     by = {(r["path"], r["context"]): r for r in rows}
     quant = "quantized" in args.paths
-    glu = "packkv_triton" in args.paths
+    variants = [v for v in ("packkv_triton", "packkv_unfused") if v in args.paths]
     print("| context | static tok/s | PackKV tok/s | ratio | PackKV step / 1K step | static peak GiB | PackKV peak GiB |"
-          + (" PackKV on Triton tok/s | ratio | step / 1K step |" if glu else "")
+          + "".join(f" {v} tok/s | ratio | step / 1K step |" for v in variants)
           + (" QuantizedCache tok/s | its peak GiB |" if quant else ""))  # fmt: skip
-    print("|---|---|---|---|---|---|---|" + ("---|---|---|" if glu else "") + ("---|---|" if quant else ""))
+    print("|---|---|---|---|---|---|---|" + "---|---|---|" * len(variants) + ("---|---|" if quant else ""))
     w = rows[0]["step_ms"]
     for ctx in args.contexts:
         s, k = by[("static", ctx)], by[("packkv", ctx)]
         q = f" {by[('quantized', ctx)]['tokens_per_s']:.1f} | {by[('quantized', ctx)]['peak_gib']:.1f} |" if quant else ""
-        g = by.get(("packkv_triton", ctx))
-        g = (f" {g['tokens_per_s']:.1f} | {g['tokens_per_s'] / s['tokens_per_s']:.2f}x | {g['step_ms'] / w:.2f} |"
-             if glu else "")  # fmt: skip
+        g = "".join(f" {by[(v, ctx)]['tokens_per_s']:.1f} | {by[(v, ctx)]['tokens_per_s'] / s['tokens_per_s']:.2f}x | "
+                    f"{by[(v, ctx)]['step_ms'] / w:.2f} |" for v in variants)  # fmt: skip
         print(f"| {ctx // 1024}K | {s['tokens_per_s']:.1f} | {k['tokens_per_s']:.1f} | {k['tokens_per_s'] / s['tokens_per_s']:.2f}x | "
               f"{k['step_ms'] / w:.2f} | {s['peak_gib']:.1f} | {k['peak_gib']:.1f} |{g}{q}")  # fmt: skip
     if args.budget_gib:

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -39,22 +40,45 @@ def test_a_guard_filter_replaces_the_mode_by_its_options():
     assert decode_e2e.compile_kwargs(None, True)["options"].keys() == {"guard_filter_fn"}
 
 
-def test_the_triton_path_runs_beside_packkv_and_leaves_the_switch_as_it_was(tmp_path):
-    """``--paths ... packkv_triton``: PackKV's rows again, retraced with ``attention.GLUON`` off, in the same run and
-    table. On the CPU the switch changes nothing (the Gluon kernel runs on sm_90 only): this checks the plumbing."""
-    from packkv.ops.kernels import attention as attention_kernel
+@pytest.mark.parametrize("variant, module, switch", [
+    ("packkv_triton", "packkv.ops.kernels.attention", "GLUON"),
+    ("packkv_unfused", "packkv.inductor.backend", "FUSE_APPENDS"),
+])  # fmt: skip
+def test_a_retraced_variant_runs_beside_packkv_and_leaves_its_switch_as_it_was(tmp_path, variant, module, switch):
+    """``--paths ... packkv_triton`` / ``packkv_unfused``: PackKV's rows again, retraced with ``attention.GLUON`` /
+    ``backend.FUSE_APPENDS`` off, in the same run and table. On the CPU the Gluon switch changes no kernel (the Gluon
+    kernel runs on sm_90 only) but the append fusion changes the graph: the unfused retrace fuses no append."""
+    import importlib
 
+    from packkv.inductor import stats
+
+    mod = importlib.import_module(module)
     torch._dynamo.reset()
-    before = attention_kernel.GLUON
-    argv = ["--small", "--layers", "2", "--contexts", "512", "--paths", "static", "packkv", "packkv_triton",
+    before = getattr(mod, switch)
+    fused = {}
+
+    def run_packkv(*a, **kw):  # the fused-append count each path's compiles added
+        n = stats["fused_append"]
+        row = real_run_packkv(*a, **kw)
+        fused[len(fused)] = stats["fused_append"] - n
+        return row
+
+    real_run_packkv = decode_e2e.run_packkv
+    decode_e2e.run_packkv = run_packkv
+    argv = ["--small", "--layers", "2", "--contexts", "512", "--paths", "static", "packkv", variant,
             "--steps", "2", "--warmup", "1", "--chunk", "256", "--out", str(tmp_path)]  # fmt: skip
-    assert decode_e2e.main(argv) == 0
+    try:
+        assert decode_e2e.main(argv) == 0
+    finally:
+        decode_e2e.run_packkv = real_run_packkv
     rows = json.loads((tmp_path / "decode_e2e.json").read_text())["rows"]
-    assert [r["path"] for r in rows] == ["weights", "static", "packkv", "packkv_triton"]
+    assert [r["path"] for r in rows] == ["weights", "static", "packkv", variant]
     assert rows[3]["context"] == 512 and rows[3]["tokens_per_s"] > 0
     for r in rows:  # every timed step is kept beside the median
         assert len(r["step_times_ms"]) == 2 and min(r["step_times_ms"]) <= r["step_ms"] <= max(r["step_times_ms"])
-    assert attention_kernel.GLUON is before
+    assert fused[0] > 0  # PackKV's own rows fuse their appends
+    assert (fused[1] == 0) == (variant == "packkv_unfused")
+    assert getattr(mod, switch) is before
     from torch._inductor import config as inductor_config
 
     assert not inductor_config.force_disable_caches  # the retrace's cache switch is put back too
