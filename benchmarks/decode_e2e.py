@@ -121,7 +121,7 @@ def decode(step, model, cache, batch: int, start: int, steps: int, warmup: int, 
     return times
 
 
-def run_static(model, batch, context, steps, warmup, device, chunk, compiled) -> dict:
+def run_static(model, batch, context, steps, warmup, device, chunk, compiled, profile: bool = False) -> dict:
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=context + warmup + steps + 8)
@@ -131,7 +131,10 @@ def run_static(model, batch, context, steps, warmup, device, chunk, compiled) ->
     print(f"static {context}: prefill {time.perf_counter() - t0:.1f} s", flush=True)
     reset_peak(device)
     times = decode(compiled, model, cache, batch, context, steps, warmup, device, pad_to=cache.get_max_length())
-    return dict(result("static", batch, context, times, device), cache_alloc_bytes=allocated_bytes(cache))
+    row = dict(result("static", batch, context, times, device), cache_alloc_bytes=allocated_bytes(cache))
+    if profile and device == "cuda":  # the 1K row's kernels: the 64K step's target is 1.15x this row's step
+        row.update(profile_steps(compiled, model, cache, batch, context + warmup + steps, device, cache.get_max_length()))
+    return row
 
 
 def run_quantized(model, batch, context, steps, warmup, device, chunk, nbits) -> dict:
@@ -164,24 +167,32 @@ def run_packkv(model, batch, context, steps, warmup, device, chunk, cfg, profile
     graphs = stats["graphs"]
     times = decode(model.__call__, model, cache, batch, context, steps, warmup, device)
     row = result("packkv", batch, context, times, device)
-    if profile and device == "cuda":  # where a compiled step spends GPU time, by kernel, and the host meanwhile
-        from torch.autograd import DeviceType
-        from torch.profiler import ProfilerActivity, profile as prof
-
-        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-            t = decode(model.__call__, model, cache, batch, context + warmup + steps, 3, 0, device)
-        ka = p.key_averages()
-        print(ka.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70), flush=True)
-        print(ka.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70), flush=True)
-        busy = sum(e.self_device_time_total for e in ka if e.device_type == DeviceType.CUDA) / 1e3 / 3  # kernels only
-        launches = sum(e.count for e in ka if e.device_type == DeviceType.CUDA) / 3  # CUDA-graph nodes, ~
-        print(f"per step: {statistics.median(t):.2f} ms measured, {busy:.2f} ms of kernels ({launches:.0f} kernels): "
-              f"{statistics.median(t) - busy:.2f} ms with no kernel running", flush=True)
-        launch_details(p)
+    if profile and device == "cuda":
+        row.update(profile_steps(model.__call__, model, cache, batch, context + warmup + steps, device))
     n = cache.nbytes()
     row.update(cache_bytes=n["compressed"] + n["window"], cache_alloc_bytes=allocated_bytes(cache), cache_fp16_bytes=n["fp16_compressed"] + n["fp16_window"],
                graphs_compiled=stats["graphs"] - graphs)  # fmt: skip
     return row
+
+
+def profile_steps(step, model, cache, batch: int, start: int, device: str, pad_to: int = 0) -> dict:
+    """Where three more compiled steps spend GPU time, by kernel, and the host meanwhile (printed). Returns the
+    kernels' time per step (``kernel_ms``): the step's time minus it is what no kernel covers (host work between
+    the step's start and its graph, and the profiler's own cost)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        t = decode(step, model, cache, batch, start, 3, 0, device, pad_to=pad_to)
+    ka = p.key_averages()
+    print(ka.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70), flush=True)
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70), flush=True)
+    busy = sum(e.self_device_time_total for e in ka if e.device_type == DeviceType.CUDA) / 1e3 / 3  # kernels only
+    launches = sum(e.count for e in ka if e.device_type == DeviceType.CUDA) / 3  # CUDA-graph nodes, ~
+    print(f"per step: {statistics.median(t):.2f} ms measured, {busy:.2f} ms of kernels ({launches:.0f} kernels): "
+          f"{statistics.median(t) - busy:.2f} ms with no kernel running", flush=True)
+    launch_details(p)
+    return dict(kernel_ms=busy, profiled_step_ms=statistics.median(t))
 
 
 def launch_details(p) -> None:
@@ -352,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="contexts of the budget rows (a batch-1 row at the same context sizes the batch; without one, "
                         "a batch-1 prefill does)")
     p.add_argument("--budget-headroom-gib", type=float, default=6, help="activations and workspace inside the budget")
-    p.add_argument("--profile", action="store_true", help="print the GPU kernels of three PackKV decode steps")
+    p.add_argument("--profile", action="store_true",
+                   help="print the GPU kernels of three more decode steps of each PackKV row and of the static path's "
+                        "1K (weights) row, and record their kernel time per step (kernel_ms)")
     p.add_argument("--guard-filter", action="store_true",
                    help="both paths: skip Dynamo's guards on nn.Module attributes (sound only if the model's modules "
                         "are not mutated between steps); benchmarks/guard_overhead.py measures the guard check it saves")
@@ -419,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "decode_e2e.json").write_text(json.dumps(run, indent=1))
 
     if "static" in args.paths:
-        record(dict(run_static(model, args.batch, 1024, args.steps, args.warmup, device, args.chunk, static_step), path="weights"))
+        record(dict(run_static(model, args.batch, 1024, args.steps, args.warmup, device, args.chunk, static_step,
+                               args.profile), path="weights"))  # fmt: skip
     for ctx in args.contexts if "static" in args.paths else []:
         record(run_static(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, static_step))
         torch.cuda.empty_cache() if device == "cuda" else None
@@ -474,6 +488,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"{by[(v, ctx)]['step_ms'] / w:.2f} |" for v in variants)  # fmt: skip
         print(f"| {ctx // 1024}K | {s['tokens_per_s']:.1f} | {k['tokens_per_s']:.1f} | {k['tokens_per_s'] / s['tokens_per_s']:.2f}x | "
               f"{k['step_ms'] / w:.2f} | {s['peak_gib']:.1f} | {k['peak_gib']:.1f} |{g}{q}")  # fmt: skip
+    profiled = [r for r in rows if "kernel_ms" in r]
+    if profiled:  # step = kernels + what no kernel covers: which of the two puts the 64K step above the 1K step
+        print("\n| profiled row | step, ms | kernels, ms | no kernel, ms (profiler included) |\n|---|---|---|---|")
+        for r in profiled:
+            print(f"| {r['path']} {kilo(r['context'])} | {r['step_ms']:.2f} | {r['kernel_ms']:.2f} | "
+                  f"{r['profiled_step_ms'] - r['kernel_ms']:.2f} |")
     if args.budget_gib:
         print(f"\n| {args.budget_gib:g} GiB budget | static batch | PackKV batch | context x batch ratio | static tok/s | "
               "PackKV tok/s | ratio | static peak GiB | PackKV peak GiB |")

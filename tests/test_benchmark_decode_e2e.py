@@ -99,3 +99,18 @@ def test_gc_freeze_freezes_after_each_paths_warm_up_and_thaws_after_its_timing(t
     assert decode_e2e.main(argv[:-3] + ["--out", str(tmp_path)]) == 0  # without the flag: untouched
     assert events == ["freeze", "unfreeze"] * 3
     torch._dynamo.reset()
+
+
+def test_profiled_steps_report_their_kernel_time_beside_the_step_time(capsys):
+    """``--profile`` (GPU only in ``main``): three more steps under the profiler, printed by kernel, returning the
+    kernels' time per step beside the profiled step's. On the CPU no CUDA kernel runs: 0 ms of kernels."""
+    from transformers import StaticCache
+
+    torch.manual_seed(0)
+    model = decode_e2e.build_model(2, True, "cpu")
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    decode_e2e.prefill(model, torch.randint(0, model.config.vocab_size, (1, 16)), cache, 16)
+    got = decode_e2e.profile_steps(model.__call__, model, cache, 1, 16, "cpu", cache.get_max_length())
+    assert set(got) == {"kernel_ms", "profiled_step_ms"}
+    assert got["kernel_ms"] == 0 and got["profiled_step_ms"] > 0
+    assert "per step:" in capsys.readouterr().out
