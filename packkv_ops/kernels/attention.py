@@ -772,17 +772,10 @@ def _launch_rows(
 
 
 @triton.jit
-def _merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, NS, D: tl.constexpr, BS: tl.constexpr,
-                  ROTATE: tl.constexpr = False, ROT_SCALE: tl.constexpr = 1.0):  # fmt: skip
-    """One output row from its ``NS`` partial (acc, max, sum): one launch instead of a chain of small torch ops
-    (eager decode is bound by launches). Twin of ``merge_splits``; ``ROTATE``: the row rotated back to the model's
-    coordinates (the rotation is linear, so it commutes with the merge), rounded once.
-
-    One pass, ``BS`` splits per chunk, each chunk's max, sums and outputs loaded together and folded into running
-    ones (rescaled when the max grows): up to ``BS`` splits cost one round trip to memory. The kernel is latency
-    bound (a few KB per row): a pass for the max and another for the sums cost 4 round trips at 33 splits in
-    chunks of 32 (2.7 us per layer in the 64K decode step, H100 2026-12-06c)."""
-    row = tl.program_id(0).to(tl.int64)
+def merge_partials(acc_ptr, m_ptr, l_ptr, row, NS, D: tl.constexpr, BS: tl.constexpr):
+    """Output row ``row``'s ``NS`` partials folded in one pass, ``BS`` splits per chunk: the running maximum
+    ``top`` (log2 units), the unnormalized output ``num [D]`` and the per-lane sums ``den [BS]``, both against
+    ``top`` (``_merge_kernel`` normalizes; ``fused_append`` first adds the step's token as one more split)."""
     s = tl.arange(0, BS)
     cc = tl.arange(0, D)
     top = tl.max(tl.full((BS,), float("-inf"), tl.float32), 0)
@@ -800,6 +793,23 @@ def _merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, NS, D: tl.constexpr, BS: tl.co
         num = num * alpha + tl.sum(a * w[:, None], 0)
         den = den * alpha + w * lc
         top = new
+    return top, num, den
+
+
+@triton.jit
+def _merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, NS, D: tl.constexpr, BS: tl.constexpr,
+                  ROTATE: tl.constexpr = False, ROT_SCALE: tl.constexpr = 1.0):  # fmt: skip
+    """One output row from its ``NS`` partial (acc, max, sum): one launch instead of a chain of small torch ops
+    (eager decode is bound by launches). Twin of ``merge_splits``; ``ROTATE``: the row rotated back to the model's
+    coordinates (the rotation is linear, so it commutes with the merge), rounded once.
+
+    One pass, ``BS`` splits per chunk, each chunk's max, sums and outputs loaded together and folded into running
+    ones (rescaled when the max grows): up to ``BS`` splits cost one round trip to memory. The kernel is latency
+    bound (a few KB per row): a pass for the max and another for the sums cost 4 round trips at 33 splits in
+    chunks of 32 (2.7 us per layer in the 64K decode step, H100 2026-12-06c)."""
+    row = tl.program_id(0).to(tl.int64)
+    cc = tl.arange(0, D)
+    top, num, den = merge_partials(acc_ptr, m_ptr, l_ptr, row, NS, D, BS)
     o = num / tl.sum(den, 0)
     if ROTATE:
         o = tl.reshape(fwht_rows(tl.reshape(o, (1, D)), 1, D), (D,)) * ROT_SCALE

@@ -33,6 +33,7 @@ import triton.language as tl
 from ..rotation import is_hadamard
 from ..storage import PackedLayer
 from ._launch import next_pow2
+from .attention import merge_partials
 from .hadamard import fwht_rows
 from .token import _non_finite
 
@@ -67,23 +68,8 @@ def _merge_append_kernel(
         vis = vis & (tl.load(mask_ptr + b * smb + pos) != 0)
     # The partials, one pass in chunks of BS splits (as _merge_kernel).
     r = row.to(tl.int64)
-    s = tl.arange(0, BS)
     cc = tl.arange(0, D)
-    top = tl.max(tl.full((BS,), float("-inf"), tl.float32), 0)
-    num = tl.zeros((D,), tl.float32)
-    den = tl.zeros((BS,), tl.float32)
-    for s0 in range(0, NS, BS):
-        okc = s0 + s < NS
-        mc = tl.load(m_ptr + r * NS + s0 + s, mask=okc, other=float("-inf"))
-        lc = tl.load(l_ptr + r * NS + s0 + s, mask=okc, other=0.0)
-        a = tl.load(acc_ptr + (r * NS + s0 + s)[:, None] * D + cc[None, :], mask=okc[:, None], other=0.0)
-        new = tl.maximum(top, tl.max(mc, 0))
-        safe = tl.where(new == float("-inf"), 0.0, new)
-        alpha = tl.exp2(top - safe)
-        w = tl.exp2(mc - safe)
-        num = num * alpha + tl.sum(a * w[:, None], 0)
-        den = den * alpha + w * lc
-        top = new
+    top, num, den = merge_partials(acc_ptr, m_ptr, l_ptr, r, NS, D, BS)
     # The new token: its score in the model's coordinates, then one more split.
     kn = tl.load(k_ptr + b * skb + kvh * skh + cc).to(tl.float32)
     vn = tl.load(v_ptr + b * svb + kvh * svh + cc).to(tl.float32)
