@@ -95,11 +95,21 @@ def prefill(model, ids: torch.Tensor, cache, chunk: int) -> None:
         model(ids[:, i : i + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
 
 
+class StepTimes(list):
+    """Per-step times (ms, CUDA events around the call and its GPU work) and ``host``: the host's time (ms) from the
+    call until it returns, before the GPU is waited for. After the previous step's wait the GPU is idle, so a compiled
+    step's host prelude (guards, the graph's Python, the CUDA graph launch) is in its step time as well."""
+
+    host: list[float]
+
+
 @torch.no_grad()
-def decode(step, model, cache, batch: int, start: int, steps: int, warmup: int, device: str, pad_to: int = 0) -> list[float]:
+def decode(step, model, cache, batch: int, start: int, steps: int, warmup: int, device: str,
+           pad_to: int = 0) -> StepTimes:  # fmt: skip
     """Per-step times (ms) of `steps` decode steps (random next tokens) after `warmup` steps. ``pad_to`` pads the
     2-D mask to the static cache's length, as generate does for static caches (same shapes every step)."""
-    times, t0 = [], time.perf_counter()
+    times, t0 = StepTimes(), time.perf_counter()
+    times.host = []
     mask = torch.ones(batch, start, dtype=torch.long, device=device)
     for t in range(warmup + steps):
         tok = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
@@ -107,10 +117,13 @@ def decode(step, model, cache, batch: int, start: int, steps: int, warmup: int, 
         pos = torch.full((batch, 1), start + t, device=device, dtype=torch.long)
         m = torch.nn.functional.pad(mask, (0, pad_to - mask.shape[1])) if pad_to else mask
         stop = timer(device)
+        h0 = time.perf_counter()
         step(input_ids=tok, attention_mask=m, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        host = (time.perf_counter() - h0) * 1e3
         ms = stop()
         if t >= warmup:
             times.append(ms)
+            times.host.append(host)
         elif t == warmup - 1:
             print(f"  warm-up (compile, CUDA graphs) {time.perf_counter() - t0:.1f} s", flush=True)
         if t == warmup - 1 and GC_FREEZE:  # the compiles' objects out of the collector's way while timing
@@ -258,10 +271,11 @@ def reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def result(name, batch, context, times, device) -> dict:
+def result(name, batch, context, times: StepTimes, device) -> dict:
     # Every step's time too: whether a slow median is every step or some of them (GC, a host hiccup).
     med = statistics.median(times)
     return dict(path=name, batch=batch, context=context, step_ms=med, tokens_per_s=batch * 1e3 / med,
+                host_ms=statistics.median(times.host),
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
                 step_times_ms=[round(t, 3) for t in times])  # fmt: skip
 
@@ -488,6 +502,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"{by[(v, ctx)]['step_ms'] / w:.2f} |" for v in variants)  # fmt: skip
         print(f"| {ctx // 1024}K | {s['tokens_per_s']:.1f} | {k['tokens_per_s']:.1f} | {k['tokens_per_s'] / s['tokens_per_s']:.2f}x | "
               f"{k['step_ms'] / w:.2f} | {s['peak_gib']:.1f} | {k['peak_gib']:.1f} |{g}{q}")  # fmt: skip
+    # The host's share: a step's time from the call until it returns (the GPU idle meanwhile, see StepTimes).
+    print("\n| row | step, ms | host until the call returns, ms |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['path']} {kilo(r['context'])} x {r['batch']} | {r['step_ms']:.2f} | {r['host_ms']:.2f} |")
     profiled = [r for r in rows if "kernel_ms" in r]
     if profiled:  # step = kernels + what no kernel covers: which of the two puts the 64K step above the 1K step
         print("\n| profiled row | step, ms | kernels, ms | no kernel, ms (profiler included) |\n|---|---|---|---|")

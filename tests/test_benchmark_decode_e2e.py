@@ -74,8 +74,9 @@ def test_a_retraced_variant_runs_beside_packkv_and_leaves_its_switch_as_it_was(t
     rows = json.loads((tmp_path / "decode_e2e.json").read_text())["rows"]
     assert [r["path"] for r in rows] == ["weights", "static", "packkv", variant]
     assert rows[3]["context"] == 512 and rows[3]["tokens_per_s"] > 0
-    for r in rows:  # every timed step is kept beside the median
+    for r in rows:  # every timed step is kept beside the median, and the host's part of it
         assert len(r["step_times_ms"]) == 2 and min(r["step_times_ms"]) <= r["step_ms"] <= max(r["step_times_ms"])
+        assert 0 < r["host_ms"] <= max(r["step_times_ms"])
     assert fused[0] > 0  # PackKV's own rows fuse their appends
     assert (fused[1] == 0) == (variant == "packkv_unfused")
     assert getattr(mod, switch) is before
@@ -114,3 +115,22 @@ def test_profiled_steps_report_their_kernel_time_beside_the_step_time(capsys):
     assert set(got) == {"kernel_ms", "profiled_step_ms"}
     assert got["kernel_ms"] == 0 and got["profiled_step_ms"] > 0
     assert "per step:" in capsys.readouterr().out
+
+
+def test_a_step_time_holds_its_host_time_from_the_call_to_its_return(monkeypatch):
+    """``decode`` times each step from before the call to the end of its GPU work, and separately the host's time
+    until the call returns: a step whose call takes 20 ms of host time measures at least that, in both."""
+    import time as _time
+
+    calls = []
+
+    def step(**kw):
+        calls.append(kw["position_ids"].item())
+        _time.sleep(0.02)
+
+    model = type("M", (), {"config": type("C", (), {"vocab_size": 10})()})()
+    times = decode_e2e.decode(step, model, None, 1, 5, steps=2, warmup=1, device="cpu")
+    assert calls == [5, 6, 7]  # one warm-up step, then the timed ones at the next positions
+    assert len(times) == len(times.host) == 2
+    for total, host in zip(times, times.host):
+        assert 20 <= host <= total
