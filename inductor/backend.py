@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import fx
 
-from .rewrite import fuse_decode_appends, rewrite_attention
+from .rewrite import fuse_decode_appends, rewrite_attention, snapshot_foreign_reads
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +42,21 @@ def packkv_backend(
     # the attention (whose first launch installs this otherwise), and its launchers would rebuild the kernel without
     # its register cap (the suspected cause of the cache-replayed Triton attention's 6-15% slower e2e, 2026-12-06).
     keep_maxnreg()
-    n = rewrite_attention(gm)
-    appends = fuse_decode_appends(gm) if FUSE_APPENDS else 0
+    if needs_autograd(example_inputs):
+        # PackKV's ops have no backward: a graph traced with gradients on keeps its attention as written (SDPA over
+        # decompressed K/V, differentiable in the queries as in eager mode) instead of failing in AOTAutograd.
+        n = appends = 0
+        log.debug("packkv backend: gradients on, attention left unfused (PackKV's ops have no backward)")
+    else:
+        n = rewrite_attention(gm)
+        appends = fuse_decode_appends(gm) if FUSE_APPENDS else 0
+    snapshots = snapshot_foreign_reads(gm)  # what reads the storage outside PackKV's ops reads it before any append
     stats["graphs"] += 1
     stats["fused_attention"] += n
     stats["fused_append"] += appends
-    log.info("packkv backend: graph %d, %d attention(s) fused, %d with their step's append", stats["graphs"], n,
-             appends)  # fmt: skip
+    stats["snapshots"] += snapshots
+    log.info("packkv backend: graph %d, %d attention(s) fused, %d with their step's append, %d storage tensor(s) "
+             "snapshotted", stats["graphs"], n, appends, snapshots)  # fmt: skip
     if inner is not None:
         return inner(gm, example_inputs)
     from torch._inductor import list_mode_options
@@ -69,6 +77,12 @@ def packkv_backend(
     # No compile_threads patch: the attention's register cap survives Inductor's compile workers (packkv_ops/
     # kernels/inductor_compat.py builds kernels that set one in this process; verified on the H200, 2026-12-04i).
     return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def needs_autograd(example_inputs: list) -> bool:
+    """Whether the graph is compiled for autograd: gradients on and an input (parameters are inputs) requiring them,
+    as AOTAutograd decides between its training and inference graphs."""
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
 
 
 def holds_attention(gm: fx.GraphModule) -> bool:

@@ -125,6 +125,58 @@ def _is_op(node, packet) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (packet, packet.default)
 
 
+def snapshot_foreign_reads(gm: fx.GraphModule) -> int:
+    """Give every node that reads a storage tensor of a PackKV append (directly or through ``getitem`` views) and is
+    not itself a PackKV op a ``packkv.snapshot`` of that tensor, taken where the tensor enters the graph; returns
+    how many tensors were snapshotted.
+
+    Why: the append updates the storage in place (Inductor reinplaces it into the graph input), and Inductor
+    inlines such reads (a step's positions and mask from the device counters, ``get_seq_length``) into whichever
+    later kernel uses them, after the update: seen on the CPU with torch 2.13, the second layer's positions one
+    token ahead, with the append fused (``append_attention_``) and with it alone in a graph traced for autograd;
+    the inference graph with ``append_`` alone happened to copy the counters. A snapshot is an opaque op, so it
+    runs where it stands and later kernels read its copy. A step called the way ``generate`` calls it (with
+    ``cache_position``) still reads the counters for its mask's offset."""
+    packkv_ops = (torch.ops.packkv.append_, torch.ops.packkv.attention, torch.ops.packkv.append_attention_,
+                  torch.ops.packkv.decompress, torch.ops.packkv.snapshot)  # fmt: skip
+    storage: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if _is_op(n, torch.ops.packkv.append_):
+            storage.update(a for a in n.args[:N_STORAGE] if isinstance(a, fx.Node))
+        elif _is_op(n, torch.ops.packkv.append_attention_):
+            storage.update(a for a in n.args[1 : 1 + N_STORAGE] if isinstance(a, fx.Node))
+    last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+
+    def is_view(n: fx.Node) -> bool:
+        return n.op == "call_function" and n.target is operator.getitem
+
+    def foreign_under(node: fx.Node) -> bool:
+        return any(foreign_under(u) if is_view(u) else not any(_is_op(u, op) for op in packkv_ops) for u in node.users)
+
+    def redirect(node: fx.Node, mirror: fx.Node) -> None:
+        """Point the foreign readers under ``node`` at ``mirror``, the same view of the snapshot."""
+        for user in list(node.users):
+            if is_view(user):
+                if foreign_under(user):
+                    with gm.graph.inserting_after(mirror):
+                        view = gm.graph.call_function(operator.getitem, (mirror, user.args[1]))
+                    redirect(user, view)
+            elif not any(_is_op(user, op) for op in packkv_ops):
+                user.replace_input_with(node, mirror)
+
+    done = 0
+    for t in sorted(storage, key=lambda n: n.name):
+        if foreign_under(t):
+            with gm.graph.inserting_after(last_input if t.op == "placeholder" else t):
+                snap = gm.graph.call_function(torch.ops.packkv.snapshot.default, (t,))
+            redirect(t, snap)
+            done += 1
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done
+
+
 def fuse_decode_appends(gm: fx.GraphModule) -> int:
     """Fuse each decode step's ``append_`` (one token, no block to compress) with the ``attention`` over the same
     layer that follows it into ``append_attention_``; returns how many were fused.
@@ -132,7 +184,11 @@ def fuse_decode_appends(gm: fx.GraphModule) -> int:
     The pattern is the step plan's (``models/step_plan.py``): ``append_(pool, *stacks, k, v, 0, *spec, slot)``, then
     ``attention(q, pool, stacks[0][slot], ..., stacks[13][slot], ...)``. The append moves to the attention's place:
     only the attention read the storage in between (its decompress, which the SDPA rewrite removed), which is
-    checked: any other user of the pool or the stacks between the two leaves the pair alone."""
+    checked: any other user of the pool or the stacks between the two leaves the pair alone.
+
+    Where the graph reads the storage outside PackKV's ops (a step's positions and mask from the device counters),
+    the backend gives those reads a snapshot (``snapshot_foreign_reads``), so the in-place update cannot reach
+    them."""
     appends = {}
     fused = 0
     order = {n: i for i, n in enumerate(gm.graph.nodes)}

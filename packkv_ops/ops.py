@@ -262,6 +262,19 @@ def _(q, *args, **kwargs):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+@custom_op("packkv::snapshot", mutates_args=())
+def snapshot(t: Tensor) -> Tensor:
+    """A copy of ``t`` that Inductor cannot inline: the FX rewrite gives it to the parts of a compiled step that read
+    the storage outside PackKV's ops (positions and masks from the device counters) before a fused append changes
+    the storage in place (``inductor.rewrite.fuse_decode_appends``)."""
+    return t.clone()
+
+
+@snapshot.register_fake
+def _(t):
+    return torch.empty_like(t)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # argument checks (shapes only: they cost nothing inside a compiled graph)
 # ---------------------------------------------------------------------------------------------------------------

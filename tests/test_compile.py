@@ -144,6 +144,73 @@ def test_packkv_compile_with_inductor_matches_eager():
         torch.testing.assert_close(vb, va, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_a_step_without_cache_position_reads_its_positions_before_the_append(fuse, monkeypatch):
+    """A decode step called without ``cache_position`` (a hand-written loop; generate passes it) takes its positions
+    and mask offset from the device counters, which the step's appends advance in place. Through Inductor each layer
+    must see the counters as they were at the step's start: the backend snapshots them for those reads
+    (``rewrite.snapshot_foreign_reads``; without it the second layer ran one position ahead, 3.6e-3 off here)."""
+    from packkv.inductor import backend
+
+    monkeypatch.setattr(backend, "FUSE_APPENDS", fuse)
+    ids, mask = prompts(1)
+    cfg = PackKVConfig(rotation="none")
+
+    def step(model):
+        cache = packkv.PackKVCache(cfg)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            cache.compiled = True
+            out = model.__call__(input_ids=ids[:, -1:], attention_mask=F.pad(mask, (0, 1), value=1),
+                                 past_key_values=cache, use_cache=True)  # fmt: skip
+        return out.logits
+
+    want = step(tiny("llama"))
+    before = dict(stats)
+    got = step(packkv.compile(tiny("llama"), config=cfg))
+    assert stats["graphs"] > before.get("graphs", 0)
+    assert (stats["fused_append"] > before.get("fused_append", 0)) == fuse
+    assert stats["snapshots"] - before.get("snapshots", 0) == 2  # the block and window counters
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_compiled_decode_step_with_gradients_on_keeps_sdpa_and_backpropagates_to_the_queries():
+    """PackKV's ops have no backward: a step compiled with gradients on (a forward outside ``torch.no_grad``) keeps
+    SDPA over the decompressed cache (the backend leaves it unfused) instead of failing in AOTAutograd, and gives
+    eager mode's logits and query-side gradients; the same step under ``no_grad`` is fused."""
+    ids, mask = prompts(1)
+    cfg = PackKVConfig(rotation="none")
+
+    def step(model, cache):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        cache.compiled = True  # as generate sets it for a compiled model (packkv.compile)
+        # model.__call__: what generate calls, and what packkv.compile replaces (calling the model goes through
+        # its type's __call__)
+        out = model.__call__(input_ids=ids[:, -1:], attention_mask=F.pad(mask, (0, 1), value=1),
+                             past_key_values=cache, use_cache=True)  # fmt: skip
+        out.logits.float().sum().backward()
+        return out.logits.detach(), model.model.layers[0].self_attn.q_proj.weight.grad
+
+    eager_model = tiny("llama")
+    want, want_grad = step(eager_model, packkv.PackKVCache(cfg))
+    model = packkv.compile(tiny("llama"), config=cfg)
+    before = stats["fused_attention"]
+    got, grad = step(model, packkv.PackKVCache(cfg))
+    assert stats["fused_attention"] == before  # compiled (a graph was built), attention left as written
+    assert stats["graphs"] > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert grad is not None and grad.abs().sum() > 0
+    torch.testing.assert_close(grad, want_grad, rtol=1e-3, atol=1e-4)
+    with torch.no_grad():  # the same step without gradients: fused
+        cache = packkv.PackKVCache(cfg)
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        cache.compiled = True
+        model.__call__(input_ids=ids[:, -1:], attention_mask=F.pad(mask, (0, 1), value=1), past_key_values=cache,
+                       use_cache=True)  # fmt: skip
+    assert stats["fused_attention"] > before
+
+
 class TinyAttention(torch.nn.Module):
     """A plain module: SDPA over K/V handed back by the PackKV ops (the README's minimal example)."""
 

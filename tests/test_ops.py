@@ -21,6 +21,15 @@ def layer_with(tokens: int, batch: int = 2, heads: int = 2, dim: int = 64, dtype
 
 
 # ---- opcheck ---------------------------------------------------------------------------------------------------
+def test_the_snapshot_op_copies_and_passes_opcheck():
+    """``packkv.snapshot`` (what the compile backend gives storage readers outside PackKV's ops): an equal tensor
+    that shares no memory with its input."""
+    t = torch.arange(6, dtype=torch.int32).reshape(2, 3)
+    got = torch.ops.packkv.snapshot(t)
+    assert torch.equal(got, t) and got.data_ptr() != t.data_ptr()
+    torch.library.opcheck(torch.ops.packkv.snapshot, (t,))
+
+
 def test_opcheck_append_without_and_with_a_flush():
     layer, _, _ = layer_with(40, cfg=CFG)  # 40 exact tokens: room for more before a flush
     new = torch.randn(2, 2, 1, 64).bfloat16()
