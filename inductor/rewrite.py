@@ -145,7 +145,9 @@ def snapshot_foreign_reads(gm: fx.GraphModule) -> int:
             storage.update(a for a in n.args[:N_STORAGE] if isinstance(a, fx.Node))
         elif _is_op(n, torch.ops.packkv.append_attention_):
             storage.update(a for a in n.args[1 : 1 + N_STORAGE] if isinstance(a, fx.Node))
-    last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    if not storage:
+        return 0
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
 
     def is_view(n: fx.Node) -> bool:
         return n.op == "call_function" and n.target is operator.getitem
@@ -167,7 +169,7 @@ def snapshot_foreign_reads(gm: fx.GraphModule) -> int:
     done = 0
     for t in sorted(storage, key=lambda n: n.name):
         if foreign_under(t):
-            with gm.graph.inserting_after(last_input if t.op == "placeholder" else t):
+            with gm.graph.inserting_after(inputs[-1] if t.op == "placeholder" else t):  # before any reader
                 snap = gm.graph.call_function(torch.ops.packkv.snapshot.default, (t,))
             redirect(t, snap)
             done += 1
