@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -249,6 +251,33 @@ def test_inductor_compiles_the_rotated_attention():
     before = stats["fused_attention"]
     torch.testing.assert_close(packkv.compile(mod)(q), mod(q), rtol=1e-5, atol=1e-5)
     assert stats["fused_attention"] == before + 1
+
+
+def test_storage_readers_outside_packkv_ops_read_a_snapshot_taken_before_the_appends():
+    """``rewrite.snapshot_foreign_reads`` on a hand-built graph: a node computing from a storage tensor of an append
+    (through views) reads a ``packkv.snapshot`` of it taken right after the graph's inputs; PackKV's own ops keep
+    reading the tensor itself, and tensors nobody else reads get no snapshot."""
+    from packkv.inductor.rewrite import N_STORAGE, snapshot_foreign_reads
+
+    g = torch.fx.Graph()
+    storage = [g.placeholder(f"s{i}") for i in range(N_STORAGE)]
+    k, v = g.placeholder("k"), g.placeholder("v")
+    counters = storage[-1]  # n_win
+    row = g.call_function(operator.getitem, (counters, 0))
+    offset = g.call_function(operator.add, (g.call_function(operator.getitem, (row, 0)), 1))  # a position
+    g.call_function(torch.ops.packkv.append_.default, (*storage, k, v, 0, 0.1, 0, 0.2, 0, 16, 1, 0, 0))
+    own_view = g.call_function(operator.getitem, (counters, 0))  # what a PackKV op reads after the append
+    g.call_function(torch.ops.packkv.attention.default, (k, *storage[:-1], own_view, 8, None, False, None))
+    g.output(offset)
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+
+    assert snapshot_foreign_reads(gm) == 1
+    snaps = [n for n in gm.graph.nodes if n.target == torch.ops.packkv.snapshot.default]
+    assert len(snaps) == 1 and snaps[0].args == (counters,) and snaps[0].prev is v  # right after the inputs
+    src = offset.args[0].args[0]  # offset <- getitem(row', 0) <- getitem(snapshot, 0)
+    assert src.target is operator.getitem and src.args[0] is snaps[0]
+    assert own_view.args[0] is counters  # PackKV's reads are untouched
+    assert snapshot_foreign_reads(torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())) == 0
 
 
 def test_rewrite_leaves_other_attention_alone():
