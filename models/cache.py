@@ -28,7 +28,7 @@ from packkv.ops.reference import flush_count
 from packkv.ops.rotation import rotate
 
 from .layer_stack import LayerStack
-from .step_plan import StepPlan
+from .step_plan import _N_BLOCKS, _N_WIN, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -391,9 +391,7 @@ class PackKVCache(Cache):
     def verify_step(self, new_tokens: int) -> None:
         """After a compiled step: the device counters must have advanced as the host planned. They do not when
         a layer received NaN/Inf keys or values (the op then stores nothing); report it, and undo the plan."""
-        # One gather and one device-to-host copy for all layers (per layer, 32 copies each synchronised the GPU).
-        both = torch.cat([t for layer in self.layers for t in (layer.storage.n_blocks, layer.storage.n_win)])
-        counts = both.view(len(self.layers), 2, -1)[:, :, 0].tolist()
+        counts = self._device_counts()
         bad = [i for i, (layer, c) in enumerate(zip(self.layers, counts)) if tuple(c) != (layer.n_blocks, layer.n_win)]
         if bad:
             want = [(self.layers[i].n_blocks, self.layers[i].n_win) for i in bad[:3]]
@@ -404,6 +402,17 @@ class PackKVCache(Cache):
                 f"were not stored (device counters (blocks, window) {[tuple(counts[i]) for i in bad[:3]]}, "
                 f"expected {want})"
             )
+
+    def _device_counts(self) -> list[list[int]]:
+        """Each layer's device counters ``[n_blocks, n_win]`` of sequence 0, in one device-to-host copy (per layer,
+        32 copies each synchronised the GPU). This runs after every compiled step, between the step's graph and
+        the caller, so its host time is in the step's: with the step plan the counters are two strided views of
+        the shared stack (one small kernel; ~7 instead of ~19 us of host time on the CPU for 32 layers)."""
+        if self._plan is not None:
+            t = self._plan.stack.tensors
+            return torch.stack((t[_N_BLOCKS][:, 0], t[_N_WIN][:, 0]), 1).tolist()
+        both = torch.cat([t for layer in self.layers for t in (layer.storage.n_blocks, layer.storage.n_win)])
+        return both.view(len(self.layers), 2, -1)[:, :, 0].tolist()
 
     def reserve(self, tokens: int) -> None:
         """Make room for exactly ``tokens`` tokens per sequence in every initialized layer (avoids growth later,

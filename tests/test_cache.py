@@ -233,15 +233,20 @@ def test_sliding_window_models_work_with_the_full_packed_cache():
     assert torch.equal(generate(model, ids, mask, PackKVCache(EXACT)), ref)
 
 
-def test_a_compiled_step_whose_counters_did_not_advance_is_reported_and_undone():
+@pytest.mark.parametrize("step_plan", [True, False])
+def test_a_compiled_step_whose_counters_did_not_advance_is_reported_and_undone(step_plan):
     """verify_step after a compiled step: layers whose device counters did not move (the op refused NaN/Inf) are
-    named, and the host mirrors fall back to what the device holds; layers that advanced pass."""
+    named, and the host mirrors fall back to what the device holds; layers that advanced pass. The counters are
+    read from the layers' shared stack (step plan) or from each layer's storage (without one)."""
     cache = PackKVCache(PackKVConfig(block_size=16, window=16))
+    if not step_plan:
+        cache._step_plan = lambda token_capacity: None
     k = torch.randn(1, 2, 40, 64)
     for i in range(3):
         cache.update(k, k, i)
     before = [(layer.n_blocks, layer.n_win) for layer in cache.layers]
     cache.prepare_step(1)  # plans one token per layer
+    assert (cache._plan is not None) == step_plan
     cache.layers[1].storage.n_win.add_(1)  # only layer 1 stored its token, as the op does
     with pytest.raises(ValueError, match=r"non-finite.*layers \[0, 2\]"):
         cache.verify_step(1)
