@@ -77,6 +77,9 @@ def test_a_retraced_variant_runs_beside_packkv_and_leaves_its_switch_as_it_was(t
     for r in rows:  # every timed step is kept beside the median, and the host's part of it
         assert len(r["step_times_ms"]) == 2 and min(r["step_times_ms"]) <= r["step_ms"] <= max(r["step_times_ms"])
         assert 0 < r["host_ms"] <= max(r["step_times_ms"])
+        # The host's part ends at the graph's launch: the static cache's call returns then; PackKV's goes on to
+        # verify_step (the counters), which the launch marks set apart.
+        assert (r["after_launch_ms"] > 0) == r["path"].startswith("packkv"), r
     assert fused[0] > 0  # PackKV's own rows fuse their appends
     assert (fused[1] == 0) == (variant == "packkv_unfused")
     assert getattr(mod, switch) is before
