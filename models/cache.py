@@ -268,9 +268,15 @@ class PackKVLayer(CacheLayerMixin):
     def reserve(self, tokens: int) -> None:
         """Block capacity for ``tokens`` tokens per sequence, exactly (no geometric headroom): a compiled step
         attends to the whole capacity (``token_capacity``), so a capacity doubled by growth would make every step
-        of a known-length generation attend to twice its length (zero keys past the end)."""
+        of a known-length generation attend to twice its length (zero keys past the end). A capacity larger than
+        that (a prefill's geometric growth) is trimmed to it, never below the blocks already stored."""
         lay = self.storage.layout
-        self._ensure_capacity(max(0, (tokens - lay.window) // lay.block_size), 0, exact=True)
+        blocks = max(0, (tokens - lay.window) // lay.block_size, self.n_blocks)
+        if blocks < self._block_capacity:
+            self.storage = self.storage.with_capacity(blocks, trim_blocks=True)
+            self._mark_static()
+            return
+        self._ensure_capacity(blocks, 0, exact=True)
 
     def _mark_static(self) -> None:
         # Compiled steps mutate these tensors in place: static addresses let CUDA graphs capture them. The
@@ -416,7 +422,8 @@ class PackKVCache(Cache):
 
     def reserve(self, tokens: int) -> None:
         """Make room for exactly ``tokens`` tokens per sequence in every initialized layer (avoids growth later,
-        and a compiled step attends to no more than that)."""
+        and a compiled step attends to no more than that): after a prefill, whose growth is geometric, this also
+        trims the capacity down to ``tokens`` (not below what is stored)."""
         for layer in self.layers:
             if layer.is_initialized:
                 layer.reserve(tokens)

@@ -108,9 +108,17 @@ class PackedLayer:
         return self.pool.device
 
     # ---- restructuring (outside compiled steps) ------------------------------------------------------------
-    def with_capacity(self, block_capacity: int | None = None, pool_words: int | None = None) -> PackedLayer:
-        """A copy with room for ``block_capacity`` blocks per sequence and ``pool_words`` payload words."""
+    def with_capacity(self, block_capacity: int | None = None, pool_words: int | None = None,
+                      trim_blocks: bool = False) -> PackedLayer:  # fmt: skip
+        """A copy with room for ``block_capacity`` blocks per sequence and ``pool_words`` payload words (at least
+        the current capacities; ``trim_blocks``: exactly ``block_capacity`` blocks, fewer than now if no sequence
+        uses the blocks past it)."""
         nb = max(block_capacity or 0, self.block_capacity)
+        if trim_blocks and block_capacity is not None and block_capacity < self.block_capacity:
+            used = int(self.n_blocks.max()) if self.batch else 0
+            if block_capacity < used:
+                raise ValueError(f"cannot trim to {block_capacity} blocks per sequence: a sequence holds {used}")
+            nb = block_capacity
         pw = max(pool_words or 0, self.pool_capacity)
         out = PackedLayer.empty(self.layout, self.batch, self.dtype, self.device, nb, pw)
         for f in STORAGE_FIELDS:
@@ -118,7 +126,8 @@ class PackedLayer:
             if f == "pool":
                 dst[: src.shape[0] - 1].copy_(src[:-1])
             elif src.dim() >= 2 and f not in ("ring_k", "ring_v"):
-                dst[:, : src.shape[1]].copy_(src)
+                n = min(src.shape[1], dst.shape[1])  # the per-block fields: the blocks both hold
+                dst[:, :n].copy_(src[:, :n])
             else:
                 dst.copy_(src)
         return out

@@ -195,8 +195,51 @@ def test_reserve_makes_room_for_exactly_the_tokens_asked_for():
     cache.reserve(want)
     caps = [layer.token_capacity for layer in cache.layers]
     assert all(want <= c <= want + 64 for c in caps), (want, caps)  # whole blocks: at most one block more
-    cache.reserve(want - 300)  # room already: nothing changes
-    assert [layer.token_capacity for layer in cache.layers] == caps
+    cache.reserve(want - 300)  # fewer than are stored: trimmed to the stored blocks, not below
+    for layer in cache.layers:
+        assert layer.token_capacity == layer.n_blocks * 64 + layer.storage.layout.ring_size >= layer.tokens
+
+
+def _stored(cache):
+    return [torch.ops.packkv.decompress(*layer.storage.tensors(), layer.tokens, *spec(layer.storage.layout))
+            for layer in cache.layers]  # fmt: skip
+
+
+def test_reserve_trims_a_prefills_geometric_growth_to_the_tokens_asked_for():
+    """A prefill grows the storage geometrically (it cannot know the final length), so its capacity can end at
+    up to twice the length: a later reservation trims it to exactly the tokens asked for (the e2e benchmark's 64K
+    steps attended over 130,240 positions before this), keeps every stored value, never goes below what is
+    stored, and leaves room for exactly those tokens: the steps up to them grow nothing."""
+    model = tiny("llama")
+    cache = PackKVCache(PackKVConfig(block_size=16, window=16))
+    n = 16 * 40 + 5
+    for i in range(0, n, 100):  # a chunked prefill: geometric growth
+        model(torch.randint(3, 256, (1, min(100, n - i))), past_key_values=cache)
+    layer = cache.layers[0]
+    assert layer.token_capacity > n + 16 * 4, layer.token_capacity  # the growth overshot
+    before = _stored(cache)
+    want = n + 20
+    cache.reserve(want)
+    assert all(want <= lay.token_capacity <= want + 16 for lay in cache.layers), [l.token_capacity for l in cache.layers]
+    for (k0, v0), (k1, v1) in zip(before, _stored(cache)):
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)
+    caps = [lay._block_capacity for lay in cache.layers]
+    for _ in range(want - n):  # the host's plan of each step up to the reservation: no growth
+        cache.prepare_step(1)
+    assert [lay._block_capacity for lay in cache.layers] == caps
+    cache.reserve(10)  # below what is stored: the stored blocks stay
+    assert all(lay.token_capacity >= lay.tokens for lay in cache.layers)
+    for (k0, v0), (k1, v1) in zip(before, _stored(cache)):
+        assert torch.equal(k0[:, :, :n], k1[:, :, :n]) and torch.equal(v0[:, :, :n], v1[:, :, :n])
+
+
+def test_a_storage_is_not_trimmed_below_the_blocks_it_holds():
+    cache = PackKVCache(PackKVConfig(block_size=16, window=16))
+    cache.update(torch.randn(1, 2, 100, 64), torch.randn(1, 2, 100, 64), 0)
+    st = cache.layers[0].storage
+    with pytest.raises(ValueError, match="cannot trim to 2 blocks per sequence: a sequence holds 5"):
+        st.with_capacity(2, trim_blocks=True)
+    assert st.with_capacity(5, trim_blocks=True).block_capacity == 5
 
 
 def test_cache_of_another_model_is_refused():
