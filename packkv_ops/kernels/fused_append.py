@@ -15,11 +15,13 @@ for any sequence (the host sees the counters not advance) and the token is not a
 Why: the compiled 64K decode step runs three PackKV kernels per layer (append 2.7 us, attention ~52, merge 2.7,
 H100 2026-12-06c); this removes the append's launch. Measured (H100, 2026-12-06g, ``fused_append_cost.py``, per
 layer in a CUDA graph of 8): B1/64K 60.3-61.2 vs 60.7-61.8 us, B1/128K 106.9-107.3 vs 108.5-108.8, B8/32K
-209.0-211.8 vs 216.5-217.5, B1/8K 17.4 vs 20.0-20.1. In the 64K e2e step (profiled) this merge takes 4.5 us
-against the plain merge's 2.4 and the append's 2.8: every program checks the whole batch's new K/V and rotates the
-token, where only a KV head's first row stores it (a lead: branch on ``first``). Putting the append into the partials' kernel instead would race
-(one program advancing ``n_win`` while others of the launch read it) and would need the token rotated inside the
-Gluon producers.
+209.0-211.8 vs 216.5-217.5, B1/8K 17.4 vs 20.0-20.1. In the 64K e2e step (profiled) this merge took 4.5 us
+against the plain merge's 2.4 and the append's 2.8: every program rotated the token (two 128-point FWHTs), where
+only a KV head's first row stores it. Since 2026-12-06h the token's rotation, ring stores and count run in ``B *
+H`` programs of their own beside the merges (H100, same call, main / this / main, per layer: B1/64K 58.73, 59.32 /
+58.07, 58.58 / 58.74, 59.02 us; B1/8K 17.48, 17.57 / 17.24, 17.27 / 17.84, 17.83; B8/32K 207.5, 207.8 / 207.4, 201.7
+/ 202.1, 207.9). Putting the append into the partials' kernel instead would race (one program advancing
+``n_win`` while others of the launch read it) and would need the token rotated inside the Gluon producers.
 """
 
 from __future__ import annotations
@@ -46,12 +48,11 @@ def _merge_append_kernel(
     ring_k_ptr, ring_v_ptr, n_win_ptr, B, H, HQ, S, qk_scale, inv_sqrt,
     D: tl.constexpr, BS: tl.constexpr, HP: tl.constexpr, ROTATE: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # fmt: skip
-    """Output row ``b * HQ + hq``: its ``NS`` partials (rotated coordinates, log2 units; as ``_merge_kernel``) and
-    the sequence's new token (model coordinates), rotated back and normalized once."""
+    """Programs ``0 .. B*HQ-1``: output row ``b * HQ + hq``, its ``NS`` partials (rotated coordinates, log2 units;
+    as ``_merge_kernel``) and the sequence's new token (model coordinates), rotated back and normalized once.
+    Programs ``B*HQ ..``: one per (sequence, KV head), the token rotated into the ring and the count, so no merge
+    program carries the token's two FWHTs on its path (they run beside the merges, on other SMs)."""
     row = tl.program_id(0)
-    b = row // HQ
-    hq = row % HQ
-    kvh = hq // (HQ // H)
     inv_sqrt = tl.cast(inv_sqrt, tl.float32)
     # The whole batch's new K/V finite? (every program checks all of it, as append_token: a few KB from L2)
     h = tl.arange(0, HP)[:, None]
@@ -62,40 +63,47 @@ def _merge_append_kernel(
         bad |= _non_finite(tl.load(k_ptr + i * skb + h * skh + c, mask=hm, other=0.0))
         bad |= _non_finite(tl.load(v_ptr + i * svb + h * svh + c, mask=hm, other=0.0))
     ok = tl.max(tl.max(bad, 1), 0) == 0
-    pos = tl.load(tot_ptr + b)
-    vis = ok
-    if HAS_MASK:
-        vis = vis & (tl.load(mask_ptr + b * smb + pos) != 0)
-    # The partials, one pass in chunks of BS splits (as _merge_kernel).
-    r = row.to(tl.int64)
     cc = tl.arange(0, D)
-    top, num, den = merge_partials(acc_ptr, m_ptr, l_ptr, r, NS, D, BS)
-    # The new token: its score in the model's coordinates, then one more split.
-    kn = tl.load(k_ptr + b * skb + kvh * skh + cc).to(tl.float32)
-    vn = tl.load(v_ptr + b * svb + kvh * svh + cc).to(tl.float32)
-    qr = tl.load(q_ptr + r * D + cc).to(tl.float32)
-    s_new = tl.where(vis, tl.sum(qr * kn, 0) * qk_scale, float("-inf"))
-    new = tl.maximum(top, s_new)
-    safe = tl.where(new == float("-inf"), 0.0, new)
-    alpha = tl.exp2(top - safe)
-    w_new = tl.exp2(s_new - safe)
-    num = num * alpha
-    if ROTATE:  # the partials are in the cache's coordinates: back to the model's (linear: before the division)
-        num = tl.reshape(fwht_rows(tl.reshape(num, (1, D)), 1, D), (D,)) * inv_sqrt
-    o = (num + w_new * tl.where(vis, vn, 0.0)) / (tl.sum(den, 0) * alpha + w_new)  # (0 x NaN is NaN)
-    tl.store(out_ptr + r * D + cc, o.to(out_ptr.dtype.element_ty))
-    # The token into the ring (each KV head's first query row), rotated as append_token rotates it; the count.
-    first = (hq % (HQ // H)) == 0
-    dst = ((b * H + kvh).to(tl.int64) * S + pos % S) * D + cc
-    kr = tl.load(k_ptr + b * skb + kvh * skh + cc)
-    vr = tl.load(v_ptr + b * svb + kvh * svh + cc)
-    if ROTATE:
-        kr = (tl.reshape(fwht_rows(tl.reshape(kr.to(tl.float32), (1, D)), 1, D), (D,)) * inv_sqrt).to(kr.dtype)
-        vr = (tl.reshape(fwht_rows(tl.reshape(vr.to(tl.float32), (1, D)), 1, D), (D,)) * inv_sqrt).to(vr.dtype)
-    tl.store(ring_k_ptr + dst, kr.to(ring_k_ptr.dtype.element_ty), mask=ok & first)
-    tl.store(ring_v_ptr + dst, vr.to(ring_v_ptr.dtype.element_ty), mask=ok & first)
-    nw = tl.load(n_win_ptr + b)
-    tl.store(n_win_ptr + b, nw + 1, mask=ok & (hq == 0))
+    if row < B * HQ:
+        b = row // HQ
+        hq = row % HQ
+        kvh = hq // (HQ // H)
+        pos = tl.load(tot_ptr + b)
+        vis = ok
+        if HAS_MASK:
+            vis = vis & (tl.load(mask_ptr + b * smb + pos) != 0)
+        # The partials, one pass in chunks of BS splits (as _merge_kernel).
+        r = row.to(tl.int64)
+        top, num, den = merge_partials(acc_ptr, m_ptr, l_ptr, r, NS, D, BS)
+        # The new token: its score in the model's coordinates, then one more split.
+        kn = tl.load(k_ptr + b * skb + kvh * skh + cc).to(tl.float32)
+        vn = tl.load(v_ptr + b * svb + kvh * svh + cc).to(tl.float32)
+        qr = tl.load(q_ptr + r * D + cc).to(tl.float32)
+        s_new = tl.where(vis, tl.sum(qr * kn, 0) * qk_scale, float("-inf"))
+        new = tl.maximum(top, s_new)
+        safe = tl.where(new == float("-inf"), 0.0, new)
+        alpha = tl.exp2(top - safe)
+        w_new = tl.exp2(s_new - safe)
+        num = num * alpha
+        if ROTATE:  # the partials are in the cache's coordinates: back to the model's (linear: before the division)
+            num = tl.reshape(fwht_rows(tl.reshape(num, (1, D)), 1, D), (D,)) * inv_sqrt
+        o = (num + w_new * tl.where(vis, vn, 0.0)) / (tl.sum(den, 0) * alpha + w_new)  # (0 x NaN is NaN)
+        tl.store(out_ptr + r * D + cc, o.to(out_ptr.dtype.element_ty))
+    else:  # the token into the ring, rotated as append_token rotates it; the count (each sequence's head 0)
+        t = row - B * HQ
+        b = t // H
+        kvh = t % H
+        pos = tl.load(tot_ptr + b)
+        dst = ((b * H + kvh).to(tl.int64) * S + pos % S) * D + cc
+        kr = tl.load(k_ptr + b * skb + kvh * skh + cc)
+        vr = tl.load(v_ptr + b * svb + kvh * svh + cc)
+        if ROTATE:
+            kr = (tl.reshape(fwht_rows(tl.reshape(kr.to(tl.float32), (1, D)), 1, D), (D,)) * inv_sqrt).to(kr.dtype)
+            vr = (tl.reshape(fwht_rows(tl.reshape(vr.to(tl.float32), (1, D)), 1, D), (D,)) * inv_sqrt).to(vr.dtype)
+        tl.store(ring_k_ptr + dst, kr.to(ring_k_ptr.dtype.element_ty), mask=ok)
+        tl.store(ring_v_ptr + dst, vr.to(ring_v_ptr.dtype.element_ty), mask=ok)
+        nw = tl.load(n_win_ptr + b)
+        tl.store(n_win_ptr + b, nw + 1, mask=ok & (kvh == 0))
 
 
 def covers(q: torch.Tensor, st: PackedLayer, mask: torch.Tensor | None, is_causal: bool, scale: float | None,
@@ -143,7 +151,7 @@ def append_and_attend(q: torch.Tensor, st: PackedLayer, new_k: torch.Tensor, new
     new_v = new_v if new_v.stride(-1) == 1 else new_v.contiguous()
     out = torch.empty(B, HQ, 1, D, dtype=q.dtype, device=q.device)
     smb = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
-    _merge_append_kernel[(B * HQ,)](
+    _merge_append_kernel[(B * HQ + B * H,)](
         acc, m, l, out, ns, q.contiguous(), new_k, new_v, new_k.stride(0), new_k.stride(1), new_v.stride(0),
         new_v.stride(1), totals, st.n_win if mask is None else mask, smb, st.ring_k, st.ring_v, st.n_win, B, H, HQ,
         st.layout.ring_size, LOG2E / math.sqrt(D), 1.0 / math.sqrt(D),
