@@ -313,6 +313,7 @@ class PackKVCache(Cache):
         self.model_identity: dict | None = model_identity(model) if model is not None else None
         super().__init__(layer_class_to_replicate=functools.partial(PackKVLayer, self.packkv_config))
         self._plan: StepPlan | None = None  # set by prepare_step for the next compiled step
+        self._reserve_tokens: int | None = None  # applied by the first compiled step (reserve_before_decode)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if not _is_compiling():
@@ -356,6 +357,9 @@ class PackKVCache(Cache):
     def prepare_step(self, new_tokens: int) -> int:
         """Host bookkeeping before a compiled step that adds ``new_tokens`` tokens per sequence (flush counts,
         growth); returns the length of the K/V the compiled step hands to attention (the token capacity)."""
+        if self._reserve_tokens is not None and self.is_initialized:
+            self.reserve(max(self._reserve_tokens, self.get_seq_length() + new_tokens))
+            self._reserve_tokens = None
         for layer in self.layers:
             layer.prepare_step(new_tokens)
         self.stack_layers()
@@ -427,6 +431,12 @@ class PackKVCache(Cache):
         for layer in self.layers:
             if layer.is_initialized:
                 layer.reserve(tokens)
+
+    def reserve_before_decode(self, tokens: int | None) -> None:
+        """Reserve ``tokens`` tokens per sequence at the first compiled step (``reserve``, once the prefill has
+        filled the cache): ``generate`` on a ``packkv.compile``d model passes its final length here. None: no
+        reservation (the capacity then grows geometrically, and steps may attend to up to twice the length)."""
+        self._reserve_tokens = tokens
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held, summed over layers: ``compressed`` (every byte of the packed blocks), ``window`` (the exact

@@ -49,9 +49,26 @@ def _generate_with_packkv(generate, cfg: PackKVConfig):
             past_key_values = PackKVCache(cfg, model=self)
         if isinstance(past_key_values, PackKVCache):
             past_key_values.compiled = True
+            # Compiled steps attend to the storage's whole capacity, and the prefill grows it geometrically (up to
+            # twice the prompt): the first compiled step trims it to the generation's final length instead.
+            past_key_values.reserve_before_decode(_final_length(self, args, kwargs))
         return generate(self, *args, past_key_values=past_key_values, **kwargs)
 
     return wrapped
+
+
+def _final_length(model, args: tuple, kwargs: dict) -> int | None:
+    """Tokens per sequence at the end of this ``generate`` call (prompt + new tokens), or None when unknown."""
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    if not isinstance(ids, torch.Tensor) or ids.dim() < 2:
+        return None
+    config = kwargs.get("generation_config") or model.generation_config
+    new = kwargs.get("max_new_tokens", config.max_new_tokens)
+    if new is not None:
+        return ids.shape[1] + new
+    return kwargs.get("max_length", config.max_length)
 
 
 class _DecodeStep:

@@ -16,7 +16,7 @@ from packkv.models.cache import MIN_BLOCKS
 from packkv.ops import PackKVConfig
 from transformers.integrations.sdpa_attention import repeat_kv
 
-NEW = 220  # decode steps: several block compressions, and one growth of the storage
+NEW = 220  # decode steps: several block compressions (and one growth of the storage where nothing was reserved)
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +49,7 @@ def test_packkv_compile_fuses_attention_and_matches_eager():
     before = dict(stats)
     out = model.generate(**kw)
     assert torch.equal(out, eager)
-    # Two graphs (a step with and one without a block compression) plus one for the storage's growth: no
+    # Two graphs (a step with and one without a block compression), plus one where the storage grows: no
     # recompilation per token (fullgraph=True: a graph break would have raised).
     assert 2 <= len(graphs) <= 3
     fused = 0
@@ -67,6 +67,24 @@ def test_packkv_compile_fuses_attention_and_matches_eager():
     assert torch.equal(model.generate(**kw), eager) and len(graphs) <= 3
 
 
+def test_generate_attends_to_its_final_length_not_to_the_prefills_geometric_capacity():
+    """A compiled step attends to the storage's whole capacity, and the prefill grows it geometrically. generate
+    knows its final length (prompt + max_new_tokens): the first compiled step trims the capacity to it, so no step
+    attends to more, and the decode needs no growth (one graph per kind of step, no third for a larger storage)."""
+    ids, mask = prompts(2)
+    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW)
+    eager = tiny("llama").generate(**kw, past_key_values=packkv.PackKVCache(EXACT))
+    graphs: list = []
+    model = packkv.compile(tiny("llama"), config=EXACT, backend=capture(graphs))
+    cache = packkv.PackKVCache(EXACT)
+    assert torch.equal(model.generate(**kw, past_key_values=cache), eager)
+    final = ids.shape[1] + NEW
+    block = EXACT.block_size
+    assert all(final <= layer.token_capacity < final + block for layer in cache.layers), (
+        final, [layer.token_capacity for layer in cache.layers])
+    assert len(graphs) == 2
+
+
 def test_a_guard_filter_on_module_attributes_keeps_the_cache_guards():
     """Dropping Dynamo's guards on nn.Module attributes (``skip_guard_on_all_nn_modules_unsafe``, for host time per
     step) keeps those on the cache's storage, which is not a module attribute: its growth still compiles a new
@@ -78,6 +96,7 @@ def test_a_guard_filter_on_module_attributes_keeps_the_cache_guards():
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     model = packkv.compile(tiny("llama"), config=EXACT, backend=capture(graphs), options=options)
     cache = packkv.PackKVCache(EXACT)
+    cache.reserve_before_decode = lambda tokens: None  # no reservation: the storage grows while decoding
     assert torch.equal(model.generate(**kw, past_key_values=cache), eager)
     assert cache.layers[0].storage.block_capacity > MIN_BLOCKS
     assert len(graphs) == 3  # with and without a block compression, and once more after the growth
