@@ -75,6 +75,9 @@ def compile_kwargs(mode: str | None, guard_filter: bool) -> dict:
     return dict(options=dict(opts, guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe))
 
 
+# Positions each cache holds past its timed steps: the profiled ones (3 + 10 with --profile) and a margin.
+SLACK = 24
+
 # --gc-freeze: after each path's warm-up, every object alive is moved out of the garbage collector's generations
 # (as serving stacks do after capturing CUDA graphs), for both paths alike.
 GC_FREEZE = False
@@ -159,7 +162,7 @@ def decode(step, model, cache, batch: int, start: int, steps: int, warmup: int, 
 def run_static(model, batch, context, steps, warmup, device, chunk, compiled, profile: bool = False) -> dict:
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=context + warmup + steps + 8)
+    cache = StaticCache(config=model.config, max_cache_len=context + warmup + steps + SLACK)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
     t0 = time.perf_counter()
     prefill(model, ids, cache, chunk)
@@ -167,7 +170,7 @@ def run_static(model, batch, context, steps, warmup, device, chunk, compiled, pr
     reset_peak(device)
     times = decode(compiled, model, cache, batch, context, steps, warmup, device, pad_to=cache.get_max_length())
     row = dict(result("static", batch, context, times, device), cache_alloc_bytes=allocated_bytes(cache))
-    if profile and device == "cuda":  # the 1K row's kernels: the 64K step's target is 1.15x this row's step
+    if profile and device == "cuda":  # kernels and host per step (the 64K step's target: 1.15x the 1K row's)
         row.update(profile_steps(compiled, model, cache, batch, context + warmup + steps, device, cache.get_max_length()))
     return row
 
@@ -197,7 +200,7 @@ def run_packkv(model, batch, context, steps, warmup, device, chunk, cfg, profile
     print(f"packkv {context}: prefill {time.perf_counter() - t0:.1f} s", flush=True)
     # No storage growth (and no recompile) while timing. capacity_x 2: the capacity right after a growth (attention
     # then runs over out_len = the capacity, twice the length).
-    cache.reserve(int(capacity_x * context) + warmup + steps + 8)
+    cache.reserve(int(capacity_x * context) + warmup + steps + SLACK)
     reset_peak(device)
     graphs = stats["graphs"]
     marks = LaunchMarks()
@@ -229,7 +232,25 @@ def profile_steps(step, model, cache, batch: int, start: int, device: str, pad_t
     print(f"per step: {statistics.median(t):.2f} ms measured, {busy:.2f} ms of kernels ({launches:.0f} kernels): "
           f"{statistics.median(t) - busy:.2f} ms with no kernel running", flush=True)
     launch_details(p)
+    host_functions(step, model, cache, batch, start + 3, device, pad_to)
     return dict(kernel_ms=busy, profiled_step_ms=statistics.median(t))
+
+
+def host_functions(step, model, cache, batch: int, start: int, device: str, pad_to: int = 0, steps: int = 10) -> None:
+    """The host's Python per step, by function (cProfile over ``steps`` more steps, its own cost included): where a
+    path's host time before its graph launch goes (guards and the launch itself are C++ inside the callers)."""
+    import cProfile
+    import pstats
+
+    with cProfile.Profile() as pr:
+        decode(step, model, cache, batch, start, steps, 0, device, pad_to=pad_to)
+    stats = pstats.Stats(pr).stats
+    top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:25]
+    print(f"host functions per step (cProfile over {steps} steps; us per step): self | with callees | calls | function")
+    for (file, line, name), (_, calls, self_s, cum_s, _) in top:
+        where = f"{'/'.join(Path(file).parts[-2:])}:{line}" if line else file
+        print(f"  {self_s / steps * 1e6:8.1f} | {cum_s / steps * 1e6:9.1f} | {calls / steps:6.1f} | {name} ({where})")
+    print(flush=True)
 
 
 def launch_details(p) -> None:
@@ -271,7 +292,7 @@ def sized_alloc_bytes(name: str, model, context: int, args, device: str) -> int:
     allocates them); PackKV: a full prefill (the packed size depends on the data) and the same reservation."""
     from transformers import StaticCache
 
-    extra = args.warmup + args.steps + 8
+    extra = args.warmup + args.steps + SLACK
     if name == "static":
         cache = StaticCache(config=model.config, max_cache_len=context + extra)
         model(torch.zeros(1, 1, dtype=torch.long, device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -473,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         record(dict(run_static(model, args.batch, 1024, args.steps, args.warmup, device, args.chunk, static_step,
                                args.profile), path="weights"))  # fmt: skip
     for ctx in args.contexts if "static" in args.paths else []:
-        record(run_static(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, static_step))
+        record(run_static(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, static_step, args.profile))
         torch.cuda.empty_cache() if device == "cuda" else None
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
 
