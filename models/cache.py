@@ -360,6 +360,9 @@ class PackKVCache(Cache):
         if self._reserve_tokens is not None and self.is_initialized:
             self.reserve(max(self._reserve_tokens, self.get_seq_length() + new_tokens))
             self._reserve_tokens = None
+        cap = self._prepare_plain_step(new_tokens)
+        if cap is not None:
+            return cap
         for layer in self.layers:
             layer.prepare_step(new_tokens)
         self.stack_layers()
@@ -369,6 +372,25 @@ class PackKVCache(Cache):
         cap = caps.pop()
         self._plan = self._step_plan(cap)
         return cap
+
+    def _prepare_plain_step(self, new_tokens: int) -> int | None:
+        """Most decode steps compress no block and grow nothing: when the last plan compressed none either and
+        every layer still sits in its stack holding the same counts, that plan serves again and only the host's
+        token counts advance (one pass over the layers: this runs before every step's graph, while the GPU
+        waits). None: plan the step in full."""
+        plan = self._plan
+        if plan is None or plan.n_flush != 0:
+            return None
+        layers, stack = self.layers, plan.stack
+        n_blocks, n_win = layers[0].n_blocks, layers[0].n_win
+        if flush_count(n_win, new_tokens, stack.layout) != 0:
+            return None
+        for layer in layers:
+            if layer._stack is not stack or layer.n_blocks != n_blocks or layer.n_win != n_win:
+                return None
+        for layer in layers:
+            layer.n_win, layer.n_flush = n_win + new_tokens, 0
+        return plan.token_capacity
 
     def _step_plan(self, token_capacity: int) -> StepPlan | None:
         """The shared plan of the next compiled step, when every layer sits in one stack at its own index and all

@@ -200,6 +200,40 @@ def test_reserve_makes_room_for_exactly_the_tokens_asked_for():
         assert layer.token_capacity == layer.n_blocks * 64 + layer.storage.layout.ring_size >= layer.tokens
 
 
+def _host_plan(cache) -> list:
+    plan = cache._plan
+    return [(layer.n_blocks, layer.n_win, layer.n_flush, layer.token_capacity, layer._stack is plan.stack)
+            for layer in cache.layers] + [(plan.n_flush, plan.token_capacity,
+                                           all(p is layer.storage.pool for p, layer in zip(plan.pools, cache.layers)))]  # fmt: skip
+
+
+def test_a_step_that_compresses_nothing_reuses_the_last_plan_and_plans_what_full_planning_plans():
+    """Before each compiled step the host plans it (flush count, growth, the step plan): most steps compress no
+    block, and then the last plan serves again. Over steps that compress blocks, grow the storage, follow a crop
+    and a batch selection (new storages, out of the stack), the reused plans leave every layer and the plan as
+    planning each step in full does."""
+    model = tiny("llama")
+    ids = torch.randint(3, 256, (1, 64 * 3 + 40))
+    fast, full = PackKVCache(), PackKVCache()
+    model(ids, past_key_values=fast)
+    model(ids, past_key_values=full)
+    full._prepare_plain_step = lambda new_tokens: None  # always the full planning
+    reused = 0
+    for step in range(300):
+        if step == 150:
+            for cache in (fast, full):
+                cache.crop(-5)  # the counts move back (the layers stay stacked)
+        if step == 200:
+            for cache in (fast, full):
+                cache.batch_select_indices(torch.tensor([0]))  # new storages: the layers leave their stack
+        before = fast._plan
+        assert fast.prepare_step(1) == full.prepare_step(1)
+        reused += fast._plan is before
+        assert _host_plan(fast) == _host_plan(full), step
+    assert reused > 250  # most steps compress nothing
+    assert full.layers[0].storage.block_capacity > 4  # the storage grew on the way
+
+
 def _stored(cache):
     return [torch.ops.packkv.decompress(*layer.storage.tensors(), layer.tokens, *spec(layer.storage.layout))
             for layer in cache.layers]  # fmt: skip
