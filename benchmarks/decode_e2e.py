@@ -75,8 +75,12 @@ def compile_kwargs(mode: str | None, guard_filter: bool) -> dict:
     return dict(options=dict(opts, guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe))
 
 
-# Positions each cache holds past its timed steps: the profiled ones (3 + 10 with --profile) and a margin.
-SLACK = 24
+# After the timed steps, PIPELINED_ROUNDS rounds of PIPELINED_STEPS steps with no wait between them (``decode``).
+PIPELINED_ROUNDS, PIPELINED_STEPS = 5, 8
+PIPELINED_TOKENS = PIPELINED_ROUNDS * PIPELINED_STEPS
+# Positions each cache holds past its timed steps: the pipelined ones, the profiled ones (3 + 10 with --profile)
+# and a margin.
+SLACK = PIPELINED_TOKENS + 24
 
 # --gc-freeze: after each path's warm-up, every object alive is moved out of the garbage collector's generations
 # (as serving stacks do after capturing CUDA graphs), for both paths alike.
@@ -99,15 +103,18 @@ def prefill(model, ids: torch.Tensor, cache, chunk: int) -> None:
 
 
 class StepTimes(list):
-    """Per-step times (ms, CUDA events around the call and its GPU work) and ``host``: the host's time (ms) from the
-    call until its graph is launched. After the previous step's wait the GPU is idle, so a compiled step's host
-    prelude (guards, the graph's Python, the CUDA graph launch) is in its step time as well. The static cache's call
-    returns once its graph is launched; PackKV's goes on to ``verify_step``, which waits for the GPU (the counters
-    it reads are the step's results): its launch is the moment ``verify_step`` starts (``LaunchMarks``), and
-    ``after`` is what the call spends from there until it returns (the GPU's work included)."""
+    """Per-step times (ms, CUDA events around the call and its GPU work, waited for after each step) and ``host``:
+    the host's time (ms) from the call until its graph is launched. After the previous step's wait the GPU is idle,
+    so a compiled step's host prelude (guards, the graph's Python, the CUDA graph launch) is in its step time as
+    well. The static cache's call returns once its graph is launched; PackKV's goes on to ``verify_step`` (which
+    queues the read-back of the step's counters): its launch is the moment ``verify_step`` starts
+    (``LaunchMarks``), and ``after`` is what the call spends from there until it returns. ``pipelined``: ms per
+    step of rounds of steps with no wait between them (the host queues each step while the GPU runs the one
+    before, as a serving loop does, so the host prelude overlaps the GPU's work)."""
 
     host: list[float]
     after: list[float]
+    pipelined: list[float]
 
 
 class LaunchMarks(list):
@@ -125,23 +132,31 @@ class LaunchMarks(list):
 
 @torch.no_grad()
 def decode(step, model, cache, batch: int, start: int, steps: int, warmup: int, device: str,
-           pad_to: int = 0, marks: LaunchMarks | None = None) -> StepTimes:  # fmt: skip
-    """Per-step times (ms) of `steps` decode steps (random next tokens) after `warmup` steps. ``pad_to`` pads the
-    2-D mask to the static cache's length, as generate does for static caches (same shapes every step). ``marks``:
-    the launch marks of a PackKV cache (``StepTimes``)."""
+           pad_to: int = 0, marks: LaunchMarks | None = None, pipelined: bool = False) -> StepTimes:  # fmt: skip
+    """Per-step times (ms) of `steps` decode steps (random next tokens) after `warmup` steps, each waited for,
+    then (``pipelined``) ``PIPELINED_ROUNDS`` rounds of ``PIPELINED_STEPS`` steps not waited for one by one.
+    ``pad_to`` pads the 2-D mask to the static cache's length, as generate does for static caches (same shapes every
+    step). ``marks``: the launch marks of a PackKV cache (``StepTimes``)."""
     times, t0 = StepTimes(), time.perf_counter()
-    times.host, times.after = [], []
+    times.host, times.after, times.pipelined = [], [], []
     mask = torch.ones(batch, start, dtype=torch.long, device=device)
-    for t in range(warmup + steps):
+
+    def inputs(t: int) -> dict:  # the step after ``t`` earlier ones (its inputs queued on the device)
+        nonlocal mask
         tok = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
         mask = torch.cat([mask, mask.new_ones(batch, 1)], 1)
         pos = torch.full((batch, 1), start + t, device=device, dtype=torch.long)
         m = torch.nn.functional.pad(mask, (0, pad_to - mask.shape[1])) if pad_to else mask
+        return dict(input_ids=tok, attention_mask=m, position_ids=pos, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)  # fmt: skip
+
+    for t in range(warmup + steps):
+        kw = inputs(t)
         stop = timer(device)
         if marks is not None:
             marks.clear()
         h0 = time.perf_counter()
-        step(input_ids=tok, attention_mask=m, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        step(**kw)
         h1 = time.perf_counter()
         launched = marks[-1] if marks else h1
         ms = stop()
@@ -154,6 +169,11 @@ def decode(step, model, cache, batch: int, start: int, steps: int, warmup: int, 
         if t == warmup - 1 and GC_FREEZE:  # the compiles' objects out of the collector's way while timing
             gc.collect()
             gc.freeze()
+    for r in range(PIPELINED_ROUNDS if pipelined else 0):
+        stop = timer(device)
+        for t in range(warmup + steps + r * PIPELINED_STEPS, warmup + steps + (r + 1) * PIPELINED_STEPS):
+            step(**inputs(t))
+        times.pipelined.append(stop() / PIPELINED_STEPS)
     if GC_FREEZE:
         gc.unfreeze()
     return times
@@ -168,10 +188,12 @@ def run_static(model, batch, context, steps, warmup, device, chunk, compiled, pr
     prefill(model, ids, cache, chunk)
     print(f"static {context}: prefill {time.perf_counter() - t0:.1f} s", flush=True)
     reset_peak(device)
-    times = decode(compiled, model, cache, batch, context, steps, warmup, device, pad_to=cache.get_max_length())
+    times = decode(compiled, model, cache, batch, context, steps, warmup, device, pad_to=cache.get_max_length(),
+                   pipelined=True)
     row = dict(result("static", batch, context, times, device), cache_alloc_bytes=allocated_bytes(cache))
     if profile and device == "cuda":  # kernels and host per step (the 64K step's target: 1.15x the 1K row's)
-        row.update(profile_steps(compiled, model, cache, batch, context + warmup + steps, device, cache.get_max_length()))
+        row.update(profile_steps(compiled, model, cache, batch, context + warmup + steps + PIPELINED_TOKENS, device,
+                                 cache.get_max_length()))
     return row
 
 
@@ -184,7 +206,7 @@ def run_quantized(model, batch, context, steps, warmup, device, chunk, nbits) ->
     prefill(model, ids, cache, chunk)
     print(f"quantized {context}: prefill {time.perf_counter() - t0:.1f} s", flush=True)
     reset_peak(device)
-    times = decode(model.__call__, model, cache, batch, context, steps, warmup, device)
+    times = decode(model.__call__, model, cache, batch, context, steps, warmup, device, pipelined=True)
     return dict(result("quantized", batch, context, times, device), nbits=nbits)
 
 
@@ -205,10 +227,10 @@ def run_packkv(model, batch, context, steps, warmup, device, chunk, cfg, profile
     graphs = stats["graphs"]
     marks = LaunchMarks()
     marks.watch(cache)
-    times = decode(model.__call__, model, cache, batch, context, steps, warmup, device, marks=marks)
+    times = decode(model.__call__, model, cache, batch, context, steps, warmup, device, marks=marks, pipelined=True)
     row = result("packkv", batch, context, times, device)
     if profile and device == "cuda":
-        row.update(profile_steps(model.__call__, model, cache, batch, context + warmup + steps, device))
+        row.update(profile_steps(model.__call__, model, cache, batch, context + warmup + steps + PIPELINED_TOKENS, device))
     n = cache.nbytes()
     row.update(cache_bytes=n["compressed"] + n["window"], cache_alloc_bytes=allocated_bytes(cache), cache_fp16_bytes=n["fp16_compressed"] + n["fp16_window"],
                graphs_compiled=stats["graphs"] - graphs)  # fmt: skip
@@ -319,7 +341,9 @@ def reset_peak(device: str) -> None:
 def result(name, batch, context, times: StepTimes, device) -> dict:
     # Every step's time too: whether a slow median is every step or some of them (GC, a host hiccup).
     med = statistics.median(times)
+    pipe = statistics.median(times.pipelined) if times.pipelined else float("nan")
     return dict(path=name, batch=batch, context=context, step_ms=med, tokens_per_s=batch * 1e3 / med,
+                pipelined_step_ms=pipe, pipelined_tokens_per_s=batch * 1e3 / pipe,
                 host_ms=statistics.median(times.host), after_launch_ms=statistics.median(times.after),
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
                 step_times_ms=[round(t, 3) for t in times])  # fmt: skip
@@ -547,8 +571,17 @@ def main(argv: list[str] | None = None) -> int:
                     f"{by[(v, ctx)]['step_ms'] / w:.2f} |" for v in variants)  # fmt: skip
         print(f"| {ctx // 1024}K | {s['tokens_per_s']:.1f} | {k['tokens_per_s']:.1f} | {k['tokens_per_s'] / s['tokens_per_s']:.2f}x | "
               f"{k['step_ms'] / w:.2f} | {s['peak_gib']:.1f} | {k['peak_gib']:.1f} |{g}{q}")  # fmt: skip
+    # Pipelined: the same steps with no wait between them, so each step's host prelude overlaps the GPU's work
+    # on the one before (as a serving loop runs; generate on CUDA waits once per step, after sampling).
+    print("\n| context | pipelined: static tok/s | PackKV tok/s | ratio | PackKV step / 1K step |\n|---|---|---|---|---|")
+    wp = rows[0]["pipelined_step_ms"]
+    for ctx in args.contexts:
+        s, k = by[("static", ctx)], by[("packkv", ctx)]
+        print(f"| {kilo(ctx)} | {s['pipelined_tokens_per_s']:.1f} | {k['pipelined_tokens_per_s']:.1f} | "
+              f"{k['pipelined_tokens_per_s'] / s['pipelined_tokens_per_s']:.2f}x | {k['pipelined_step_ms'] / wp:.2f} |")
     # The host's share: a step's time from the call until its graph is launched (the GPU idle meanwhile, see
-    # StepTimes), and what the call spends after the launch (PackKV's verify_step; the static cache's: ~0).
+    # StepTimes), and what the call spends after the launch (PackKV's verify_step queues the counters' read-back;
+    # the static cache's: ~0).
     print("\n| row | step, ms | host until the graph is launched, ms | the call after the launch, ms |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['path']} {kilo(r['context'])} x {r['batch']} | {r['step_ms']:.2f} | {r['host_ms']:.2f} | "

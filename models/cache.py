@@ -8,8 +8,9 @@ compressed blocks. ``update`` appends through ``torch.ops.packkv.append_`` (``op
 Host bookkeeping: every sequence of a batch holds the same number of tokens (left padding is masked by
 position, like any cache), so the layer mirrors its token counts as Python ints. That tells it, without
 reading the GPU, how many blocks each call compresses and how much storage may be needed. Storage grows
-geometrically, outside compiled steps; the only host sync is reading the pool cursor when its worst-case
-bound would overflow.
+geometrically, outside compiled steps; the host reads the GPU only for the pool cursor when its worst-case
+bound would overflow, and for the counters of compiled steps, asynchronously (``PackKVCache.verify_step``:
+checked at the cache's next use, so the host can queue steps while the GPU runs).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections import deque
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -300,6 +303,14 @@ def _spec(lay: Layout) -> tuple:
     return lay.spec()
 
 
+class _PendingCheck(NamedTuple):
+    """A compiled step's device counters on their way to the host (``PackKVCache.verify_step``)."""
+
+    counts: torch.Tensor  # [layers, 2] (n_blocks, n_win) of sequence 0: pinned host memory, or the CPU tensor
+    done: torch.cuda.Event | None  # recorded after the copy (None on the CPU: nothing in flight)
+    expected: list[tuple[int, int]]  # what the host planned
+
+
 class PackKVCache(Cache):
     """A transformers ``Cache`` storing K/V compressed and bit-packed by PackKV.
 
@@ -314,9 +325,11 @@ class PackKVCache(Cache):
         super().__init__(layer_class_to_replicate=functools.partial(PackKVLayer, self.packkv_config))
         self._plan: StepPlan | None = None  # set by prepare_step for the next compiled step
         self._reserve_tokens: int | None = None  # applied by the first compiled step (reserve_before_decode)
+        self._pending: deque[_PendingCheck] = deque()  # compiled steps' counters in flight (verify_step)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if not _is_compiling():
+            self.synchronize()
             self._check_layers(layer_idx)
         elif self._plan is not None:  # a compiled step reads the shared plan, not 32 layer objects (step_plan.py)
             return self._plan.update(layer_idx, key_states, value_states)
@@ -329,14 +342,41 @@ class PackKVCache(Cache):
         return [False] * len(self.layers)
 
     def get_seq_length(self, layer_idx: int = 0) -> int | torch.Tensor:
-        if _is_compiling() and self._plan is not None:
-            return self._plan.seq_length(layer_idx)
+        if _is_compiling():
+            if self._plan is not None:
+                return self._plan.seq_length(layer_idx)
+        else:
+            self.synchronize()
         return super().get_seq_length(layer_idx)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        if _is_compiling() and self._plan is not None:
-            return self._plan.token_capacity, 0
+        if _is_compiling():
+            if self._plan is not None:
+                return self._plan.token_capacity, 0
+        else:
+            self.synchronize()
         return super().get_mask_sizes(query_length, layer_idx)
+
+    # Methods that read or change the layers' counts check the last compiled step first (``synchronize``).
+    def reset(self) -> None:
+        self._pending.clear()  # (whatever the last steps stored is dropped)
+        super().reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.synchronize()
+        super().reorder_cache(beam_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.synchronize()
+        super().crop(tokens_to_remove)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.synchronize()
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.synchronize()
+        super().batch_select_indices(indices)
 
     def _check_layers(self, layer_idx: int) -> None:
         """Refuse a cache filled by a model with another number of layers."""
@@ -356,7 +396,16 @@ class PackKVCache(Cache):
 
     def prepare_step(self, new_tokens: int) -> int:
         """Host bookkeeping before a compiled step that adds ``new_tokens`` tokens per sequence (flush counts,
-        growth); returns the length of the K/V the compiled step hands to attention (the token capacity)."""
+        growth); returns the length of the K/V the compiled step hands to attention (the token capacity). Checks the
+        compiled steps before it first (``synchronize``), except that a plain step (one compressing no block, in the
+        same storage) may be planned while earlier steps still run on the GPU: it reads no count from the host, so
+        the host can queue it ahead (a refusal in an earlier step is then reported one step later)."""
+        self.synchronize(wait=False)
+        if self._pending and self._reserve_tokens is None:
+            cap = self._prepare_plain_step(new_tokens)
+            if cap is not None:
+                return cap
+        self.synchronize()
         if self._reserve_tokens is not None and self.is_initialized:
             self.reserve(max(self._reserve_tokens, self.get_seq_length() + new_tokens))
             self._reserve_tokens = None
@@ -421,35 +470,94 @@ class PackKVCache(Cache):
                 layer.join_stack(stack, slot)
 
     def verify_step(self, new_tokens: int) -> None:
-        """After a compiled step: the device counters must have advanced as the host planned. They do not when
-        a layer received NaN/Inf keys or values (the op then stores nothing); report it, and undo the plan."""
+        """After a compiled step: start reading back the device counters, which must have advanced as the host
+        planned. They do not when a layer received NaN/Inf keys or values (the op then stores nothing). The read is
+        asynchronous and checked at the cache's next use (``synchronize``): a blocking read here made every step's
+        call wait for the GPU, so the host could not queue the work after it (generate's sampling, the next step's
+        guards and launch) while the GPU ran, as it can with the static cache."""
+        self.synchronize()
         counts = self._device_counts()
-        bad = [i for i, (layer, c) in enumerate(zip(self.layers, counts)) if tuple(c) != (layer.n_blocks, layer.n_win)]
-        if bad:
-            want = [(self.layers[i].n_blocks, self.layers[i].n_win) for i in bad[:3]]
-            for layer, (nb, nw) in zip(self.layers, counts):
-                layer.n_blocks, layer.n_win = nb, nw
-            raise ValueError(
-                f"non-finite (NaN/Inf) keys or values reached PackKV layers {bad} in a compiled step; those tokens "
-                f"were not stored (device counters (blocks, window) {[tuple(counts[i]) for i in bad[:3]]}, "
-                f"expected {want})"
-            )
+        if counts.is_cuda:
+            host = self._counts_host
+            if host is None or host.shape != counts.shape or host.dtype != counts.dtype:
+                host = self._counts_host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            host.copy_(counts, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host, done = counts, None
+        self._pending = _PendingCheck(host, done, [(layer.n_blocks, layer.n_win) for layer in self.layers])
 
-    def _device_counts(self) -> list[list[int]]:
-        """Each layer's device counters ``[n_blocks, n_win]`` of sequence 0, in one device-to-host copy (per layer,
-        32 copies each synchronised the GPU). This runs after every compiled step, between the step's graph and
-        the caller, so its host time is in the step's: with the step plan the counters are two strided views of
-        the shared stack (one small kernel; ~7 instead of ~19 us of host time on the CPU for 32 layers)."""
+    def abandon_step(self) -> None:
+        """After a compiled step that raised (the CPU ops refuse NaN/Inf by raising, where the GPU kernels store
+        nothing and go on): the host's counts, advanced by ``prepare_step``, are set back to what the device holds
+        (layers before the failure may have stored their token, the others did not)."""
+        self._pending.clear()
+        self._take_device_counts()
+
+    def verify_step(self, new_tokens: int) -> None:
+        """After a compiled step: start reading back the device counters, which must have advanced as the host
+        planned. They do not when a layer received NaN/Inf keys or values (the op then stores nothing). The read is
+        asynchronous and checked later (``synchronize``: at the next step that is not plain, or once it has
+        arrived, and at any other use of the cache): a blocking read here made every step's call wait for the GPU,
+        so the host could not queue the work after it (generate's sampling, the next step's guards and launch)
+        while the GPU ran, as it can with the static cache."""
+        counts = self._device_counts()
+        if counts.is_cuda:  # (pinned memory from torch's caching host allocator, which reuses it once copied)
+            host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            host.copy_(counts, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host, done = counts, None
+        self._pending.append(_PendingCheck(host, done, [(layer.n_blocks, layer.n_win) for layer in self.layers]))
+
+    def synchronize(self, wait: bool = True) -> None:
+        """Wait for the compiled steps' counters (``verify_step``) and check them (``wait=False``: only those
+        already on the host). Layers that stored nothing (non-finite keys or values reached them) are named in a
+        ValueError, after the host's counts are set back to what the device holds, so the cache stays usable and
+        nothing stored before is lost. The cache's methods call this before reading or changing it; call it after
+        a hand-written loop of compiled steps to learn of a refusal in its last step (``generate`` on a
+        ``packkv.compile``d model does)."""
+        while self._pending:
+            check = self._pending[0]
+            if check.done is not None:
+                if not wait and not check.done.query():
+                    return
+                check.done.synchronize()
+            self._pending.popleft()
+            counts = [tuple(c) for c in check.counts.tolist()]
+            bad = [i for i, (c, want) in enumerate(zip(counts, check.expected)) if c != want]
+            if bad:
+                # Steps planned after it counted on its tokens: wait for them, then take what the device holds.
+                self._pending.clear()
+                self._take_device_counts()
+                raise ValueError(
+                    f"non-finite (NaN/Inf) keys or values reached PackKV layers {bad} in a compiled step; those "
+                    f"tokens were not stored (device counters (blocks, window) {[counts[i] for i in bad[:3]]}, "
+                    f"expected {[check.expected[i] for i in bad[:3]]})"
+                )
+
+    def _take_device_counts(self) -> None:
+        """The host's counts set to the device's (a blocking read)."""
+        for layer, (nb, nw) in zip(self.layers, self._device_counts().tolist()):
+            layer.n_blocks, layer.n_win = nb, nw
+
+    def _device_counts(self) -> torch.Tensor:
+        """Each layer's device counters ``[n_blocks, n_win]`` of sequence 0, as one ``[layers, 2]`` tensor on the
+        device (one small kernel and one copy back; per layer, 32 copies each synchronised the GPU): with the step
+        plan, two strided views of the shared stack."""
         if self._plan is not None:
             t = self._plan.stack.tensors
-            return torch.stack((t[_N_BLOCKS][:, 0], t[_N_WIN][:, 0]), 1).tolist()
+            return torch.stack((t[_N_BLOCKS][:, 0], t[_N_WIN][:, 0]), 1)
         both = torch.cat([t for layer in self.layers for t in (layer.storage.n_blocks, layer.storage.n_win)])
-        return both.view(len(self.layers), 2, -1)[:, :, 0].tolist()
+        return both.view(len(self.layers), 2, -1)[:, :, 0].contiguous()
 
     def reserve(self, tokens: int) -> None:
         """Make room for exactly ``tokens`` tokens per sequence in every initialized layer (avoids growth later,
         and a compiled step attends to no more than that): after a prefill, whose growth is geometric, this also
         trims the capacity down to ``tokens`` (not below what is stored)."""
+        self.synchronize()
         for layer in self.layers:
             if layer.is_initialized:
                 layer.reserve(tokens)
@@ -463,6 +571,7 @@ class PackKVCache(Cache):
     def nbytes(self) -> dict[str, int]:
         """Bytes held, summed over layers: ``compressed`` (every byte of the packed blocks), ``window`` (the exact
         ring's live tokens), their fp16 equivalents, components and token counts (see accounting.exact_bytes)."""
+        self.synchronize()
         total: dict[str, int] = {}
         for layer in self.layers:
             for k, v in layer.nbytes().items():

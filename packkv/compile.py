@@ -6,7 +6,9 @@ attention over the prompt, blocks compressed as they fill); each decode step run
 Around each compiled step, host bookkeeping that must not be in the graph happens here: the cache plans the
 step (flush count, storage growth) and the 2-D attention mask is padded to the storage's fixed length, so the
 graph sees the same shapes every step (two graphs in all, with and without a block compression; growth of the
-storage adds at most one more). After the step the cache checks that every layer stored its token.
+storage adds at most one more). After the step the cache starts reading back its counters, without waiting for
+the GPU: the next step (or any use of the cache, and the end of ``generate``) checks that every layer stored its
+token (``PackKVCache.synchronize``).
 
 For any other ``nn.Module``: ``torch.compile(module, backend=packkv.inductor.packkv_backend, ...)``.
 """
@@ -52,7 +54,10 @@ def _generate_with_packkv(generate, cfg: PackKVConfig):
             # Compiled steps attend to the storage's whole capacity, and the prefill grows it geometrically (up to
             # twice the prompt): the first compiled step trims it to the generation's final length instead.
             past_key_values.reserve_before_decode(_final_length(self, args, kwargs))
-        return generate(self, *args, past_key_values=past_key_values, **kwargs)
+        out = generate(self, *args, past_key_values=past_key_values, **kwargs)
+        if isinstance(past_key_values, PackKVCache):
+            past_key_values.synchronize()  # a refusal in the last step is reported here, not at the cache's next use
+        return out
 
     return wrapped
 
@@ -90,6 +95,10 @@ class _DecodeStep:
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2:  # pad to the storage's length: the same shape every step
             kwargs["attention_mask"] = F.pad(mask, (0, length - mask.shape[-1]))
-        out = self.compiled(**kwargs)
+        try:
+            out = self.compiled(**kwargs)
+        except BaseException:
+            cache.abandon_step()
+            raise
         cache.verify_step(1)
         return out

@@ -111,6 +111,7 @@ def save_cache(cache: PackKVCache, path: str | os.PathLike, model=None) -> None:
 def _saveable_layers(cache: PackKVCache) -> list[PackKVLayer]:
     if not isinstance(cache, PackKVCache):
         raise TypeError(f"save_cache takes a PackKVCache, got {type(cache).__name__}")
+    cache.synchronize()  # a compiled step still in flight: its counters checked before they are written
     layers = list(cache.layers)
     if not layers or not all(isinstance(x, PackKVLayer) and x.is_initialized for x in layers):
         raise ValueError("save_cache: the cache is empty or some layer was never filled; run a prefill first")

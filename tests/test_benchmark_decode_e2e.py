@@ -137,3 +137,28 @@ def test_a_step_time_holds_its_host_time_from_the_call_to_its_return(monkeypatch
     assert len(times) == len(times.host) == 2
     for total, host in zip(times, times.host):
         assert 20 <= host <= total
+
+
+def test_pipelined_rounds_wait_once_per_round_not_once_per_step(monkeypatch):
+    """After the timed steps, each waited for, ``pipelined`` runs rounds of steps at the following positions with
+    one wait per round (the host queues each step while the GPU runs the one before), timing ms per step."""
+    import time as _time
+
+    calls, waits = [], []
+
+    def step(**kw):
+        calls.append(kw["position_ids"].item())
+        _time.sleep(0.02)
+
+    def timer(device):
+        t0 = _time.perf_counter()
+        return lambda: (waits.append(len(calls)), (_time.perf_counter() - t0) * 1e3)[-1]
+
+    monkeypatch.setattr(decode_e2e, "timer", timer)
+    monkeypatch.setattr(decode_e2e, "PIPELINED_ROUNDS", 2)
+    monkeypatch.setattr(decode_e2e, "PIPELINED_STEPS", 3)
+    model = type("M", (), {"config": type("C", (), {"vocab_size": 10})()})()
+    times = decode_e2e.decode(step, model, None, 1, 5, steps=2, warmup=1, device="cpu", pipelined=True)
+    assert calls == list(range(5, 5 + 3 + 2 * 3))
+    assert waits == [1, 2, 3, 6, 9]
+    assert len(times) == 2 and len(times.pipelined) == 2 and all(20 <= ms < 40 for ms in times.pipelined)

@@ -18,7 +18,8 @@ from transformers import (
 
 from helpers import spec
 
-from packkv import PackKVCache, PackKVConfig
+from packkv import PackKVCache, PackKVConfig, save_cache
+from packkv.ops.reference import flush_count
 
 EXACT = PackKVConfig(k_rel=1e-4, v_rel=1e-4)  # fine enough that quantization changes no greedy token here
 SMALL = dict(vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -310,11 +311,9 @@ def test_sliding_window_models_work_with_the_full_packed_cache():
     assert torch.equal(generate(model, ids, mask, PackKVCache(EXACT)), ref)
 
 
-@pytest.mark.parametrize("step_plan", [True, False])
-def test_a_compiled_step_whose_counters_did_not_advance_is_reported_and_undone(step_plan):
-    """verify_step after a compiled step: layers whose device counters did not move (the op refused NaN/Inf) are
-    named, and the host mirrors fall back to what the device holds; layers that advanced pass. The counters are
-    read from the layers' shared stack (step plan) or from each layer's storage (without one)."""
+def _planned_step(step_plan: bool = True, stored: tuple[int, ...] = (1,)) -> tuple[PackKVCache, list[tuple[int, int]]]:
+    """Three layers of 40 tokens, a compiled step of one token planned, and only the ``stored`` layers' device
+    counters advanced by it (as the op does when the others receive NaN/Inf), then ``verify_step``."""
     cache = PackKVCache(PackKVConfig(block_size=16, window=16))
     if not step_plan:
         cache._step_plan = lambda token_capacity: None
@@ -324,12 +323,116 @@ def test_a_compiled_step_whose_counters_did_not_advance_is_reported_and_undone(s
     before = [(layer.n_blocks, layer.n_win) for layer in cache.layers]
     cache.prepare_step(1)  # plans one token per layer
     assert (cache._plan is not None) == step_plan
-    cache.layers[1].storage.n_win.add_(1)  # only layer 1 stored its token, as the op does
+    for i in stored:
+        cache.layers[i].storage.n_win.add_(1)
+    cache.verify_step(1)
+    return cache, before
+
+
+@pytest.mark.parametrize("step_plan", [True, False])
+def test_a_compiled_step_whose_counters_did_not_advance_is_reported_at_the_next_use_and_undone(step_plan):
+    """verify_step after a compiled step starts reading the device counters back and returns without waiting for
+    them (the host can queue the next work while the GPU runs); the next use of the cache checks them: layers
+    whose counters did not move (the op refused NaN/Inf) are named, and the host mirrors fall back to what the
+    device holds; layers that advanced pass. The counters are read from the layers' shared stack (step plan) or
+    from each layer's storage (without one)."""
+    cache, before = _planned_step(step_plan)
+    assert [(layer.n_blocks, layer.n_win) for layer in cache.layers] == [(nb, nw + 1) for nb, nw in before]
     with pytest.raises(ValueError, match=r"non-finite.*layers \[0, 2\]"):
-        cache.verify_step(1)
+        cache.prepare_step(1)
     after = [(layer.n_blocks, layer.n_win) for layer in cache.layers]
     assert after == [before[0], (before[1][0], before[1][1] + 1), before[2]]
-    cache.prepare_step(1)
+    cache.prepare_step(1)  # the cache is usable again
     for layer in cache.layers:
         layer.storage.n_win.add_(1)
-    cache.verify_step(1)  # all advanced: nothing to report
+    cache.verify_step(1)
+    cache.synchronize()  # all advanced: nothing to report
+    assert [layer.n_win for layer in cache.layers] == [before[0][1] + 1, before[1][1] + 2, before[2][1] + 1]
+
+
+USES = {
+    "synchronize": lambda cache, path: cache.synchronize(),
+    "prepare_step": lambda cache, path: cache.prepare_step(1),
+    "update": lambda cache, path: cache.update(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64), 0),
+    "get_seq_length": lambda cache, path: cache.get_seq_length(),
+    "get_mask_sizes": lambda cache, path: cache.get_mask_sizes(1, 0),
+    "crop": lambda cache, path: cache.crop(-1),
+    "reorder_cache": lambda cache, path: cache.reorder_cache(torch.tensor([0])),
+    "batch_select_indices": lambda cache, path: cache.batch_select_indices(torch.tensor([0])),
+    "batch_repeat_interleave": lambda cache, path: cache.batch_repeat_interleave(2),
+    "reserve": lambda cache, path: cache.reserve(200),
+    "nbytes": lambda cache, path: cache.nbytes(),
+    "save_cache": lambda cache, path: save_cache(cache, path),
+}
+
+
+@pytest.mark.parametrize("use", USES)
+def test_every_use_of_the_cache_checks_the_last_compiled_step_first(use, tmp_path):
+    """Whatever reads or changes the cache after a compiled step reports a refusal of that step before it acts,
+    so it never acts on counts the device does not hold: the tokens stored before stay, and nothing is written."""
+    cache, before = _planned_step(stored=())  # NaN in the hidden states: every layer refuses
+    path = tmp_path / "cache.safetensors"
+    with pytest.raises(ValueError, match=r"non-finite.*layers \[0, 1, 2\]"):
+        USES[use](cache, path)
+    assert [(layer.n_blocks, layer.n_win) for layer in cache.layers] == before
+    assert cache.layers[0].storage.batch == 1 and not path.exists()
+    USES[use](cache, path)  # checked once: the use goes ahead
+
+
+class InFlight:
+    """A CUDA event's stand-in for a step whose counters are still on their way: they arrive when waited for."""
+
+    def __init__(self) -> None:
+        self.waited = False
+
+    def query(self) -> bool:
+        return self.waited
+
+    def synchronize(self) -> None:
+        self.waited = True
+
+
+def _in_flight(cache: PackKVCache) -> InFlight:
+    event = InFlight()
+    cache._pending[-1] = cache._pending[-1]._replace(done=event)
+    return event
+
+
+def test_plain_steps_are_planned_while_earlier_steps_run_and_a_compressing_step_waits_for_them():
+    """The host plans a step that compresses no block without waiting for the earlier steps' counters (it reads
+    no count from the host, so a pipelined loop keeps the GPU busy); a step that compresses a block is planned
+    from counts the device confirmed."""
+    cache, _ = _planned_step(stored=(0, 1, 2))
+    events = [_in_flight(cache)]
+    layout = cache.layers[0].storage.layout
+    while flush_count(cache.layers[0].n_win, 1, layout) == 0:
+        cache.prepare_step(1)
+        assert not any(e.waited for e in events)
+        for layer in cache.layers:
+            layer.storage.n_win.add_(1)
+        cache.verify_step(1)
+        events.append(_in_flight(cache))
+    assert len(events) >= 4
+    cache.prepare_step(1)
+    assert all(e.waited for e in events) and not cache._pending
+
+
+def test_a_refusal_found_after_a_step_planned_ahead_restores_the_devices_counts():
+    cache, before = _planned_step(stored=())  # every layer refused this step...
+    _in_flight(cache)
+    cache.prepare_step(1)  # ...the next was planned before that was known, and stored its token
+    for layer in cache.layers:
+        layer.storage.n_win.add_(1)
+    cache.verify_step(1)
+    with pytest.raises(ValueError, match=r"non-finite.*layers \[0, 1, 2\]"):
+        cache.synchronize()
+    assert [(layer.n_blocks, layer.n_win) for layer in cache.layers] == [(nb, nw + 1) for nb, nw in before]
+    cache.synchronize()  # reported once
+
+
+def test_reset_drops_a_pending_check_with_everything_else():
+    """``reset`` empties the cache: the last step's check has nothing left to check."""
+    cache, _ = _planned_step()
+    cache.reset()
+    cache.synchronize()
+    assert cache.get_seq_length() == 0

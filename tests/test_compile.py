@@ -85,6 +85,32 @@ def test_generate_attends_to_its_final_length_not_to_the_prefills_geometric_capa
     assert len(graphs) == 2
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("new_tokens", [2, 5])
+def test_generate_reports_keys_a_compiled_step_refused(new_tokens, device):
+    """A compiled step whose new keys are NaN stores nothing, and generate raises an error that says so; the cache
+    keeps the prompt (its host counts follow the device's). On the CPU the op raises inside the step. On the GPU
+    the kernels cannot raise: they store nothing and go on (the attention sees the stored tokens, so the logits stay
+    finite), and the step does not wait for the GPU to find out: its counters are checked at the next step, or at
+    the end of generate when it was the last (``new_tokens=2``: the prefill's token, then one compiled step)."""
+    ids, mask = prompts(2)
+    model = packkv.compile(tiny("llama").to(device), config=EXACT, backend=capture([]))
+
+    def nan_at_decode(module, inputs, out):
+        return out * float("nan") if out.shape[1] == 1 else out
+
+    for layer in model.model.layers:
+        layer.self_attn.k_proj.register_forward_hook(nan_at_decode)
+    cache = packkv.PackKVCache(EXACT)
+    refused = r"new keys contains .* NaN/Inf" if device == "cpu" else r"non-finite .* PackKV layers \[0, 1\]"
+    with pytest.raises(ValueError, match=refused):
+        model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, past_key_values=cache)  # fmt: skip
+    assert cache.get_seq_length() == ids.shape[1]  # the prompt, and no token of the refused step
+    assert all(layer.storage.n_win[0].item() + layer.storage.n_blocks[0].item() * EXACT.block_size == ids.shape[1]
+               for layer in cache.layers)  # fmt: skip
+
+
 def test_a_guard_filter_on_module_attributes_keeps_the_cache_guards():
     """Dropping Dynamo's guards on nn.Module attributes (``skip_guard_on_all_nn_modules_unsafe``, for host time per
     step) keeps those on the cache's storage, which is not a module attribute: its growth still compiles a new
