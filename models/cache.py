@@ -15,6 +15,7 @@ checked at the cache's next use, so the host can queue steps while the GPU runs)
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -487,6 +488,16 @@ class PackKVCache(Cache):
         else:
             host, done = counts, None
         self._pending = _PendingCheck(host, done, [(layer.n_blocks, layer.n_win) for layer in self.layers])
+
+    def __deepcopy__(self, memo: dict) -> PackKVCache:
+        """A copy of checked counts: the compiled steps' read-backs in flight are waited for first (a CUDA event
+        cannot be copied)."""
+        self.synchronize()
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        for name, value in self.__dict__.items():
+            setattr(twin, name, copy.deepcopy(value, memo))
+        return twin
 
     def abandon_step(self) -> None:
         """After a compiled step that raised (the CPU ops refuse NaN/Inf by raising, where the GPU kernels store

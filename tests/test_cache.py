@@ -430,6 +430,14 @@ def test_a_refusal_found_after_a_step_planned_ahead_restores_the_devices_counts(
     cache.synchronize()  # reported once
 
 
+def test_a_copy_waits_for_the_steps_in_flight_and_holds_checked_counts():
+    cache, _ = _planned_step(stored=(0, 1, 2))
+    event = _in_flight(cache)
+    twin = copy.deepcopy(cache)
+    assert event.waited and not twin._pending and not cache._pending
+    assert [layer.n_win for layer in twin.layers] == [layer.n_win for layer in cache.layers]
+
+
 def test_reset_drops_a_pending_check_with_everything_else():
     """``reset`` empties the cache: the last step's check has nothing left to check."""
     cache, _ = _planned_step()
