@@ -368,6 +368,8 @@ class PackKVCache(Cache):
         super().reorder_cache(beam_idx)
 
     def crop(self, tokens_to_remove: int) -> None:
+        if int(tokens_to_remove) == 0:  # a no-op (generate's deferred stop check calls it every step): no wait
+            return
         self.synchronize()
         super().crop(tokens_to_remove)
 

@@ -438,6 +438,13 @@ def test_a_copy_waits_for_the_steps_in_flight_and_holds_checked_counts():
     assert [layer.n_win for layer in twin.layers] == [layer.n_win for layer in cache.layers]
 
 
+def test_crop_of_nothing_does_not_wait_for_the_steps_in_flight():
+    cache, _ = _planned_step(stored=(0, 1, 2))
+    event = _in_flight(cache)
+    cache.crop(0)
+    assert not event.waited and len(cache._pending) == 1
+
+
 def test_reset_drops_a_pending_check_with_everything_else():
     """``reset`` empties the cache: the last step's check has nothing left to check."""
     cache, _ = _planned_step()
