@@ -428,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="*", default=[8192, 32768, 65536, 131072],
                    help="batch-1 rows; none (a bare --contexts) with --budget-gib runs the budget rows alone")
+    p.add_argument("--static-contexts", type=int, nargs="*", default=None,
+                   help="the static cache's rows (default: --contexts); none (a bare flag): only its 1K weights row, "
+                        "for a short run that compares PackKV's steps with the weights-only step")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--steps", type=int, default=16)
@@ -517,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     if "static" in args.paths:
         record(dict(run_static(model, args.batch, 1024, args.steps, args.warmup, device, args.chunk, static_step,
                                args.profile), path="weights"))  # fmt: skip
-    for ctx in args.contexts if "static" in args.paths else []:
+    static_contexts = args.contexts if args.static_contexts is None else args.static_contexts
+    for ctx in static_contexts if "static" in args.paths else []:
         record(run_static(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, static_step, args.profile))
         torch.cuda.empty_cache() if device == "cuda" else None
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -564,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
           + (" QuantizedCache tok/s | its peak GiB |" if quant else ""))  # fmt: skip
     print("|---|---|---|---|---|---|---|" + "---|---|---|" * len(variants) + ("---|---|" if quant else ""))
     w = rows[0]["step_ms"]
-    for ctx in args.contexts:
+    for ctx in [c for c in args.contexts if ("static", c) in by]:
         s, k = by[("static", ctx)], by[("packkv", ctx)]
         q = f" {by[('quantized', ctx)]['tokens_per_s']:.1f} | {by[('quantized', ctx)]['peak_gib']:.1f} |" if quant else ""
         g = "".join(f" {by[(v, ctx)]['tokens_per_s']:.1f} | {by[(v, ctx)]['tokens_per_s'] / s['tokens_per_s']:.2f}x | "
@@ -575,16 +579,18 @@ def main(argv: list[str] | None = None) -> int:
     # on the one before (as a serving loop runs; generate on CUDA waits once per step, after sampling).
     print("\n| context | pipelined: static tok/s | PackKV tok/s | ratio | PackKV step / 1K step |\n|---|---|---|---|---|")
     wp = rows[0]["pipelined_step_ms"]
-    for ctx in args.contexts:
+    for ctx in [c for c in args.contexts if ("static", c) in by]:
         s, k = by[("static", ctx)], by[("packkv", ctx)]
         print(f"| {kilo(ctx)} | {s['pipelined_tokens_per_s']:.1f} | {k['pipelined_tokens_per_s']:.1f} | "
               f"{k['pipelined_tokens_per_s'] / s['pipelined_tokens_per_s']:.2f}x | {k['pipelined_step_ms'] / wp:.2f} |")
     # The host's share: a step's time from the call until its graph is launched (the GPU idle meanwhile, see
     # StepTimes), and what the call spends after the launch (PackKV's verify_step queues the counters' read-back;
     # the static cache's: ~0).
-    print("\n| row | step, ms | host until the graph is launched, ms | the call after the launch, ms |\n|---|---|---|---|")
+    print("\n| row | step, ms | / 1K step | pipelined step, ms | / 1K step | host until the graph is launched, ms | "
+          "the call after the launch, ms |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['path']} {kilo(r['context'])} x {r['batch']} | {r['step_ms']:.2f} | {r['host_ms']:.2f} | "
+        print(f"| {r['path']} {kilo(r['context'])} x {r['batch']} | {r['step_ms']:.2f} | {r['step_ms'] / w:.3f} | "
+              f"{r['pipelined_step_ms']:.2f} | {r['pipelined_step_ms'] / wp:.3f} | {r['host_ms']:.2f} | "
               f"{r['after_launch_ms']:.2f} |")
     profiled = [r for r in rows if "kernel_ms" in r]
     if profiled:  # step = kernels + what no kernel covers: which of the two puts the 64K step above the 1K step
