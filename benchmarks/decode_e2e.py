@@ -346,7 +346,7 @@ def result(name, batch, context, times: StepTimes, device) -> dict:
                 pipelined_step_ms=pipe, pipelined_tokens_per_s=batch * 1e3 / pipe,
                 host_ms=statistics.median(times.host), after_launch_ms=statistics.median(times.after),
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
-                step_times_ms=[round(t, 3) for t in times])  # fmt: skip
+                step_times_ms=[round(t, 3) for t in times], pipelined_times_ms=[round(t, 3) for t in times.pipelined])  # fmt: skip
 
 
 def kilo(tokens: int) -> str:

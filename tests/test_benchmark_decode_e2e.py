@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -77,6 +78,9 @@ def test_a_retraced_variant_runs_beside_packkv_and_leaves_its_switch_as_it_was(t
     for r in rows:  # every timed step is kept beside the median, and the host's part of it
         assert len(r["step_times_ms"]) == 2 and min(r["step_times_ms"]) <= r["step_ms"] <= max(r["step_times_ms"])
         assert 0 < r["host_ms"] <= max(r["step_times_ms"])
+        # and the pipelined rounds' ms per step beside their median
+        assert len(r["pipelined_times_ms"]) == decode_e2e.PIPELINED_ROUNDS
+        assert r["pipelined_step_ms"] == pytest.approx(statistics.median(r["pipelined_times_ms"]), abs=1e-3)
         # The host's part ends at the graph's launch: the static cache's call returns then; PackKV's goes on to
         # verify_step (the counters), which the launch marks set apart.
         assert (r["after_launch_ms"] > 0) == r["path"].startswith("packkv"), r
