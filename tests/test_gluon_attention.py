@@ -29,8 +29,8 @@ B, H, D = 2, 2, 128
 L = 3 * 64 + 150  # 3 compressed blocks, 150 exact tokens in the window (3 tiles, the last one partial)
 
 
-def _layer(cfg: PackKVConfig, dtype: torch.dtype = torch.float32, ragged: bool = False):
-    k, v = torch.randn(B, H, L, D, device=DEV).to(dtype), torch.randn(B, H, L, D, device=DEV).to(dtype)
+def _layer(cfg: PackKVConfig, dtype: torch.dtype = torch.float32, ragged: bool = False, dim: int = D):
+    k, v = torch.randn(B, H, L, dim, device=DEV).to(dtype), torch.randn(B, H, L, dim, device=DEV).to(dtype)
     st = fill(cfg, k, v)
     assert int(st.n_blocks[0]) == 3 and int(st.n_win[0]) == 150
     if ragged:  # the second sequence is a block and 7 tokens shorter
@@ -80,6 +80,31 @@ def test_gluon_attention_matches_the_reference(n_rep, splits, extra, masked, rag
     # largest output in fp16; in bf16 1e-2, a few of the output's half-ulps (the Triton kernel: 9.5e-3 on the same
     # cases, this one 6.7e-3). Mutation-checked: a wrong lane order, window order, ring offset, mask
     # position, split share or partial's row; unmasked keys past the length; an ignored mask; uncounted zero keys.
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < tol
+
+
+# head_dim 64 (Llama-3.2-1B, Qwen2.5-0.5B, SmolLM2) and 256 (Gemma): decoding partitions of D / 32 warps (each
+# thread still 4 packs of a pack row: a warp holds two rows of 64 channels, or half a row of 256), the stage and the
+# products half or twice as deep.
+@pytest.mark.parametrize("dim", [64, 256])
+@pytest.mark.parametrize(
+    "n_rep, splits, extra, masked, ragged, rotation, dtype",
+    [
+        (4, 4, 37, True, True, "none", torch.float16),
+        (3, 3, 5, False, True, "hadamard", torch.bfloat16),
+        (8, 16, 100, True, False, "hadamard", torch.bfloat16),
+    ],
+)  # fmt: skip
+def test_gluon_attention_at_head_dim_64_and_256_matches_the_reference(n_rep, splits, extra, masked, ragged, rotation,
+                                                                       dtype, dim):  # fmt: skip
+    st = _layer(PackKVConfig(k_rel=0.1, v_rel=0.2, rotation=rotation), dtype, ragged, dim=dim)
+    out_len = L + extra
+    mask = _padding_mask(out_len) if masked else None
+    q = torch.randn(B, H * n_rep, 1, dim, device=DEV).to(dtype)
+    got = gpu.attention(q, st, out_len, mask, False, None, splits=splits, rotate=rotation == "hadamard", gluon=True)
+    want = _want(q, st, out_len, mask, rotation)
+    assert got.dtype == dtype and got.shape == q.shape
     tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     assert ((got.float() - want).abs().max() / want.abs().max()).item() < tol
 
@@ -248,7 +273,6 @@ def test_gluon_attention_with_the_default_config():
 @pytest.mark.parametrize(
     "change, reason",
     [
-        (dict(dim=64), "head_dim 128"),
         (dict(cfg=dict(pack_size=8)), "packs of 16"),
         (dict(cfg=dict(k_rel=0.05)), "2- to 4-bit ints"),
         (dict(cfg=dict(k_grouping="channel")), "token-grouped"),
@@ -307,6 +331,18 @@ def test_the_gluon_kernel_takes_its_own_split_count_unless_the_caller_sets_one(m
     assert own[0] == 2 * own[1] and seen == [*own, 3]
 
 
+def test_programs_per_sm_follow_the_registers_and_the_shared_memory_a_head_dim_needs(monkeypatch):
+    """The split count fills whole waves of the programs an SM holds: at the 80-register cap 2 of 12 warps (head_dim
+    128) or 3 of 8 (64); at 256, 20 warps at 96 registers and 130 KB of stages: 1. A number set by hand wins."""
+    from packkv.ops.kernels import gluon_attention as ga
+
+    assert [ga.programs_per_sm(d) for d in (64, 128, 256)] == [3, 2, 1]
+    q = torch.zeros(1, 32, 1, 64)
+    assert ga.splits_for(q, 8, 1 << 20, 132) == ga.WAVES * 3 * 132 // 8
+    monkeypatch.setattr(ga, "PROGRAMS_PER_SM", 2)
+    assert ga.splits_for(q, 8, 1 << 20, 132) == ga.WAVES * 2 * 132 // 8
+
+
 def test_by_default_the_gluon_kernel_takes_the_decode_steps_it_covers_on_an_sm90_gpu_only(monkeypatch):
     """``attention.GLUON`` None (the default): a decode step on CUDA tensors of an sm_90 GPU runs on it, one on CPU
     tensors does not (there its body runs eagerly: a check, not a fast path); False: never; True: also on the CPU."""
@@ -349,15 +385,16 @@ def _hopper():
 @pytest.mark.cuda
 @pytest.mark.parametrize("n_rep", [1, 4, 8])
 @pytest.mark.parametrize("masked", [False, True])
-def test_real_size_gluon_attention_matches_the_reference(n_rep, masked):
+@pytest.mark.parametrize("dim", [128, 64, 256])
+def test_real_size_gluon_attention_matches_the_reference(n_rep, masked, dim):
     """8K tokens per sequence, ragged, the default config (Hadamard rotation), bf16: within the model dtype's
     rounding of the reference, and of the Triton kernel."""
     from test_cuda import fill_cuda
 
     _hopper()
     Bc, Hc, Lc = 3, 8, 8192 + 11
-    k = (torch.randn(Bc, Hc, Lc, D) * 3).bfloat16().cuda()
-    v = torch.randn(Bc, Hc, Lc, D).bfloat16().cuda()
+    k = (torch.randn(Bc, Hc, Lc, dim) * 3).bfloat16().cuda()
+    v = torch.randn(Bc, Hc, Lc, dim).bfloat16().cuda()
     st = fill_cuda(PackKVConfig(), k, v, [Lc - 1, 1])
     st.n_blocks[2] -= 5
     st.n_win[2] -= 3
@@ -367,7 +404,7 @@ def test_real_size_gluon_attention_matches_the_reference(n_rep, masked):
         mask = torch.ones(Bc, 1, 1, out_len, dtype=torch.bool, device="cuda")
         mask[1, ..., :300] = False
         mask[:, ..., Lc:] = False
-    q = torch.randn(Bc, Hc * n_rep, 1, D, device="cuda").bfloat16()
+    q = torch.randn(Bc, Hc * n_rep, 1, dim, device="cuda").bfloat16()
     got = gpu.attention(q, st, out_len, mask, False, None, rotate=True, gluon=True)
     want = _want(q, st, out_len, mask, "hadamard")
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
@@ -376,7 +413,8 @@ def test_real_size_gluon_attention_matches_the_reference(n_rep, masked):
 
 
 @pytest.mark.cuda
-def test_compiled_decode_step_runs_the_gluon_kernel_under_cuda_graphs(monkeypatch):
+@pytest.mark.parametrize("dim", [128, 64, 256])
+def test_compiled_decode_step_runs_the_gluon_kernel_under_cuda_graphs(monkeypatch, dim):
     """Switched on (``attention.GLUON``), a compiled ``packkv.attention`` step calls the Gluon op (one extern
     kernel in Inductor's code) and replays under CUDA graphs with the eager result."""
     from test_cuda import fill_cuda
@@ -384,7 +422,7 @@ def test_compiled_decode_step_runs_the_gluon_kernel_under_cuda_graphs(monkeypatc
 
     _hopper()
     monkeypatch.setattr(attention_kernel, "GLUON", True)
-    k = torch.randn(2, 8, 3000, D).bfloat16().cuda()
+    k = torch.randn(2, 8, 3000, dim).bfloat16().cuda()
     st = fill_cuda(PackKVConfig(), k, k.clone(), [2999, 1])
     mask = torch.ones(2, 1, 1, 3100, dtype=torch.bool, device="cuda")
     mask[1, ..., :200] = False
@@ -392,7 +430,7 @@ def test_compiled_decode_step_runs_the_gluon_kernel_under_cuda_graphs(monkeypatc
     def step(q):
         return torch.ops.packkv.attention(q, *st.tensors(), 3100, mask, False, None, *spec(st.layout))
 
-    q = torch.randn(2, 32, 1, D, device="cuda").bfloat16()
+    q = torch.randn(2, 32, 1, dim, device="cuda").bfloat16()
     want = step(q)
     compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead")
     got, code = run_and_get_code(compiled, q)

@@ -72,7 +72,13 @@ GLUON_BUILDS = {
     # (and with two decoding warpgroups, PRODUCERS = 2: 12 warps)
     "packed_decode_attention.py": [r"consumer loop: \d+ .*HGMMA 16", r"producer loop: \d+ .*HADD2 64",
                                    r"8 decode warps.*12 warps(.|\n)*consumer loop: \d+ .*HGMMA 16.*\n"
-                                   r"producer loop: \d+ .*HADD2 64"],
+                                   r"producer loop: \d+ .*HADD2 64",
+                                   # head_dim 64: two 2-warp decoding partitions (8 warps), half the products
+                                   r"head_dim 64, .*4 decode warps.*8 warps(.|\n)*?consumer loop: \d+ .*HGMMA 8,(.|\n)*?"
+                                   r"producer loop: \d+ .*HADD2 64",
+                                   # head_dim 256: two 8-warp decoding partitions (20 warps), nothing spilled
+                                   r"head_dim 256, .*16 decode warps.*20 warps, 0 bytes spill(.|\n)*?consumer loop: "
+                                   r"\d+ .*HGMMA 32,(.|\n)*?producer loop: \d+ .*HADD2 64"],
 }
 
 

@@ -646,7 +646,7 @@ def attention(
       (H200, 2026-12-04i); other groupings, and more than ``ROWS_AS_N_MAX`` padded rows, keep the rows as the M
       dimension; a query block of more than ``MAX_ROWS`` rows runs in chunks of queries (one launch each);
     * ``gluon`` (None: ``GLUON``, by default on for CUDA tensors): a decode step the Gluon kernel covers
-      (``gluon_attention.supported``: sm_90, the default layout, head_dim 128) runs on it, and its partials are
+      (``gluon_attention.supported``: sm_90, the default layout) runs on it, and its partials are
       merged by ``_merge_kernel``; the rest stays here. True: it must cover the call (a ``ValueError`` says why it
       does not); the Triton launch parameters above then do not apply. False: the Triton kernel;
     * ``skip_decode`` (benchmarks only, wrong results) replaces value extraction by a constant to show what the

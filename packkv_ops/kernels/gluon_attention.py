@@ -16,7 +16,7 @@ kernel's 4 x 1,069.
 
 What it decodes (``supported`` says why not, for anything else, and ``attention`` keeps the Triton kernel there):
 packs of 16 in 64-token blocks, 2- to 4-bit ints in each stream (``k_rel`` / ``v_rel`` from 0.07 to 0.5: the
-defaults' 4-bit K and 3-bit V), token-grouped scales and zeros, head_dim 128, one query per
+defaults' 4-bit K and 3-bit V), token-grouped scales and zeros, head_dim 64, 128 or 256, one query per
 sequence (decode) for up to 8 query heads per KV head, bf16/fp16; the exact window, zero keys up to ``out_len``
 and a decode step's bool padding mask (one row per sequence). On a Hadamard-rotated cache it rotates the query
 itself (``ROTATE``: the fast Walsh-Hadamard transform in fp32, as ``hadamard.fwht_rows``); the partials go out in
@@ -46,7 +46,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from ..layout import Layout
 
 LOG2E = 1.4426950408889634
-T_BLOCK, HEAD_DIM, ROWS, STAGES = 64, 128, 8, 2  # the one shape it decodes; ROWS: the wgmma's N (query heads)
+T_BLOCK, ROWS, STAGES = 64, 8, 2  # ROWS: the wgmma's N (query heads)
+# Every head_dim PackKV stores: 128 (Llama, Mistral, Qwen 7B+), 64 (Llama-3.2-1B, Qwen2.5-0.5B/1.5B, SmolLM2), 256
+# (Gemma). Each decoding thread owns 4 packs of a pack row whatever the head_dim, so a decoding partition has D / 32
+# warps (a pack row of 16 tokens per warp at 128, two at 64, half of one at 256): a program is 4 + 2 x D / 32 warps.
+HEAD_DIMS = (64, 128, 256)
 # Launch options, timed on the H100 (2026-12-05e, one decoding warpgroup: 160 producer registers -3%, one program
 # per SM -25%, PREFETCH 0 -10%, 3 stages +1%). Uncapped, ptxas reserves 255 registers per thread: one program
 # per SM. The default (2026-12-06, H100, scripts/gluon_sm90/packed_decode_attention.py --gpu): two decoding
@@ -55,7 +59,29 @@ T_BLOCK, HEAD_DIM, ROWS, STAGES = 64, 128, 8, 2  # the one shape it decodes; ROW
 # with prefetch at 88 registers it spills (0.260), with 4 stages 0.301.
 MAXNREG: int | None = 80
 PRODUCER_REGS = 88  # what setmaxnreg gives the decoding warps out of the pool
-PROGRAMS_PER_SM = 2  # programs an SM holds at MAXNREG 80 x 12 warps (registers bind)
+# At head_dim 256 the consumer's accumulators (16 fp32 per thread for O) spill at 80 (sm_90 build: 43 local loads per
+# tile); at 96 nothing spills, and one program per SM is what its 130 KB of stages allow anyway.
+MAXNREG_256 = 96
+# Programs an SM holds: registers bind (2 at MAXNREG 80 x 12 warps for head_dim 128, 3 at 8 warps for 64), shared
+# memory at 256 (1). None: computed (``programs_per_sm``); a number: set by hand (launch experiments).
+PROGRAMS_PER_SM: int | None = None
+SMEM_PER_SM = 227 * 1024  # sm_90's shared memory for the blocks of one SM
+
+
+def maxnreg(head_dim: int) -> int | None:
+    """The register cap per thread of a launch for this head_dim."""
+    return MAXNREG_256 if head_dim > 128 and MAXNREG else MAXNREG
+
+
+def programs_per_sm(head_dim: int) -> int:
+    """Programs of this kernel an SM holds at once: 65,536 registers (the cap per thread of every warp) and the
+    stages' shared memory (K and V tiles of ``head_dim x 64`` fp16 per stage, plus ~4 KB)."""
+    if PROGRAMS_PER_SM is not None:
+        return PROGRAMS_PER_SM
+    warps = 4 + PRODUCERS * head_dim // 32
+    by_regs = 65536 // ((maxnreg(head_dim) or 255) * 32 * warps)
+    by_smem = SMEM_PER_SM // (STAGES * 2 * head_dim * T_BLOCK * 2 + 4096)
+    return max(1, min(by_regs, by_smem))
 # Waves of them per launch. Until 2026-12-06b every Gluon timing ran two waves (the caller's split count, the Triton
 # kernel's, reached this kernel already set): 66 splits at batch 1 x 8 KV heads on 132 SMs, 8 at batch 8. One wave
 # (H100, 2026-12-06c): B1/128K 0.108 vs 0.117 ms, B8/32K 0.203 vs 0.208 (scripts/gluon_sm90/packed_decode_attention.py
@@ -235,7 +261,7 @@ def _pack_values(f, lo, hi, QBITS: gl.constexpr, L2: gl.constexpr):
 def _ring_tile(ring_ptr, b, kvh, p0, total, H, S, T: gl.constexpr, D: gl.constexpr):
     """Exact tokens ``p0 .. p0 + T`` of the window as a ``[D, T]`` fp16 tile (slot ``p % S``; zeros past
     ``total``)."""
-    LR: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, gl.num_warps()], [0, 1])  # 16-byte loads along D
+    LR: gl.constexpr = gl.BlockedLayout([8, 1], [D // 8, 256 // D], [1, gl.num_warps()], [0, 1])  # 16-byte loads along D
     cc = gl.arange(0, D, gl.SliceLayout(1, LR))
     pos = p0 + gl.arange(0, T, gl.SliceLayout(0, LR))
     live = gl.expand_dims(pos < total, 0)
@@ -640,7 +666,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 0, 1, pool_words, L2_AHEAD, SKIP)),
-        ], [4], [PRODUCER_REGS])
+        ], [D // 32], [PRODUCER_REGS])
     else:  # two decoding warpgroups taking turns over the blocks: twice the warps to hide the gathers' latency
         gl.warp_specialize([
             (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
@@ -652,7 +678,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 1, 2, pool_words, L2_AHEAD, SKIP)),
-        ], [4, 4], [PRODUCER_REGS, PRODUCER_REGS])  # fmt: skip
+        ], [D // 32, D // 32], [PRODUCER_REGS, PRODUCER_REGS])  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -670,8 +696,8 @@ def supported(q: Tensor, lay: Layout, ring_dtype: torch.dtype, mask: Tensor | No
                 f"{lay.v.qbits}-bit V")
     if lay.k.grouping or lay.v.grouping:
         return "it reads token-grouped scales and zeros only"
-    if q.dim() != 4 or q.shape[-1] != HEAD_DIM:
-        return f"it needs head_dim {HEAD_DIM}, got query shape {tuple(q.shape)}"
+    if q.dim() != 4 or q.shape[-1] not in HEAD_DIMS:
+        return f"it needs head_dim {', '.join(map(str, HEAD_DIMS))}, got query shape {tuple(q.shape)}"
     if q.shape[2] != 1:
         return f"it computes one query per sequence (decode), got {q.shape[2]}"
     if q.shape[1] // lay.num_heads > ROWS:
@@ -691,8 +717,9 @@ def supported(q: Tensor, lay: Layout, ring_dtype: torch.dtype, mask: Tensor | No
 
 
 def splits_for(q: Tensor, num_heads: int, out_len: int, sms: int) -> int:
-    """Programs per (sequence, KV head): ``WAVES`` waves of ``PROGRAMS_PER_SM`` per SM, at most one per block."""
-    return max(1, min(WAVES * PROGRAMS_PER_SM * sms // (q.shape[0] * num_heads), -(-out_len // T_BLOCK)))
+    """Programs per (sequence, KV head): ``WAVES`` waves of ``programs_per_sm`` per SM, at most one per block."""
+    per_sm = programs_per_sm(q.shape[-1])
+    return max(1, min(WAVES * per_sm * sms // (q.shape[0] * num_heads), -(-out_len // T_BLOCK)))
 
 
 def partials(
@@ -736,7 +763,7 @@ def partials(
         gluon_eager.run(decode_attention_kernel, (B * H, splits), *args, module=gluon_attention, **meta)
     else:
         decode_attention_kernel[(B * H, splits)](*args, **meta, num_warps=4,
-                                                 **({"maxnreg": MAXNREG} if MAXNREG else {}))  # fmt: skip
+                                                 **({"maxnreg": maxnreg(D)} if MAXNREG else {}))  # fmt: skip
     return acc, m, l
 
 

@@ -127,16 +127,18 @@ def main() -> None:
     ga = gluon_attention
     # The launch options (module defaults), then two decoding warpgroups per program (PRODUCERS = 2: 12 warps, so
     # 80 registers per thread for 2 programs per SM; the decoding warps get 88, the wgmma warps the 64 left).
-    for maxnreg, producer_regs, prefetch, producers, l2_ahead in (
-            (ga.MAXNREG, ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, ga.L2_AHEAD),
-            (ga.MAXNREG, ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, 1),  # with the L2 look-ahead (599 / 530)
-            (128, 128, 1, 1, 0)):  # and the one-warpgroup build  # fmt: skip
-        consts = dict(T=ga.T_BLOCK, D=ga.HEAD_DIM, R=ga.ROWS, STAGES=ga.STAGES, PRODUCER_REGS=producer_regs,
+    for d, maxnreg, producer_regs, prefetch, producers, l2_ahead in (
+            (128, ga.MAXNREG, ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, ga.L2_AHEAD),
+            (64, ga.MAXNREG, ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, ga.L2_AHEAD),  # head_dim 64: 2-warp decoders
+            (256, ga.maxnreg(256), ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, ga.L2_AHEAD),  # 256: 8-warp decoders
+            (128, ga.MAXNREG, ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, 1),  # with the L2 look-ahead (599 / 530)
+            (128, 128, 128, 1, 1, 0)):  # and the one-warpgroup build  # fmt: skip
+        consts = dict(T=ga.T_BLOCK, D=d, R=ga.ROWS, STAGES=ga.STAGES, PRODUCER_REGS=producer_regs,
                       HAS_MASK=True, PREFETCH=prefetch, ROTATE=True, PRODUCERS=producers,
-                      ROT_SCALE=ga.HEAD_DIM**-0.5, LOG2_D=ga.HEAD_DIM.bit_length() - 1, K_QBITS=4,
+                      ROT_SCALE=d**-0.5, LOG2_D=d.bit_length() - 1, K_QBITS=4,
                       V_QBITS=3, MASK_SCAN=ga.MASK_SCAN, MASK_BRANCH=ga.MASK_BRANCH, SCAN=ga.SCAN, L2_AHEAD=l2_ahead, SKIP=0, CSKIP=0, APPEND=False)  # the e2e decode step's case  # fmt: skip
         ck = compile_gluon(decode_attention_kernel, sig, consts, aligned, maxnreg=maxnreg)
-        report(f"PackKV decode attention, warp-specialized ({4 * producers} decode warps, 4 wgmma warps; maxnreg "
+        report(f"PackKV decode attention, head_dim {d}, warp-specialized ({d // 32 * producers} decode warps, 4 wgmma warps; maxnreg "
                f"{maxnreg}, producer {producer_regs}, prefetch {prefetch}, L2 look-ahead {l2_ahead})", ck,
                ("HGMMA", "SYNCS", "BAR", "SHFL", "LDG", "STS", "HADD2", "LOP3", "PRMT"))  # fmt: skip
         sass = sass_of(ck)
@@ -147,7 +149,7 @@ def main() -> None:
             loops = innermost_loops(sass, opcode)
             for n, top in loops[:2]:
                 print(f"{part} loop: {n} instructions per 64-token block and warp ({top})")
-            per_tile += 4 * loops[0][0]  # each tile: the consumer's 4 warps and one decoding warpgroup's 4
+            per_tile += (4 if part == "consumer" else d // 32) * loops[0][0]  # each tile: the consumer's 4 warps, one decoding partition's
         print(f"per tile: {per_tile} warp instructions; {issue_floor_us(per_tile):.1f} us of issue at B1/64K "
               f"(one instruction per cycle on every scheduler of an H100 at {CLOCK_GHZ} GHz; measured ~48 us "
               f"beyond the fixed cost with 3,116 per tile, 2026-12-06e)")
