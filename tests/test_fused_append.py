@@ -20,17 +20,17 @@ DEV = "cuda" if HAS_CUDA else "cpu"
 B, H, D, L = 2, 2, 128, 3 * 64 + 150
 
 
-def _both(rotation, n_rep, splits, extra, masked, ragged, dtype, poison=False):
-    st = _layer(PackKVConfig(k_rel=0.1, v_rel=0.2, rotation=rotation), dtype, ragged)
+def _both(rotation, n_rep, splits, extra, masked, ragged, dtype, poison=False, dim=D):
+    st = _layer(PackKVConfig(k_rel=0.1, v_rel=0.2, rotation=rotation), dtype, ragged, dim=dim)
     code = ROTATION_CODES[rotation]
     out_len = L + 1 + extra
     mask = _padding_mask(out_len) if masked else None
     if mask is not None:  # the new tokens' positions visible (a decode step's mask shows its own token)
         for b in range(B):
             mask[b, ..., int(st.n_blocks[b]) * 64 + int(st.n_win[b])] = True
-    q = torch.randn(B, H * n_rep, 1, D, device=DEV).to(dtype)
-    k = torch.randn(B, H, 1, D, device=DEV).to(dtype)
-    v = torch.randn(B, H, 1, D, device=DEV).to(dtype)
+    q = torch.randn(B, H * n_rep, 1, dim, device=DEV).to(dtype)
+    k = torch.randn(B, H, 1, dim, device=DEV).to(dtype)
+    v = torch.randn(B, H, 1, dim, device=DEV).to(dtype)
     if poison:
         v[1, 0, 0, 7] = float("nan")
     a, f = st.clone(), st.clone()
@@ -41,17 +41,19 @@ def _both(rotation, n_rep, splits, extra, masked, ragged, dtype, poison=False):
 
 
 @pytest.mark.parametrize(
-    "rotation, n_rep, splits, extra, masked, ragged, dtype",
+    "rotation, n_rep, splits, extra, masked, ragged, dtype, dim",
     [
-        ("none", 4, 1, 0, False, False, torch.float16),
-        ("none", 4, 4, 37, True, True, torch.float16),
-        ("hadamard", 8, 3, 5, False, True, torch.bfloat16),
-        ("hadamard", 2, 16, 100, True, True, torch.bfloat16),
+        ("none", 4, 1, 0, False, False, torch.float16, 128),
+        ("none", 4, 4, 37, True, True, torch.float16, 128),
+        ("hadamard", 8, 3, 5, False, True, torch.bfloat16, 128),
+        ("hadamard", 2, 16, 100, True, True, torch.bfloat16, 128),
+        ("hadamard", 3, 4, 9, True, True, torch.bfloat16, 64),
+        ("hadamard", 2, 3, 0, False, True, torch.float16, 256),
     ],
 )  # fmt: skip
 def test_append_folded_into_the_merge_matches_append_then_attention(rotation, n_rep, splits, extra, masked, ragged,
-                                                                    dtype):  # fmt: skip
-    _, a, f, want, got, *_ = _both(rotation, n_rep, splits, extra, masked, ragged, dtype)
+                                                                    dtype, dim):  # fmt: skip
+    _, a, f, want, got, *_ = _both(rotation, n_rep, splits, extra, masked, ragged, dtype, dim=dim)
     for name in ("ring_k", "ring_v", "n_win", "n_blocks"):  # the same token in the same slot, the same count
         assert torch.equal(getattr(f, name), getattr(a, name)), name
     # The new token scored in the model's coordinates instead of rotated and rounded: a few of the dtype's ulps.
