@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import HAS_CUDA
-from test_gluon_attention import _layer, _padding_mask
+from test_gluon_attention import _layer, _padding_mask, every_built_head_dim  # noqa: F401 (a fixture)
 
 from packkv.ops import PackKVConfig
 from packkv.ops.kernels import gpu
@@ -52,7 +52,7 @@ def _both(rotation, n_rep, splits, extra, masked, ragged, dtype, poison=False, d
     ],
 )  # fmt: skip
 def test_append_folded_into_the_merge_matches_append_then_attention(rotation, n_rep, splits, extra, masked, ragged,
-                                                                    dtype, dim):  # fmt: skip
+                                                                    dtype, dim, every_built_head_dim):  # fmt: skip
     _, a, f, want, got, *_ = _both(rotation, n_rep, splits, extra, masked, ragged, dtype, dim=dim)
     for name in ("ring_k", "ring_v", "n_win", "n_blocks"):  # the same token in the same slot, the same count
         assert torch.equal(getattr(f, name), getattr(a, name)), name

@@ -39,6 +39,14 @@ def _layer(cfg: PackKVConfig, dtype: torch.dtype = torch.float32, ragged: bool =
     return st
 
 
+@pytest.fixture
+def every_built_head_dim(monkeypatch):
+    """The op takes the Gluon kernel at every head_dim it is built for (``PACKKV_GLUON_HEAD_DIMS=64,128,256``)."""
+    from packkv.ops.kernels import gluon_attention
+
+    monkeypatch.setattr(gluon_attention, "HEAD_DIMS", gluon_attention.BUILT_HEAD_DIMS)
+
+
 def _padding_mask(out_len: int) -> torch.Tensor:
     """Left padding of 20 and 40 tokens, random holes (some among the zero keys past the length)."""
     mask = torch.rand(B, 1, 1, out_len, device=DEV) > 0.2
@@ -97,7 +105,7 @@ def test_gluon_attention_matches_the_reference(n_rep, splits, extra, masked, rag
     ],
 )  # fmt: skip
 def test_gluon_attention_at_head_dim_64_and_256_matches_the_reference(n_rep, splits, extra, masked, ragged, rotation,
-                                                                       dtype, dim):  # fmt: skip
+                                                                       dtype, dim, every_built_head_dim):  # fmt: skip
     st = _layer(PackKVConfig(k_rel=0.1, v_rel=0.2, rotation=rotation), dtype, ragged, dim=dim)
     out_len = L + extra
     mask = _padding_mask(out_len) if masked else None
@@ -273,6 +281,7 @@ def test_gluon_attention_with_the_default_config():
 @pytest.mark.parametrize(
     "change, reason",
     [
+        (dict(dim=64, head_dims=(128,)), "head_dim 128"),  # PACKKV_GLUON_HEAD_DIMS=128
         (dict(cfg=dict(pack_size=8)), "packs of 16"),
         (dict(cfg=dict(k_rel=0.05)), "2- to 4-bit ints"),
         (dict(cfg=dict(k_grouping="channel")), "token-grouped"),
@@ -287,6 +296,10 @@ def test_gluon_attention_with_the_default_config():
 def test_gluon_attention_names_what_it_does_not_decode(change, reason, caplog, monkeypatch):
     """Asked for explicitly, an uncovered call is a ``ValueError`` with the reason; switched on for a whole model
     (``attention.GLUON``), the same call runs on the Triton kernel, with the reason in the debug log."""
+    from packkv.ops.kernels import gluon_attention
+
+    if "head_dims" in change:
+        monkeypatch.setattr(gluon_attention, "HEAD_DIMS", change["head_dims"])
     dim = change.get("dim", D)
     cfg = PackKVConfig(**{"k_rel": 0.1, "v_rel": 0.2, "rotation": "none", **change.get("cfg", {})})
     k, v = (torch.randn(B, H, 100, dim, device=DEV, dtype=torch.float16) for _ in range(2))
@@ -386,7 +399,7 @@ def _hopper():
 @pytest.mark.parametrize("n_rep", [1, 4, 8])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("dim", [128, 64, 256])
-def test_real_size_gluon_attention_matches_the_reference(n_rep, masked, dim):
+def test_real_size_gluon_attention_matches_the_reference(n_rep, masked, dim, every_built_head_dim):
     """8K tokens per sequence, ragged, the default config (Hadamard rotation), bf16: within the model dtype's
     rounding of the reference, and of the Triton kernel."""
     from test_cuda import fill_cuda
@@ -414,7 +427,7 @@ def test_real_size_gluon_attention_matches_the_reference(n_rep, masked, dim):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dim", [128, 64, 256])
-def test_compiled_decode_step_runs_the_gluon_kernel_under_cuda_graphs(monkeypatch, dim):
+def test_compiled_decode_step_runs_the_gluon_kernel_under_cuda_graphs(monkeypatch, dim, every_built_head_dim):
     """Switched on (``attention.GLUON``), a compiled ``packkv.attention`` step calls the Gluon op (one extern
     kernel in Inductor's code) and replays under CUDA graphs with the eager result."""
     from test_cuda import fill_cuda

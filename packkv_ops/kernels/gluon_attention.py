@@ -50,7 +50,13 @@ T_BLOCK, ROWS, STAGES = 64, 8, 2  # ROWS: the wgmma's N (query heads)
 # Every head_dim PackKV stores: 128 (Llama, Mistral, Qwen 7B+), 64 (Llama-3.2-1B, Qwen2.5-0.5B/1.5B, SmolLM2), 256
 # (Gemma). Each decoding thread owns 4 packs of a pack row whatever the head_dim, so a decoding partition has D / 32
 # warps (a pack row of 16 tokens per warp at 128, two at 64, half of one at 256): a program is 4 + 2 x D / 32 warps.
-HEAD_DIMS = (64, 128, 256)
+# Which of them the op takes it for (the others go to the Triton kernel): ``PACKKV_GLUON_HEAD_DIMS`` ("64,128,256").
+# 64 and 256 are built, checked on the CPU and counted for sm_90 but have not yet run on a GPU: off by default.
+BUILT_HEAD_DIMS = (64, 128, 256)
+HEAD_DIMS = tuple(int(d) for d in os.environ.get("PACKKV_GLUON_HEAD_DIMS", "128").split(",") if d.strip())
+if not set(HEAD_DIMS) <= set(BUILT_HEAD_DIMS):
+    raise ValueError(f"PACKKV_GLUON_HEAD_DIMS={os.environ['PACKKV_GLUON_HEAD_DIMS']!r}: the Gluon kernel is built for "
+                     f"head_dim {', '.join(map(str, BUILT_HEAD_DIMS))}")
 # Launch options, timed on the H100 (2026-12-05e, one decoding warpgroup: 160 producer registers -3%, one program
 # per SM -25%, PREFETCH 0 -10%, 3 stages +1%). Uncapped, ptxas reserves 255 registers per thread: one program
 # per SM. The default (2026-12-06, H100, scripts/gluon_sm90/packed_decode_attention.py --gpu): two decoding
