@@ -3,6 +3,7 @@ and its check and timing on one.
 
     python scripts/gluon_sm90/packed_decode_attention.py         # SASS per loop (CPU)
     python scripts/gluon_sm90/packed_decode_attention.py --gpu   # on the GPU machine
+    PACKKV_GLUON_HEAD_DIMS=64,128,256 python scripts/gluon_sm90/packed_decode_attention.py --dims 64 256 128
 
 Compiled here (2026-12-05e): producer loop 569 sm_90 instructions per 64-token block and warp, consumer loop 238
 (with the mask); 4 + 4 warps, 68 KB of shared memory with 2 stages. With two decoding warpgroups (``PRODUCERS = 2``,
@@ -113,6 +114,41 @@ def run_on_gpu(maxnreg: int | None, producer_regs: int, per_sm: int, prefetch: i
               flush=True)  # fmt: skip
 
 
+def head_dims_on_gpu(dims: list[int]) -> None:
+    """On a GPU: the Gluon kernel at other head_dims (``PACKKV_GLUON_HEAD_DIMS``) against the Triton kernel on real
+    K/V structure (``benchmarks/kernels.py``'s ``make_kv``, ``k_rel=0.1, v_rel=0.2``), both timed beside SDPA on the
+    bf16 cache (medians of CUDA-graph replays, L2 flushed). Shapes: Llama-3.2-1B (32 / 8 heads) at 64, Gemma-2-9B
+    (16 / 8) at 256, Llama-3.1-8B (32 / 8) at 128."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from kernels import bench_ms, compress, make_kv
+
+    from packkv.ops import PackKVConfig
+    from packkv.ops.kernels import attention as kernel
+
+    for d in dims:
+        q_heads = 16 if d == 256 else 32
+        for batch, context in ((8, 32768), (1, 131072)):
+            k, v = make_kv(batch, context, 8, d, "real", "cuda")
+            st, _ = compress(PackKVConfig(k_rel=0.1, v_rel=0.2), k, v)
+            q = torch.randn(batch, q_heads, 1, d, device="cuda", dtype=torch.bfloat16)
+
+            def run(gluon):
+                return kernel.attention(q, st, context, None, False, None, gluon=gluon)
+
+            g, t = run(True), run(False)
+            e = ((g.float() - t.float()).abs().max() / t.float().abs().max()).item()
+            t_g, t_t = bench_ms(lambda: run(True)), bench_ms(lambda: run(False))
+            t_s = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            print(f"head_dim {d}, {q_heads}/8 heads, B{batch}/{context}: error vs Triton {e:.1e} | Gluon {t_g:.4f} ms, "
+                  f"Triton {t_t:.4f}, SDPA {t_s:.4f} | Gluon {t_s / t_g:.2f}x SDPA, {t_t / t_g:.2f}x Triton; "
+                  f"Triton {t_s / t_t:.2f}x SDPA", flush=True)  # fmt: skip
+            del k, v, st
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     sig = {name: "*i32" for name in ("pool_ptr", "k_off_ptr", "v_off_ptr", "k_meta_ptr", "v_meta_ptr", "n_blocks_ptr",
                                      "n_win_ptr")}  # fmt: skip
@@ -155,7 +191,9 @@ def main() -> None:
               f"beyond the fixed cost with 3,116 per tile, 2026-12-06e)")
 
 if __name__ == "__main__":
-    if "--gpu" in sys.argv:
+    if "--dims" in sys.argv:  # PACKKV_GLUON_HEAD_DIMS=64,128,256 python ... --dims 64 256 128
+        head_dims_on_gpu([int(x) for x in sys.argv[sys.argv.index("--dims") + 1 :]])
+    elif "--gpu" in sys.argv:
         # One process per setting, with a timeout: a wrong mbarrier phase hangs the GPU, not just this setting.
         import subprocess
 
