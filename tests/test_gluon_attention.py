@@ -158,14 +158,14 @@ def test_the_mask_scans_cover_a_long_split_in_rounds_of_chunks(scan, hidden, mon
     assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-3
 
 
-def _under_settings(monkeypatch, splits: int, base: dict, variant: dict):
+def _under_settings(monkeypatch, splits: int, base: dict, variant: dict, q_scale: float = 1.0):
     """The Gluon attention over a ragged fp16 layer with a padding mask under ``base``, then ``variant`` settings of
     ``gluon_attention``; and the reference."""
     from packkv.ops.kernels import gluon_attention
 
     st = _layer(PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none"), torch.float16, ragged=True)
     mask = _padding_mask(L + 20)
-    q = torch.randn(B, H * 4, 1, D, device=DEV, dtype=torch.float16)
+    q = (torch.randn(B, H * 4, 1, D, device=DEV) * q_scale).to(torch.float16)
     out = []
     for settings in (base, variant):
         for name, value in settings.items():
@@ -184,6 +184,23 @@ def test_the_producers_launch_options_give_the_same_attention(prefetch, producer
     default, got, want = _under_settings(monkeypatch, splits, dict(PREFETCH=1, PRODUCERS=1),
                                          dict(PREFETCH=prefetch, PRODUCERS=producers))  # fmt: skip
     torch.testing.assert_close(got, default, rtol=0, atol=0)
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-3
+
+
+# PAIR: the consumer takes two compressed blocks per turn of its chain (one maximum for both, both P V products on
+# the accumulator), an odd block left alone, then the window's tiles one by one. With splits=1 the first sequence's
+# 3 blocks are a pair and a single, the second's 2 a pair; with splits=2 each split's share is a pair or a single.
+# With 3 stages a pair's blocks take turns over the stages (block i in stage i % 3). The same attention up to the
+# order of fp32 sums. A query 30x larger spreads the scores over ~40 powers of two, so
+# weights relative to a wrong maximum overflow fp16. Mutation-checked: the second block's V scales taken from the
+# first; the pair's maximum over the first block only.
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("q_scale", [1.0, 30.0])
+@pytest.mark.parametrize("splits", [1, 2])
+def test_the_consumers_pair_steps_give_the_same_attention(splits, q_scale, stages, monkeypatch):
+    default, got, want = _under_settings(monkeypatch, splits, dict(PAIR=False, STAGES=2),
+                                         dict(PAIR=True, STAGES=stages), q_scale)  # fmt: skip
+    assert ((got.float() - default.float()).abs().max() / default.float().abs().max()).item() < 1e-3
     assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-3
 
 
@@ -363,6 +380,36 @@ def test_by_default_the_gluon_kernel_takes_the_decode_steps_it_covers_on_an_sm90
     assert calls == [1]
     want = _want(q, st, L, None, "none")
     assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-3
+
+
+# The CPU run orders the kernel's partitions (threads) by its mbarriers alone, with the hardware's phase rule, so a
+# wrong phase or a missing arrival shows on the CPU as a wait that times out (on the GPU: a hang).
+def test_the_eager_runs_mbarriers_complete_phases_as_the_hardware_does(monkeypatch):
+    import threading
+
+    from packkv.ops.kernels import gluon_eager
+
+    monkeypatch.setattr(gluon_eager, "WAIT_S", 0.2)
+    run = {"cv": threading.Condition(), "failed": False}
+    bar = gluon_eager._Barriers(1, run).index(0)
+    gluon_eager._MBarrier.init(bar, count=2)
+    bar.wait(1)  # a fresh barrier: the phase before the first counts as complete
+    with pytest.raises(RuntimeError, match="timed out"):
+        bar.wait(0)
+    gluon_eager._MBarrier.arrive(bar)
+    with pytest.raises(RuntimeError, match="1/2 arrivals"):
+        bar.wait(0)  # one of the two arrivals
+    gluon_eager._MBarrier.arrive(bar)
+    bar.wait(0)
+    with pytest.raises(RuntimeError, match="timed out"):
+        bar.wait(1)
+    monkeypatch.setattr(gluon_eager, "WAIT_S", 5.0)
+    released = []
+    waiter = threading.Thread(target=lambda: released.append(bar.wait(1) is None))
+    waiter.start()  # a partition waiting for the next phase, released by the other's arrivals
+    gluon_eager._MBarrier.arrive(bar, count=2)
+    waiter.join(timeout=10)
+    assert released == [True]
 
 
 def test_the_partials_op_passes_opcheck():

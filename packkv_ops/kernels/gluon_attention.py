@@ -137,6 +137,10 @@ SKIP = 0
 # loads, 2 no S = K q^T product, 4 no P V product, 8 no running maximum (exp2 of the raw scores), 16 (with 4) no P
 # store, fence and barrier either. With SKIP = 3 what is left is the handshake. launch_cost.py --consumer-ablation.
 CSKIP = 0
+# The consumer takes two compressed blocks per step of its chain (``_pair``): the chain (wait, S wgmma, maximum across
+# the warps, exp2, P to shared memory, fence, barrier, P V wgmma, wait) sets the kernel's time even with no decode at
+# all (zero tiles: 0.158 ms at B8/32K, NOTES 2026-12-07b). Runs on 2 stages (off with others).
+PAIR = bool(int(os.environ.get("PACKKV_GLUON_PAIR", "0")))
 
 
 @gluon.jit
@@ -422,6 +426,39 @@ def _butterfly(x, M: gl.constexpr, D: gl.constexpr, H: gl.constexpr):
 
 
 @gluon.jit
+def _packed_in(i, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, perm_ptr, mask_ptr, smb, b, lo, NB, g_lo, g_hi,
+               i_t, lane_tok, T: gl.constexpr, R: gl.constexpr, HAS_MASK: gl.constexpr, MASK_BRANCH: gl.constexpr,
+               CSKIP: gl.constexpr):  # fmt: skip
+    """Compressed block ``i``'s token scales and zeros (K and V) and which of its keys the mask leaves visible (the
+    mask gathered only between the split's first and last hidden position)."""
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
+                                                  instr_shape=[16, R, 16])  # fmt: skip
+    toks: gl.constexpr = gl.SliceLayout(1, mma)
+    tok = (b * NB + lo + i) * T + lane_tok
+    if CSKIP & 1:  # (benchmarks only)
+        ks = gl.full([T], 1.0, gl.float32, toks)
+        kz = gl.zeros([T], gl.float32, toks)
+        vs = ks
+        vz = kz
+    else:
+        ks = gl.load(k_scale_ptr + tok).to(gl.float32)
+        kz = gl.load(k_zero_ptr + tok).to(gl.float32)
+        vs = gl.load(v_scale_ptr + tok).to(gl.float32)
+        vz = gl.load(v_zero_ptr + tok).to(gl.float32)
+    live = i_t >= 0
+    if HAS_MASK:
+        if MASK_BRANCH:
+            if (i >= g_lo) & (i <= g_hi):
+                perm = gl.load(perm_ptr + tok).to(gl.int32)
+                live = gl.load(mask_ptr + b * smb + (lo + i) * T + perm) != 0
+        else:  # the same gathers predicated off instead of branched around
+            g = (i >= g_lo) & (i <= g_hi) & (i_t >= 0)
+            perm = gl.load(perm_ptr + tok, mask=g, other=0).to(gl.int32)
+            live = gl.load(mask_ptr + b * smb + (lo + i) * T + perm, mask=g, other=1) != 0
+    return ks, kz, vs, vz, live
+
+
+@gluon.jit
 def _tile(i, PACKED: gl.constexpr, q_s, qs, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
           v_zero_ptr, perm_ptr, mask_ptr, smb, b, lo, nb, r_lo, n_c, total, NB, qk_scale, g_lo, g_hi, i_t, lane_tok,
           m_i, l_t, z_t, o_t, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
@@ -437,27 +474,9 @@ def _tile(i, PACKED: gl.constexpr, q_s, qs, k_bufs, v_bufs, p_s, ready, empty, k
     toks: gl.constexpr = gl.SliceLayout(1, mma)
     s = i % STAGES
     if PACKED:
-        tok = (b * NB + lo + i) * T + lane_tok
-        if CSKIP & 1:  # (benchmarks only)
-            ks = gl.full([T], 1.0, gl.float32, toks)
-            kz = gl.zeros([T], gl.float32, toks)
-            vs = ks
-            vz = kz
-        else:
-            ks = gl.load(k_scale_ptr + tok).to(gl.float32)
-            kz = gl.load(k_zero_ptr + tok).to(gl.float32)
-            vs = gl.load(v_scale_ptr + tok).to(gl.float32)
-            vz = gl.load(v_zero_ptr + tok).to(gl.float32)
-        live = i_t >= 0
-        if HAS_MASK:  # only the tiles between the split's first and last hidden position gather the mask
-            if MASK_BRANCH:
-                if (i >= g_lo) & (i <= g_hi):
-                    perm = gl.load(perm_ptr + tok).to(gl.int32)
-                    live = gl.load(mask_ptr + b * smb + (lo + i) * T + perm) != 0
-            else:  # the same gathers predicated off instead of branched around
-                g = (i >= g_lo) & (i <= g_hi) & (i_t >= 0)
-                perm = gl.load(perm_ptr + tok, mask=g, other=0).to(gl.int32)
-                live = gl.load(mask_ptr + b * smb + (lo + i) * T + perm, mask=g, other=1) != 0
+        ks, kz, vs, vz, live = _packed_in(i, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, perm_ptr, mask_ptr,
+                                          smb, b, lo, NB, g_lo, g_hi, i_t, lane_tok, T, R, HAS_MASK, MASK_BRANCH,
+                                          CSKIP)  # fmt: skip
     else:
         ks = gl.full([T], 1.0, gl.float32, toks)
         kz = gl.zeros([T], gl.float32, toks)
@@ -499,11 +518,70 @@ def _tile(i, PACKED: gl.constexpr, q_s, qs, k_bufs, v_bufs, p_s, ready, empty, k
 
 
 @gluon.jit
-def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
+def _pair(i, q_s, qs, k_bufs, v_bufs, p_s, p_s1, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
+          perm_ptr, mask_ptr, smb, b, lo, NB, qk_scale, g_lo, g_hi, i_t, lane_tok, m_i, l_t, z_t, o_t,
+          T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr, HAS_MASK: gl.constexpr,
+          MASK_BRANCH: gl.constexpr, CSKIP: gl.constexpr = 0):  # fmt: skip
+    """Compressed blocks ``i`` and ``i + 1`` in one step of the consumer's chain (``PAIR``): both S products
+    in flight together, one maximum across the warps (a shared-memory round and a barrier) for 128 tokens, one P
+    store, fence and barrier, both P V products chained on the accumulator. The chain's fixed latencies are paid
+    once per 128 tokens instead of once per 64."""
+    gl.static_assert(CSKIP <= 1, "the pair step takes no consumer ablation but CSKIP 1")
+    # With 2 stages block i (even) is in stage 0 and i + 1 in 1; known at compile time, the products' 48 shared
+    # memory descriptors are hoisted out of the loop, do not fit the uniform registers and spill (sm_90 build, 80
+    # registers: 546 instructions per step, 113 local loads in the kernel). Computed per step from an opaque 0: 433.
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
+                                                  instr_shape=[16, R, 16])  # fmt: skip
+    if STAGES == 2:
+        s0 = (i >> 30) & 1  # 0: blocks are fewer than 2^30; opaque so the descriptors are computed per step (below)
+        s1 = s0 ^ 1
+    else:
+        s0 = i % STAGES
+        s1 = (i + 1) % STAGES
+    ks0, kz0, vs0, vz0, live0 = _packed_in(i, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, perm_ptr, mask_ptr,
+                                           smb, b, lo, NB, g_lo, g_hi, i_t, lane_tok, T, R, HAS_MASK, MASK_BRANCH,
+                                           CSKIP)  # fmt: skip
+    ks1, kz1, vs1, vz1, live1 = _packed_in(i + 1, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, perm_ptr,
+                                           mask_ptr, smb, b, lo, NB, g_lo, g_hi, i_t, lane_tok, T, R, HAS_MASK,
+                                           MASK_BRANCH, CSKIP)  # fmt: skip
+    zero = gl.zeros([T, R], gl.float32, mma)
+    mbarrier.wait(ready.index(s0), phase=(i // STAGES) & 1)
+    a0 = warpgroup_mma(k_bufs.index(s0).permute([1, 0]), q_s.permute([1, 0]), zero, use_acc=False, is_async=True)
+    mbarrier.wait(ready.index(s1), phase=((i + 1) // STAGES) & 1)
+    a1 = warpgroup_mma(k_bufs.index(s1).permute([1, 0]), q_s.permute([1, 0]), zero, use_acc=False, is_async=True)
+    raw0, raw1 = warpgroup_mma_wait(num_outstanding=0, deps=(a0, a1))
+    sc0 = (raw0 + gl.expand_dims(kz0, 1) * gl.expand_dims(qs, 0)) * gl.expand_dims(ks0 * qk_scale, 1)
+    sc0 = gl.where(gl.expand_dims(live0, 1), sc0, float("-inf"))
+    sc1 = (raw1 + gl.expand_dims(kz1, 1) * gl.expand_dims(qs, 0)) * gl.expand_dims(ks1 * qk_scale, 1)
+    sc1 = gl.where(gl.expand_dims(live1, 1), sc1, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(gl.maximum(sc0, sc1), axis=0))
+    m_safe = gl.expand_dims(gl.where(m_new == float("-inf"), 0.0, m_new), 0)
+    p0 = gl.exp2(sc0 - m_safe)
+    p1 = gl.exp2(sc1 - m_safe)
+    alpha = gl.exp2(gl.expand_dims(m_i, 0) - m_safe)
+    pvs0 = p0 * gl.expand_dims(vs0, 1)
+    pvs1 = p1 * gl.expand_dims(vs1, 1)
+    l_t = l_t * alpha + (p0 + p1)
+    z_t = z_t * alpha + (pvs0 * gl.expand_dims(vz0, 1) + pvs1 * gl.expand_dims(vz1, 1))
+    o_t = o_t * alpha
+    p_s.store(pvs0.to(gl.float16))
+    p_s1.store(pvs1.to(gl.float16))
+    fence_async_shared()
+    gl.thread_barrier()
+    acc = warpgroup_mma(v_bufs.index(s0), p_s, o_t, is_async=True)
+    acc = warpgroup_mma(v_bufs.index(s1), p_s1, acc, is_async=True)
+    o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    mbarrier.arrive(empty.index(s0), count=1)
+    mbarrier.arrive(empty.index(s1), count=1)
+    return m_new, l_t, z_t, o_t
+
+
+@gluon.jit
+def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, p_s1, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
               perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, row0, n_rep, split, b, lo, hi, r_lo, r_hi, nb, total,
               z_lo, z_hi, NB, qk_scale, T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr,
               HAS_MASK: gl.constexpr, MASK_SCAN: gl.constexpr, MASK_BRANCH: gl.constexpr, SCAN: gl.constexpr,
-              CSKIP: gl.constexpr):  # fmt: skip
+              CSKIP: gl.constexpr, PAIR: gl.constexpr):  # fmt: skip
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, R, 16])  # fmt: skip
     rows: gl.constexpr = gl.SliceLayout(0, mma)
@@ -571,7 +649,14 @@ def _consumer(q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_
     o_t = gl.zeros([D, R], gl.float32, mma)
     # Compressed blocks first (rows in lane order, token-grouped scales and zeros: [B, NB, 1, T, 1]), then the
     # ring's exact tiles (rows in token order, scale 1, zero 0, positions past the length masked).
-    for i in range(n_c):
+    n_pair = (n_c // 2) * 2 if PAIR else n_c * 0
+    if PAIR:  # two compressed blocks per step of the chain; an odd one left goes alone
+        for j in range(n_c // 2):
+            m_i, l_t, z_t, o_t = _pair(2 * j, q_s, qs, k_bufs, v_bufs, p_s, p_s1, ready, empty, k_scale_ptr, k_zero_ptr,
+                                       v_scale_ptr, v_zero_ptr, perm_ptr, mask_ptr, smb, b, lo, NB, qk_scale, g_lo,
+                                       g_hi, i_t, lane_tok, m_i, l_t, z_t, o_t, T, D, R, STAGES, HAS_MASK,
+                                       MASK_BRANCH, CSKIP)  # fmt: skip
+    for i in range(n_pair, n_c):
         m_i, l_t, z_t, o_t = _tile(i, True, q_s, qs, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr,
                                    v_scale_ptr, v_zero_ptr, perm_ptr, mask_ptr, smb, b, lo, nb, r_lo, n_c, total, NB,
                                    qk_scale, g_lo, g_hi, i_t, lane_tok, m_i, l_t, z_t, o_t, T, D, R, STAGES, HAS_MASK,
@@ -612,7 +697,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                             V_QBITS: gl.constexpr = 3, MASK_SCAN: gl.constexpr = True,
                             MASK_BRANCH: gl.constexpr = True, SCAN: gl.constexpr = 4,
                             L2_AHEAD: gl.constexpr = 0, SKIP: gl.constexpr = 0,
-                            CSKIP: gl.constexpr = 0, APPEND: gl.constexpr = False):  # fmt: skip
+                            CSKIP: gl.constexpr = 0, APPEND: gl.constexpr = False, PAIR: gl.constexpr = False):  # fmt: skip
     """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
     rotated, padded to ``R`` with zeros) against the split's share of the sequence's compressed blocks of a
     ``PackedLayer`` (its pool, offsets, metadata, scales and zeros as they are stored) and its share of the exact
@@ -656,6 +741,10 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
     q_s = gl.allocate_shared_memory(gl.float16, [R, D], gl.NVMMASharedLayout.get_default_for([R, D], gl.float16),
                                     value=q)  # fmt: skip
     p_s = gl.allocate_shared_memory(gl.float16, [T, R], gl.NVMMASharedLayout.get_default_for([T, R], gl.float16))
+    if PAIR:  # the second block's weights
+        p_s1 = gl.allocate_shared_memory(gl.float16, [T, R], gl.NVMMASharedLayout.get_default_for([T, R], gl.float16))
+    else:
+        p_s1 = p_s
     stage: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, T], gl.float16)
     k_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, D, T], stage)
     v_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, D, T], stage)
@@ -668,18 +757,18 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
     # (The argument lists are written out: a tuple variable would turn the constexprs into tensors.)
     if PRODUCERS == 1:
         gl.warp_specialize([
-            (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
+            (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, p_s1, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
-                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, CSKIP)),
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, CSKIP, PAIR)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 0, 1, pool_words, L2_AHEAD, SKIP)),
         ], [D // 32], [PRODUCER_REGS])
     else:  # two decoding warpgroups taking turns over the blocks: twice the warps to hide the gathers' latency
         gl.warp_specialize([
-            (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
+            (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, p_s1, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
-                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, CSKIP)),
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, CSKIP, PAIR)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
                                 PREFETCH, K_QBITS, V_QBITS, 0, 2, pool_words, L2_AHEAD, SKIP)),
@@ -764,7 +853,7 @@ def partials(
     meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, HAS_MASK=mask is not None,
                 PREFETCH=PREFETCH, PRODUCERS=PRODUCERS, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1,
                 K_QBITS=k_qbits, V_QBITS=v_qbits, MASK_SCAN=MASK_SCAN, MASK_BRANCH=MASK_BRANCH, SCAN=SCAN,
-                L2_AHEAD=ahead, SKIP=SKIP, CSKIP=CSKIP, APPEND=totals is not None)
+                L2_AHEAD=ahead, SKIP=SKIP, CSKIP=CSKIP, APPEND=totals is not None, PAIR=PAIR)
     if q.device.type == "cpu":
         from . import gluon_attention, gluon_eager
 

@@ -3,9 +3,11 @@
 
 Gluon ops are logical tensor ops (layouts decide where values live, not what they are), so executing a kernel's
 body with ``gl`` replaced by torch equivalents computes what the compiled kernel should: its index arithmetic, its
-reading of PackKV's format, the orientation of its MMA operands. What this cannot check: the compiler's lowering,
-the memory ordering (mbarriers and fences are no-ops; the warp partitions run one after the other, producer
-first), and inline asm, which runs as the torch twin registered here for each asm string used. A ``pack=2`` asm
+reading of PackKV's format, the orientation of its MMA operands, and its mbarrier protocol: the warp partitions run
+as threads ordered by the mbarriers alone (phases as the hardware counts them), so a wrong phase or a missing
+arrival hangs here too and times out with an error. What this cannot check: the compiler's lowering, the memory
+ordering the fences give (a partition's stores are whole before its arrive), and inline asm, which runs as the
+torch twin registered here for each asm string used. A ``pack=2`` asm
 is modelled as pairing consecutive elements of the last axis (true for the layouts the kernels give it).
 
     run(kernel, grid, *args, module=kernels_module, **constexprs)   # args: tensors (pointers) and numbers
@@ -13,6 +15,7 @@ is modelled as pairing consecutive elements of the last axis (true for the layou
 
 from __future__ import annotations
 
+import threading
 import types
 from typing import Any, Callable
 
@@ -213,15 +216,18 @@ def _inline_asm(asm, constraints, args, dtype, is_pure, pack):
 
 # --- shared memory, barriers, wgmma ------------------------------------------------------------------------------
 
+# How long a partition waits on an mbarrier before the run is declared hung (on the GPU: a hang).
+WAIT_S = 60.0
+
 
 class Smem:
-    """A shared buffer; stages (``.index``) are FIFO queues so that a producer run to completion before its
-    consumer hands over every tile in order."""
+    """A shared buffer; a ring of stages (``[STAGES, ...]``) is indexed per stage. The partitions that write and
+    read it run as threads ordered by the mbarriers, as on the GPU."""
 
     def __init__(self, shape, value: T | None = None):
         self.shape = list(shape)
-        self.queues: dict[int, list] = {}
         self.value = value.data.float() if value is not None else None
+        self.stages: dict[int, torch.Tensor] = {}
 
     def index(self, s):
         return _Stage(self, int(s))
@@ -244,19 +250,14 @@ class _Stage:
         self.buf, self.s = buf, s
 
     def store(self, x: T) -> None:
-        self.buf.queues.setdefault(self.s, []).append(x.data.float())
+        self.buf.stages[self.s] = x.data.float()
 
     def tensor(self) -> torch.Tensor:
-        q = self.buf.queues.get(self.s)
-        if not q:  # a stage nothing was stored in (a product the kernel discards): unwritten memory, here zeros
-            return torch.zeros(self.buf.shape[1:])
-        return q[0]
+        # A stage nothing was stored in (a product the kernel discards): unwritten memory, here zeros.
+        return self.buf.stages.get(self.s, torch.zeros(self.buf.shape[1:]))
 
     def permute(self, dims):
         return _View(lambda: self.tensor().permute(*dims))
-
-    def release(self) -> None:  # the consumer is done with this stage's oldest tile
-        self.buf.queues[self.s].pop(0)
 
 
 class _View:
@@ -264,24 +265,57 @@ class _View:
         self.tensor = get
 
 
+class _Bar:
+    """One mbarrier: ``count`` arrivals complete a phase; ``wait(parity)`` returns once the phase of that parity
+    has completed, i.e. while the current (incomplete) phase's parity differs (a fresh barrier: ``wait(1)``
+    returns at once, ``wait(0)`` after the first phase)."""
+
+    def __init__(self, run: dict):
+        self.run, self.count, self.arrived, self.done = run, 1, 0, 0
+
+    def arrive(self, count: int) -> None:
+        with self.run["cv"]:
+            self.arrived += count
+            if self.arrived >= self.count:
+                self.arrived, self.done = 0, self.done + 1
+                self.run["cv"].notify_all()
+
+    def wait(self, phase: int) -> None:
+        phase = int(phase)
+        with self.run["cv"]:
+            if not self.run["cv"].wait_for(lambda: (self.done & 1) != phase or self.run["failed"], timeout=WAIT_S):
+                raise RuntimeError(f"mbarrier wait for phase {phase} timed out after {WAIT_S} s ({self.done} phases "
+                                   f"completed, {self.arrived}/{self.count} arrivals): on the GPU, a hang")  # fmt: skip
+            if self.run["failed"]:
+                raise RuntimeError("another partition failed")
+
+
+class _Barriers:
+    def __init__(self, n: int, run: dict):
+        self.bars = [_Bar(run) for _ in range(n)]
+
+    def index(self, s):
+        return self.bars[int(s)]
+
+
 class _MBarrier:
     @staticmethod
     def MBarrierLayout():
         return None
 
-    init = wait = expect = invalidate = staticmethod(lambda *a, **k: None)
+    expect = invalidate = staticmethod(lambda *a, **k: None)
 
     @staticmethod
-    def arrive(bar, count=1):
-        if isinstance(bar, _Stage) and bar.buf.kind == "empty":  # the consumer released a stage: drop its tiles
-            for buf in bar.buf.stages_of:
-                buf.index(bar.s).release()
+    def init(bar: _Bar, count: int) -> None:
+        bar.count = int(count)
 
+    @staticmethod
+    def arrive(bar: _Bar, count: int = 1, **_) -> None:
+        bar.arrive(int(count))
 
-class _Barriers(Smem):
-    def __init__(self, kind: str, stages_of: list):
-        super().__init__([0])
-        self.kind, self.stages_of = kind, stages_of
+    @staticmethod
+    def wait(bar: _Bar, phase, *_, **__) -> None:
+        bar.wait(phase)
 
 
 def _mma(a, b, acc, use_acc=True, is_async=False, **_):
@@ -336,14 +370,9 @@ def _build_gl(state: dict) -> types.SimpleNamespace:
         return full(shape, 0, dtype)
 
     def allocate_shared_memory(dtype, shape, layout=None, value=None):
-        if dtype.name == "i64":  # mbarriers: the kernel allocates ready, then empty
-            kind = "ready" if "ready" not in state else "empty"
-            state[kind] = _Barriers(kind, state["stages"])
-            return state[kind]
-        buf = Smem(shape, value)
-        if len(shape) == 3:  # a ring of stages
-            state.setdefault("stages", []).append(buf)
-        return buf
+        if dtype.name == "i64":  # mbarriers, one per stage
+            return _Barriers(shape[0], state)
+        return Smem(shape, value)
 
     def reduce_max(x, axis):
         return T(x.data.amax(axis), x.dtype) if x.dtype in _INT else T(x.data.float().amax(axis), F32)
@@ -355,8 +384,26 @@ def _build_gl(state: dict) -> types.SimpleNamespace:
         return T(x.data.sum(axis), x.dtype)
 
     def warp_specialize(parts, worker_num_warps, worker_num_regs):
-        for fn, args in parts[1:] + parts[:1]:  # producers first, then the default partition
-            fn(*args)
+        """Every partition in a thread of its own, ordered by the mbarriers alone; the first error (or a wait that
+        times out: a hang on the GPU) stops the others' waits and is raised."""
+        errors: list[BaseException] = []
+
+        def part(fn, args):
+            try:
+                fn(*args)
+            except BaseException as e:  # noqa: BLE001 (re-raised below, in the caller's thread)
+                with state["cv"]:
+                    errors.append(e)
+                    state["failed"] = True
+                    state["cv"].notify_all()
+
+        threads = [threading.Thread(target=part, args=p, daemon=True) for p in parts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
 
     ns = dict(
         constexpr=object, float16=Dtype(F16), float32=Dtype(F32), uint32=Dtype(U32), int32=Dtype(I32),
@@ -390,7 +437,7 @@ def run(kernel, grid: tuple[int, int], *args, module: types.ModuleType, **conste
     are pointers (written in place by stores), numbers stay numbers."""
     for pid0 in range(grid[0]):
         for pid1 in range(grid[1]):
-            state: dict = {"pid": (pid0, pid1), "grid": grid}
+            state: dict = {"pid": (pid0, pid1), "grid": grid, "cv": threading.Condition(), "failed": False}
             ns = dict(vars(module))
             ns.update(gl=_build_gl(state), mbarrier=_MBarrier, fence_async_shared=lambda: None,
                       warpgroup_mma=_mma, warpgroup_mma_wait=lambda num_outstanding=0, deps=(): deps[0] if len(deps) == 1 else tuple(deps))  # fmt: skip

@@ -31,7 +31,7 @@ ORDER = ["q_ptr", "pool_ptr", "k_off_ptr", "v_off_ptr", "k_meta_ptr", "v_meta_pt
          "v_scale_ptr", "v_zero_ptr", "ring_k_ptr", "ring_v_ptr", "n_blocks_ptr", "n_win_ptr", "perm_ptr", "mask_ptr",
          "smb", "out_len", "acc_ptr", "m_ptr", "l_ptr", "NB", "H", "S", "n_rep", "qk_scale", "pool_words", "tot_ptr", "T", "D", "R", "STAGES",
          "PRODUCER_REGS", "HAS_MASK", "PREFETCH", "ROTATE", "PRODUCERS", "ROT_SCALE", "LOG2_D", "K_QBITS", "V_QBITS",
-         "MASK_SCAN", "MASK_BRANCH", "SCAN", "L2_AHEAD", "SKIP", "CSKIP", "APPEND"]  # fmt: skip
+         "MASK_SCAN", "MASK_BRANCH", "SCAN", "L2_AHEAD", "SKIP", "CSKIP", "APPEND", "PAIR"]  # fmt: skip
 # (MAXNREG, PRODUCER_REGS, PROGRAMS_PER_SM, PREFETCH, STAGES, PRODUCERS); GLUON_SETTINGS="128,128,2,1,3,1;..."
 # (PROGRAMS_PER_SM sets the split count with gluon_attention.WAVES since 2026-12-06b; before, the Triton kernel's
 # count applied whatever it was: runs until then all had 2 waves of 2 programs per SM)
@@ -149,7 +149,8 @@ def head_dims_on_gpu(dims: list[int]) -> None:
             torch.cuda.empty_cache()
 
 
-def main() -> None:
+def signature() -> tuple[dict, dict]:
+    """The kernel's argument types for an offline build, and the pointers' 16-byte alignment."""
     sig = {name: "*i32" for name in ("pool_ptr", "k_off_ptr", "v_off_ptr", "k_meta_ptr", "v_meta_ptr", "n_blocks_ptr",
                                      "n_win_ptr")}  # fmt: skip
     sig |= {"q_ptr": "*bf16", "k_scale_ptr": "*bf16", "v_scale_ptr": "*bf16", "k_zero_ptr": "*i16",
@@ -157,25 +158,42 @@ def main() -> None:
             "l_ptr": "*fp32", "NB": "i32", "H": "i32", "S": "i32", "perm_ptr": "*u8", "mask_ptr": "*i1", "smb": "i32",
             "out_len": "i32", "n_rep": "i32", "qk_scale": "fp32", "pool_words": "i32", "tot_ptr": "*i32", "T": "constexpr", "D": "constexpr", "R": "constexpr",
             "STAGES": "constexpr", "PRODUCER_REGS": "constexpr", "HAS_MASK": "constexpr", "PREFETCH": "constexpr", "ROTATE": "constexpr", "PRODUCERS": "constexpr", "ROT_SCALE": "constexpr",
-            "LOG2_D": "constexpr", "K_QBITS": "constexpr", "V_QBITS": "constexpr", "MASK_SCAN": "constexpr", "MASK_BRANCH": "constexpr", "SCAN": "constexpr", "L2_AHEAD": "constexpr", "SKIP": "constexpr", "CSKIP": "constexpr", "APPEND": "constexpr"}  # fmt: skip
+            "LOG2_D": "constexpr", "K_QBITS": "constexpr", "V_QBITS": "constexpr", "MASK_SCAN": "constexpr", "MASK_BRANCH": "constexpr", "SCAN": "constexpr", "L2_AHEAD": "constexpr", "SKIP": "constexpr", "CSKIP": "constexpr", "APPEND": "constexpr", "PAIR": "constexpr"}  # fmt: skip
     sig = {k: sig[k] for k in ORDER}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(ORDER) if k.endswith("_ptr")}
+    return sig, {(i,): [["tt.divisibility", 16]] for i, k in enumerate(ORDER) if k.endswith("_ptr")}
+
+
+def build(d: int, maxnreg: int | None, producer_regs: int, prefetch: int, producers: int, l2_ahead: int,
+          pair: bool, stages: int | None = None):  # fmt: skip
+    """The sm_90 build of the e2e decode step's case (padding mask, rotation, 4-bit K / 3-bit V) with these
+    launch options."""
+    ga = gluon_attention
+    sig, aligned = signature()
+    consts = dict(T=ga.T_BLOCK, D=d, R=ga.ROWS, STAGES=stages or ga.STAGES, PRODUCER_REGS=producer_regs,
+                  HAS_MASK=True, PREFETCH=prefetch, ROTATE=True, PRODUCERS=producers,
+                  ROT_SCALE=d**-0.5, LOG2_D=d.bit_length() - 1, K_QBITS=4, V_QBITS=3, MASK_SCAN=ga.MASK_SCAN,
+                  MASK_BRANCH=ga.MASK_BRANCH, SCAN=ga.SCAN, L2_AHEAD=l2_ahead, SKIP=0, CSKIP=0, APPEND=False,
+                  PAIR=pair)  # fmt: skip
+    return compile_gluon(decode_attention_kernel, sig, consts, aligned, maxnreg=maxnreg)
+
+
+def main() -> None:
     ga = gluon_attention
     # The launch options (module defaults), then two decoding warpgroups per program (PRODUCERS = 2: 12 warps, so
     # 80 registers per thread for 2 programs per SM; the decoding warps get 88, the wgmma warps the 64 left).
-    for d, maxnreg, producer_regs, prefetch, producers, l2_ahead in (
-            (128, ga.MAXNREG, ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, ga.L2_AHEAD),
-            (64, ga.MAXNREG, ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, ga.L2_AHEAD),  # head_dim 64: 2-warp decoders
-            (256, ga.maxnreg(256), ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, ga.L2_AHEAD),  # 256: 8-warp decoders
-            (128, ga.MAXNREG, ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, 1),  # with the L2 look-ahead (599 / 530)
-            (128, 128, 128, 1, 1, 0)):  # and the one-warpgroup build  # fmt: skip
-        consts = dict(T=ga.T_BLOCK, D=d, R=ga.ROWS, STAGES=ga.STAGES, PRODUCER_REGS=producer_regs,
-                      HAS_MASK=True, PREFETCH=prefetch, ROTATE=True, PRODUCERS=producers,
-                      ROT_SCALE=d**-0.5, LOG2_D=d.bit_length() - 1, K_QBITS=4,
-                      V_QBITS=3, MASK_SCAN=ga.MASK_SCAN, MASK_BRANCH=ga.MASK_BRANCH, SCAN=ga.SCAN, L2_AHEAD=l2_ahead, SKIP=0, CSKIP=0, APPEND=False)  # the e2e decode step's case  # fmt: skip
-        ck = compile_gluon(decode_attention_kernel, sig, consts, aligned, maxnreg=maxnreg)
+    builds = [(128, ga.MAXNREG, ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, ga.L2_AHEAD, ga.PAIR),
+              (64, ga.MAXNREG, ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, ga.L2_AHEAD, ga.PAIR),  # 2-warp decoders
+              (256, ga.maxnreg(256), ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, ga.L2_AHEAD, ga.PAIR),  # 8-warp
+              (128, ga.MAXNREG, ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, ga.L2_AHEAD, not ga.PAIR),  # pair step or not
+              (128, ga.MAXNREG, ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, 1, ga.PAIR),  # L2 look-ahead (599 / 530)
+              (128, 128, 128, 1, 1, 0, False)]  # and the one-warpgroup build
+    if "--pair" in sys.argv:  # the pair step only, at each head_dim
+        builds = [(d, ga.maxnreg(d), ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, ga.L2_AHEAD, True) for d in (128, 64, 256)]
+    for d, maxnreg, producer_regs, prefetch, producers, l2_ahead, pair in builds:
+        ck = build(d, maxnreg, producer_regs, prefetch, producers, l2_ahead, pair)
         report(f"PackKV decode attention, head_dim {d}, warp-specialized ({d // 32 * producers} decode warps, 4 wgmma warps; maxnreg "
-               f"{maxnreg}, producer {producer_regs}, prefetch {prefetch}, L2 look-ahead {l2_ahead})", ck,
+               f"{maxnreg}, producer {producer_regs}, prefetch {prefetch}, L2 look-ahead {l2_ahead}"
+               f"{', pair steps' if pair else ''})", ck,
                ("HGMMA", "SYNCS", "BAR", "SHFL", "LDG", "STS", "HADD2", "LOP3", "PRMT"))  # fmt: skip
         sass = sass_of(ck)
         per_tile = 0
@@ -183,9 +201,11 @@ def main() -> None:
             # The consumer's loops in code order: the compressed tiles', the window's (then, as a backward branch,
             # code ptxas placed out of line: not a loop of tiles). The first is the one a 64K context runs.
             loops = innermost_loops(sass, opcode)
-            for n, top in loops[:2]:
-                print(f"{part} loop: {n} instructions per 64-token block and warp ({top})")
-            per_tile += (4 if part == "consumer" else d // 32) * loops[0][0]  # each tile: the consumer's 4 warps, one decoding partition's
+            for k, (n, top) in enumerate(loops[:2]):
+                step = 2 if pair and part == "consumer" and k == 0 else 1  # the pair step's loop: two blocks a turn
+                print(f"{part} loop: {n} instructions per {64 * step}-token step and warp ({top})")
+            first = loops[0][0] // (2 if pair and part == "consumer" else 1)
+            per_tile += (4 if part == "consumer" else d // 32) * first  # each tile: the consumer's 4 warps, one decoding partition's
         print(f"per tile: {per_tile} warp instructions; {issue_floor_us(per_tile):.1f} us of issue at B1/64K "
               f"(one instruction per cycle on every scheduler of an H100 at {CLOCK_GHZ} GHz; measured ~48 us "
               f"beyond the fixed cost with 3,116 per tile, 2026-12-06e)")
