@@ -7,7 +7,7 @@ default one-block step, on the GPU machine, side by side in one run:
 * per setting its largest error against the default's partials (pair steps change only the order of the sums);
 * settings: ``PAIR`` x ``PRODUCER_REGS`` (88: the consumer keeps 64 registers and the pair step spills; 80: it
   gets 80) x ``STAGES`` (3: a stage free for the decoders while a pair step holds two), and head_dim 64 (32 / 8
-  heads).
+  heads) and 256 (16 / 8).
 
     python scripts/gluon_sm90/pair_step.py [--out DIR]
 """
@@ -31,8 +31,9 @@ from packkv.ops.kernels import gluon_attention as ga  # noqa: E402
 # (PAIR, PRODUCER_REGS, STAGES) per head_dim, the default first. 3 stages let the decoders store a block while the
 # consumer's pair step holds two; 2 programs per SM still fit at 128 (4 at 64: 3 programs).
 SETTINGS = {128: ((False, 88, 2), (False, 80, 2), (True, 88, 2), (True, 80, 2), (True, 80, 3)),
-            64: ((False, 88, 2), (True, 88, 2), (True, 80, 2), (True, 80, 4))}
-CASES = ((8, 32768, 128, 4), (1, 65536, 128, 4), (1, 131072, 128, 4), (8, 32768, 64, 4))
+            64: ((False, 88, 2), (True, 88, 2), (True, 80, 2), (True, 80, 4)),
+            256: ((False, 88, 2), (True, 88, 2))}
+CASES = ((8, 32768, 128, 4), (1, 65536, 128, 4), (1, 131072, 128, 4), (8, 32768, 64, 4), (8, 32768, 256, 2))
 
 
 def main() -> None:
