@@ -78,7 +78,10 @@ GLUON_BUILDS = {
                                    r"producer loop: \d+ .*HADD2 64",
                                    # head_dim 256: two 8-warp decoding partitions (20 warps), nothing spilled
                                    r"head_dim 256, .*16 decode warps.*20 warps, 0 bytes spill(.|\n)*?consumer loop: "
-                                   r"\d+ .*HGMMA 32,(.|\n)*?producer loop: \d+ .*HADD2 64"],
+                                   r"\d+ .*HGMMA 32,(.|\n)*?producer loop: \d+ .*HADD2 64",
+                                   # the consumer's pair step (PAIR): both blocks' products in one turn of its loop
+                                   r"head_dim 128, .*pair steps\).*\n.*\nconsumer loop: \d+ instructions per 128-token "
+                                   r"step .*HGMMA 32,"],
 }
 
 
