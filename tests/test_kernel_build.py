@@ -73,21 +73,27 @@ GLUON_BUILDS = {
     "packed_decode_attention.py": [r"consumer loop: \d+ .*HGMMA 16", r"producer loop: \d+ .*HADD2 64",
                                    r"8 decode warps.*12 warps(.|\n)*consumer loop: \d+ .*HGMMA 16.*\n"
                                    r"producer loop: \d+ .*HADD2 64",
-                                   # head_dim 64: two 2-warp decoding partitions (8 warps), half the products
-                                   r"head_dim 64, .*4 decode warps.*8 warps(.|\n)*?consumer loop: \d+ .*HGMMA 8,(.|\n)*?"
-                                   r"producer loop: \d+ .*HADD2 64",
-                                   # head_dim 256: two 8-warp decoding partitions (20 warps), nothing spilled
-                                   r"head_dim 256, .*16 decode warps.*20 warps, 0 bytes spill(.|\n)*?consumer loop: "
-                                   r"\d+ .*HGMMA 32,(.|\n)*?producer loop: \d+ .*HADD2 64",
-                                   # the consumer's pair step (PAIR): both blocks' products in one turn of its loop
+                                   # head_dim 64: two 2-warp decoding partitions (8 warps), half the products (the
+                                   # default pair step: two blocks' worth per turn of the consumer's loop)
+                                   r"head_dim 64, .*4 decode warps.*8 warps(.|\n)*?consumer loop: \d+ instructions per "
+                                   r"128-token step .*HGMMA 16,(.|\n)*?producer loop: \d+ .*HADD2 64",
+                                   # head_dim 256: two 8-warp decoding partitions (20 warps); 8 bytes spilled at
+                                   # most (the pair step's build; the one-block step's spills nothing)
+                                   r"head_dim 256, .*16 decode warps.*20 warps, [08] bytes spill(.|\n)*?consumer loop: "
+                                   r"\d+ instructions per 128-token step .*HGMMA 64,(.|\n)*?producer loop: \d+ .*HADD2 64",
+                                   # the consumer's pair step (PAIR, the default): both blocks' products in one turn
                                    r"head_dim 128, .*pair steps\).*\n.*\nconsumer loop: \d+ instructions per 128-token "
-                                   r"step .*HGMMA 32,"],
+                                   r"step .*HGMMA 32,",
+                                   # and the one-block step (PACKKV_GLUON_PAIR=0)
+                                   r"head_dim 128, .*L2 look-ahead 0\).*\n.*\nconsumer loop: \d+ instructions per "
+                                   r"64-token step .*HGMMA 16,"],
 }
 
 
 @pytest.mark.parametrize("script", sorted(GLUON_BUILDS))
 def test_gluon_examples_compile_for_sm90_with_hopper_instructions(script):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # the module defaults, whatever this shell sets
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PACKKV_GLUON_")}
     path = Path(__file__).parents[1] / "scripts" / "gluon_sm90" / script
     done = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

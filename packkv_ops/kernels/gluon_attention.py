@@ -139,8 +139,9 @@ SKIP = 0
 CSKIP = 0
 # The consumer takes two compressed blocks per step of its chain (``_pair``): the chain (wait, S wgmma, maximum across
 # the warps, exp2, P to shared memory, fence, barrier, P V wgmma, wait) sets the kernel's time even with no decode at
-# all (zero tiles: 0.158 ms at B8/32K, NOTES 2026-12-07b). Runs on 2 stages (off with others).
-PAIR = bool(int(os.environ.get("PACKKV_GLUON_PAIR", "0")))
+# all (zero tiles: 0.158 ms at B8/32K, NOTES 2026-12-07b). On the H100 (pair_step.py, 2026-12-07d) the zero-tile
+# time falls 20-23 % and the kernel's 1-5 % (B1/64K: even): now the producers bound it. Any STAGES; 0 turns it off.
+PAIR = bool(int(os.environ.get("PACKKV_GLUON_PAIR", "1")))
 
 
 @gluon.jit
