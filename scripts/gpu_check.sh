@@ -8,7 +8,10 @@
 # first in the same machine session (cold, compiling under the tool took ~16 min for 73). PACKKV_SANITIZE_K (a
 # pytest -k expression) runs a part, e.g. "attention_matches_the_reference", "rows_as_the_products or
 # long_query_block", "append_matches or one_kernel or non_finite or matvec or rotate or hadamard" and the
-# complement of those three.
+# complement of those three. Its default deselects the compiled CUDA-graph step of test_gluon_attention.py: under
+# memcheck the Gluon launch's Python frames (partials, Triton's launcher) stay referenced, so cudagraph trees'
+# pool check counts the partials as live and raises; without the tool the same step passes
+# (scripts/cudagraph_pool_check.py prints the referrers; H100, 2026-12-07e).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/packkv-out}"; mkdir -p "$OUT"
@@ -33,7 +36,7 @@ if [[ $what == tests || $what == all ]]; then
 fi
 if [[ $what == sanitize || $what == all ]]; then
   timeout 560 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \
-    -m "cuda or not cuda" ${PACKKV_SANITIZE_FILES:-tests/test_kernels.py tests/test_gluon_attention.py} ${PACKKV_SANITIZE_K:+-k "$PACKKV_SANITIZE_K"} \
+    -m "cuda or not cuda" ${PACKKV_SANITIZE_FILES:-tests/test_kernels.py tests/test_gluon_attention.py} -k "${PACKKV_SANITIZE_K:-not under_cuda_graphs}" \
     2>&1 | tee "$OUT/sanitizer.log" | tail -8
 fi
 if [[ $what == bench || $what == all ]]; then
