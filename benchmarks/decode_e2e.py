@@ -1,8 +1,10 @@
 """End-to-end decode benchmark: ``packkv.compile(model)`` vs transformers' compiled static cache.
 
     python benchmarks/decode_e2e.py                # Llama-3.1-8B shapes, random bf16 weights, one GPU
+    python benchmarks/decode_e2e.py --shape llama-3.2-1b   # head_dim 64 (Llama-3.2-1B: 16 layers, 32 / 8 heads)
 
-A Llama-architecture model with random weights (32 layers, 32 query / 8 KV heads, head_dim 128, hidden 4096)
+A Llama-architecture model with random weights (32 layers, 32 query / 8 KV heads, head_dim 128, hidden 4096;
+``--shape llama-3.2-1b``: 16 layers, 32 / 8 heads, head_dim 64, hidden 2048)
 decodes after a prompt of each context length, side by side in one run:
 
 * ``static``: transformers ``StaticCache`` (bf16), forward compiled with ``mode="reduce-overhead"`` (CUDA
@@ -47,12 +49,21 @@ from packkv.inductor import stats
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
                 max_position_embeddings=262144)  # fmt: skip
+# head_dim 64, as Llama-3.2-1B / SmolLM2 / Qwen2.5-0.5B have (the Gluon kernel's 2-warp decoding partitions)
+LLAMA_1B = dict(LLAMA_8B, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, head_dim=64,
+                tie_word_embeddings=True)  # fmt: skip
+SHAPES = {"llama-3.1-8b": LLAMA_8B, "llama-3.2-1b": LLAMA_1B}
+TITLES = {"llama-3.1-8b": "Llama-3.1-8B", "llama-3.2-1b": "Llama-3.2-1B"}
 
 
-def build_model(layers: int, small: bool, device: str):
+def build_model(layers: int | None, small: bool, device: str, shape_name: str = "llama-3.1-8b"):
+    """A Llama-architecture model with random weights of the named shapes (``layers``: fewer layers, or ``None``
+    for the shape's own count)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shape = dict(LLAMA_8B, num_hidden_layers=layers)
+    shape = dict(SHAPES[shape_name])
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
     if small:  # CPU smoke test
         shape.update(vocab_size=512, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                      head_dim=64)  # fmt: skip
@@ -353,7 +364,7 @@ def kilo(tokens: int) -> str:
     return f"{tokens // 1024}K" if tokens >= 1024 else str(tokens)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str = "Llama-3.1-8B") -> None:
     """Batch-1 tokens/s against context (left) and, with a budget, total tokens/s at each path's batch (right)."""
     import matplotlib
 
@@ -376,7 +387,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("decode tokens/s (batch 1)")
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("Llama-3.1-8B shapes, random bf16 weights, compiled decode")
+    ax.set_title(f"{title} shapes, random bf16 weights, compiled decode")
     if budget:
         bx = axes[0][1]
         labels = [f"{r['path'].removesuffix('_budget')}\n{kilo(r['context'])} x {r['batch']}" for r in budget]
@@ -432,7 +443,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the static cache's rows (default: --contexts); none (a bare flag): only its 1K weights row, "
                         "for a short run that compares PackKV's steps with the weights-only step")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b",
+                   help="the model's shapes (random weights): llama-3.2-1b has head_dim 64")
+    p.add_argument("--layers", type=int, default=None, help="layers (default: the shape's, 32 / 16)")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--chunk", type=int, default=8192, help="prefill chunk (tokens)")
@@ -506,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         faulthandler.dump_traceback_later(args.watchdog, repeat=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
-    model = build_model(args.layers, args.small, device)
+    model = build_model(args.layers, args.small, device, args.shape)
     compile_kw = compile_kwargs("reduce-overhead" if device == "cuda" else None, args.guard_filter)
     static_step = torch.compile(model, fullgraph=True, **compile_kw)
     rows = []
@@ -557,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         if variant in args.paths:
             for row in retraced_packkv_rows(model, args, variant):
                 record(row)
-    plot(rows, args.out / "decode_e2e.png")
+    plot(rows, args.out / "decode_e2e.png", TITLES[args.shape])
     if not {"static", "packkv"} <= set(args.paths):
         return 0
     by = {(r["path"], r["context"]): r for r in rows}

@@ -166,3 +166,13 @@ def test_pipelined_rounds_wait_once_per_round_not_once_per_step(monkeypatch):
     assert calls == list(range(5, 5 + 3 + 2 * 3))
     assert waits == [1, 2, 3, 6, 9]
     assert len(times) == 2 and len(times.pipelined) == 2 and all(20 <= ms < 40 for ms in times.pipelined)
+
+
+@pytest.mark.parametrize(("shape", "head_dim", "hidden", "layers"), [("llama-3.1-8b", 128, 4096, 32), ("llama-3.2-1b", 64, 2048, 16)])
+def test_the_benchmark_builds_each_named_shape(shape, head_dim, hidden, layers):
+    """``--shape`` picks the model's attention shapes (random weights; built on the meta device here): Llama-3.2-1B
+    decodes at head_dim 64, as SmolLM2 and Qwen2.5-0.5B do, with Llama-3.1-8B's 32 query / 8 KV heads."""
+    cfg = decode_e2e.build_model(None, False, "meta", shape).config
+    assert (cfg.head_dim, cfg.hidden_size, cfg.num_hidden_layers) == (head_dim, hidden, layers)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (32, 8)
+    assert decode_e2e.build_model(2, False, "meta", shape).config.num_hidden_layers == 2
