@@ -273,7 +273,6 @@ def _pack_values(f, lo, hi, QBITS: gl.constexpr, L2: gl.constexpr, CHAIN: gl.con
     # [N, 4 (j), 2 (lane)]: the lane axis is the asm's packed pair
     L3: gl.constexpr = gl.BlockedLayout([4, 4, 2], [32, 1, 1], [gl.num_warps(), 1, 1], [2, 1, 0])
     PK: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
-    j = gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(2, L3))).to(gl.uint32)
     w = gl.convert_layout(w, PK)
     f = gl.convert_layout(f, PK)
     m = (gl.full(w.shape, 1, gl.uint32, PK) << w) - 1
@@ -291,6 +290,7 @@ def _pack_values(f, lo, hi, QBITS: gl.constexpr, L2: gl.constexpr, CHAIN: gl.con
         a = gl.reshape(gl.permute(gl.join(gl.join(a0, a1), gl.join(a2, a3)), (0, 3, 2, 1)), (f.shape[0], 4, 2))
         b = gl.reshape(gl.permute(gl.join(gl.join(b0, b1), gl.join(b2, b3)), (0, 3, 2, 1)), (f.shape[0], 4, 2))
     else:
+        j = gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(2, L3))).to(gl.uint32)
         z3 = gl.zeros([f.shape[0], 4, 2], gl.uint32, L3)
         o = gl.expand_dims(gl.expand_dims(w, 1) * gl.expand_dims(j, 0), 2) + z3
         m2 = _per_pair(m | (m << 16), z3)
