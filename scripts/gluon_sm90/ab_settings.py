@@ -40,6 +40,24 @@ def parse(setting: str) -> dict:
     return out
 
 
+def case_partials(batch: int, ctx: int, d: int, n_rep: int, dev: str, sms: int, heads: int = 8):
+    """The partials op of one case, as a function of no arguments (its split count read at each call: a setting
+    may change it), over a layer compressed from random K/V with the default config."""
+    k, v = make_kv(batch, ctx, heads, d, "random", dev)
+    st, _ = compress(PackKVConfig(), k, v)
+    del k, v
+    q = torch.randn(batch, heads * n_rep, 1, d, device=dev, dtype=torch.bfloat16)
+
+    def partials():
+        return ga.partials(q, st.pool, st.k_offsets, st.v_offsets, st.k_meta, st.v_meta, st.k_scale, st.k_zero,
+                           st.v_scale, st.v_zero, st.ring_k, st.ring_v, st.n_blocks, st.n_win, st.perm, None, ctx,
+                           ga.splits_for(q, heads, ctx, sms), 1 / math.sqrt(d), True, st.layout.k.qbits,
+                           st.layout.v.qbits)  # fmt: skip
+
+    partials.splits = lambda: ga.splits_for(q, heads, ctx, sms)
+    return partials
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("settings", nargs="+", help='e.g. "CHAIN=0" "CHAIN=1"')
@@ -56,18 +74,7 @@ def main() -> None:
     cases = CASES if dev == "cuda" else ((1, 300, 128, 4), (2, 200, 64, 4))
     rows = []
     for batch, ctx, d, n_rep in cases:
-        heads = 8
-        k, v = make_kv(batch, ctx, heads, d, "random", dev)
-        st, _ = compress(PackKVConfig(), k, v)
-        del k, v
-        q = torch.randn(batch, heads * n_rep, 1, d, device=dev, dtype=torch.bfloat16)
-
-        def partials():
-            return ga.partials(q, st.pool, st.k_offsets, st.v_offsets, st.k_meta, st.v_meta, st.k_scale, st.k_zero,
-                               st.v_scale, st.v_zero, st.ring_k, st.ring_v, st.n_blocks, st.n_win, st.perm, None, ctx,
-                               ga.splits_for(q, heads, ctx, sms), 1 / math.sqrt(d), True, st.layout.k.qbits,
-                               st.layout.v.qbits)  # fmt: skip
-
+        partials = case_partials(batch, ctx, d, n_rep, dev, sms)
         times: list[list[float]] = [[] for _ in settings]
         errs = []
         ref = None
@@ -91,7 +98,7 @@ def main() -> None:
                        ms=statistics.median(times[i]) if times[i] else None)  # fmt: skip
             rows.append(row)
             print(json.dumps({k_: round(v_, 5) if isinstance(v_, float) else v_ for k_, v_ in row.items()}), flush=True)
-        del st
+        del partials
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "ab_settings.json").write_text(json.dumps(rows, indent=1))

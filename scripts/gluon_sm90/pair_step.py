@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from kernels import bench_ms, compress, make_kv  # noqa: E402
+from ab_settings import case_partials  # noqa: E402  (this folder; it puts benchmarks/ on the path)
+from kernels import bench_ms  # noqa: E402
 
-from packkv.ops import PackKVConfig  # noqa: E402
 from packkv.ops.kernels import gluon_attention as ga  # noqa: E402
 
 # (PAIR, PRODUCER_REGS, STAGES) per head_dim, the default first. 3 stages let the decoders store a block while the
@@ -48,17 +45,7 @@ def main() -> None:
     cases = CASES if dev == "cuda" else ((1, 300, 128, 4), (2, 200, 64, 4))
     rows = []
     for batch, ctx, d, n_rep in cases:
-        heads = 8
-        k, v = make_kv(batch, ctx, heads, d, "random", dev)
-        st, _ = compress(PackKVConfig(), k, v)
-        del k, v
-        q = torch.randn(batch, heads * n_rep, 1, d, device=dev, dtype=torch.bfloat16)
-
-        def partials():  # the split count of each setting (shared memory may bind it)
-            return ga.partials(q, st.pool, st.k_offsets, st.v_offsets, st.k_meta, st.v_meta, st.k_scale, st.k_zero,
-                               st.v_scale, st.v_zero, st.ring_k, st.ring_v, st.n_blocks, st.n_win, st.perm, None, ctx,
-                               ga.splits_for(q, heads, ctx, sms), 1 / math.sqrt(d), True, st.layout.k.qbits,
-                               st.layout.v.qbits)  # fmt: skip
+        partials = case_partials(batch, ctx, d, n_rep, dev, sms)  # the split count of each setting
 
         ref = None
         for pair, regs, stages in SETTINGS[d]:
@@ -70,7 +57,7 @@ def main() -> None:
             err = max(((got[0] - ref[0]).abs().max() / ref[0].abs().max()).item(),
                       (got[1] - ref[1]).abs().max().item(),
                       ((got[2] - ref[2]).abs().max() / ref[2].abs().max()).item())  # fmt: skip
-            row = dict(batch=batch, context=ctx, head_dim=d, splits=ga.splits_for(q, heads, ctx, sms), pair=pair,
+            row = dict(batch=batch, context=ctx, head_dim=d, splits=partials.splits(), pair=pair,
                        producer_regs=regs, stages=stages, err=err)
             if dev == "cuda":
                 row["ms"] = bench_ms(partials)
