@@ -176,3 +176,49 @@ def test_the_benchmark_builds_each_named_shape(shape, head_dim, hidden, layers):
     assert (cfg.head_dim, cfg.hidden_size, cfg.num_hidden_layers) == (head_dim, hidden, layers)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (32, 8)
     assert decode_e2e.build_model(2, False, "meta", shape).config.num_hidden_layers == 2
+
+
+def test_packkv_rows_time_plain_steps_and_one_compressing_step_each_after_its_graph_is_compiled(monkeypatch):
+    """A step whose token overflows the exact ring compresses a block in every layer (a second compiled graph, one
+    step in ``block_size``). The PackKV row warms up through two of them and the steps after each (under CUDA graph
+    trees: compile, warm-up run, recording), so the timed steps (waited and pipelined) replay plain ones; then it
+    times the next compressing step alone, with the plain steps before it untimed, and reports it beside the plain
+    step and their mean over a block of tokens."""
+    import packkv
+
+    monkeypatch.setattr(decode_e2e, "PIPELINED_ROUNDS", 1)
+    monkeypatch.setattr(decode_e2e, "PIPELINED_STEPS", 2)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = decode_e2e.build_model(2, True, "cpu")
+    packkv.compile(model)
+    cfg = model.packkv_config
+    compressed, timed = {}, set()  # position -> blocks the step compressed; positions of timed steps
+    real = decode_e2e.decode
+
+    def spy(step, model, cache, batch, start, steps, warmup, device, **kw):
+        def watched(**inputs):
+            before = cache.layers[0].n_blocks
+            out = step(**inputs)
+            compressed[inputs["position_ids"].item()] = cache.layers[0].n_blocks - before
+            return out
+
+        first = start + warmup
+        timed.update(range(first, first + steps + (2 if kw.get("pipelined") else 0)))
+        if not kw.get("pipelined"):  # the compressing step's call: only its last step is timed
+            timed.difference_update(range(start, start + steps - 1))
+        return real(watched, model, cache, batch, start, steps, warmup, device, **kw)
+
+    monkeypatch.setattr(decode_e2e, "decode", spy)
+    context = 4 * cfg.block_size + 5  # the prefill leaves the ring neither empty nor one token from compressing
+    row = decode_e2e.run_packkv(model, 1, context, 3, 1, "cpu", 64, cfg)
+    steps = sorted(compressed)
+    assert steps == list(range(context, context + len(steps)))  # every step ran once, in order
+    comp = [p for p in steps if compressed[p]]
+    assert len(comp) == 3 and all(compressed[p] == 1 for p in comp)
+    assert comp[1] - comp[0] == comp[2] - comp[1] == cfg.block_size
+    assert comp[1] + 2 < min(timed)  # two in the warm-up, and two plain steps after the second
+    assert [p for p in comp if p in timed] == [steps[-1]]  # the one timed compressing step: the last, timed alone
+    assert row["compress_step_ms"] > 0
+    assert row["amortized_step_ms"] == pytest.approx(((cfg.block_size - 1) * row["step_ms"] + row["compress_step_ms"]) / cfg.block_size)
+    torch._dynamo.reset()
