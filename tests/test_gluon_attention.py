@@ -204,16 +204,6 @@ def test_the_consumers_pair_steps_give_the_same_attention(splits, q_scale, stage
     assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-3
 
 
-# CHAIN: each window's four value pairs come from one asm block that shifts the window by the pack's width in a
-# chain, not from four blocks shifting by w * j: the same fp16 values, so the same attention bit for bit (packs of
-# 0 to 4 bits here: 4-bit K, 3-bit V). Mutation-checked: the four results joined in the wrong order of j.
-@pytest.mark.parametrize("splits", [1, 2])
-def test_the_chained_lane_shifts_decode_the_same_values(splits, monkeypatch):
-    default, got, want = _under_settings(monkeypatch, splits, dict(CHAIN=False), dict(CHAIN=True))
-    torch.testing.assert_close(got, default, rtol=0, atol=0)
-    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-3
-
-
 # L2_AHEAD: each decoding warpgroup asks L2 for the block it will decode L2_AHEAD turns later (its fields exactly,
 # the most its payloads can span from their offsets). A hint: the attention is the same bit for bit. On the CPU the
 # eager run records every prefetch and checks what the hardware requires (16-byte aligned, inside the tensor); here

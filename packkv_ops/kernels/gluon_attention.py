@@ -142,11 +142,10 @@ CSKIP = 0
 # all (zero tiles: 0.158 ms at B8/32K, NOTES 2026-12-07b). On the H100 (pair_step.py, 2026-12-07d) the zero-tile
 # time falls 20-23 % and the kernel's 1-5 % (B1/64K: even): now the producers bound it. Any STAGES; 0 turns it off.
 PAIR = bool(int(os.environ.get("PACKKV_GLUON_PAIR", "1")))
-# The decoding warps take each window's four value pairs from one asm block that shifts the window by the pack's
-# width three times in a chain (``_lanes_chain``), instead of four blocks each shifting by ``w * j``: the same values,
-# 16 fewer instructions per tile and warp (sm_90 builds, 2026-12-07e: 530 -> 514 at head_dim 128, 535 -> 520 at 64,
-# 555 -> 536 at 256; no spills). Opt-in until timed on a GPU (NOTES, 2026-12-07e).
-CHAIN = bool(int(os.environ.get("PACKKV_GLUON_CHAIN", "0")))
+# Tried and removed (2026-12-07f): each window's four value pairs from one asm block shifting the window by the
+# pack's width in a chain instead of by ``w * j`` (16 fewer producer instructions per tile and warp, 530 -> 514)
+# timed no faster on the H100 (B8/32K 0.1946 vs 0.1933 ms, B1/128K 0.1023 vs 0.1019, head_dim 64 / 256 -0.4 / -0.6 %,
+# interleaved rounds): scripts/gluon_sm90/experiments/chained_lane_shifts.patch.
 
 
 @gluon.jit
@@ -210,19 +209,6 @@ def _lanes_1024(win, o, m2, mu2):
 
 
 @gluon.jit
-def _lanes_chain(win, w, m2, mu2):
-    """``_lanes_1024`` for the window's four pairs at once (``j`` = 0..3): the window shifted by ``w`` in a chain,
-    so no ``w * j`` amounts are computed. Inputs ``[..., 2]`` equal along the pair, as for ``_lanes_1024``."""
-    return gl.inline_asm_elementwise(
-        "{ .reg .b32 r, t; lop3.b32 t, $4, $8, 0x64006400, 0xea; add.rn.f16x2 $0, t, $10; "
-        "shr.b32 r, $4, $6; lop3.b32 t, r, $8, 0x64006400, 0xea; add.rn.f16x2 $1, t, $10; "
-        "shr.b32 r, r, $6; lop3.b32 t, r, $8, 0x64006400, 0xea; add.rn.f16x2 $2, t, $10; "
-        "shr.b32 r, r, $6; lop3.b32 t, r, $8, 0x64006400, 0xea; add.rn.f16x2 $3, t, $10; }",
-        "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [win, w, m2, mu2], dtype=(gl.float16, gl.float16, gl.float16, gl.float16),
-        is_pure=True, pack=2)  # fmt: skip
-
-
-@gluon.jit
 def _per_pair(x, z3):
     """``[N]`` -> ``[N, 4, 2]``, equal along the new axes (``z3``: zeros of that shape and layout, folded away)."""
     return gl.expand_dims(gl.expand_dims(x, 1), 2) + z3
@@ -263,7 +249,7 @@ def _pack_bits(base_ptr, start, size):
 
 
 @gluon.jit
-def _pack_values(f, lo, hi, QBITS: gl.constexpr, L2: gl.constexpr, CHAIN: gl.constexpr = False):
+def _pack_values(f, lo, hi, QBITS: gl.constexpr, L2: gl.constexpr):
     """The 16 values of each pack (lanes of 4), as ``[N, 16]`` fp16 in lane order (row ``8k + 2j + lane`` is token
     ``8k + 4 lane + j``: ``tiles.lane_order_tokens``)."""
     w = f >> QBITS
@@ -276,27 +262,13 @@ def _pack_values(f, lo, hi, QBITS: gl.constexpr, L2: gl.constexpr, CHAIN: gl.con
     w = gl.convert_layout(w, PK)
     f = gl.convert_layout(f, PK)
     m = (gl.full(w.shape, 1, gl.uint32, PK) << w) - 1
-
-    if CHAIN:  # [N, 2 (lane)] operands; four [N, 2] results (j = 0..3) joined to [N, 4 (j), 2 (lane)]
-        L2D: gl.constexpr = gl.SliceLayout(1, L3)
-        P1: gl.constexpr = gl.SliceLayout(1, L2D)
-        z2 = gl.zeros([f.shape[0], 2], gl.uint32, L2D)
-        wp = gl.expand_dims(gl.convert_layout(w, P1), 1) + z2
-        m2 = gl.expand_dims(gl.convert_layout(m | (m << 16), P1), 1) + z2
-        mu2 = gl.expand_dims(gl.convert_layout(0xE400E400 - (f & ((1 << QBITS) - 1)) * 0x20002, P1), 1) + z2
-        a0, a1, a2, a3 = _lanes_chain(gl.expand_dims(gl.convert_layout(lj0, P1), 1) + z2, wp, m2, mu2)
-        b0, b1, b2, b3 = _lanes_chain(gl.expand_dims(gl.convert_layout(lj1, P1), 1) + z2, wp, m2, mu2)
-        # join(join(a0, a1), join(a2, a3)): [N, 2 (lane), 2 (j % 2), 2 (j // 2)]
-        a = gl.reshape(gl.permute(gl.join(gl.join(a0, a1), gl.join(a2, a3)), (0, 3, 2, 1)), (f.shape[0], 4, 2))
-        b = gl.reshape(gl.permute(gl.join(gl.join(b0, b1), gl.join(b2, b3)), (0, 3, 2, 1)), (f.shape[0], 4, 2))
-    else:
-        j = gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(2, L3))).to(gl.uint32)
-        z3 = gl.zeros([f.shape[0], 4, 2], gl.uint32, L3)
-        o = gl.expand_dims(gl.expand_dims(w, 1) * gl.expand_dims(j, 0), 2) + z3
-        m2 = _per_pair(m | (m << 16), z3)
-        mu2 = _per_pair(0xE400E400 - (f & ((1 << QBITS) - 1)) * 0x20002, z3)
-        a = _lanes_1024(_per_pair(gl.convert_layout(lj0, PK), z3), o, m2, mu2)  # window 0: rows 2j + lane
-        b = _lanes_1024(_per_pair(gl.convert_layout(lj1, PK), z3), o, m2, mu2)
+    j = gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(2, L3))).to(gl.uint32)
+    z3 = gl.zeros([f.shape[0], 4, 2], gl.uint32, L3)
+    o = gl.expand_dims(gl.expand_dims(w, 1) * gl.expand_dims(j, 0), 2) + z3
+    m2 = _per_pair(m | (m << 16), z3)
+    mu2 = _per_pair(0xE400E400 - (f & ((1 << QBITS) - 1)) * 0x20002, z3)
+    a = _lanes_1024(_per_pair(gl.convert_layout(lj0, PK), z3), o, m2, mu2)  # window 0: rows 2j + lane
+    b = _lanes_1024(_per_pair(gl.convert_layout(lj1, PK), z3), o, m2, mu2)
     x = gl.join(a, b)  # [N, 4 (j), 2 (lane), 2 (window)]
     return gl.reshape(gl.permute(x, (0, 3, 1, 2)), (f.shape[0], 16))
 
@@ -362,7 +334,7 @@ def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, rin
                      ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T: gl.constexpr,
                      D: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, K_QBITS: gl.constexpr,
                      V_QBITS: gl.constexpr, par, NPAR: gl.constexpr, pool_words, L2_AHEAD: gl.constexpr,
-                     SKIP: gl.constexpr, CHAIN: gl.constexpr = False):  # fmt: skip
+                     SKIP: gl.constexpr):  # fmt: skip
     P: gl.constexpr = 16
     N: gl.constexpr = (T // P) * D  # packs per block and stream, in stream order (row-major: row, channel)
     # Each thread: 4 consecutive packs of one row (channels 4l .. 4l+3), warp w = pack row w.
@@ -416,9 +388,9 @@ def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, rin
             vx = gl.zeros([N, P], gl.float16, L2)
         else:
             kx = _pack_values(gl.convert_layout(fk, LP), gl.convert_layout(k_lo, LP), gl.convert_layout(k_hi, LP),
-                              K_QBITS, L2, CHAIN)  # [N, 16]: pack (row r, channel c), its 16 tokens  # fmt: skip
+                              K_QBITS, L2)  # [N, 16]: pack (row r, channel c), its 16 tokens  # fmt: skip
             vx = _pack_values(gl.convert_layout(fv, LP), gl.convert_layout(v_lo, LP), gl.convert_layout(v_hi, LP),
-                              V_QBITS, L2, CHAIN)  # fmt: skip
+                              V_QBITS, L2)  # fmt: skip
         # [D, T]: channel c, token 16 r + t (lane order within each pack); rows in the stage's order
         kt = _stage_rows(gl.reshape(gl.permute(gl.reshape(kx, (T // P, D, P)), (1, 0, 2)), (D, T)), D, T)
         vt = _stage_rows(gl.reshape(gl.permute(gl.reshape(vx, (T // P, D, P)), (1, 0, 2)), (D, T)), D, T)
@@ -733,8 +705,8 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                             V_QBITS: gl.constexpr = 3, MASK_SCAN: gl.constexpr = True,
                             MASK_BRANCH: gl.constexpr = True, SCAN: gl.constexpr = 4,
                             L2_AHEAD: gl.constexpr = 0, SKIP: gl.constexpr = 0,
-                            CSKIP: gl.constexpr = 0, APPEND: gl.constexpr = False, PAIR: gl.constexpr = False,
-                            CHAIN: gl.constexpr = False):  # fmt: skip
+                            CSKIP: gl.constexpr = 0, APPEND: gl.constexpr = False,
+                            PAIR: gl.constexpr = False):  # fmt: skip
     """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
     rotated, padded to ``R`` with zeros) against the split's share of the sequence's compressed blocks of a
     ``PackedLayer`` (its pool, offsets, metadata, scales and zeros as they are stored) and its share of the exact
@@ -799,7 +771,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                          hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, CSKIP, PAIR)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
-                                PREFETCH, K_QBITS, V_QBITS, 0, 1, pool_words, L2_AHEAD, SKIP, CHAIN)),
+                                PREFETCH, K_QBITS, V_QBITS, 0, 1, pool_words, L2_AHEAD, SKIP)),
         ], [D // 32], [PRODUCER_REGS])
     else:  # two decoding warpgroups taking turns over the blocks: twice the warps to hide the gathers' latency
         gl.warp_specialize([
@@ -808,10 +780,10 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                          hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, CSKIP, PAIR)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
-                                PREFETCH, K_QBITS, V_QBITS, 0, 2, pool_words, L2_AHEAD, SKIP, CHAIN)),
+                                PREFETCH, K_QBITS, V_QBITS, 0, 2, pool_words, L2_AHEAD, SKIP)),
             (_decode_producer, (pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, ring_k_ptr, ring_v_ptr, k_bufs,
                                 v_bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES,
-                                PREFETCH, K_QBITS, V_QBITS, 1, 2, pool_words, L2_AHEAD, SKIP, CHAIN)),
+                                PREFETCH, K_QBITS, V_QBITS, 1, 2, pool_words, L2_AHEAD, SKIP)),
         ], [D // 32, D // 32], [PRODUCER_REGS, PRODUCER_REGS])  # fmt: skip
 
 
@@ -890,7 +862,7 @@ def partials(
     meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, HAS_MASK=mask is not None,
                 PREFETCH=PREFETCH, PRODUCERS=PRODUCERS, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1,
                 K_QBITS=k_qbits, V_QBITS=v_qbits, MASK_SCAN=MASK_SCAN, MASK_BRANCH=MASK_BRANCH, SCAN=SCAN,
-                L2_AHEAD=ahead, SKIP=SKIP, CSKIP=CSKIP, APPEND=totals is not None, PAIR=PAIR, CHAIN=CHAIN)
+                L2_AHEAD=ahead, SKIP=SKIP, CSKIP=CSKIP, APPEND=totals is not None, PAIR=PAIR)
     if q.device.type == "cpu":
         from . import gluon_attention, gluon_eager
 

@@ -177,11 +177,6 @@ def _asm_lanes_1024_packed(win, o, m2, mu2):
     return torch.where(lane == 0, lo, hi)
 
 
-def _asm_lanes_chain(win, w, m2, mu2):
-    """The four pairs of ``_lanes_chain``: shifting by ``w`` j times is one shift by ``w * j`` (at most 12 < 32)."""
-    return tuple(_asm_lanes_1024_packed(win, w * j, m2, mu2) for j in range(4))
-
-
 # Every L2 prefetch the eager run issued: (tensor, first byte, bytes), for the tests to compare with what the
 # kernel then reads. The twin checks what the hardware requires (16-byte alignment and size, inside the tensor).
 PREFETCHES: list[tuple[torch.Tensor, int, int]] = []
@@ -208,10 +203,6 @@ ASM: dict[str, Callable] = {
     "{ .reg .b32 t; shr.b32 t, $1, $2; prmt.b32 $0, $1, t, 0x5410; }": _asm_lane_join,
     "{ .reg .b32 r; shr.b32 r, $1, $3; lop3.b32 r, r, $5, 0x64006400, 0xea; add.rn.f16x2 $0, r, $7; }":
         _asm_lanes_1024_packed,
-    "{ .reg .b32 r, t; lop3.b32 t, $4, $8, 0x64006400, 0xea; add.rn.f16x2 $0, t, $10; "
-    "shr.b32 r, $4, $6; lop3.b32 t, r, $8, 0x64006400, 0xea; add.rn.f16x2 $1, t, $10; "
-    "shr.b32 r, r, $6; lop3.b32 t, r, $8, 0x64006400, 0xea; add.rn.f16x2 $2, t, $10; "
-    "shr.b32 r, r, $6; lop3.b32 t, r, $8, 0x64006400, 0xea; add.rn.f16x2 $3, t, $10; }": _asm_lanes_chain,
 }  # fmt: skip
 
 
@@ -220,8 +211,6 @@ def _inline_asm(asm, constraints, args, dtype, is_pure, pack):
     if any(isinstance(a, Ptr) for a in args):  # pointer operands: the twin reads them itself
         return T(fn(*args), dtype.name)
     data = torch.broadcast_tensors(*[a.data if isinstance(a, T) else torch.tensor(a) for a in args])
-    if isinstance(dtype, (tuple, list)):  # several results
-        return tuple(T(x, d.name) for x, d in zip(fn(*data), dtype))
     return T(fn(*data), dtype.name)
 
 

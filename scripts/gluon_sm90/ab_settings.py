@@ -1,10 +1,10 @@
-"""Module settings of the Gluon attention (``gluon_attention``'s constants: ``CHAIN``, ``PAIR``, ``PRODUCER_REGS``...)
+"""Module settings of the Gluon attention (``gluon_attention``'s constants: ``PAIR``, ``STAGES``, ``L2_AHEAD``...)
 timed side by side on the GPU machine: the partials kernel alone (medians of CUDA-graph replays, L2 flushed) at
 Llama-3.1-8B-like shapes with random K/V and the default config, each setting's largest error against the first's,
 in ``--rounds`` interleaved rounds (A B A B ...) so a drift of the machine shows instead of reading as a gain.
 
-    python scripts/gluon_sm90/ab_settings.py "CHAIN=0" "CHAIN=1" [--rounds 2] [--out DIR]
-    python scripts/gluon_sm90/ab_settings.py "CHAIN=0" "CHAIN=1" --device cpu    # a dry run (the eager body)
+    python scripts/gluon_sm90/ab_settings.py "PAIR=0" "PAIR=1" [--rounds 2] [--out DIR]
+    python scripts/gluon_sm90/ab_settings.py "L2_AHEAD=0" "L2_AHEAD=1" --device cpu    # a dry run (the eager body)
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ CASES = ((8, 32768, 128, 4), (1, 131072, 128, 4), (8, 32768, 64, 4), (8, 32768, 
 
 
 def parse(setting: str) -> dict:
-    """``"CHAIN=1,PRODUCER_REGS=80"`` -> the module constants it sets (ints; ``True``/``False`` for 1/0 of a bool)."""
+    """``"PAIR=0,STAGES=3"`` -> the module constants it sets (ints; ``True``/``False`` for 1/0 of a bool)."""
     out = {}
     for item in filter(None, setting.split(",")):
         name, value = item.split("=")
@@ -60,7 +60,7 @@ def case_partials(batch: int, ctx: int, d: int, n_rep: int, dev: str, sms: int, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("settings", nargs="+", help='e.g. "CHAIN=0" "CHAIN=1"')
+    p.add_argument("settings", nargs="+", help='e.g. "PAIR=0" "PAIR=1"')
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--device", default="cuda", help="cpu: a dry run (the eager body, tiny contexts)")

@@ -31,7 +31,7 @@ ORDER = ["q_ptr", "pool_ptr", "k_off_ptr", "v_off_ptr", "k_meta_ptr", "v_meta_pt
          "v_scale_ptr", "v_zero_ptr", "ring_k_ptr", "ring_v_ptr", "n_blocks_ptr", "n_win_ptr", "perm_ptr", "mask_ptr",
          "smb", "out_len", "acc_ptr", "m_ptr", "l_ptr", "NB", "H", "S", "n_rep", "qk_scale", "pool_words", "tot_ptr", "T", "D", "R", "STAGES",
          "PRODUCER_REGS", "HAS_MASK", "PREFETCH", "ROTATE", "PRODUCERS", "ROT_SCALE", "LOG2_D", "K_QBITS", "V_QBITS",
-         "MASK_SCAN", "MASK_BRANCH", "SCAN", "L2_AHEAD", "SKIP", "CSKIP", "APPEND", "PAIR", "CHAIN"]  # fmt: skip
+         "MASK_SCAN", "MASK_BRANCH", "SCAN", "L2_AHEAD", "SKIP", "CSKIP", "APPEND", "PAIR"]  # fmt: skip
 # (MAXNREG, PRODUCER_REGS, PROGRAMS_PER_SM, PREFETCH, STAGES, PRODUCERS); GLUON_SETTINGS="128,128,2,1,3,1;..."
 # (PROGRAMS_PER_SM sets the split count with gluon_attention.WAVES since 2026-12-06b; before, the Triton kernel's
 # count applied whatever it was: runs until then all had 2 waves of 2 programs per SM)
@@ -158,13 +158,13 @@ def signature() -> tuple[dict, dict]:
             "l_ptr": "*fp32", "NB": "i32", "H": "i32", "S": "i32", "perm_ptr": "*u8", "mask_ptr": "*i1", "smb": "i32",
             "out_len": "i32", "n_rep": "i32", "qk_scale": "fp32", "pool_words": "i32", "tot_ptr": "*i32", "T": "constexpr", "D": "constexpr", "R": "constexpr",
             "STAGES": "constexpr", "PRODUCER_REGS": "constexpr", "HAS_MASK": "constexpr", "PREFETCH": "constexpr", "ROTATE": "constexpr", "PRODUCERS": "constexpr", "ROT_SCALE": "constexpr",
-            "LOG2_D": "constexpr", "K_QBITS": "constexpr", "V_QBITS": "constexpr", "MASK_SCAN": "constexpr", "MASK_BRANCH": "constexpr", "SCAN": "constexpr", "L2_AHEAD": "constexpr", "SKIP": "constexpr", "CSKIP": "constexpr", "APPEND": "constexpr", "PAIR": "constexpr", "CHAIN": "constexpr"}  # fmt: skip
+            "LOG2_D": "constexpr", "K_QBITS": "constexpr", "V_QBITS": "constexpr", "MASK_SCAN": "constexpr", "MASK_BRANCH": "constexpr", "SCAN": "constexpr", "L2_AHEAD": "constexpr", "SKIP": "constexpr", "CSKIP": "constexpr", "APPEND": "constexpr", "PAIR": "constexpr"}  # fmt: skip
     sig = {k: sig[k] for k in ORDER}
     return sig, {(i,): [["tt.divisibility", 16]] for i, k in enumerate(ORDER) if k.endswith("_ptr")}
 
 
 def build(d: int, maxnreg: int | None, producer_regs: int, prefetch: int, producers: int, l2_ahead: int,
-          pair: bool, stages: int | None = None, chain: bool | None = None):  # fmt: skip
+          pair: bool, stages: int | None = None):  # fmt: skip
     """The sm_90 build of the e2e decode step's case (padding mask, rotation, 4-bit K / 3-bit V) with these
     launch options."""
     ga = gluon_attention
@@ -173,7 +173,7 @@ def build(d: int, maxnreg: int | None, producer_regs: int, prefetch: int, produc
                   HAS_MASK=True, PREFETCH=prefetch, ROTATE=True, PRODUCERS=producers,
                   ROT_SCALE=d**-0.5, LOG2_D=d.bit_length() - 1, K_QBITS=4, V_QBITS=3, MASK_SCAN=ga.MASK_SCAN,
                   MASK_BRANCH=ga.MASK_BRANCH, SCAN=ga.SCAN, L2_AHEAD=l2_ahead, SKIP=0, CSKIP=0, APPEND=False,
-                  PAIR=pair, CHAIN=ga.CHAIN if chain is None else chain)  # fmt: skip
+                  PAIR=pair)  # fmt: skip
     return compile_gluon(decode_attention_kernel, sig, consts, aligned, maxnreg=maxnreg)
 
 
@@ -187,18 +187,13 @@ def main() -> None:
               (128, ga.MAXNREG, ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, ga.L2_AHEAD, not ga.PAIR),  # pair step or not
               (128, ga.MAXNREG, ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, 1, ga.PAIR),  # L2 look-ahead (599 / 530)
               (128, 128, 128, 1, 1, 0, False)]  # and the one-warpgroup build
-    builds = [b + (ga.CHAIN,) for b in builds]
-    builds.append((128, ga.MAXNREG, ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, ga.L2_AHEAD, ga.PAIR, not ga.CHAIN))
     if "--pair" in sys.argv:  # the pair step only, at each head_dim
-        builds = [(d, ga.maxnreg(d), ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, ga.L2_AHEAD, True, ga.CHAIN) for d in (128, 64, 256)]
-    if "--chain" in sys.argv:  # the chained lane shifts (CHAIN), at each head_dim
-        builds = [(d, ga.maxnreg(d), ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, ga.L2_AHEAD, ga.PAIR, c)
-                  for d in (128, 64, 256) for c in (False, True)]  # fmt: skip
-    for d, maxnreg, producer_regs, prefetch, producers, l2_ahead, pair, chain in builds:
-        ck = build(d, maxnreg, producer_regs, prefetch, producers, l2_ahead, pair, chain=chain)
+        builds = [(d, ga.maxnreg(d), ga.PRODUCER_REGS, ga.PREFETCH, ga.PRODUCERS, ga.L2_AHEAD, True) for d in (128, 64, 256)]
+    for d, maxnreg, producer_regs, prefetch, producers, l2_ahead, pair in builds:
+        ck = build(d, maxnreg, producer_regs, prefetch, producers, l2_ahead, pair)
         report(f"PackKV decode attention, head_dim {d}, warp-specialized ({d // 32 * producers} decode warps, 4 wgmma warps; maxnreg "
                f"{maxnreg}, producer {producer_regs}, prefetch {prefetch}, L2 look-ahead {l2_ahead}"
-               f"{', pair steps' if pair else ''}{', chained lane shifts' if chain else ''})", ck,
+               f"{', pair steps' if pair else ''})", ck,
                ("HGMMA", "SYNCS", "BAR", "SHFL", "LDG", "STS", "HADD2", "LOP3", "PRMT"))  # fmt: skip
         sass = sass_of(ck)
         per_tile = 0
