@@ -12,6 +12,9 @@ decodes after a prompt of each context length, side by side in one run:
 * ``packkv``: ``packkv.compile(model)`` (packed cache, fused attention in the compiled step, CUDA graphs; the
   decode steps' attention on the warp-specialized Gluon kernel on sm_90, on the Triton kernel elsewhere);
 * ``weights``: the static cache at a 1K context: the cost of reading the weights alone;
+* ``static_gqa`` (with ``--paths ... static_gqa``): the static cache again, its decode steps' attention reading each KV
+  head once (``static_gqa.py``: query heads folded into rows) instead of transformers' SDPA path, which copies K and
+  V per query head under a mask: the static cache with the best attention PyTorch's SDPA gives it;
 * ``packkv_triton`` (with ``--paths ... packkv_triton``): ``packkv`` again, retraced with the decode steps' attention
   on the Triton kernel (``attention.GLUON = False``), so both kernels' rows come from one run;
 * ``packkv_unfused`` (with ``--paths ... packkv_unfused``): ``packkv`` again, retraced with each decode step's append a
@@ -47,6 +50,11 @@ import torch
 
 import packkv
 from packkv.inductor import stats
+
+if __package__:  # imported as benchmarks.decode_e2e (the tests)
+    from . import static_gqa
+else:  # run as a script, benchmarks/ on the path
+    import static_gqa
 
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
@@ -398,7 +406,7 @@ def plot(rows: list[dict], path: Path, title: str = "Llama-3.1-8B") -> None:
     budget = [r for r in rows if r["path"].endswith("_budget")]
     fig, axes = plt.subplots(1, 2 if budget else 1, figsize=(11 if budget else 7, 4.5), squeeze=False)
     ax = axes[0][0]
-    for name in ("static", "packkv", "packkv_triton", "packkv_unfused", "quantized"):
+    for name in ("static", "static_gqa", "packkv", "packkv_triton", "packkv_unfused", "quantized"):
         rs = [r for r in rows if r["path"] == name and r["batch"] == 1]
         if rs:
             ax.plot([r["context"] / 1024 for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=name)
@@ -474,11 +482,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--chunk", type=int, default=8192, help="prefill chunk (tokens)")
     p.add_argument("--small", action="store_true", help="tiny model (CPU smoke test)")
-    p.add_argument("--paths", nargs="+", choices=["static", "packkv", "packkv_triton", "packkv_unfused", "quantized"],
+    p.add_argument("--paths", nargs="+",
+                   choices=["static", "static_gqa", "packkv", "packkv_triton", "packkv_unfused", "quantized"],
                    default=["static", "packkv"],
                    help="packkv_triton: PackKV again, its decode steps' attention on the Triton kernel (as --triton), "
                         "recompiled, after the packkv rows: both kernels side by side in one run; packkv_unfused: the "
-                        "same with each step's append a kernel of its own (as --no-fuse-append)")
+                        "same with each step's append a kernel of its own (as --no-fuse-append); static_gqa: the "
+                        "static cache with decode attention that reads each KV head once (benchmarks/static_gqa.py)")
     p.add_argument("--quantized-nbits", type=int, choices=[2, 4], default=4, help="QuantizedCache bits (quanto)")
     p.add_argument("--budget-gib", type=float, default=0,
                    help="also run each path at the largest batch this GPU-memory budget fits (e.g. 80)")
@@ -561,6 +571,18 @@ def main(argv: list[str] | None = None) -> int:
     for ctx in static_contexts if "static" in args.paths else []:
         record(run_static(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, static_step, args.profile))
         torch.cuda.empty_cache() if device == "cuda" else None
+    if "static_gqa" in args.paths:  # the same static cache, its decode attention reading each KV head once
+        torch._dynamo.reset()
+        model.set_attn_implementation(static_gqa.register())
+        gqa_step = torch.compile(model, fullgraph=True, **compile_kw)
+        try:
+            for ctx in static_contexts:
+                record(dict(run_static(model, args.batch, ctx, args.steps, args.warmup, device, args.chunk, gqa_step,
+                                       args.profile), path="static_gqa"))  # fmt: skip
+                torch.cuda.empty_cache() if device == "cuda" else None
+        finally:
+            model.set_attn_implementation("sdpa")
+            torch._dynamo.reset()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
 
     def budget_rows(name: str, run) -> None:  # same budget, each path at the batch that fits it
@@ -629,6 +651,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['path']} {kilo(r['context'])} x {r['batch']} | {r['step_ms']:.2f} | {r['step_ms'] / w:.3f} | "
               f"{r['pipelined_step_ms']:.2f} | {r['pipelined_step_ms'] / wp:.3f} | {r['host_ms']:.2f} | "
               f"{r['after_launch_ms']:.2f} |")
+    gqa = [c for c in args.contexts if ("static_gqa", c) in by and ("packkv", c) in by]
+    if gqa:  # against the static cache whose attention reads K/V once (no repeat_kv copy)
+        print("\n| context | static, K/V read once: step ms (tok/s) | PackKV step ms (tok/s) | ratio | pipelined ratio |\n"
+              "|---|---|---|---|---|")
+        for ctx in gqa:
+            g, k = by[("static_gqa", ctx)], by[("packkv", ctx)]
+            print(f"| {kilo(ctx)} | {g['step_ms']:.2f} ({g['tokens_per_s']:.1f}) | {k['step_ms']:.2f} ({k['tokens_per_s']:.1f}) | "
+                  f"{k['tokens_per_s'] / g['tokens_per_s']:.2f}x | {k['pipelined_tokens_per_s'] / g['pipelined_tokens_per_s']:.2f}x |")
     comp = [r for r in rows if "compress_step_ms" in r]
     if comp:  # the timed steps compress nothing; a generation also pays one compressing step per block of tokens
         block = model.packkv_config.block_size
