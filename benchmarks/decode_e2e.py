@@ -104,6 +104,8 @@ PIPELINED_TOKENS = PIPELINED_ROUNDS * PIPELINED_STEPS
 # Positions each cache holds past its timed steps: the pipelined ones, the profiled ones (3 + 10 with --profile)
 # and a margin.
 SLACK = PIPELINED_TOKENS + 24
+# PackKV's further positions, in blocks: the warm-up's two compressing steps, the timed one and the step after it.
+PACKKV_EXTRA_BLOCKS = 4
 
 # --gc-freeze: after each path's warm-up, every object alive is moved out of the garbage collector's generations
 # (as serving stacks do after capturing CUDA graphs), for both paths alike.
@@ -245,10 +247,9 @@ def run_packkv(model, batch, context, steps, warmup, device, chunk, cfg, profile
     prefill(model, ids, cache, chunk)
     print(f"packkv {context}: prefill {time.perf_counter() - t0:.1f} s", flush=True)
     # No storage growth (and no recompile) while timing. capacity_x 2: the capacity right after a growth (attention
-    # then runs over out_len = the capacity, twice the length). Four blocks more: the warm-up's two compressing
-    # steps, the timed one and the step after it.
+    # then runs over out_len = the capacity, twice the length).
     block = cfg.block_size
-    cache.reserve(int(capacity_x * context) + warmup + steps + SLACK + 4 * block)
+    cache.reserve(int(capacity_x * context) + warmup + steps + SLACK + PACKKV_EXTRA_BLOCKS * block)
     reset_peak(device)
     graphs = stats["graphs"]
     marks = LaunchMarks()
@@ -367,7 +368,7 @@ def sized_alloc_bytes(name: str, model, context: int, args, device: str) -> int:
     else:
         cache = packkv.PackKVCache(model.packkv_config, model=model)
         prefill(model, torch.randint(0, model.config.vocab_size, (1, context), device=device), cache, args.chunk)
-        cache.reserve(context + extra)
+        cache.reserve(context + extra + PACKKV_EXTRA_BLOCKS * model.packkv_config.block_size)
     return allocated_bytes(cache)
 
 
