@@ -31,9 +31,9 @@ memory budget. The budget rows alone (one compile fewer per path):
 ``python benchmarks/decode_e2e.py --contexts --budget-gib 40 --budget-contexts 32768``.
 
 Prompts are filled by chunked prefill; decode steps are timed with CUDA events after warm-up (medians over
-steps). One PackKV step in ``block_size`` compresses a block in every layer (a graph of its own): PackKV's warm-up
-runs through two of them (compile, CUDA graph trees' warm-up run and recording, for them and for the plain step after
-them, which the first time took 1.2 s at 128K), its timed steps are plain ones, and the next compressing step and
+steps). One PackKV step in ``block_size`` compresses a block in every layer (eagerly, before its graph:
+``PackKVLayer.flush_ahead``; until 2026-12-07g a graph of its own, whose first plain step after it took 1.2 s at
+128K): PackKV's warm-up runs through two of them, its timed steps are plain ones, and the next compressing step and
 the plain step after it are timed after them (``compress_step_ms``, ``after_compress_step_ms``), with
 ``amortized_step_ms`` the mean step over a block of tokens. Peak memory is ``torch.cuda.max_memory_allocated`` during decode. Writes ``decode_e2e.json`` and
 ``decode_e2e.png``.
@@ -254,10 +254,10 @@ def run_packkv(model, batch, context, steps, warmup, device, chunk, cfg, profile
     graphs = stats["graphs"]
     marks = LaunchMarks()
     marks.watch(cache)
-    # A step that compresses a block (one in `block_size`) is a second graph, and under CUDA graph trees the plain
-    # step after it another node: warm up through two of them and the steps after each (compile, then the trees'
-    # warm-up run, then the recording: on the H100 at 128K the first plain step after the first compressing step
-    # took 1.2 s, the second compressing step 98 ms), so the timed steps replay, and compress nothing.
+    # A step that compresses a block (one in `block_size`) first compresses it eagerly (its kernels' first launch
+    # compiles them; until the flush moved out of the graph it was a second graph, and the first plain step after
+    # it took 1.2 s at 128K on the H100): warm up through two of them and the steps after each, so the timed steps
+    # replay, and compress nothing.
     warm = max(warmup, steps_to_compress(cache) + block + 2)
     times = decode(model.__call__, model, cache, batch, context, steps, warm, device, marks=marks, pipelined=True)
     row = result("packkv", batch, context, times, device)

@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from packkv.ops import Layout, PackedLayer, PackKVConfig, ops
 from packkv.ops.accounting import exact_bytes
 from packkv.ops.quantize import check_finite
-from packkv.ops.reference import flush_count
+from packkv.ops.reference import flush_ahead_count, flush_count
 from packkv.ops.rotation import rotate
 
 from .layer_stack import LayerStack
@@ -136,6 +136,22 @@ class PackKVLayer(CacheLayerMixin):
         """Host bookkeeping for a compiled step (which cannot do it itself): plan and commit."""
         self.plan_step(new_tokens)
         self.commit_step(new_tokens)
+
+    def flush_ahead(self, new_tokens: int) -> None:
+        """Before a compiled step of ``new_tokens`` tokens: compress now, eagerly, the blocks that step would
+        compress that hold ring tokens only (``reference.flush_ahead_count``: for a decode token, the block its
+        ring overflows with). The step then compresses nothing, so every decode step runs the one plain graph:
+        no second graph to compile, record and keep. The append reads the device counters: no host sync."""
+        st = self.storage
+        n = flush_ahead_count(self.n_win, new_tokens, st.layout)
+        if n == 0:
+            return
+        self._ensure_capacity(self.n_blocks + n, n)
+        st = self.storage  # after _ensure_capacity, which may have grown it
+        none = st.ring_k[:, :, :0]  # no new tokens
+        ops.append(*st.tensors(), none, none, n, *_spec(st.layout))
+        self.n_blocks += n
+        self.n_win -= n * st.layout.block_size
 
     def get_seq_length(self) -> int | torch.Tensor:
         if not self.is_initialized:
@@ -412,6 +428,9 @@ class PackKVCache(Cache):
         if self._reserve_tokens is not None and self.is_initialized:
             self.reserve(max(self._reserve_tokens, self.get_seq_length() + new_tokens))
             self._reserve_tokens = None
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.flush_ahead(new_tokens)
         cap = self._prepare_plain_step(new_tokens)
         if cap is not None:
             return cap

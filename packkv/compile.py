@@ -4,9 +4,9 @@ For a transformers model: ``generate`` gets a ``PackKVCache`` when none is passe
 attention over the prompt, blocks compressed as they fill); each decode step runs a ``torch.compile``d forward
 (``fullgraph=True``) whose attention over the decompressed cache the PackKV backend rewrites into the fused op.
 Around each compiled step, host bookkeeping that must not be in the graph happens here: the cache plans the
-step (flush count, storage growth) and the 2-D attention mask is padded to the storage's fixed length, so the
-graph sees the same shapes every step (two graphs in all, with and without a block compression; growth of the
-storage adds at most one more). After the step the cache starts reading back its counters, without waiting for
+step (storage growth; once every ``block_size`` steps it compresses the ring's oldest block eagerly first,
+``PackKVLayer.flush_ahead``, so no compiled step compresses) and the 2-D attention mask is padded to the storage's
+fixed length, so the graph sees the same shapes every step (one graph; growth of the storage adds one more). After the step the cache starts reading back its counters, without waiting for
 the GPU: the next step (or any use of the cache, and the end of ``generate``) checks that every layer stored its
 token (``PackKVCache.synchronize``).
 
@@ -33,8 +33,8 @@ def compile(model: torch.nn.Module, config: PackKVConfig | None = None, **torch_
     torch_compile_kwargs.setdefault("backend", packkv_backend)
     if not (hasattr(model, "generate") and hasattr(model, "config")):
         return torch.compile(model, **torch_compile_kwargs)
-    # Two graphs per storage size (with/without a block compression): the default limit of 8 is plenty, but a
-    # long generation may grow the storage a few times.
+    # One graph per storage size: the default limit of 8 is plenty, but a long generation may grow the storage a
+    # few times.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     cfg = config or PackKVConfig()
     compiled = torch.compile(model, **torch_compile_kwargs)

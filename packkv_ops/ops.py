@@ -3,7 +3,8 @@
 Public ops (``torch.ops.packkv.*``):
 
 * ``append_``    add tokens to a layer's storage, compressing ``n_flush`` blocks (mutates the storage; an opaque
-                 ``custom_op``, so compiled graphs call it in place);
+                 ``custom_op``, so compiled graphs call it in place); with no new tokens it compresses ahead
+                 (``reference.flush_ahead_count``);
 * ``decompress`` K/V of the stored tokens in original order, ``out_len`` long;
 * ``attention``  ``scaled_dot_product_attention`` of queries over the stored tokens, never materialising K/V.
 

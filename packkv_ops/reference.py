@@ -5,7 +5,9 @@ They favour clarity over speed (host syncs and Python loops over sequences are f
 
 * ``append_``: add new tokens to a layer; when the exact ring holds ``window + block_size`` tokens, compress
   its oldest ``block_size`` tokens into a packed block. ``n_flush`` (how many blocks this call compresses)
-  is decided by the caller, which knows the token counts; the op checks it against the device counters.
+  is decided by the caller, which knows the token counts; the op checks it against the device counters. A
+  caller may compress more than it must (``flush_ahead_count``: a call with no new tokens that compresses the
+  block the next one-token append would, so that a compiled decode step never compresses).
 * ``decompress``: K/V of every stored token in original order, ``out_len`` long (zeros past the end).
 * ``attention``: ``scaled_dot_product_attention(q, *decompress(...))`` with the dequantized values kept in
   fp32 (the fused kernel never rounds them to the model dtype).
@@ -29,6 +31,18 @@ def flush_count(n_win: int, new_tokens: int, layout: Layout) -> int:
     return max(0, (n_win + new_tokens - layout.window) // layout.block_size)
 
 
+def max_flush_count(n_win: int, new_tokens: int, layout: Layout) -> int:
+    """Most blocks one append may compress: whole blocks of the ring's and the new tokens."""
+    return (n_win + new_tokens) // layout.block_size
+
+
+def flush_ahead_count(n_win: int, new_tokens: int, layout: Layout) -> int:
+    """Blocks a call with no new tokens can compress before an append of ``new_tokens``, so that that append
+    compresses none: the blocks it would compress that hold ring tokens only (all of them for one token, unless
+    the window is 0)."""
+    return min(flush_count(n_win, new_tokens, layout), n_win // layout.block_size)
+
+
 def append_(st: PackedLayer, new_k: torch.Tensor, new_v: torch.Tensor, n_flush: int) -> None:
     lay = st.layout
     B, H, P, D = new_k.shape
@@ -38,9 +52,11 @@ def append_(st: PackedLayer, new_k: torch.Tensor, new_v: torch.Tensor, n_flush: 
     n_blocks = st.n_blocks.tolist()
     n_win = st.n_win.tolist()
     for b in range(B):
-        if flush_count(n_win[b], P, lay) != n_flush:
+        # At least what keeps the ring from overflowing, at most the whole blocks there are.
+        if not flush_count(n_win[b], P, lay) <= n_flush <= max_flush_count(n_win[b], P, lay):
             raise ValueError(
-                f"append_: n_flush={n_flush} disagrees with sequence {b} (n_win={n_win[b]}, {P} new tokens)"
+                f"append_: n_flush={n_flush} does not fit sequence {b} (n_win={n_win[b]}, {P} new tokens: "
+                f"{flush_count(n_win[b], P, lay)} to {max_flush_count(n_win[b], P, lay)} blocks)"
             )
         if n_blocks[b] + n_flush > st.block_capacity:
             raise ValueError(f"append_: block capacity {st.block_capacity} exceeded")

@@ -14,7 +14,7 @@ import triton.language as tl
 from packkv.ops import Layout, PackedLayer, PackKVConfig, reference
 from packkv.ops.kernels import gpu
 from packkv.ops.kernels.hadamard import fwht_rows
-from packkv.ops.reference import flush_count
+from packkv.ops.reference import flush_ahead_count, flush_count, max_flush_count
 from packkv.ops.rotation import rotate
 
 from conftest import HAS_CUDA
@@ -32,10 +32,12 @@ def _triton_kernel(monkeypatch):
     monkeypatch.setattr(attention_kernel, "GLUON", False)
 
 
-def build(cfg: PackKVConfig, steps: list[int], heads=2, dim=64, batch=2, dtype=torch.bfloat16, seed=0):
-    """The same tokens appended through the reference and through the CUDA path: (reference, kernel, k, v)."""
+def build(cfg: PackKVConfig, steps: list, heads=2, dim=64, batch=2, dtype=torch.bfloat16, seed=0):
+    """The same tokens appended through the reference and through the CUDA path: (reference, kernel, k, v).
+    A step is a token count (compressing what it must), 0 (a flush ahead of a one-token step: no tokens,
+    ``flush_ahead_count`` blocks), or ``(tokens, "max")`` (compressing every whole block it can)."""
     g = torch.Generator().manual_seed(seed)
-    n = sum(steps)
+    n = sum(p[0] if isinstance(p, tuple) else p for p in steps)
     k = (torch.randn(batch, heads, n, dim, generator=g) * 2).to(dtype).to(DEV)
     v = torch.randn(batch, heads, n, dim, generator=g).to(dtype).to(DEV)
     lay = Layout.from_config(cfg, heads, dim)
@@ -46,7 +48,12 @@ def build(cfg: PackKVConfig, steps: list[int], heads=2, dim=64, batch=2, dtype=t
         st = PackedLayer.empty(lay, batch, dtype, DEV, nb, pw)
         pos = 0
         for p in steps:
-            append(st, k[:, :, pos : pos + p], v[:, :, pos : pos + p], flush_count(int(st.n_win[0]), p, lay))
+            nw = int(st.n_win[0])
+            if isinstance(p, tuple):
+                p, n_flush = p[0], max_flush_count(nw, p[0], lay)
+            else:
+                n_flush = flush_count(nw, p, lay) if p else flush_ahead_count(nw, 1, lay)
+            append(st, k[:, :, pos : pos + p], v[:, :, pos : pos + p], n_flush)
             pos += p
         out.append(st)
     return out[0], out[1], k, v
@@ -71,6 +78,9 @@ CASES = {
     "channel_keys_p8": (PackKVConfig(block_size=32, window=32, k_grouping="channel", pack_size=8), [70, 1, 5]),
     "p32_fine_bounds": (PackKVConfig(block_size=64, window=64, k_rel=0.003, v_rel=0.02, pack_size=32), [200, 1]),
     "sixteen_bits_no_repack": (PackKVConfig(block_size=32, window=32, k_rel=1e-4, v_rel=1.0, repack="none"), [80]),
+    # Flushes ahead of decode steps (as packkv.compile's steps are planned), one that has nothing to compress,
+    # and appends compressing every whole block they can.
+    "flush_ahead": (PackKVConfig(block_size=32, window=64), [95, 0, 1, 31, 0, 1, 0, 1, (40, "max"), (1, "max")]),
 }
 
 
@@ -80,6 +90,21 @@ def test_append_matches_the_reference_bit_for_bit(case):
     ref, ker, _, _ = build(cfg, steps)
     assert int(ref.n_blocks[0]) > 0
     assert_same_storage(ref, ker)
+
+
+@pytest.mark.parametrize("window", [64, 32])
+def test_a_flush_ahead_then_a_plain_step_stores_what_a_compressing_step_stores(window):
+    """packkv.compile compresses the block a decode token would overflow the ring with before the step (no new
+    tokens), so that the compiled step never compresses: the result must be the same storage, on both paths."""
+    cfg = PackKVConfig(block_size=32, window=window)
+    prompt = window + 31  # the ring is one token short of overflowing
+    direct = build(cfg, [prompt, 1, 1])
+    ahead = build(cfg, [prompt, 0, 1, 1])
+    for a, b in zip(direct[:2], ahead[:2]):
+        assert (int(a.n_blocks[0]), int(a.n_win[0])) == (1, window + 1)
+        assert_same_storage(a, b)
+    for flushed in build(cfg, [prompt, 0])[:2]:  # in between, the ring holds one token less than the window
+        assert (int(flushed.n_blocks[0]), int(flushed.n_win[0])) == (1, window - 1)
 
 
 def test_median_over_many_heads_counts_per_head_and_matches_the_reference():

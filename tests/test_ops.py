@@ -30,16 +30,18 @@ def test_the_snapshot_op_copies_and_passes_opcheck():
     torch.library.opcheck(torch.ops.packkv.snapshot, (t,))
 
 
-def test_opcheck_append_without_and_with_a_flush():
+def test_opcheck_append_without_and_with_a_flush_and_a_flush_ahead():
     layer, _, _ = layer_with(40, cfg=CFG)  # 40 exact tokens: room for more before a flush
     new = torch.randn(2, 2, 1, 64).bfloat16()
     torch.library.opcheck(torch.ops.packkv.append_, (*layer.tensors(), new, new.clone(), 0, *spec(layer.layout)))
     # A full ring: each opcheck sub-test must run on its own fresh copy, since the op checks n_flush.
     layer, _, _ = layer_with(CFG.window + CFG.block_size - 1)
     state = [t.clone() for t in layer.tensors()]
-    for test in ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic", "test_autograd_registration"):
-        args = (*[t.clone() for t in state], new, new.clone(), 1, *spec(layer.layout))
-        torch.library.opcheck(torch.ops.packkv.append_, args, test_utils=test)
+    none = torch.randn(2, 2, 0, 64).bfloat16()  # a flush ahead of the next token: no new tokens
+    for t_new in (new, none):
+        for test in ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic", "test_autograd_registration"):
+            args = (*[t.clone() for t in state], t_new, t_new.clone(), 1, *spec(layer.layout))
+            torch.library.opcheck(torch.ops.packkv.append_, args, test_utils=test)
 
 
 def test_append_with_a_slot_writes_that_layer_of_stacked_fields():
@@ -187,8 +189,17 @@ def test_mismatched_shapes_are_named():
         torch.ops.packkv.attention(torch.randn(2, 3, 1, 64).bfloat16(), *layer.tensors(), 10, None, False, None, *sp)
 
 
-def test_wrong_flush_count_is_refused():
-    layer, _, _ = layer_with(10)
+def test_wrong_flush_count_is_refused_and_stores_nothing():
+    """n_flush must keep the ring from overflowing and compress only whole blocks of stored tokens."""
     new = torch.randn(2, 2, 1, 64).bfloat16()
-    with pytest.raises(ValueError, match="n_flush"):
-        torch.ops.packkv.append_(*layer.tensors(), new, new, 1, *spec(layer.layout))
+    none = torch.randn(2, 2, 0, 64).bfloat16()
+    for tokens, t_new, n_flush in (
+        (10, new, 1),  # 11 tokens: no whole block
+        (CFG.window + CFG.block_size - 1, new, 0),  # the token would overflow the ring
+        (CFG.window + CFG.block_size - 1, none, 3),  # a flush ahead of more blocks than the ring holds (2)
+    ):
+        layer, _, _ = layer_with(tokens)
+        before = [t.clone() for t in layer.tensors()]
+        with pytest.raises(ValueError, match=f"n_flush={n_flush} does not fit"):
+            torch.ops.packkv.append_(*layer.tensors(), t_new, t_new, n_flush, *spec(layer.layout))
+        assert all(torch.equal(a, b) for a, b in zip(before, layer.tensors()))

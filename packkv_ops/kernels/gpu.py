@@ -30,6 +30,8 @@ def _write_ring(st: PackedLayer, ring: torch.Tensor, new: torch.Tensor, n_flush:
     """Put the new tokens that stay exact into their ring slots (position p lives in slot p % S)."""
     B, H, P, D = new.shape
     T, S = st.layout.block_size, st.layout.ring_size
+    if P == 0:  # a flush ahead of the next step (``reference.flush_ahead_count``): no token to place
+        return
     nb, nw = st.n_blocks.long(), st.n_win.long()
     if P == 1:  # decoding: the token always stays exact and its slot is free
         slot = (nb * T + nw) % S
