@@ -31,6 +31,7 @@ from packkv.ops.quantize import check_finite
 from packkv.ops.reference import flush_ahead_count, flush_count
 from packkv.ops.rotation import rotate
 
+from .flush_graph import FlushGraph
 from .layer_stack import LayerStack
 from .step_plan import _N_BLOCKS, _N_WIN, StepPlan
 
@@ -137,21 +138,32 @@ class PackKVLayer(CacheLayerMixin):
         self.plan_step(new_tokens)
         self.commit_step(new_tokens)
 
+    def plan_flush_ahead(self, new_tokens: int) -> int:
+        """Before a compiled step of ``new_tokens`` tokens: the blocks to compress ahead of it, eagerly, so that the
+        step itself compresses none (``reference.flush_ahead_count``: for a decode token, the block its ring
+        overflows with), and room for them. Every decode step then runs the one plain graph: no second graph to
+        compile, record and keep. Run by ``flush_ahead``, or for all layers at once by ``PackKVCache``."""
+        n = flush_ahead_count(self.n_win, new_tokens, self.storage.layout)
+        if n:
+            self._ensure_capacity(self.n_blocks + n, n)
+        return n
+
+    def commit_flush(self, blocks: int) -> None:
+        """After a flush ahead of ``blocks`` blocks: the host mirrors follow the device counters."""
+        self.n_blocks += blocks
+        self.n_win -= blocks * self.storage.layout.block_size
+
     def flush_ahead(self, new_tokens: int) -> None:
-        """Before a compiled step of ``new_tokens`` tokens: compress now, eagerly, the blocks that step would
-        compress that hold ring tokens only (``reference.flush_ahead_count``: for a decode token, the block its
-        ring overflows with). The step then compresses nothing, so every decode step runs the one plain graph:
-        no second graph to compile, record and keep. The append reads the device counters: no host sync."""
-        st = self.storage
-        n = flush_ahead_count(self.n_win, new_tokens, st.layout)
-        if n == 0:
-            return
-        self._ensure_capacity(self.n_blocks + n, n)
-        st = self.storage  # after _ensure_capacity, which may have grown it
-        none = st.ring_k[:, :, :0]  # no new tokens
-        ops.append(*st.tensors(), none, none, n, *_spec(st.layout))
-        self.n_blocks += n
-        self.n_win -= n * st.layout.block_size
+        """``plan_flush_ahead`` and run it eagerly."""
+        self.run_flush(self.plan_flush_ahead(new_tokens))
+
+    def run_flush(self, blocks: int) -> None:
+        """Compress ``blocks`` planned blocks of the ring now (the append reads the device counters: no host sync)."""
+        if blocks:
+            st = self.storage
+            none = st.ring_k[:, :, :0]  # no new tokens
+            ops.append(*st.tensors(), none, none, blocks, *_spec(st.layout))
+            self.commit_flush(blocks)
 
     def get_seq_length(self) -> int | torch.Tensor:
         if not self.is_initialized:
@@ -334,6 +346,10 @@ class PackKVCache(Cache):
     ``model.generate(ids, past_key_values=PackKVCache(PackKVConfig(k_rel=0.1, v_rel=0.2)))``
     """
 
+    # On CUDA, the flush ahead of compiled steps replays a CUDA graph (FlushGraph). Off until a GPU run checks it:
+    # its cuda test and scripts/flush_ahead_cost.py have not run yet (kernels/NOTES.md, 2026-12-07g).
+    graph_flushes = False
+
     def __init__(self, config: PackKVConfig | None = None, model=None):
         self.packkv_config = config or PackKVConfig()
         # Identity of the model that fills the cache (architecture + a hash of its attention-relevant
@@ -343,6 +359,7 @@ class PackKVCache(Cache):
         self._plan: StepPlan | None = None  # set by prepare_step for the next compiled step
         self._reserve_tokens: int | None = None  # applied by the first compiled step (reserve_before_decode)
         self._pending: deque[_PendingCheck] = deque()  # compiled steps' counters in flight (verify_step)
+        self._flush_graph: FlushGraph | None = None  # the layers' flush ahead of a step, on CUDA (_flush_ahead)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if not _is_compiling():
@@ -377,6 +394,7 @@ class PackKVCache(Cache):
     # Methods that read or change the layers' counts check the last compiled step first (``synchronize``).
     def reset(self) -> None:
         self._pending.clear()  # (whatever the last steps stored is dropped)
+        self._flush_graph = None
         super().reset()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -428,9 +446,7 @@ class PackKVCache(Cache):
         if self._reserve_tokens is not None and self.is_initialized:
             self.reserve(max(self._reserve_tokens, self.get_seq_length() + new_tokens))
             self._reserve_tokens = None
-        for layer in self.layers:
-            if layer.is_initialized:
-                layer.flush_ahead(new_tokens)
+        self._flush_ahead(new_tokens)
         cap = self._prepare_plain_step(new_tokens)
         if cap is not None:
             return cap
@@ -443,6 +459,30 @@ class PackKVCache(Cache):
         cap = caps.pop()
         self._plan = self._step_plan(cap)
         return cap
+
+    def _flush_ahead(self, new_tokens: int) -> None:
+        """Every layer's flush ahead of the step (``PackKVLayer.plan_flush_ahead``). On CUDA, layers in one stack
+        flush from a CUDA graph (``FlushGraph``: eagerly they are host-bound); elsewhere each layer runs its own."""
+        layers = [layer for layer in self.layers if layer.is_initialized]
+        blocks = [layer.plan_flush_ahead(new_tokens) for layer in layers]
+        if not any(blocks):
+            return
+        self.stack_layers()  # (planning may have grown storages, which leave their stack)
+        stack = layers[0]._stack
+        if (
+            self.graph_flushes and stack is not None and stack.tensors[0].is_cuda and len(set(blocks)) == 1
+            and all(layer._stack is stack and layer._slot == i for i, layer in enumerate(layers))
+            and len(layers) == len(self.layers)
+        ):  # fmt: skip
+            pools = [layer.storage.pool for layer in layers]
+            if self._flush_graph is None or not self._flush_graph.serves(stack, pools, blocks[0]):
+                self._flush_graph = FlushGraph(stack, pools, blocks[0])
+            self._flush_graph.run()
+            for layer in layers:
+                layer.commit_flush(blocks[0])
+            return
+        for layer, n in zip(layers, blocks):
+            layer.run_flush(n)
 
     def _prepare_plain_step(self, new_tokens: int) -> int | None:
         """Most decode steps compress no block and grow nothing: when the last plan compressed none either and
@@ -481,6 +521,7 @@ class PackKVCache(Cache):
         layers = [layer for layer in self.layers if layer.is_initialized]
         if all(layer._stack is not None for layer in layers):
             return
+        self._flush_graph = None  # its launches hold the old storages (their memory too): let them go
         groups: dict[tuple, list[PackKVLayer]] = {}
         for layer in layers:  # pipeline-parallel models hold layers on several devices
             st = layer.storage
@@ -491,25 +532,6 @@ class PackKVCache(Cache):
             for slot, layer in enumerate(group):
                 layer.join_stack(stack, slot)
 
-    def verify_step(self, new_tokens: int) -> None:
-        """After a compiled step: start reading back the device counters, which must have advanced as the host
-        planned. They do not when a layer received NaN/Inf keys or values (the op then stores nothing). The read is
-        asynchronous and checked at the cache's next use (``synchronize``): a blocking read here made every step's
-        call wait for the GPU, so the host could not queue the work after it (generate's sampling, the next step's
-        guards and launch) while the GPU ran, as it can with the static cache."""
-        self.synchronize()
-        counts = self._device_counts()
-        if counts.is_cuda:
-            host = self._counts_host
-            if host is None or host.shape != counts.shape or host.dtype != counts.dtype:
-                host = self._counts_host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
-            host.copy_(counts, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-        else:
-            host, done = counts, None
-        self._pending = _PendingCheck(host, done, [(layer.n_blocks, layer.n_win) for layer in self.layers])
-
     def __deepcopy__(self, memo: dict) -> PackKVCache:
         """A copy of checked counts: the compiled steps' read-backs in flight are waited for first (a CUDA event
         cannot be copied)."""
@@ -517,7 +539,8 @@ class PackKVCache(Cache):
         twin = type(self).__new__(type(self))
         memo[id(self)] = twin
         for name, value in self.__dict__.items():
-            setattr(twin, name, copy.deepcopy(value, memo))
+            # (a CUDA graph cannot be copied either, and its launches write the original's tensors)
+            setattr(twin, name, None if name == "_flush_graph" else copy.deepcopy(value, memo))
         return twin
 
     def abandon_step(self) -> None:

@@ -1,13 +1,13 @@
 """What a decode step's flush ahead costs (``PackKVLayer.flush_ahead``: once per ``block_size`` compiled steps the
-cache compresses every layer's oldest ring block eagerly, before the step's graph), and what it would cost
-replayed from a CUDA graph; plus the static baseline's attention variants at one layer (``--sdpa``).
+cache compresses every layer's oldest ring block before the step's graph), eager and replayed from a CUDA graph;
+plus the static baseline's attention variants at one layer (``--sdpa``).
 
     python scripts/flush_ahead_cost.py [--layers 32] [--batches 1 8] [--sdpa]
 
 Llama-3.1-8B cache shapes (8 KV heads, head_dim 128, bf16), the default config. Each round refills the rings with
-``block_size`` tokens (untimed), then times the 32 layers' flushes: ``eager`` (as the cache runs them: wall time
-with the GPU waited for, and the host's time until the last launch returned) and ``graph`` (the same calls captured
-once in a ``torch.cuda.CUDAGraph`` and replayed). Medians over ``--rounds``. GPU only.
+``block_size`` tokens (untimed), then times the 32 layers' flushes (``PackKVCache._flush_ahead``): ``eager`` (each
+layer's append launched from Python) and ``CUDA graph`` (``FlushGraph``: the same launches replayed): wall time with
+the GPU waited for, and the host's time until the call returned. Medians over ``--rounds``. GPU only.
 """
 
 from __future__ import annotations
@@ -53,6 +53,22 @@ def flush_all(cache: PackKVCache) -> None:
         layer.flush_ahead(1)
 
 
+def time_flushes(cache: PackKVCache, rounds: int) -> tuple[list[float], list[float]]:
+    """Wall (GPU waited for) and host (until the last launch returned) ms of ``rounds`` flushes of every layer,
+    the rings refilled between them (untimed)."""
+    wall, host = [], []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        cache._flush_ahead(1)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        wall.append((time.perf_counter() - t0) * 1e3)
+        host.append((t1 - t0) * 1e3)
+        refill(cache, cache.packkv_config.block_size)
+    return wall, host
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=32)
@@ -62,47 +78,21 @@ def main() -> None:
     a = p.parse_args()
     cfg = PackKVConfig()
     T, W = cfg.block_size, cfg.window
-    print("| batch | eager wall ms | eager host ms | graph replay ms | per layer eager / graph, us |")
+    print("| batch | flushes | wall ms (median) | host ms | per layer, us |")
     print("|---|---|---|---|---|")
     for batch in a.batches:
-        cache = build(a.layers, batch, W + T - 1, cfg)  # one token short of a flush
-        room_for(cache, 2 * a.rounds + 1)
-        flush_all(cache)  # compiles the kernels
-        refill(cache, T)
-        wall, host, graph = [], [], []
-        for _ in range(a.rounds):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            flush_all(cache)
-            t1 = time.perf_counter()
-            torch.cuda.synchronize()
-            wall.append((time.perf_counter() - t0) * 1e3)
-            host.append((t1 - t0) * 1e3)
-            refill(cache, T)
-        # The same launches captured once: the counters live on the device, so a replay flushes the current block.
-        layers = cache.layers
-        spec = layers[0].storage.layout.spec()
-        args = [(*layer.storage.tensors(), layer.storage.ring_k[:, :, :0]) for layer in layers]
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):  # (the kernels ran eagerly above: compiled, nothing to warm up)
-            for t in args:
-                ops.append(*t[:-1], t[-1], t[-1], 1, *spec)
-        for _ in range(a.rounds):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            g.replay()
-            torch.cuda.synchronize()
-            graph.append((time.perf_counter() - t0) * 1e3)
-            for layer in layers:
-                layer.n_blocks += 1
-                layer.n_win -= T
-            refill(cache, T)
-        w, h, r = (statistics.median(x) for x in (wall, host, graph))
-        print(f"| {batch} | {w:.2f} | {h:.2f} | {r:.2f} | {w / a.layers * 1e3:.0f} / {r / a.layers * 1e3:.0f} |",
-              flush=True)
-        # The graph's flushes must have stored what eager ones store: the counters advanced as planned.
-        nb = torch.stack([layer.storage.n_blocks for layer in layers]).unique().tolist()
-        assert nb == [layers[0].n_blocks], (nb, layers[0].n_blocks)
+        for graphs in (False, True):
+            cache = build(a.layers, batch, W + T - 1, cfg)  # one token short of a flush
+            cache.graph_flushes = graphs
+            room_for(cache, a.rounds + 3)
+            time_flushes(cache, 2)  # compiles the kernels; the graph's first run is eager, the second captures
+            wall, host = time_flushes(cache, a.rounds)
+            w, h = statistics.median(wall), statistics.median(host)
+            kind = "CUDA graph" if graphs else "eager"
+            print(f"| {batch} | {kind} | {w:.2f} | {h:.2f} | {w / a.layers * 1e3:.0f} |", flush=True)
+            nb = torch.stack([layer.storage.n_blocks for layer in cache.layers]).unique().tolist()
+            assert nb == [cache.layers[0].n_blocks], (nb, cache.layers[0].n_blocks)  # the device did them all
+            assert not graphs or cache._flush_graph.graph is not None
     if a.sdpa:
         sdpa_variants()
 

@@ -224,3 +224,40 @@ def test_rotation_inside_the_attention_kernels_matches_rotation_around_them(monk
     monkeypatch.setattr(kernel, "ROTATE_IN_KERNEL", True)
     inside = torch.ops.packkv.attention(q, *st.tensors(), 3100, mask, False, None, *spec(st.layout))
     torch.testing.assert_close(inside.float(), around.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_flushes_ahead_replayed_from_a_cuda_graph_store_what_eager_flushes_store():
+    """``packkv.compile``'s cache compresses each layer's oldest ring block before a compiled step; on CUDA all layers'
+    flushes replay one CUDA graph (``FlushGraph``: eager once per storage, then captured). Across flushes, refills
+    and a storage growth (a new graph), every layer holds what eager flushes leave, bit for bit."""
+    from packkv.models.cache import PackKVCache
+
+    cfg = PackKVConfig()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    caches = {mode: PackKVCache(cfg) for mode in ("graph", "eager")}
+    caches["graph"].graph_flushes, caches["eager"].graph_flushes = True, False
+
+    def add(tokens):
+        kv = [torch.randn(2, 8, tokens, 128, device="cuda", generator=g).bfloat16() for _ in range(6)]
+        for cache in caches.values():
+            for i in range(3):
+                cache.update(kv[2 * i], kv[2 * i + 1], i)
+
+    add(cfg.window + cfg.block_size - 1)  # one token short of a flush
+    graphs = []
+    for _ in range(6):  # the fifth flush outgrows the first storage (4 blocks)
+        for cache in caches.values():
+            cache._flush_ahead(1)
+        fg = caches["graph"]._flush_graph
+        graphs.append((fg, fg.graph is not None))
+        for a, b in zip(caches["graph"].layers, caches["eager"].layers):
+            assert (a.n_blocks, a.n_win) == (b.n_blocks, b.n_win) == (int(a.storage.n_blocks[0]), int(a.storage.n_win[0]))
+            assert torch.equal(a.storage.pool[: int(a.storage.cursor)], b.storage.pool[: int(b.storage.cursor)])
+            n = a.tokens
+            for x, y in zip(torch.ops.packkv.decompress(*a.storage.tensors(), n, *spec(a.storage.layout)),
+                            torch.ops.packkv.decompress(*b.storage.tensors(), n, *spec(b.storage.layout))):  # fmt: skip
+                assert torch.equal(x, y)
+        add(cfg.block_size)
+    # Eager, captured, replayed...; the storage grew at the fifth: a new graph, eager once, then captured.
+    assert [captured for _, captured in graphs] == [False, True, True, True, False, True], graphs
+    assert len({id(fg) for fg, _ in graphs}) == 2  # (all held here: no id is reused)
