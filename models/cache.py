@@ -328,6 +328,10 @@ class PackKVLayer(CacheLayerMixin):
         return dict(exact_bytes(self.storage)) if self.is_initialized else {}
 
 
+def _on_cuda(stack: LayerStack) -> bool:
+    return stack.tensors[0].is_cuda
+
+
 def _spec(lay: Layout) -> tuple:
     return lay.spec()
 
@@ -470,7 +474,7 @@ class PackKVCache(Cache):
         self.stack_layers()  # (planning may have grown storages, which leave their stack)
         stack = layers[0]._stack
         if (
-            self.graph_flushes and stack is not None and stack.tensors[0].is_cuda and len(set(blocks)) == 1
+            self.graph_flushes and stack is not None and _on_cuda(stack) and len(set(blocks)) == 1
             and all(layer._stack is stack and layer._slot == i for i, layer in enumerate(layers))
             and len(layers) == len(self.layers)
         ):  # fmt: skip

@@ -249,6 +249,54 @@ def _stored(cache):
             for layer in cache.layers]  # fmt: skip
 
 
+def test_flushes_ahead_of_compiled_steps_share_one_flush_graph_per_storage(monkeypatch):
+    """Before a compiled step whose token would overflow the ring, every layer compresses its oldest block
+    (``flush_ahead``); on CUDA all layers' flushes run as one ``FlushGraph`` (captured once, replayed). Here on the
+    CPU, with a stand-in that launches eagerly and counts its runs: one graph serves every flush of a storage, a
+    growth (new storages) gets a new one, ``reset`` and copies drop it, and the storages end as the layers' own
+    eager flushes leave them."""
+    from packkv.models import cache as cache_module
+
+    runs = []
+
+    class CountingGraph(cache_module.FlushGraph):
+        def run(self):
+            runs.append(self)
+            self._launch()
+
+    monkeypatch.setattr(cache_module, "FlushGraph", CountingGraph)
+    monkeypatch.setattr(cache_module, "_on_cuda", lambda stack: True)
+    cfg = PackKVConfig(block_size=16, window=16)
+    caches = {graphs: PackKVCache(cfg) for graphs in (True, False)}
+    for graphs, cache in caches.items():
+        cache.graph_flushes = graphs
+    g = torch.Generator().manual_seed(0)
+
+    def add(tokens):
+        kv = [torch.randn(1, 2, tokens, 64, generator=g) for _ in range(4)]
+        for cache in caches.values():
+            for i in range(2):
+                cache.update(kv[2 * i], kv[2 * i + 1], i)
+
+    add(31)  # one token short of a flush
+    for step in range(6):  # the storages start with room for 4 blocks: the fifth flush grows them
+        for cache in caches.values():
+            assert cache.prepare_step(1) > 0
+            _step_appended(cache)  # (the step's token, as the compiled step's append stores it)
+        assert len(runs) == step + 1
+        for a, b in zip(*(cache.layers for cache in caches.values())):
+            assert (a.n_blocks, a.n_win) == (b.n_blocks, b.n_win) == (step + 1, 16)
+        add(15)
+    assert runs[0] is runs[3] and runs[4] is runs[5] and runs[3] is not runs[4]
+    assert {layer.storage.block_capacity for layer in caches[True].layers} == {8}
+    for a, b in zip(_stored(caches[True]), _stored(caches[False])):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    graphs = caches[True]
+    assert copy.deepcopy(graphs)._flush_graph is None and graphs._flush_graph is runs[-1]
+    graphs.reset()
+    assert graphs._flush_graph is None
+
+
 def test_reserve_trims_a_prefills_geometric_growth_to_the_tokens_asked_for():
     """A prefill grows the storage geometrically (it cannot know the final length), so its capacity can end at
     up to twice the length: a later reservation trims it to exactly the tokens asked for (the e2e benchmark's 64K
