@@ -7,7 +7,9 @@ plus the static baseline's attention variants at one layer (``--sdpa``).
 Llama-3.1-8B cache shapes (8 KV heads, head_dim 128, bf16), the default config. Each round refills the rings with
 ``block_size`` tokens (untimed), then times the 32 layers' flushes (``PackKVCache._flush_ahead``): ``eager`` (each
 layer's append launched from Python) and ``CUDA graph`` (``FlushGraph``: the same launches replayed): wall time with
-the GPU waited for, and the host's time until the call returned. Medians over ``--rounds``. GPU only.
+the GPU waited for, and the host's time until the call returned. Medians over ``--rounds``. ``--device cpu`` is a
+dry run (small sizes; no CUDA graph there, so both rows flush eagerly) that the CPU tests run, so a GPU session does
+not spend its minutes on a script that broke.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from packkv.models.cache import PackKVCache
 from packkv.ops import PackKVConfig, ops
 
 DEVICE = "cuda"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def build(layers: int, batch: int, tokens: int, cfg: PackKVConfig) -> PackKVCache:
@@ -58,11 +65,11 @@ def time_flushes(cache: PackKVCache, rounds: int) -> tuple[list[float], list[flo
     the rings refilled between them (untimed)."""
     wall, host = [], []
     for _ in range(rounds):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         cache._flush_ahead(1)
         t1 = time.perf_counter()
-        torch.cuda.synchronize()
+        sync()
         wall.append((time.perf_counter() - t0) * 1e3)
         host.append((t1 - t0) * 1e3)
         refill(cache, cache.packkv_config.block_size)
@@ -75,7 +82,11 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--sdpa", action="store_true")
+    p.add_argument("--sdpa-context", type=int, default=131072)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     a = p.parse_args()
+    global DEVICE
+    DEVICE = a.device
     cfg = PackKVConfig()
     T, W = cfg.block_size, cfg.window
     print("| batch | flushes | wall ms (median) | host ms | per layer, us |")
@@ -92,38 +103,51 @@ def main() -> None:
             print(f"| {batch} | {kind} | {w:.2f} | {h:.2f} | {w / a.layers * 1e3:.0f} |", flush=True)
             nb = torch.stack([layer.storage.n_blocks for layer in cache.layers]).unique().tolist()
             assert nb == [cache.layers[0].n_blocks], (nb, cache.layers[0].n_blocks)  # the device did them all
-            assert not graphs or cache._flush_graph.graph is not None
+            assert not (graphs and DEVICE == "cuda") or cache._flush_graph.graph is not None
     if a.sdpa:
-        sdpa_variants()
+        sdpa_variants(a.sdpa_context)
 
 
-def sdpa_variants(context: int = 131072) -> None:
+def sdpa_variants(context: int) -> None:
     """One layer's decode attention at batch 1 over a static cache of ``context`` slots (all filled but the last
-    64): transformers' path (K/V repeated per query head, bool mask), query heads folded into rows (mask), and
-    ``enable_gqa`` without a mask over the filled length (no static shape)."""
+    64): transformers' path (K/V repeated per query head, bool mask), the attention alone over K/V repeated
+    beforehand, query heads folded into rows (``static_gqa``), and ``enable_gqa`` without a mask over the filled
+    length (what a cache without a static shape could call). Medians of ``triton.testing.do_bench`` on the GPU."""
     import torch.nn.functional as F
-    from triton.testing import do_bench
 
     q = torch.randn(1, 32, 1, 128, device=DEVICE, dtype=torch.bfloat16)
     k = torch.randn(1, 8, context, 128, device=DEVICE, dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    mask = torch.ones(1, 1, 1, context, device="cuda", dtype=torch.bool)
+    mask = torch.ones(1, 1, 1, context, device=DEVICE, dtype=torch.bool)
     mask[..., -64:] = False
     n = context - 64
-    variants = {
-        "repeat_kv + mask (transformers)": lambda: F.scaled_dot_product_attention(
-            q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=mask),
-        "attention only, K/V pre-repeated + mask": None,
-        "rows folded + mask (static_gqa)": lambda: F.scaled_dot_product_attention(
-            q.reshape(1, 8, 4, 128), k, v, attn_mask=mask),
-        "enable_gqa, no mask, filled length": lambda: F.scaled_dot_product_attention(
-            q, k[:, :, :n], v[:, :, :n], enable_gqa=True),
-    }
     kr, vr = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
-    variants["attention only, K/V pre-repeated + mask"] = lambda: F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)
-    print("\n| one layer, batch 1, 128K | ms |\n|---|---|")
+    sdpa = F.scaled_dot_product_attention
+    variants = {
+        "repeat_kv + mask (transformers)": lambda: sdpa(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
+                                                        attn_mask=mask),
+        "attention only, K/V repeated before + mask": lambda: sdpa(q, kr, vr, attn_mask=mask),
+        "rows folded + mask (static_gqa)": lambda: sdpa(q.reshape(1, 8, 4, 128), k, v, attn_mask=mask),
+        "enable_gqa, no mask, filled length": lambda: sdpa(q, k[:, :, :n], v[:, :, :n], enable_gqa=True),
+    }
+    want = variants["enable_gqa, no mask, filled length"]().float()
+    print(f"\n| one layer, batch 1, {context} slots | ms | largest difference |\n|---|---|---|")
     for name, fn in variants.items():
-        print(f"| {name} | {do_bench(fn, warmup=25, rep=200, return_mode='median'):.3f} |", flush=True)
+        err = (fn().reshape(want.shape).float() - want).abs().max().item()
+        print(f"| {name} | {bench(fn):.3f} | {err:.1e} |", flush=True)
+
+
+def bench(fn) -> float:
+    if DEVICE == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=200, return_mode="median")
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""The GPU machine's experiment scripts (``scripts/gluon_sm90``) run end to end on the CPU in their dry-run mode (the
-Gluon kernel's body eagerly, tiny contexts), so a GPU session does not spend its minutes on a script that broke:
-the settings they compare give the default's partials."""
+"""The GPU machine's experiment scripts (``scripts/gluon_sm90``, ``scripts/flush_ahead_cost.py``) run end to end on the
+CPU in their dry-run mode (the Gluon kernel's body eagerly, tiny contexts), so a GPU session does not spend its
+minutes on a script that broke: the settings they compare give the default's partials."""
 
 from __future__ import annotations
 
@@ -39,3 +39,18 @@ def test_ab_settings_refuses_a_setting_the_kernel_does_not_have():
     done = subprocess.run([sys.executable, "ab_settings.py", "NO_SUCH=1", "--device", "cpu"], cwd=SCRIPTS, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode != 0 and "no setting 'NO_SUCH'" in done.stderr
+
+
+def test_flush_ahead_cost_dry_run_on_the_cpu():
+    """Both flush rows per batch, and the static baseline's attention variants agreeing with each other."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    argv = ["--device", "cpu", "--layers", "2", "--batches", "1", "2", "--rounds", "2", "--sdpa", "--sdpa-context", "512"]
+    done = subprocess.run([sys.executable, "flush_ahead_cost.py", *argv], cwd=SCRIPTS.parent, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    flushes = [r for r in rows if r[1].strip() in ("eager", "CUDA graph")]
+    assert [(r[0].strip(), r[1].strip()) for r in flushes] == [("1", "eager"), ("1", "CUDA graph"), ("2", "eager"),
+                                                               ("2", "CUDA graph")]  # fmt: skip
+    errors = [float(r[2]) for r in rows if len(r) == 3 and r[0].strip() and r[2].strip()[0].isdigit()]
+    assert len(errors) == 4 and max(errors) < 1e-2, errors
