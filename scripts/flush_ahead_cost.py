@@ -2,12 +2,15 @@
 cache compresses every layer's oldest ring block before the step's graph), eager and replayed from a CUDA graph;
 plus the static baseline's attention variants at one layer (``--sdpa``).
 
-    python scripts/flush_ahead_cost.py [--layers 32] [--batches 1 8] [--sdpa]
+    python scripts/flush_ahead_cost.py [--layers 32] [--batches 1 8] [--sdpa] [--profile]
 
 Llama-3.1-8B cache shapes (8 KV heads, head_dim 128, bf16), the default config. Each round refills the rings with
 ``block_size`` tokens (untimed), then times the 32 layers' flushes (``PackKVCache._flush_ahead``): ``eager`` (each
 layer's append launched from Python) and ``CUDA graph`` (``FlushGraph``: the same launches replayed): wall time with
-the GPU waited for, and the host's time until the call returned. Medians over ``--rounds``. ``--device cpu`` is a
+the GPU waited for, and the host's time until the call returned. Medians over ``--rounds``. ``--profile`` then
+profiles one eager flush per batch (``torch.profiler``): the GPU's busy time against the wall, and the ops and kernels
+that take it, which tells a host-bound flush (a CUDA graph removes the gap) from a GPU-bound one (its kernels must
+get faster, e.g. one launch over all layers). ``--device cpu`` is a
 dry run (small sizes; no CUDA graph there, so both rows flush eagerly) that the CPU tests run, so a GPU session does
 not spend its minutes on a script that broke.
 """
@@ -84,6 +87,7 @@ def main() -> None:
     p.add_argument("--sdpa", action="store_true")
     p.add_argument("--sdpa-context", type=int, default=131072)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--profile", action="store_true")
     a = p.parse_args()
     global DEVICE
     DEVICE = a.device
@@ -104,8 +108,32 @@ def main() -> None:
             nb = torch.stack([layer.storage.n_blocks for layer in cache.layers]).unique().tolist()
             assert nb == [cache.layers[0].n_blocks], (nb, cache.layers[0].n_blocks)  # the device did them all
             assert not (graphs and DEVICE == "cuda") or cache._flush_graph.graph is not None
+            if a.profile and not graphs:
+                profile_flush(cache, batch)
     if a.sdpa:
         sdpa_variants(a.sdpa_context)
+
+
+def profile_flush(cache: PackKVCache, batch: int) -> None:
+    """One eager flush of every layer under ``torch.profiler``: wall, GPU busy time (the kernels' own time), and
+    the top ops by host and by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = DEVICE == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        cache._flush_ahead(1)
+        sync()
+        wall = (time.perf_counter() - t0) * 1e3
+    refill(cache, cache.packkv_config.block_size)
+    avg = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in avg) / 1e3 if cuda else 0.0
+    print(f"\nbatch {batch}, one eager flush of {len(cache.layers)} layers under the profiler: wall {wall:.2f} ms, "
+          f"GPU busy {busy:.2f} ms")
+    for key in ("self_cpu_time_total",) + (("self_device_time_total",) if cuda else ()):
+        print(avg.table(sort_by=key, row_limit=10, max_name_column_width=48))
 
 
 def sdpa_variants(context: int) -> None:

@@ -44,7 +44,8 @@ def test_ab_settings_refuses_a_setting_the_kernel_does_not_have():
 def test_flush_ahead_cost_dry_run_on_the_cpu():
     """Both flush rows per batch, and the static baseline's attention variants agreeing with each other."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    argv = ["--device", "cpu", "--layers", "2", "--batches", "1", "2", "--rounds", "2", "--sdpa", "--sdpa-context", "512"]
+    argv = ["--device", "cpu", "--layers", "2", "--batches", "1", "2", "--rounds", "2", "--sdpa", "--sdpa-context", "512",
+            "--profile"]
     done = subprocess.run([sys.executable, "flush_ahead_cost.py", *argv], cwd=SCRIPTS.parent, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -54,3 +55,4 @@ def test_flush_ahead_cost_dry_run_on_the_cpu():
                                                                ("2", "CUDA graph")]  # fmt: skip
     errors = [float(r[2]) for r in rows if len(r) == 3 and r[0].strip() and r[2].strip()[0].isdigit()]
     assert len(errors) == 4 and max(errors) < 1e-2, errors
+    assert done.stdout.count("under the profiler") == 2
