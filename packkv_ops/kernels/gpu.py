@@ -30,8 +30,6 @@ def _write_ring(st: PackedLayer, ring: torch.Tensor, new: torch.Tensor, n_flush:
     """Put the new tokens that stay exact into their ring slots (position p lives in slot p % S)."""
     B, H, P, D = new.shape
     T, S = st.layout.block_size, st.layout.ring_size
-    if P == 0:  # a flush ahead of the next step (``reference.flush_ahead_count``): no token to place
-        return
     nb, nw = st.n_blocks.long(), st.n_win.long()
     if P == 1:  # decoding: the token always stays exact and its slot is free
         slot = (nb * T + nw) % S
@@ -56,23 +54,35 @@ def append_(st: PackedLayer, new_k: torch.Tensor, new_v: torch.Tensor, n_flush: 
     if P == 1 and n_flush == 0:  # a decode step between flushes: one kernel, rotation included
         append_token(st, new_k, new_v, rotation)
         return
+    if P == 0:  # a flush ahead of the next step: nothing to rotate, check or place (host launches: it runs eagerly)
+        if n_flush:
+            st.cursor.add_(_compress(st, new_k, new_v, n_flush))
+            st.n_win.sub_(n_flush * lay.block_size)
+            st.n_blocks.add_(n_flush)
+        return
     new_k, new_v = rotate(new_k, rotation), rotate(new_v, rotation)
     ok = _all_finite(new_k) & _all_finite(new_v)
     if n_flush:
-        # Counting medians need few levels; other permutations are found by torch on the quantized ints.
-        in_kernel = lay.repack == REPACK_CODES["none"] or (
-            lay.repack == REPACK_CODES["median"] and lay.v.qmax + 1 <= COUNT_LEVELS
-        )
-        kq, vq = quantize_flushed(st, new_k, new_v, n_flush, median=lay.repack == REPACK_CODES["median"] and in_kernel)
-        if not in_kernel:
-            kq, vq = _repack_in_storage(st, kq, vq, n_flush)
-        written = pack_flushed(st, kq, vq, n_flush)
-        st.cursor.add_(torch.where(ok, written, 0))
+        st.cursor.add_(torch.where(ok, _compress(st, new_k, new_v, n_flush), 0))
     _write_ring(st, st.ring_k, new_k, n_flush, ok)
     _write_ring(st, st.ring_v, new_v, n_flush, ok)
     step = ok.to(torch.int32)
     st.n_win.add_(step * (P - n_flush * lay.block_size))
     st.n_blocks.add_(step * n_flush)
+
+
+def _compress(st: PackedLayer, new_k: torch.Tensor, new_v: torch.Tensor, n_flush: int) -> torch.Tensor:
+    """Quantize, repack and pack the ``n_flush`` oldest blocks (ring window ++ new tokens) into the storage at its
+    cursor; returns the payload words written (a device int64; the caller advances the cursor)."""
+    lay = st.layout
+    # Counting medians need few levels; other permutations are found by torch on the quantized ints.
+    in_kernel = lay.repack == REPACK_CODES["none"] or (
+        lay.repack == REPACK_CODES["median"] and lay.v.qmax + 1 <= COUNT_LEVELS
+    )
+    kq, vq = quantize_flushed(st, new_k, new_v, n_flush, median=lay.repack == REPACK_CODES["median"] and in_kernel)
+    if not in_kernel:
+        kq, vq = _repack_in_storage(st, kq, vq, n_flush)
+    return pack_flushed(st, kq, vq, n_flush)
 
 
 def _all_finite(x: torch.Tensor) -> torch.Tensor:
