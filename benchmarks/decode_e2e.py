@@ -522,9 +522,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-fuse-append", action="store_true",
                    help="PackKV: keep each decode step's append a kernel of its own (inductor.backend.FUSE_APPENDS "
                         "off; on: the append runs in the attention's merge on sm_90, kernels/fused_append.py)")
-    p.add_argument("--graph-flushes", action="store_true",
-                   help="PackKV: the flushes ahead of compressing steps replay a CUDA graph (PackKVCache.graph_flushes; "
-                        "off: launched eagerly, 32 layers' worth of host launches once per block_size steps)")
+    p.add_argument("--eager-flushes", action="store_true",
+                   help="PackKV: the flushes ahead of compressing steps launched eagerly from Python, 32 layers' worth "
+                        "of host launches once per block_size steps (PackKVCache.graph_flushes off; on, the default: "
+                        "replayed from one CUDA graph)")
     p.add_argument("--watchdog", type=float, default=0, help="dump Python stacks every N s (diagnosing stalls)")
     p.add_argument("--gc-freeze", action="store_true",
                    help="every path: gc.freeze() after its warm-up (a run's later paths then pay no collector passes over "
@@ -550,8 +551,8 @@ def main(argv: list[str] | None = None) -> int:
         from packkv.ops.kernels import attention as attention_kernel
 
         attention_kernel.ROTATE_IN_KERNEL = False
-    if args.graph_flushes:
-        packkv.PackKVCache.graph_flushes = True
+    if args.eager_flushes:
+        packkv.PackKVCache.graph_flushes = False
     if args.no_fuse_append:
         from packkv.inductor import backend as packkv_backend_module
 

@@ -350,9 +350,9 @@ class PackKVCache(Cache):
     ``model.generate(ids, past_key_values=PackKVCache(PackKVConfig(k_rel=0.1, v_rel=0.2)))``
     """
 
-    # On CUDA, the flush ahead of compiled steps replays a CUDA graph (FlushGraph). Off until a GPU run checks it:
-    # its cuda test and scripts/flush_ahead_cost.py have not run yet (kernels/NOTES.md, 2026-12-07g).
-    graph_flushes = False
+    # On CUDA, the flush ahead of compiled steps replays a CUDA graph (FlushGraph): eagerly it is host-bound (32
+    # layers, an H100: 30.4 ms of launches for 2.2 ms of kernels; replayed 2.4 ms; kernels/NOTES.md, 2026-12-07h).
+    graph_flushes = True
 
     def __init__(self, config: PackKVConfig | None = None, model=None):
         self.packkv_config = config or PackKVConfig()

@@ -3,7 +3,8 @@
 Once per ``block_size`` decode steps ``packkv.compile``'s cache compresses each layer's oldest ring block before the
 step's graph (``PackKVLayer.flush_ahead``), so that no compiled step compresses. Run eagerly that is 5 Triton
 launches and a dozen small torch ops per layer from Python: at Llama-3.1-8B shapes (32 layers, 128K, an H100) the
-step with the flush took 50 ms against 12.4 ms for a plain one. The launches' arguments are the same at
+step with the flush took 50 ms against 12.4 ms for a plain one (the flushes: 2.2 ms of kernels). Replayed, the 32 flushes take
+2.4 ms and that step 13.3 ms (2026-12-07h). The launches' arguments are the same at
 every flush of a storage (the op reads the counters on the device), so they are captured once and replayed: the
 first flush of a storage runs eagerly (its kernels compile), the second is captured and replayed, later ones replay.
 A new storage (growth, a batch selection, a load) is a new key, and the old graph is let go.
