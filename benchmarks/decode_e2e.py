@@ -273,7 +273,7 @@ def run_packkv(model, batch, context, steps, warmup, device, chunk, cfg, profile
         row.update(profile_steps(model.__call__, model, cache, batch, pos, device))
     n = cache.nbytes()
     row.update(cache_bytes=n["compressed"] + n["window"], cache_alloc_bytes=allocated_bytes(cache), cache_fp16_bytes=n["fp16_compressed"] + n["fp16_window"],
-               graphs_compiled=stats["graphs"] - graphs)  # fmt: skip
+               graphs_compiled=stats["graphs"] - graphs, graph_flushes=bool(cache.graph_flushes))  # fmt: skip
     return row
 
 

@@ -179,9 +179,10 @@ def test_the_benchmark_builds_each_named_shape(shape, head_dim, hidden, layers):
 
 
 def test_packkv_rows_time_plain_steps_and_one_compressing_step_each_after_its_graph_is_compiled(monkeypatch):
-    """A step whose token overflows the exact ring compresses a block in every layer (a second compiled graph, one
-    step in ``block_size``). The PackKV row warms up through two of them and the steps after each (under CUDA graph
-    trees: compile, warm-up run, recording), so the timed steps (waited and pipelined) replay plain ones; then it
+    """A step whose token overflows the exact ring first compresses a block in every layer (one step in
+    ``block_size``; on CUDA a storage's first flush runs eagerly and its second captures the flushes' CUDA graph).
+    The PackKV row warms up through two of them and the steps after each, so the timed steps (waited and pipelined)
+    replay plain ones; then it
     times the next compressing step and the plain step after it, with the plain steps before them untimed, and
     reports them beside the plain step and the mean step over a block of tokens."""
     import packkv
@@ -221,6 +222,7 @@ def test_packkv_rows_time_plain_steps_and_one_compressing_step_each_after_its_gr
     assert [p for p in comp if p in timed] == [steps[-2]]  # the one timed compressing step, then the step after it
     assert steps[-1] in timed and not compressed[steps[-1]]
     assert row["compress_step_ms"] > 0 and row["after_compress_step_ms"] > 0
+    assert row["graph_flushes"] is True  # the default: recorded, since it changes what the compressing step costs
     two = row["compress_step_ms"] + row["after_compress_step_ms"]
     assert row["amortized_step_ms"] == pytest.approx(((cfg.block_size - 2) * row["step_ms"] + two) / cfg.block_size)
     torch._dynamo.reset()
