@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from packkv.ops import Layout, PackedLayer, PackKVConfig, ops
 from packkv.ops.accounting import exact_bytes
 from packkv.ops.kernels import attention as attention_module
-from packkv.ops.kernels import matvec
+from packkv.ops.kernels import gluon_matvec, matvec
 from packkv.ops.kernels.attention import TILE
 from packkv.ops.kernels.attention import attention as attention_kernel
 from packkv.ops.kernels.tiles import decode_paths
@@ -215,6 +215,17 @@ def run_case(cfg, batch, length, heads, q_heads, dim, data, device, paper: bool)
             row["t_matvec_v_windows_ms"] = bench_ms(lambda: matvec.v_matvec(w, st, nb, True))
             row["paper_speedup_k_windows"] = row["t_gemv_k_ms"] / row["t_matvec_k_windows_ms"]
             row["paper_speedup_v_windows"] = row["t_gemv_v_ms"] / row["t_matvec_v_windows_ms"]
+        # The pair as warp-specialized Gluon kernels (sm_90, ``gluon_matvec``), side by side; its error against the
+        # per-value pair, as the windows pair's.
+        if device == "cuda" and all(gluon_matvec.supported(lay, s, q.device) is None for s in "kv"):
+            got_k, got_v = gluon_matvec.k_matvec(qk, st, nb), gluon_matvec.v_matvec(w, st, nb)
+            ref_k, ref_v = matvec.k_matvec(qk, st, nb, False), matvec.v_matvec(w, st, nb, False)
+            row["matvec_gluon_err"] = max(float((got_k - ref_k).abs().max() / ref_k.abs().max()),
+                                          float((got_v - ref_v).abs().max() / ref_v.abs().max()))  # fmt: skip
+            row["t_matvec_k_gluon_ms"] = bench_ms(lambda: gluon_matvec.k_matvec(qk, st, nb))
+            row["t_matvec_v_gluon_ms"] = bench_ms(lambda: gluon_matvec.v_matvec(w, st, nb))
+            row["paper_speedup_k_gluon"] = row["t_gemv_k_ms"] / row["t_matvec_k_gluon_ms"]
+            row["paper_speedup_v_gluon"] = row["t_gemv_v_ms"] / row["t_matvec_v_gluon_ms"]
         del kdq, vdq
     return row
 
@@ -487,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(rows: list[dict]) -> str:
     head = ("| batch | context | bits/value | ratio read | SDPA ms | PackKV kernel | PackKV ms | speedup | goal | PackKV GB/s | PackKV eager ms | "
-            "GEMV K / ours | GEMV V / ours | same, windows pair | compress GB/s (GPU / eager) | rel. err |")  # fmt: skip
+            "GEMV K / ours | GEMV V / ours | same, windows pair | same, Gluon pair | compress GB/s (GPU / eager) | rel. err |")  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
@@ -495,6 +506,7 @@ def table(rows: list[dict]) -> str:
             f"{r['t_sdpa_ms']:.3f} | {r.get('attention_kernel', '?')} | {r['t_packkv_ms']:.3f} | {r['speedup_vs_sdpa']:.2f}x | {r['goal_speedup']:.2f}x | "
             f"{r['packkv_gbps']:.0f} | {r.get('t_packkv_eager_ms', math.nan):.3f} | {r.get('paper_speedup_k', math.nan):.2f}x | {r.get('paper_speedup_v', math.nan):.2f}x | "
             f"{r.get('paper_speedup_k_windows', math.nan):.2f}x / {r.get('paper_speedup_v_windows', math.nan):.2f}x | "
+            f"{r.get('paper_speedup_k_gluon', math.nan):.2f}x / {r.get('paper_speedup_v_gluon', math.nan):.2f}x | "
             f"{r['compress_gbps']:.0f} / {r.get('compress_eager_gbps', math.nan):.0f} | {r['rel_err_vs_decompressed']:.1e} |"
         )  # fmt: skip
     return "\n".join(lines)

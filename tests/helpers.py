@@ -38,3 +38,20 @@ def fill(
 
 def n_tokens(st: PackedLayer) -> int:
     return int(st.n_blocks[0]) * st.layout.block_size + int(st.n_win[0])
+
+
+# The mat-vec kernels' error bound, in fp32 roundings of the int and zero terms they sum apart.
+MATVEC_ROUNDINGS = 8
+
+
+def int_and_zero_terms(st: PackedLayer, stream: str, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 ``|Q| |s|`` and ``z s`` of a stream's first blocks, ``[B, H, n_blocks * T, D]`` in storage order: the
+    two sums the mat-vec kernels compute apart (dequantized values are ``(Q + z) s``)."""
+    from packkv.ops.codec import unpack_chunks
+
+    lay = st.layout
+    meta, off, scale, zero = (getattr(st, f"{stream}_{f}")[:, :n_blocks] for f in ("meta", "offsets", "scale", "zero"))
+    q = unpack_chunks(meta, st.pool, off, getattr(lay, stream), lay).double()
+    ints, zeros = q.abs() * scale.double().abs(), (zero.double() * scale.double()).expand_as(q)
+    B, nb, H, T, D = q.shape
+    return tuple(x.permute(0, 2, 1, 3, 4).reshape(B, H, nb * T, D) for x in (ints, zeros))

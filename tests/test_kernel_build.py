@@ -87,6 +87,13 @@ GLUON_BUILDS = {
                                    # and the one-block step (PACKKV_GLUON_PAIR=0)
                                    r"head_dim 128, .*L2 look-ahead 0\).*\n.*\nconsumer loop: \d+ instructions per "
                                    r"64-token step .*HGMMA 16,"],
+    # the paper's pair (gluon_matvec): one stream decoded (32 HADD2 per thread and block), S = K q^T or O^T += V^T U
+    # as 8 HGMMA.64x8x16 per block at head_dim 128, no spill at any head_dim
+    "packed_matvec.py": [r"K, head_dim 128, .*12 warps, 0 bytes spill.*\n.*\nproducer loop: \d+ .*HADD2 32"
+                         r"(.|\n)*?consumer loop: \d+ .*HGMMA 8,",
+                         r"V, head_dim 128, .*12 warps, 0 bytes spill.*\n.*\nproducer loop: \d+ .*HADD2 32"
+                         r"(.|\n)*?consumer loop: \d+ .*HGMMA 8,",
+                         r"K, head_dim 64, .*8 warps, 0 bytes spill", r"V, head_dim 256, .*20 warps, 0 bytes spill"],
 }
 
 

@@ -18,6 +18,7 @@ from packkv.ops.reference import flush_ahead_count, flush_count, max_flush_count
 from packkv.ops.rotation import rotate
 
 from conftest import HAS_CUDA
+from helpers import MATVEC_ROUNDINGS, int_and_zero_terms
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 LIVE_FIELDS = ("k_meta", "k_offsets", "k_scale", "k_zero", "v_meta", "v_offsets", "v_scale", "v_zero", "perm")
@@ -350,22 +351,6 @@ def test_a_long_query_block_runs_in_chunks_of_rows_and_matches_the_reference(mas
 # fp32 roundings (2^-24) of the summed terms' magnitude the mat-vec pairs may lose: at most 1 in the interpreter, up
 # to 2.5 for the windows pair on the H200 (2026-12-05b, scripts/matvec_accuracy.py: its fp16 halves keep 22 bits of
 # the operand and the tensor cores' fp32 sums truncate), where it missed the old bound (1e-6 of the largest result).
-MATVEC_ROUNDINGS = 8
-
-
-def _int_and_zero_terms(st: PackedLayer, stream: str, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp64 ``|Q| |s|`` and ``z s`` of a stream's first blocks, ``[B, H, n_blocks * T, D]`` in storage order: the
-    two sums the mat-vec kernels compute apart (dequantized values are ``(Q + z) s``)."""
-    from packkv.ops.codec import unpack_chunks
-
-    lay = st.layout
-    meta, off, scale, zero = (getattr(st, f"{stream}_{f}")[:, :n_blocks] for f in ("meta", "offsets", "scale", "zero"))
-    q = unpack_chunks(meta, st.pool, off, getattr(lay, stream), lay).double()
-    ints, zeros = q.abs() * scale.double().abs(), (zero.double() * scale.double()).expand_as(q)
-    B, nb, H, T, D = q.shape
-    return tuple(x.permute(0, 2, 1, 3, 4).reshape(B, H, nb * T, D) for x in (ints, zeros))
-
-
 @pytest.mark.parametrize("windows", [False, True], ids=["per_value", "windows"])
 @pytest.mark.parametrize("cfg", [PackKVConfig(block_size=32, window=32),
                                  PackKVConfig(window=64, pack_size=8, k_grouping="token_head", v_grouping="token_head"),
@@ -386,7 +371,7 @@ def test_paper_matvec_kernels_match_the_dequantized_cache(cfg, windows):
     q = (torch.randn(2, 2, 64, generator=g) * 3).to(DEV)
     w = torch.softmax(torch.randn(2, 2, nb * cfg.block_size, generator=g), -1).to(DEV)
     dk, dv = (dequantized_blocks(ker, s, nb).double() for s in "kv")
-    (ak, zk), (av, zv) = _int_and_zero_terms(ker, "k", nb), _int_and_zero_terms(ker, "v", nb)
+    (ak, zk), (av, zv) = int_and_zero_terms(ker, "k", nb), int_and_zero_terms(ker, "v", nb)
     cases = []
     for qq in (q, q.bfloat16()):  # a bf16 query takes one fp16 product on the windows pair
         qd = qq.double()[..., None]

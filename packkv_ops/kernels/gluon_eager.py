@@ -15,6 +15,7 @@ is modelled as pairing consecutive elements of the last axis (true for the layou
 
 from __future__ import annotations
 
+import sys
 import threading
 import types
 from typing import Any, Callable
@@ -96,10 +97,14 @@ class T:
 
     def to(self, dtype: Dtype, bitcast: bool = False) -> T:
         name = dtype.name
+        if bitcast and self.dtype == F32 and name in (I32, U32):
+            return T(self.data.float().view(torch.int32).long(), name)
+        if bitcast and self.dtype in (I32, U32) and name == F32:
+            return T((((self.data + 2**31) & 0xFFFFFFFF) - 2**31).to(torch.int32).view(torch.float32), F32)
         if name in _INT:
             return T(self.data.long(), name)  # bitcasts between 32-bit ints are the wrap T applies
         if bitcast:
-            raise NotImplementedError("float bitcasts")
+            raise NotImplementedError(f"bitcast {self.dtype} -> {name}")
         return T(self.data.float(), name)
 
 
@@ -432,16 +437,27 @@ def _eager(fn, ns: dict) -> Callable:
     return types.FunctionType(fn.__code__, ns, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
+def _namespace(module: types.ModuleType) -> dict:
+    """The module's globals, under those of the modules its imported ``gluon.jit`` functions come from (whose
+    bodies call their own module's helpers)."""
+    ns: dict = {}
+    for value in list(vars(module).values()):
+        if hasattr(value, "fn") and hasattr(value.fn, "__code__") and value.fn.__module__ != module.__name__:
+            ns.update(vars(sys.modules[value.fn.__module__]))
+    ns.update(vars(module))
+    return ns
+
+
 def run(kernel, grid: tuple[int, int], *args, module: types.ModuleType, **constexprs) -> None:
     """Every program of ``kernel`` (a ``gluon.jit`` function of ``module``) in order, eagerly. Tensor arguments
     are pointers (written in place by stores), numbers stay numbers."""
     for pid0 in range(grid[0]):
         for pid1 in range(grid[1]):
             state: dict = {"pid": (pid0, pid1), "grid": grid, "cv": threading.Condition(), "failed": False}
-            ns = dict(vars(module))
+            ns = _namespace(module)
             ns.update(gl=_build_gl(state), mbarrier=_MBarrier, fence_async_shared=lambda: None,
                       warpgroup_mma=_mma, warpgroup_mma_wait=lambda num_outstanding=0, deps=(): deps[0] if len(deps) == 1 else tuple(deps))  # fmt: skip
-            for name, value in vars(module).items():
+            for name, value in list(ns.items()):
                 if hasattr(value, "fn") and hasattr(value.fn, "__code__"):  # gluon.jit functions
                     ns[name] = _eager(value.fn, ns)
             call = [Ptr(a) if isinstance(a, torch.Tensor) else a for a in args]

@@ -11,7 +11,8 @@ Two kernel pairs: one program per block decoding value by value (``decode_chunk`
 (hi + lo) of the pow2-normalized query or weights, fp32 accumulation: within a few fp32 roundings of the terms
 summed (2.5 measured on the H200; the ints' and zeros' sums cancel, and tensor-core sums truncate).
 The windows pair needs what the attention's fast path needs (packs of <= 64 bits, ints below 1024) and token
-groups; other layouts take the first pair.
+groups; other layouts take the first pair. On sm_90 the same pair also exists as warp-specialized Gluon kernels
+(``gluon_matvec``, decoded as the Gluon attention decodes), which ``benchmarks/kernels.py`` times beside these.
 """
 
 from __future__ import annotations

@@ -1,0 +1,267 @@
+"""The paper's kernel pair (decompress + mat-vec on packed blocks, the benchmark protocol of issue 4) as
+warp-specialized Gluon kernels for sm_90: ``matvec``'s windows pair decoded as ``gluon_attention`` decodes.
+Twins: ``matvec.reference_k_matvec`` / ``reference_v_matvec``; CPU check: the body run eagerly (``gluon_eager``,
+``tests/test_gluon_matvec.py``).
+
+Why: on the H100 the Triton windows pair is 1.22-1.39x ``torch.matmul``'s GEMV for K and 0.90-1.57x for V
+(2026-12-07e), while the Gluon attention kernel decodes both streams and runs the softmax in less time than the
+Triton K mat-vec alone (0.188 vs 0.157 + 0.207 ms at B8/32K). Here two decoding warpgroups decode *one* stream's
+64-token blocks into shared-memory stages (``gluon_attention``'s producer minus the other stream: one prefix scan,
+one set of pack gathers) and a 4-warp consumer multiplies each tile on tensor cores:
+
+* K: ``S = K q^T`` with the normalized query's fp16 high and low halves as the wgmma's first two columns (exact for
+  a bf16 query, ~22 bits of an fp32 one), then ``s (raw + z sum(q)) / inv`` per token;
+* V: ``O^T += V^T U`` with ``u = w s`` (the weights times the token scales) as two fp16 columns (high, low),
+  normalized by a running power of two (the accumulator rescaled exactly when it grows), plus ``sum u z``.
+
+What it decodes is what the attention kernel decodes (``supported``); ``matvec`` takes the Triton pair elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from ..layout import Layout
+from .gluon_attention import (
+    PRODUCER_REGS,
+    T_BLOCK,
+    _add,
+    _fields_by_4,
+    _pack_bits,
+    _pack_values,
+    _stage_cols,
+    _stage_rows,
+    maxnreg,
+    programs_per_sm,
+    stage_channel,
+)
+
+COLS, STAGES = 8, 2  # COLS: the wgmma's N (two used: the operand's fp16 high and low halves)
+
+
+@gluon.jit
+def _pow2_inv(amax):
+    """``2^-k`` with ``amax < 2^(k - 1)`` (``attention._pow2_normalizer``): scaling by it is exact."""
+    e = gl.minimum(amax.to(gl.int32, bitcast=True) & 0x7F800000, 252 << 23)
+    return (0x7E800000 - e).to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _producer(pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, NB, H, T: gl.constexpr,
+              D: gl.constexpr, STAGES: gl.constexpr, QBITS: gl.constexpr, par, NPAR: gl.constexpr):  # fmt: skip
+    """Blocks ``lo + par, lo + par + NPAR, ...`` of one stream as ``[D, T]`` fp16 ints in the stage's row order
+    (``gluon_attention._decode_producer`` for one stream)."""
+    P: gl.constexpr = 16
+    N: gl.constexpr = (T // P) * D
+    L2: gl.constexpr = gl.BlockedLayout([4, 4], [32, 1], [gl.num_warps(), 1], [1, 0])
+    LB: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])
+    LP: gl.constexpr = gl.SliceLayout(1, L2)
+    MBITS: gl.constexpr = QBITS + QBITS.bit_length()
+    for i in range(par, hi - lo, NPAR):
+        s = i % STAGES
+        chunk = (b * NB + lo + i) * H + kvh
+        f = _fields_by_4(meta_ptr + chunk * (N * MBITS // 32), N, D, MBITS, LB)
+        size = (f >> QBITS) * 16
+        start = gl.associative_scan(size, 0, _add) - size
+        w_lo, w_hi = _pack_bits(pool_ptr + gl.load(off_ptr + chunk), start.to(gl.int32), size.to(gl.int32))
+        x = _pack_values(gl.convert_layout(f, LP), gl.convert_layout(w_lo, LP), gl.convert_layout(w_hi, LP), QBITS,
+                         L2)  # fmt: skip
+        t = _stage_rows(gl.reshape(gl.permute(gl.reshape(x, (T // P, D, P)), (1, 0, 2)), (D, T)), D, T)
+        mbarrier.wait(empty.index(s), phase=((i // STAGES) & 1) ^ 1)
+        bufs.index(s).store(t)
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.arrive(ready.index(s), count=1)
+
+
+@gluon.jit
+def _k_consumer(q_s, qsum, inv, bufs, ready, empty, scale_ptr, zero_ptr, out_ptr, head, b, lo, hi, NB,
+                T: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
+                                                  instr_shape=[16, R, 16])  # fmt: skip
+    toks: gl.constexpr = gl.SliceLayout(1, mma)
+    i_t = gl.arange(0, T, toks)
+    k8 = i_t % 8
+    lane_tok = i_t - k8 + (k8 & 1) * 4 + (k8 >> 1)  # the stage's rows are in lane order
+    for i in range(0, hi - lo):
+        s = i % STAGES
+        tok = (b * NB + lo + i) * T + lane_tok
+        sc = gl.load(scale_ptr + tok).to(gl.float32)
+        z = gl.load(zero_ptr + tok).to(gl.float32)
+        mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
+        acc = warpgroup_mma(bufs.index(s).permute([1, 0]), q_s.permute([1, 0]), gl.zeros([T, R], gl.float32, mma),
+                            use_acc=False, is_async=True)  # fmt: skip
+        raw = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index(s), count=1)
+        y = (gl.sum(raw, axis=1) + z * qsum) * sc / inv  # the high and low halves' products, then s (q.Q + z sum q)
+        gl.store(out_ptr + (head * NB + lo + i) * T + lane_tok, y)
+
+
+@gluon.jit
+def _v_consumer(u_s, bufs, ready, empty, scale_ptr, zero_ptr, w_ptr, part_ptr, head, split, b, lo, hi, NB, n_blocks,
+                T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
+                                                  instr_shape=[16, R, 16])  # fmt: skip
+    toks: gl.constexpr = gl.SliceLayout(1, mma)
+    cols: gl.constexpr = gl.SliceLayout(0, mma)
+    i_t = gl.arange(0, T, toks)
+    k8 = i_t % 8
+    lane_tok = i_t - k8 + (k8 & 1) * 4 + (k8 >> 1)
+    col = gl.expand_dims(gl.arange(0, R, cols), 0)
+    o_t = gl.zeros([D, R], gl.float32, mma)
+    zsum = gl.zeros([T], gl.float32, toks)
+    top = gl.max(zsum, axis=0)  # the largest |u| so far (0: the normalizer is 2^-1 * 2^127)
+    inv = _pow2_inv(top)
+    for i in range(0, hi - lo):
+        s = i % STAGES
+        tok = (b * NB + lo + i) * T + lane_tok
+        u = gl.load(w_ptr + (head * n_blocks + lo + i) * T + lane_tok).to(gl.float32) * gl.load(scale_ptr + tok).to(
+            gl.float32)  # fmt: skip
+        zsum = zsum + u * gl.load(zero_ptr + tok).to(gl.float32)
+        top = gl.maximum(top, gl.max(gl.maximum(u, -u), axis=0))
+        inv_new = _pow2_inv(top)
+        o_t = o_t * (inv_new / inv)  # a power of two <= 1: exact
+        inv = inv_new
+        un = gl.expand_dims(u * inv, 1)
+        u_hi = un.to(gl.float16).to(gl.float32)
+        mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
+        u_s.store(gl.where(col == 0, u_hi, gl.where(col == 1, un - u_hi, 0.0)).to(gl.float16))
+        fence_async_shared()
+        gl.thread_barrier()
+        acc = warpgroup_mma(bufs.index(s), u_s, o_t, is_async=True)
+        o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index(s), count=1)
+    cd = gl.arange(0, D, gl.SliceLayout(1, mma))
+    y = gl.sum(o_t, axis=1) / inv + gl.sum(zsum, axis=0)
+    gl.store(part_ptr + (head * gl.num_programs(1) + split) * D + stage_channel(cd, D), y)
+
+
+@gluon.jit
+def matvec_kernel(x_ptr, out_ptr, pool_ptr, meta_ptr, off_ptr, scale_ptr, zero_ptr, NB, H, n_blocks,
+                  T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr, QBITS: gl.constexpr,
+                  PRODUCER_REGS: gl.constexpr, IS_K: gl.constexpr):  # fmt: skip
+    """Program (sequence x KV head, split) over the split's share of the first ``n_blocks`` compressed blocks of one
+    stream. K (``IS_K``): ``x_ptr`` the queries ``[B, H, D]``, ``out_ptr`` the scores ``[B, H, NB * T]`` (storage
+    order). V: ``x_ptr`` the weights ``[B, H, n_blocks * T]`` (storage order), ``out_ptr`` the splits' partial
+    sums ``[B, H, NS, D]``."""
+    head = gl.program_id(0)
+    split = gl.program_id(1)
+    b = head // H
+    kvh = head % H
+    per = gl.cdiv(n_blocks, gl.num_programs(1))
+    lo = gl.minimum(split * per, n_blocks)
+    hi = gl.minimum(lo + per, n_blocks)
+    stage: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, T], gl.float16)
+    bufs = gl.allocate_shared_memory(gl.float16, [STAGES, D, T], stage)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    if IS_K:
+        # The query, pow2-normalized, as rows 0 (fp16 high half) and 1 (low half) of the [R, D] operand.
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
+        r = gl.expand_dims(gl.arange(0, R, gl.SliceLayout(1, ld)), 1)
+        c = gl.expand_dims(gl.arange(0, D, gl.SliceLayout(0, ld)), 0)
+        q = gl.load(x_ptr + head * D + c + r * 0, mask=r < 2, other=0.0).to(gl.float32)
+        inv = _pow2_inv(gl.max(gl.max(gl.maximum(q, -q), axis=1), axis=0))
+        qn = q * inv
+        q_hi = qn.to(gl.float16).to(gl.float32)
+        qsum = gl.sum(gl.sum(gl.where(r == 0, qn, 0.0), axis=1), axis=0)
+        q = _stage_cols(gl.where(r == 0, q_hi, qn - q_hi).to(gl.float16), R, D)
+        q_s = gl.allocate_shared_memory(gl.float16, [R, D], gl.NVMMASharedLayout.get_default_for([R, D], gl.float16),
+                                        value=q)  # fmt: skip
+        fence_async_shared()
+        gl.warp_specialize([
+            (_k_consumer, (q_s, qsum, inv, bufs, ready, empty, scale_ptr, zero_ptr, out_ptr, head, b, lo, hi, NB, T, R,
+                           STAGES)),
+            (_producer, (pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, NB, H, T, D, STAGES, QBITS,
+                         0, 2)),
+            (_producer, (pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, NB, H, T, D, STAGES, QBITS,
+                         1, 2)),
+        ], [D // 32, D // 32], [PRODUCER_REGS, PRODUCER_REGS])  # fmt: skip
+    else:
+        u_s = gl.allocate_shared_memory(gl.float16, [T, R], gl.NVMMASharedLayout.get_default_for([T, R], gl.float16))
+        fence_async_shared()
+        gl.warp_specialize([
+            (_v_consumer, (u_s, bufs, ready, empty, scale_ptr, zero_ptr, x_ptr, out_ptr, head, split, b, lo, hi, NB,
+                           n_blocks, T, D, R, STAGES)),
+            (_producer, (pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, NB, H, T, D, STAGES, QBITS,
+                         0, 2)),
+            (_producer, (pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, NB, H, T, D, STAGES, QBITS,
+                         1, 2)),
+        ], [D // 32, D // 32], [PRODUCER_REGS, PRODUCER_REGS])  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# host side
+# ---------------------------------------------------------------------------------------------------------------
+def supported(lay: Layout, stream: str, device: torch.device) -> str | None:
+    """``None`` where these kernels decode the stream of a layer of layout ``lay`` on ``device``, else why not."""
+    s = getattr(lay, stream)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) != (9, 0):
+        return "it needs an sm_90 GPU (Hopper)"
+    if (lay.pack_size, lay.block_size) != (16, T_BLOCK):
+        return f"it decodes packs of 16 in 64-token blocks, not packs of {lay.pack_size} in blocks of {lay.block_size}"
+    if not 2 <= s.qbits <= 4:
+        return f"it decodes 2- to 4-bit ints, not {s.qbits}-bit"
+    if s.grouping:
+        return "it reads token-grouped scales and zeros only"
+    return None
+
+
+def _splits(batch: int, heads: int, n_blocks: int, head_dim: int, device: torch.device) -> int:
+    """Runs of blocks per (sequence, head): one wave of resident programs (``gluon_attention.splits_for``)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(n_blocks, programs_per_sm(head_dim) * sms // (batch * heads)))
+
+
+def _launch(x: Tensor, out: Tensor, st, stream: str, n_blocks: int, splits: int, is_k: bool) -> None:
+    lay = st.layout
+    s = getattr(lay, stream)
+    args = (x, out, st.pool, getattr(st, f"{stream}_meta"), getattr(st, f"{stream}_offsets"),
+            getattr(st, f"{stream}_scale"), getattr(st, f"{stream}_zero"), st.block_capacity, lay.num_heads, n_blocks)
+    meta = dict(T=T_BLOCK, D=lay.head_dim, R=COLS, STAGES=STAGES, QBITS=s.qbits, PRODUCER_REGS=PRODUCER_REGS,
+                IS_K=is_k)  # fmt: skip
+    grid = (st.batch * lay.num_heads, splits)
+    if x.device.type == "cpu":
+        from . import gluon_eager, gluon_matvec
+
+        gluon_eager.run(matvec_kernel, grid, *args, module=gluon_matvec, **meta)
+    else:
+        reg = maxnreg(lay.head_dim)
+        matvec_kernel[grid](*args, **meta, num_warps=4, **({"maxnreg": reg} if reg else {}))
+
+
+def k_matvec(q: Tensor, st, n_blocks: int, splits: int | None = None) -> Tensor:
+    """Scores ``[B, H, n_blocks * T]`` (fp32) of one query per KV head ``q[B, H, D]`` against the first
+    ``n_blocks`` compressed blocks, in storage order (``matvec.k_matvec``)."""
+    B, H = st.batch, st.layout.num_heads
+    out = torch.empty(B, H, st.block_capacity * T_BLOCK, dtype=torch.float32, device=q.device)
+    if n_blocks > 0:
+        ns = splits or _splits(B, H, n_blocks, st.layout.head_dim, q.device)
+        _launch(q.contiguous(), out, st, "k", n_blocks, ns, True)
+    return out[:, :, : n_blocks * T_BLOCK]
+
+
+def v_matvec(w: Tensor, st, n_blocks: int, splits: int | None = None) -> Tensor:
+    """``sum_n w[b, h, n] v_hat[b, h, n]`` over the first ``n_blocks`` compressed blocks (weights in storage order;
+    missing ones count as zeros): ``[B, H, D]`` fp32 (``matvec.v_matvec``)."""
+    B, H, D = st.batch, st.layout.num_heads, st.layout.head_dim
+    if n_blocks == 0:
+        return torch.zeros(B, H, D, dtype=torch.float32, device=w.device)
+    if w.shape[-1] != n_blocks * T_BLOCK:
+        w = torch.nn.functional.pad(w[..., : n_blocks * T_BLOCK], (0, max(0, n_blocks * T_BLOCK - w.shape[-1])))
+    ns = splits or _splits(B, H, n_blocks, D, w.device)
+    part = torch.empty(B, H, ns, D, dtype=torch.float32, device=w.device)
+    _launch(w.contiguous(), part, st, "v", n_blocks, ns, False)
+    return part.sum(2)

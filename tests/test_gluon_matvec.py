@@ -1,0 +1,101 @@
+"""The paper's kernel pair as Gluon kernels (``packkv_ops/kernels/gluon_matvec.py``): one query per KV head against
+the compressed blocks of K (scores), weights per token against those of V (a weighted sum), each as accurate as
+fp32 products on the dequantized cache, over any number of blocks and splits; and a clear refusal of what they do
+not decode.
+
+On the CPU the kernels' bodies run eagerly (``gluon_eager``: their reading of the format, the lane order shared by
+the decoded tiles, the scales and the outputs, the operands' fp16 halves and normalizers, the stages' mbarrier
+protocol); on a GPU (``DEV``) the same tests run the compiled kernels, and the ``cuda`` test adds real sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HAS_CUDA
+from helpers import MATVEC_ROUNDINGS, fill, int_and_zero_terms
+
+from packkv.ops import Layout, PackKVConfig
+from packkv.ops.kernels import gluon_matvec
+from packkv.ops.kernels.matvec import dequantized_blocks
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+PAPER = PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none")
+
+
+def _layer(cfg: PackKVConfig, dim: int, tokens: int, batch: int = 2, heads: int = 2):
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(batch, heads, tokens, dim, generator=g)
+    v = torch.randn(batch, heads, tokens, dim, generator=g)
+    k[..., 3] += 4.0  # an outlier channel, as real keys have
+    return fill(cfg, k.to(DEV), v.to(DEV))
+
+
+def _check(got: torch.Tensor, exact: torch.Tensor, folded: torch.Tensor) -> None:
+    """Within a few fp32 roundings of the magnitude of the terms the kernels sum apart (as the Triton pair)."""
+    exact, folded = exact.reshape(got.shape), folded.reshape(got.shape)
+    assert ((got.double().cpu() - exact).abs() / folded).max() <= MATVEC_ROUNDINGS * 2**-24
+
+
+# cfg: the library's default (4-bit K, 3-bit V) and the paper's setting (k_rel 0.1 / v_rel 0.2: 3-bit K, 2-bit V);
+# dim: 128 (Llama-3.1-8B) and 64 (a decoding partition of two warps per pack row); splits: one program per
+# (sequence, head), or runs of blocks shared by 3 programs (one of them with a single block); blocks: all of them or
+# the first ones only.
+@pytest.mark.parametrize("cfg", [PackKVConfig(), PAPER], ids=["defaults", "paper"])
+@pytest.mark.parametrize("dim", [128, 64])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("first", [None, 3])
+def test_gluon_matvec_matches_the_dequantized_cache(cfg, dim, splits, first):
+    st = _layer(cfg, dim, 5 * 64 + 30)
+    nb = first or int(st.n_blocks[0])
+    assert nb <= int(st.n_blocks[0])
+    for stream in "kv":
+        assert gluon_matvec.supported(st.layout, stream, torch.device(DEV)) is None
+    g = torch.Generator().manual_seed(1)
+    dk, dv = (dequantized_blocks(st, s, nb).double().cpu() for s in "kv")
+    (ak, zk), (av, zv) = (tuple(t.cpu() for t in int_and_zero_terms(st, s, nb)) for s in "kv")
+    q = torch.randn(2, 2, dim, generator=g) * 3
+    for qq in (q, q.bfloat16(), q * 1e-6):  # an fp32 query takes both fp16 halves; a tiny one its normalizer
+        got = gluon_matvec.k_matvec(qq.to(DEV), st, nb, splits)
+        qd = qq.double()[..., None]
+        _check(got, dk @ qd, ak @ qd.abs() + (zk @ qd).abs())
+    w = torch.softmax(torch.randn(2, 2, nb * 64, generator=g), -1)
+    w[0, 1, 70:] *= 1e-30  # weights of very different sizes across the blocks: the running normalizer rescales
+    for ww in (w, w[..., :-5]):  # weights missing at the end count as zeros
+        full = torch.nn.functional.pad(ww, (0, w.shape[-1] - ww.shape[-1]))
+        got = gluon_matvec.v_matvec(ww.to(DEV), st, nb, splits)
+        wd = full.double()[..., None, :]
+        _check(got, wd @ dv, wd.abs() @ av + (wd @ zv).abs())
+
+
+def test_gluon_matvec_over_no_blocks_returns_empty_scores_and_a_zero_sum():
+    st = _layer(PackKVConfig(), 128, 30)
+    assert int(st.n_blocks[0]) == 0
+    assert gluon_matvec.k_matvec(torch.randn(2, 2, 128, device=DEV), st, 0).shape == (2, 2, 0)
+    assert not gluon_matvec.v_matvec(torch.randn(2, 2, 0, device=DEV), st, 0).any()
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(pack_size=32), "packs of 16"),
+    (dict(block_size=32, window=32), "64-token blocks"),
+    (dict(k_rel=0.01), "2- to 4-bit ints"),
+    (dict(k_grouping="channel"), "token-grouped"),
+])  # fmt: skip
+def test_gluon_matvec_names_what_it_does_not_decode(change, reason):
+    lay = Layout.from_config(PackKVConfig(**change), num_heads=2, head_dim=128)
+    assert reason in gluon_matvec.supported(lay, "k", torch.device("cpu"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dim", [128, 64, 256])
+def test_real_size_gluon_matvec_matches_the_dequantized_cache(dim):
+    """Llama-3.1-8B-like sizes (8 KV heads, 8K tokens, batch 2) at the paper's setting, the split count the launch
+    picks, against fp64 products on the dequantized cache."""
+    st = _layer(PAPER, dim, 8192 + 100, batch=2, heads=8)
+    nb = int(st.n_blocks[0])
+    q = torch.randn(2, 8, dim, device="cuda").bfloat16()
+    w = torch.softmax(torch.randn(2, 8, nb * 64, device="cuda"), -1)
+    dk, dv = (dequantized_blocks(st, s, nb).double() for s in "kv")
+    (ak, zk), (av, zv) = (int_and_zero_terms(st, s, nb) for s in "kv")
+    qd, wd = q.double()[..., None], w.double()[..., None, :]
+    _check(gluon_matvec.k_matvec(q, st, nb), (dk @ qd).cpu(), (ak @ qd.abs() + (zk @ qd).abs()).cpu())
+    _check(gluon_matvec.v_matvec(w, st, nb), (wd @ dv).cpu(), (wd.abs() @ av + (wd @ zv).abs()).cpu())
