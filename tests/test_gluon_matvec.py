@@ -39,12 +39,15 @@ def _check(got: torch.Tensor, exact: torch.Tensor, folded: torch.Tensor) -> None
 # cfg: the library's default (4-bit K, 3-bit V) and the paper's setting (k_rel 0.1 / v_rel 0.2: 3-bit K, 2-bit V);
 # dim: 128 (Llama-3.1-8B) and 64 (a decoding partition of two warps per pack row); splits: one program per
 # (sequence, head), or runs of blocks shared by 3 programs (one of them with a single block); blocks: all of them or
-# the first ones only.
+# the first ones only; prefetch: the producers' software pipeline over the blocks (on, or each block's loads in its
+# own turn).
 @pytest.mark.parametrize("cfg", [PackKVConfig(), PAPER], ids=["defaults", "paper"])
 @pytest.mark.parametrize("dim", [128, 64])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("first", [None, 3])
-def test_gluon_matvec_matches_the_dequantized_cache(cfg, dim, splits, first):
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_gluon_matvec_matches_the_dequantized_cache(cfg, dim, splits, first, prefetch, monkeypatch):
+    monkeypatch.setattr(gluon_matvec, "PREFETCH", prefetch)
     st = _layer(cfg, dim, 5 * 64 + 30)
     nb = first or int(st.n_blocks[0])
     assert nb <= int(st.n_blocks[0])
@@ -87,9 +90,11 @@ def test_gluon_matvec_names_what_it_does_not_decode(change, reason):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dim", [128, 64, 256])
-def test_real_size_gluon_matvec_matches_the_dequantized_cache(dim):
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_real_size_gluon_matvec_matches_the_dequantized_cache(dim, prefetch, monkeypatch):
     """Llama-3.1-8B-like sizes (8 KV heads, 8K tokens, batch 2) at the paper's setting, the split count the launch
     picks, against fp64 products on the dequantized cache."""
+    monkeypatch.setattr(gluon_matvec, "PREFETCH", prefetch)
     st = _layer(PAPER, dim, 8192 + 100, batch=2, heads=8)
     nb = int(st.n_blocks[0])
     q = torch.randn(2, 8, dim, device="cuda").bfloat16()

@@ -19,6 +19,8 @@ What it decodes is what the attention kernel decodes (``supported``); ``matvec``
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 from triton.experimental import gluon
@@ -46,6 +48,9 @@ from .gluon_attention import (
 )
 
 COLS, STAGES = 8, 2  # COLS: the wgmma's N (two used: the operand's fp16 high and low halves)
+# The producers' software pipeline over the blocks (``_producer``); one stream's registers leave room for it, which
+# the attention's two streams did not (``gluon_attention.PREFETCH``).
+PREFETCH = int(os.environ.get("PACKKV_GLUON_MATVEC_PREFETCH", "0"))
 
 
 @gluon.jit
@@ -56,23 +61,48 @@ def _pow2_inv(amax):
 
 
 @gluon.jit
+def _fields(meta_ptr, off_ptr, chunk, N: gl.constexpr, D: gl.constexpr, MBITS: gl.constexpr, LB: gl.constexpr):
+    """A block's pack fields and payload offset: the loads that depend on the block index only."""
+    return _fields_by_4(meta_ptr + chunk * (N * MBITS // 32), N, D, MBITS, LB), gl.load(off_ptr + chunk)
+
+
+@gluon.jit
+def _bits(pool_ptr, f, off, QBITS: gl.constexpr):
+    """Each pack's 64 bits at the pack starts of one prefix scan of the packs' sizes (width x 16 values)."""
+    size = (f >> QBITS) * 16
+    start = gl.associative_scan(size, 0, _add) - size
+    return _pack_bits(pool_ptr + off, start.to(gl.int32), size.to(gl.int32))
+
+
+@gluon.jit
 def _producer(pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, NB, H, T: gl.constexpr,
-              D: gl.constexpr, STAGES: gl.constexpr, QBITS: gl.constexpr, par, NPAR: gl.constexpr):  # fmt: skip
+              D: gl.constexpr, STAGES: gl.constexpr, QBITS: gl.constexpr, par, NPAR: gl.constexpr,
+              PREFETCH: gl.constexpr):  # fmt: skip
     """Blocks ``lo + par, lo + par + NPAR, ...`` of one stream as ``[D, T]`` fp16 ints in the stage's row order
-    (``gluon_attention._decode_producer`` for one stream)."""
+    (``gluon_attention._decode_producer`` for one stream). ``PREFETCH``: the next block's pack bits and the one
+    after's fields are loaded while this one decodes (a software pipeline over the blocks; past the last block the
+    index is clamped: harmless loads of a block that exists, never used)."""
     P: gl.constexpr = 16
     N: gl.constexpr = (T // P) * D
     L2: gl.constexpr = gl.BlockedLayout([4, 4], [32, 1], [gl.num_warps(), 1], [1, 0])
     LB: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])
     LP: gl.constexpr = gl.SliceLayout(1, L2)
     MBITS: gl.constexpr = QBITS + QBITS.bit_length()
+    last = gl.maximum(hi - 1, 0)
+    base = b * NB
+    if PREFETCH:
+        f, off = _fields(meta_ptr, off_ptr, (base + gl.minimum(lo + par, last)) * H + kvh, N, D, MBITS, LB)
+        w_lo, w_hi = _bits(pool_ptr, f, off, QBITS)
+        nf, noff = _fields(meta_ptr, off_ptr, (base + gl.minimum(lo + par + NPAR, last)) * H + kvh, N, D, MBITS, LB)
     for i in range(par, hi - lo, NPAR):
         s = i % STAGES
-        chunk = (b * NB + lo + i) * H + kvh
-        f = _fields_by_4(meta_ptr + chunk * (N * MBITS // 32), N, D, MBITS, LB)
-        size = (f >> QBITS) * 16
-        start = gl.associative_scan(size, 0, _add) - size
-        w_lo, w_hi = _pack_bits(pool_ptr + gl.load(off_ptr + chunk), start.to(gl.int32), size.to(gl.int32))
+        if PREFETCH:
+            nw_lo, nw_hi = _bits(pool_ptr, nf, noff, QBITS)
+            n2f, n2off = _fields(meta_ptr, off_ptr, (base + gl.minimum(lo + i + 2 * NPAR, last)) * H + kvh, N, D,
+                                 MBITS, LB)  # fmt: skip
+        else:
+            f, off = _fields(meta_ptr, off_ptr, (base + lo + i) * H + kvh, N, D, MBITS, LB)
+            w_lo, w_hi = _bits(pool_ptr, f, off, QBITS)
         x = _pack_values(gl.convert_layout(f, LP), gl.convert_layout(w_lo, LP), gl.convert_layout(w_hi, LP), QBITS,
                          L2)  # fmt: skip
         t = _stage_rows(gl.reshape(gl.permute(gl.reshape(x, (T // P, D, P)), (1, 0, 2)), (D, T)), D, T)
@@ -81,6 +111,9 @@ def _producer(pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, N
         fence_async_shared()
         gl.thread_barrier()
         mbarrier.arrive(ready.index(s), count=1)
+        if PREFETCH:
+            f, w_lo, w_hi = nf, nw_lo, nw_hi
+            nf, noff = n2f, n2off
 
 
 @gluon.jit
@@ -148,7 +181,7 @@ def _v_consumer(u_s, bufs, ready, empty, scale_ptr, zero_ptr, w_ptr, part_ptr, h
 @gluon.jit
 def matvec_kernel(x_ptr, out_ptr, pool_ptr, meta_ptr, off_ptr, scale_ptr, zero_ptr, NB, H, n_blocks,
                   T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr, QBITS: gl.constexpr,
-                  PRODUCER_REGS: gl.constexpr, IS_K: gl.constexpr):  # fmt: skip
+                  PRODUCER_REGS: gl.constexpr, IS_K: gl.constexpr, PREFETCH: gl.constexpr = 0):  # fmt: skip
     """Program (sequence x KV head, split) over the split's share of the first ``n_blocks`` compressed blocks of one
     stream. K (``IS_K``): ``x_ptr`` the queries ``[B, H, D]``, ``out_ptr`` the scores ``[B, H, NB * T]`` (storage
     order). V: ``x_ptr`` the weights ``[B, H, n_blocks * T]`` (storage order), ``out_ptr`` the splits' partial
@@ -185,9 +218,9 @@ def matvec_kernel(x_ptr, out_ptr, pool_ptr, meta_ptr, off_ptr, scale_ptr, zero_p
             (_k_consumer, (q_s, qsum, inv, bufs, ready, empty, scale_ptr, zero_ptr, out_ptr, head, b, lo, hi, NB, T, R,
                            STAGES)),
             (_producer, (pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, NB, H, T, D, STAGES, QBITS,
-                         0, 2)),
+                         0, 2, PREFETCH)),
             (_producer, (pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, NB, H, T, D, STAGES, QBITS,
-                         1, 2)),
+                         1, 2, PREFETCH)),
         ], [D // 32, D // 32], [PRODUCER_REGS, PRODUCER_REGS])  # fmt: skip
     else:
         u_s = gl.allocate_shared_memory(gl.float16, [T, R], gl.NVMMASharedLayout.get_default_for([T, R], gl.float16))
@@ -196,9 +229,9 @@ def matvec_kernel(x_ptr, out_ptr, pool_ptr, meta_ptr, off_ptr, scale_ptr, zero_p
             (_v_consumer, (u_s, bufs, ready, empty, scale_ptr, zero_ptr, x_ptr, out_ptr, head, split, b, lo, hi, NB,
                            n_blocks, T, D, R, STAGES)),
             (_producer, (pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, NB, H, T, D, STAGES, QBITS,
-                         0, 2)),
+                         0, 2, PREFETCH)),
             (_producer, (pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, NB, H, T, D, STAGES, QBITS,
-                         1, 2)),
+                         1, 2, PREFETCH)),
         ], [D // 32, D // 32], [PRODUCER_REGS, PRODUCER_REGS])  # fmt: skip
 
 
@@ -231,7 +264,7 @@ def _launch(x: Tensor, out: Tensor, st, stream: str, n_blocks: int, splits: int,
     args = (x, out, st.pool, getattr(st, f"{stream}_meta"), getattr(st, f"{stream}_offsets"),
             getattr(st, f"{stream}_scale"), getattr(st, f"{stream}_zero"), st.block_capacity, lay.num_heads, n_blocks)
     meta = dict(T=T_BLOCK, D=lay.head_dim, R=COLS, STAGES=STAGES, QBITS=s.qbits, PRODUCER_REGS=PRODUCER_REGS,
-                IS_K=is_k)  # fmt: skip
+                IS_K=is_k, PREFETCH=PREFETCH)  # fmt: skip
     grid = (st.batch * lay.num_heads, splits)
     if x.device.type == "cpu":
         from . import gluon_eager, gluon_matvec

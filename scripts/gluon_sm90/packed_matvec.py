@@ -25,7 +25,7 @@ from packkv.ops.kernels import gluon_matvec  # noqa: E402
 def build(dim: int, is_k: bool, qbits: int = 3) -> None:
     sig = {"x_ptr": "*bf16" if is_k else "*fp32", "out_ptr": "*fp32", "pool_ptr": "*i32", "meta_ptr": "*i32",
            "off_ptr": "*i32", "scale_ptr": "*bf16", "zero_ptr": "*i16", "NB": "i32", "H": "i32", "n_blocks": "i32"}  # fmt: skip
-    consts = dict(T=64, D=dim, R=gluon_matvec.COLS, STAGES=gluon_matvec.STAGES, QBITS=qbits,
+    consts = dict(T=64, D=dim, R=gluon_matvec.COLS, STAGES=gluon_matvec.STAGES, QBITS=qbits, PREFETCH=gluon_matvec.PREFETCH,
                   PRODUCER_REGS=gluon_matvec.PRODUCER_REGS, IS_K=is_k)  # fmt: skip
     ck = compile_gluon(gluon_matvec.matvec_kernel, sig | dict.fromkeys(consts, "constexpr"), consts,
                        maxnreg=gluon_matvec.maxnreg(dim))  # fmt: skip
@@ -49,6 +49,14 @@ def run_on_gpu() -> None:
     from packkv.ops.kernels import matvec
 
     cfg = PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none")
+
+    def prefetched(fn) -> float:  # the producers' software pipeline (gluon_matvec.PREFETCH) on, for one timing
+        before, gluon_matvec.PREFETCH = gluon_matvec.PREFETCH, 1
+        try:
+            return bench_ms(fn)
+        finally:
+            gluon_matvec.PREFETCH = before
+
     for dim in (128, 64, 256):
         for batch, context in ((8, 32768), (1, 131072)):
             k, v = make_kv(batch, context, 8, dim, "real", "cuda")
@@ -66,9 +74,11 @@ def run_on_gpu() -> None:
                 "gemv K": bench_ms(lambda: torch.matmul(kdq, q[..., None])),
                 "Triton K": bench_ms(lambda: matvec.k_matvec(q, st, nb, True)),
                 "Gluon K": bench_ms(lambda: gluon_matvec.k_matvec(q, st, nb)),
+                "Gluon K prefetch": prefetched(lambda: gluon_matvec.k_matvec(q, st, nb)),
                 "gemv V": bench_ms(lambda: torch.matmul(wb[:, :, None, :], vdq)),
                 "Triton V": bench_ms(lambda: matvec.v_matvec(w, st, nb, True)),
                 "Gluon V": bench_ms(lambda: gluon_matvec.v_matvec(w, st, nb)),
+                "Gluon V prefetch": prefetched(lambda: gluon_matvec.v_matvec(w, st, nb)),
             }
             print(f"head_dim {dim} B{batch}/{context // 1024}K: " + ", ".join(f"{n} {ms:.4f} ms" for n, ms in t.items())
                   + f" | Gluon vs GEMV K {t['gemv K'] / t['Gluon K']:.2f}x (Triton {t['gemv K'] / t['Triton K']:.2f}x), "
