@@ -35,6 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from ..layout import Layout
 from .gluon_attention import (
     PRODUCER_REGS,
+    SMEM_PER_SM,
     T_BLOCK,
     _add,
     _fields_by_4,
@@ -43,7 +44,6 @@ from .gluon_attention import (
     _stage_cols,
     _stage_rows,
     maxnreg,
-    programs_per_sm,
     stage_channel,
 )
 
@@ -51,6 +51,13 @@ COLS, STAGES = 8, 2  # COLS: the wgmma's N (two used: the operand's fp16 high an
 # The producers' software pipeline over the blocks (``_producer``); one stream's registers leave room for it, which
 # the attention's two streams did not (``gluon_attention.PREFETCH``).
 PREFETCH = int(os.environ.get("PACKKV_GLUON_MATVEC_PREFETCH", "0"))
+# The consumers' products pipelined one block deep (``_k_consumer`` / ``_v_consumer``).
+PIPE = int(os.environ.get("PACKKV_GLUON_MATVEC_PIPE", "0"))
+# The register cap per thread of a launch and the decoding warps' share of the pool (setmaxnreg); 0 follows the
+# attention's (80 / 88, 96 at head_dim 256). One stream's decode fits in fewer: at 56 / 64 nothing spills (sm_90
+# build) and an SM holds 3 programs at head_dim 128 instead of 2.
+MAXNREG = int(os.environ.get("PACKKV_GLUON_MATVEC_MAXNREG", "0"))
+PRODUCER_REGS_MV = int(os.environ.get("PACKKV_GLUON_MATVEC_PRODUCER_REGS", "0"))
 
 
 @gluon.jit
@@ -117,31 +124,63 @@ def _producer(pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, N
 
 
 @gluon.jit
+def _k_out(raw, i, scale_ptr, zero_ptr, out_ptr, qsum, inv, head, b, lo, NB, lane_tok, T: gl.constexpr):
+    """Block ``i``'s scores from its product: the high and low halves' columns summed, then ``s (q.Q + z sum q)``."""
+    tok = (b * NB + lo + i) * T + lane_tok
+    sc = gl.load(scale_ptr + tok).to(gl.float32)
+    z = gl.load(zero_ptr + tok).to(gl.float32)
+    gl.store(out_ptr + (head * NB + lo + i) * T + lane_tok, (gl.sum(raw, axis=1) + z * qsum) * sc / inv)
+
+
+@gluon.jit
 def _k_consumer(q_s, qsum, inv, bufs, ready, empty, scale_ptr, zero_ptr, out_ptr, head, b, lo, hi, NB,
-                T: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+                T: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr, PIPE: gl.constexpr):  # fmt: skip
+    """``PIPE``: block ``i``'s product is issued before block ``i - 1``'s scores are computed and stored (the
+    product's latency off the chain); else each block's product is waited for before its scores."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, R, 16])  # fmt: skip
     toks: gl.constexpr = gl.SliceLayout(1, mma)
     i_t = gl.arange(0, T, toks)
     k8 = i_t % 8
     lane_tok = i_t - k8 + (k8 & 1) * 4 + (k8 >> 1)  # the stage's rows are in lane order
-    for i in range(0, hi - lo):
+    zero = gl.zeros([T, R], gl.float32, mma)
+    prev = zero
+    n = hi - lo
+    for i in range(0, n):
         s = i % STAGES
-        tok = (b * NB + lo + i) * T + lane_tok
-        sc = gl.load(scale_ptr + tok).to(gl.float32)
-        z = gl.load(zero_ptr + tok).to(gl.float32)
         mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
-        acc = warpgroup_mma(bufs.index(s).permute([1, 0]), q_s.permute([1, 0]), gl.zeros([T, R], gl.float32, mma),
-                            use_acc=False, is_async=True)  # fmt: skip
-        raw = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index(s), count=1)
-        y = (gl.sum(raw, axis=1) + z * qsum) * sc / inv  # the high and low halves' products, then s (q.Q + z sum q)
-        gl.store(out_ptr + (head * NB + lo + i) * T + lane_tok, y)
+        acc = warpgroup_mma(bufs.index(s).permute([1, 0]), q_s.permute([1, 0]), zero, use_acc=False, is_async=True)
+        if PIPE:  # one wait: block i - 1's product done, block i's left in flight (its registers not read)
+            raw, prev = warpgroup_mma_wait(num_outstanding=1, deps=(prev, acc))
+            if i > 0:
+                mbarrier.arrive(empty.index((i - 1) % STAGES), count=1)
+                _k_out(raw, i - 1, scale_ptr, zero_ptr, out_ptr, qsum, inv, head, b, lo, NB, lane_tok, T)
+        else:
+            raw = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index(s), count=1)
+            _k_out(raw, i, scale_ptr, zero_ptr, out_ptr, qsum, inv, head, b, lo, NB, lane_tok, T)
+    if PIPE:
+        if n > 0:
+            raw = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
+            mbarrier.arrive(empty.index((n - 1) % STAGES), count=1)
+            _k_out(raw, n - 1, scale_ptr, zero_ptr, out_ptr, qsum, inv, head, b, lo, NB, lane_tok, T)
+
+
+@gluon.jit
+def _v_weights(i, w_ptr, scale_ptr, zero_ptr, head, b, lo, NB, n_blocks, lane_tok, T: gl.constexpr):
+    """Block ``i``'s ``u = w s`` and ``u z`` per token (rows in lane order)."""
+    tok = (b * NB + lo + i) * T + lane_tok
+    u = gl.load(w_ptr + (head * n_blocks + lo + i) * T + lane_tok).to(gl.float32) * gl.load(scale_ptr + tok).to(
+        gl.float32)  # fmt: skip
+    return u, u * gl.load(zero_ptr + tok).to(gl.float32)
 
 
 @gluon.jit
 def _v_consumer(u_s, bufs, ready, empty, scale_ptr, zero_ptr, w_ptr, part_ptr, head, split, b, lo, hi, NB, n_blocks,
-                T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+                T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr, PIPE: gl.constexpr):  # fmt: skip
+    """``PIPE``: one normalizer for the split (its largest ``|u|``, from a first pass over the weights and scales),
+    two buffers for ``U`` and the products chained on the accumulator, each waited for one block later; else a
+    running normalizer (the accumulator rescaled when it grows) and each product waited for before the next."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, R, 16])  # fmt: skip
     toks: gl.constexpr = gl.SliceLayout(1, mma)
@@ -152,27 +191,52 @@ def _v_consumer(u_s, bufs, ready, empty, scale_ptr, zero_ptr, w_ptr, part_ptr, h
     col = gl.expand_dims(gl.arange(0, R, cols), 0)
     o_t = gl.zeros([D, R], gl.float32, mma)
     zsum = gl.zeros([T], gl.float32, toks)
-    top = gl.max(zsum, axis=0)  # the largest |u| so far (0: the normalizer is 2^-1 * 2^127)
-    inv = _pow2_inv(top)
-    for i in range(0, hi - lo):
-        s = i % STAGES
-        tok = (b * NB + lo + i) * T + lane_tok
-        u = gl.load(w_ptr + (head * n_blocks + lo + i) * T + lane_tok).to(gl.float32) * gl.load(scale_ptr + tok).to(
-            gl.float32)  # fmt: skip
-        zsum = zsum + u * gl.load(zero_ptr + tok).to(gl.float32)
-        top = gl.maximum(top, gl.max(gl.maximum(u, -u), axis=0))
-        inv_new = _pow2_inv(top)
-        o_t = o_t * (inv_new / inv)  # a power of two <= 1: exact
-        inv = inv_new
-        un = gl.expand_dims(u * inv, 1)
-        u_hi = un.to(gl.float16).to(gl.float32)
-        mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
-        u_s.store(gl.where(col == 0, u_hi, gl.where(col == 1, un - u_hi, 0.0)).to(gl.float16))
-        fence_async_shared()
-        gl.thread_barrier()
-        acc = warpgroup_mma(bufs.index(s), u_s, o_t, is_async=True)
-        o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index(s), count=1)
+    n = hi - lo
+    if PIPE:
+        big = zsum
+        for i in range(0, n):
+            u, uz = _v_weights(i, w_ptr, scale_ptr, zero_ptr, head, b, lo, NB, n_blocks, lane_tok, T)
+            big = gl.maximum(big, gl.maximum(u, -u))
+        inv = _pow2_inv(gl.max(big, axis=0))
+        for i in range(0, n):
+            s = i % STAGES
+            u, uz = _v_weights(i, w_ptr, scale_ptr, zero_ptr, head, b, lo, NB, n_blocks, lane_tok, T)
+            zsum = zsum + uz
+            un = gl.expand_dims(u * inv, 1)
+            u_hi = un.to(gl.float16).to(gl.float32)
+            ub = u_s.index(i % 2)  # read by block i - 2's product, which was waited for at block i - 1
+            ub.store(gl.where(col == 0, u_hi, gl.where(col == 1, un - u_hi, 0.0)).to(gl.float16))
+            fence_async_shared()
+            gl.thread_barrier()
+            mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
+            o_t = warpgroup_mma(bufs.index(s), ub, o_t, is_async=True)
+            o_t = warpgroup_mma_wait(num_outstanding=1, deps=(o_t,))
+            if i > 0:
+                mbarrier.arrive(empty.index((i - 1) % STAGES), count=1)
+        o_t = warpgroup_mma_wait(num_outstanding=0, deps=(o_t,))
+        if n > 0:
+            mbarrier.arrive(empty.index((n - 1) % STAGES), count=1)
+    else:
+        top = gl.max(zsum, axis=0)  # the largest |u| so far (0: the normalizer is 2^-1 * 2^127)
+        inv = _pow2_inv(top)
+        for i in range(0, n):
+            s = i % STAGES
+            u, uz = _v_weights(i, w_ptr, scale_ptr, zero_ptr, head, b, lo, NB, n_blocks, lane_tok, T)
+            zsum = zsum + uz
+            top = gl.maximum(top, gl.max(gl.maximum(u, -u), axis=0))
+            inv_new = _pow2_inv(top)
+            o_t = o_t * (inv_new / inv)  # a power of two <= 1: exact
+            inv = inv_new
+            un = gl.expand_dims(u * inv, 1)
+            u_hi = un.to(gl.float16).to(gl.float32)
+            ub = u_s.index(0)
+            ub.store(gl.where(col == 0, u_hi, gl.where(col == 1, un - u_hi, 0.0)).to(gl.float16))
+            fence_async_shared()
+            gl.thread_barrier()
+            mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
+            acc = warpgroup_mma(bufs.index(s), ub, o_t, is_async=True)
+            o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index(s), count=1)
     cd = gl.arange(0, D, gl.SliceLayout(1, mma))
     y = gl.sum(o_t, axis=1) / inv + gl.sum(zsum, axis=0)
     gl.store(part_ptr + (head * gl.num_programs(1) + split) * D + stage_channel(cd, D), y)
@@ -181,7 +245,8 @@ def _v_consumer(u_s, bufs, ready, empty, scale_ptr, zero_ptr, w_ptr, part_ptr, h
 @gluon.jit
 def matvec_kernel(x_ptr, out_ptr, pool_ptr, meta_ptr, off_ptr, scale_ptr, zero_ptr, NB, H, n_blocks,
                   T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr, QBITS: gl.constexpr,
-                  PRODUCER_REGS: gl.constexpr, IS_K: gl.constexpr, PREFETCH: gl.constexpr = 0):  # fmt: skip
+                  PRODUCER_REGS: gl.constexpr, IS_K: gl.constexpr, PREFETCH: gl.constexpr = 0,
+                  PIPE: gl.constexpr = 0):  # fmt: skip
     """Program (sequence x KV head, split) over the split's share of the first ``n_blocks`` compressed blocks of one
     stream. K (``IS_K``): ``x_ptr`` the queries ``[B, H, D]``, ``out_ptr`` the scores ``[B, H, NB * T]`` (storage
     order). V: ``x_ptr`` the weights ``[B, H, n_blocks * T]`` (storage order), ``out_ptr`` the splits' partial
@@ -216,18 +281,18 @@ def matvec_kernel(x_ptr, out_ptr, pool_ptr, meta_ptr, off_ptr, scale_ptr, zero_p
         fence_async_shared()
         gl.warp_specialize([
             (_k_consumer, (q_s, qsum, inv, bufs, ready, empty, scale_ptr, zero_ptr, out_ptr, head, b, lo, hi, NB, T, R,
-                           STAGES)),
+                           STAGES, PIPE)),
             (_producer, (pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, NB, H, T, D, STAGES, QBITS,
                          0, 2, PREFETCH)),
             (_producer, (pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, NB, H, T, D, STAGES, QBITS,
                          1, 2, PREFETCH)),
         ], [D // 32, D // 32], [PRODUCER_REGS, PRODUCER_REGS])  # fmt: skip
     else:
-        u_s = gl.allocate_shared_memory(gl.float16, [T, R], gl.NVMMASharedLayout.get_default_for([T, R], gl.float16))
+        u_s = gl.allocate_shared_memory(gl.float16, [2, T, R], gl.NVMMASharedLayout.get_default_for([T, R], gl.float16))
         fence_async_shared()
         gl.warp_specialize([
             (_v_consumer, (u_s, bufs, ready, empty, scale_ptr, zero_ptr, x_ptr, out_ptr, head, split, b, lo, hi, NB,
-                           n_blocks, T, D, R, STAGES)),
+                           n_blocks, T, D, R, STAGES, PIPE)),
             (_producer, (pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, NB, H, T, D, STAGES, QBITS,
                          0, 2, PREFETCH)),
             (_producer, (pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, NB, H, T, D, STAGES, QBITS,
@@ -252,10 +317,24 @@ def supported(lay: Layout, stream: str, device: torch.device) -> str | None:
     return None
 
 
+def _regs(head_dim: int) -> tuple[int | None, int]:
+    """The launch's register cap and the decoding warps' share (``MAXNREG``, ``PRODUCER_REGS_MV``)."""
+    return (MAXNREG or maxnreg(head_dim)), (PRODUCER_REGS_MV or PRODUCER_REGS)
+
+
+def programs_per_sm_mv(head_dim: int) -> int:
+    """Programs an SM holds: 65,536 registers over the cap of 4 + 2 x ``head_dim / 32`` warps, and the stages'
+    shared memory (one stream: ``gluon_attention.programs_per_sm`` with half the stages)."""
+    cap = _regs(head_dim)[0] or 255
+    by_regs = 65536 // (cap * 32 * (4 + 2 * head_dim // 32))
+    by_smem = SMEM_PER_SM // (STAGES * head_dim * T_BLOCK * 2 + 4096)
+    return max(1, min(by_regs, by_smem))
+
+
 def _splits(batch: int, heads: int, n_blocks: int, head_dim: int, device: torch.device) -> int:
     """Runs of blocks per (sequence, head): one wave of resident programs (``gluon_attention.splits_for``)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(n_blocks, programs_per_sm(head_dim) * sms // (batch * heads)))
+    return max(1, min(n_blocks, programs_per_sm_mv(head_dim) * sms // (batch * heads)))
 
 
 def _launch(x: Tensor, out: Tensor, st, stream: str, n_blocks: int, splits: int, is_k: bool) -> None:
@@ -263,16 +342,16 @@ def _launch(x: Tensor, out: Tensor, st, stream: str, n_blocks: int, splits: int,
     s = getattr(lay, stream)
     args = (x, out, st.pool, getattr(st, f"{stream}_meta"), getattr(st, f"{stream}_offsets"),
             getattr(st, f"{stream}_scale"), getattr(st, f"{stream}_zero"), st.block_capacity, lay.num_heads, n_blocks)
-    meta = dict(T=T_BLOCK, D=lay.head_dim, R=COLS, STAGES=STAGES, QBITS=s.qbits, PRODUCER_REGS=PRODUCER_REGS,
-                IS_K=is_k, PREFETCH=PREFETCH)  # fmt: skip
+    cap, producer_regs = _regs(lay.head_dim)
+    meta = dict(T=T_BLOCK, D=lay.head_dim, R=COLS, STAGES=STAGES, QBITS=s.qbits, PRODUCER_REGS=producer_regs,
+                IS_K=is_k, PREFETCH=PREFETCH, PIPE=PIPE)  # fmt: skip
     grid = (st.batch * lay.num_heads, splits)
     if x.device.type == "cpu":
         from . import gluon_eager, gluon_matvec
 
         gluon_eager.run(matvec_kernel, grid, *args, module=gluon_matvec, **meta)
     else:
-        reg = maxnreg(lay.head_dim)
-        matvec_kernel[grid](*args, **meta, num_warps=4, **({"maxnreg": reg} if reg else {}))
+        matvec_kernel[grid](*args, **meta, num_warps=4, **({"maxnreg": cap} if cap else {}))
 
 
 def k_matvec(q: Tensor, st, n_blocks: int, splits: int | None = None) -> Tensor:

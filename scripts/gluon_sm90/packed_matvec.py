@@ -26,9 +26,9 @@ def build(dim: int, is_k: bool, qbits: int = 3) -> None:
     sig = {"x_ptr": "*bf16" if is_k else "*fp32", "out_ptr": "*fp32", "pool_ptr": "*i32", "meta_ptr": "*i32",
            "off_ptr": "*i32", "scale_ptr": "*bf16", "zero_ptr": "*i16", "NB": "i32", "H": "i32", "n_blocks": "i32"}  # fmt: skip
     consts = dict(T=64, D=dim, R=gluon_matvec.COLS, STAGES=gluon_matvec.STAGES, QBITS=qbits, PREFETCH=gluon_matvec.PREFETCH,
-                  PRODUCER_REGS=gluon_matvec.PRODUCER_REGS, IS_K=is_k)  # fmt: skip
+                  PRODUCER_REGS=gluon_matvec._regs(dim)[1], IS_K=is_k, PIPE=gluon_matvec.PIPE)  # fmt: skip
     ck = compile_gluon(gluon_matvec.matvec_kernel, sig | dict.fromkeys(consts, "constexpr"), consts,
-                       maxnreg=gluon_matvec.maxnreg(dim))  # fmt: skip
+                       maxnreg=gluon_matvec._regs(dim)[0])  # fmt: skip
     report(f"{'K' if is_k else 'V'}, head_dim {dim}, {qbits}-bit ints", ck, ("HGMMA", "HADD2", "LDL", "STL"))
     sass = sass_of(ck)
     # The producer's loop decodes (32 HADD2 per thread: 4 packs of 16 values, two a time) and stores its tile; the
@@ -39,7 +39,19 @@ def build(dim: int, is_k: bool, qbits: int = 3) -> None:
     print(f"consumer loop: {n} instructions per 64-token block and warp: {ops}")
 
 
-def run_on_gpu() -> None:
+# Module settings timed side by side (gluon_matvec's PREFETCH, PIPE, MAXNREG / PRODUCER_REGS_MV); the first is the
+# default.
+SETTINGS = {
+    "default": {},
+    "prefetch": dict(PREFETCH=1),
+    "pipe": dict(PIPE=1),
+    "prefetch+pipe": dict(PREFETCH=1, PIPE=1),
+    "prefetch+pipe, 56/64 regs": dict(PREFETCH=1, PIPE=1, MAXNREG=56, PRODUCER_REGS_MV=64),
+    "pipe, 56/64 regs": dict(PIPE=1, MAXNREG=56, PRODUCER_REGS_MV=64),
+}
+
+
+def run_on_gpu(dims: list[int]) -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -50,14 +62,17 @@ def run_on_gpu() -> None:
 
     cfg = PackKVConfig(k_rel=0.1, v_rel=0.2, rotation="none")
 
-    def prefetched(fn) -> float:  # the producers' software pipeline (gluon_matvec.PREFETCH) on, for one timing
-        before, gluon_matvec.PREFETCH = gluon_matvec.PREFETCH, 1
+    def setting(values: dict, fn):  # fn run with these module settings
+        before = {k: getattr(gluon_matvec, k) for k in values}
+        for k, v in values.items():
+            setattr(gluon_matvec, k, v)
         try:
-            return bench_ms(fn)
+            return fn()
         finally:
-            gluon_matvec.PREFETCH = before
+            for k, v in before.items():
+                setattr(gluon_matvec, k, v)
 
-    for dim in (128, 64, 256):
+    for dim in dims:
         for batch, context in ((8, 32768), (1, 131072)):
             k, v = make_kv(batch, context, 8, dim, "real", "cuda")
             st, _ = compress(cfg, k, v)
@@ -66,24 +81,23 @@ def run_on_gpu() -> None:
             w = torch.softmax(torch.randn(batch, 8, nb * 64, device="cuda"), -1)
             kdq = matvec.dequantized_blocks(st, "k", nb).to(torch.bfloat16)
             vdq = matvec.dequantized_blocks(st, "v", nb).to(torch.bfloat16)
-            ref_k, ref_v = matvec.k_matvec(q, st, nb, False), matvec.v_matvec(w, st, nb, False)
-            err_k = float((gluon_matvec.k_matvec(q, st, nb) - ref_k).abs().max() / ref_k.abs().max())
-            err_v = float((gluon_matvec.v_matvec(w, st, nb) - ref_v).abs().max() / ref_v.abs().max())
             wb = w.to(torch.bfloat16)
-            t = {
-                "gemv K": bench_ms(lambda: torch.matmul(kdq, q[..., None])),
-                "Triton K": bench_ms(lambda: matvec.k_matvec(q, st, nb, True)),
-                "Gluon K": bench_ms(lambda: gluon_matvec.k_matvec(q, st, nb)),
-                "Gluon K prefetch": prefetched(lambda: gluon_matvec.k_matvec(q, st, nb)),
-                "gemv V": bench_ms(lambda: torch.matmul(wb[:, :, None, :], vdq)),
-                "Triton V": bench_ms(lambda: matvec.v_matvec(w, st, nb, True)),
-                "Gluon V": bench_ms(lambda: gluon_matvec.v_matvec(w, st, nb)),
-                "Gluon V prefetch": prefetched(lambda: gluon_matvec.v_matvec(w, st, nb)),
-            }
-            print(f"head_dim {dim} B{batch}/{context // 1024}K: " + ", ".join(f"{n} {ms:.4f} ms" for n, ms in t.items())
-                  + f" | Gluon vs GEMV K {t['gemv K'] / t['Gluon K']:.2f}x (Triton {t['gemv K'] / t['Triton K']:.2f}x), "
-                  f"V {t['gemv V'] / t['Gluon V']:.2f}x (Triton {t['gemv V'] / t['Triton V']:.2f}x) | errors vs the "
-                  f"per-value pair K {err_k:.1e}, V {err_v:.1e}", flush=True)  # fmt: skip
+            ref_k, ref_v = matvec.k_matvec(q, st, nb, False), matvec.v_matvec(w, st, nb, False)
+            gemv_k = bench_ms(lambda: torch.matmul(kdq, q[..., None]))
+            gemv_v = bench_ms(lambda: torch.matmul(wb[:, :, None, :], vdq))
+            tri_k = bench_ms(lambda: matvec.k_matvec(q, st, nb, True))
+            tri_v = bench_ms(lambda: matvec.v_matvec(w, st, nb, True))
+            print(f"head_dim {dim} B{batch}/{context // 1024}K: GEMV K {gemv_k:.4f} ms, V {gemv_v:.4f} | Triton windows "
+                  f"pair K {tri_k:.4f} ({gemv_k / tri_k:.2f}x), V {tri_v:.4f} ({gemv_v / tri_v:.2f}x)", flush=True)  # fmt: skip
+            for name, values in SETTINGS.items():
+                gk = setting(values, lambda: gluon_matvec.k_matvec(q, st, nb))
+                gv = setting(values, lambda: gluon_matvec.v_matvec(w, st, nb))
+                err_k = float((gk - ref_k).abs().max() / ref_k.abs().max())
+                err_v = float((gv - ref_v).abs().max() / ref_v.abs().max())
+                tk = setting(values, lambda: bench_ms(lambda: gluon_matvec.k_matvec(q, st, nb)))
+                tv = setting(values, lambda: bench_ms(lambda: gluon_matvec.v_matvec(w, st, nb)))
+                print(f"   Gluon {name}: K {tk:.4f} ms ({gemv_k / tk:.2f}x GEMV), V {tv:.4f} ({gemv_v / tv:.2f}x) | errors "
+                      f"vs the per-value pair K {err_k:.1e}, V {err_v:.1e}", flush=True)  # fmt: skip
             del k, v, st, kdq, vdq
             torch.cuda.empty_cache()
 
@@ -91,8 +105,10 @@ def run_on_gpu() -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpu", action="store_true")
-    if p.parse_args().gpu:
-        run_on_gpu()
+    p.add_argument("--dims", type=int, nargs="+", default=[128, 64, 256])
+    args = p.parse_args()
+    if args.gpu:
+        run_on_gpu(args.dims)
     else:
         for d in (128, 64, 256):
             for is_k in (True, False):
