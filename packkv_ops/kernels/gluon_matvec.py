@@ -48,6 +48,10 @@ from .gluon_attention import (
 )
 
 COLS, STAGES = 8, 2  # COLS: the wgmma's N (two used: the operand's fp16 high and low halves)
+# (The low half goes in scaled by 2^22, exact, so that it stays a normal fp16 where the high half is small or an
+# fp16 subnormal: each element keeps ~22 bits, or an absolute 2^-36 of the largest. Unscaled, the low half of an
+# element below ~2^-13 of the largest was a subnormal and lost its bits; the first run on the H200 (2026-12-07i) had
+# 2.3e-4 relative error against the per-value pair at B8/128K, from V's weights.)
 # The producers' software pipeline over the blocks (``_producer``); one stream's registers leave room for it, which
 # the attention's two streams did not (``gluon_attention.PREFETCH``).
 PREFETCH = int(os.environ.get("PACKKV_GLUON_MATVEC_PREFETCH", "0"))
@@ -124,12 +128,22 @@ def _producer(pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, N
 
 
 @gluon.jit
-def _k_out(raw, i, scale_ptr, zero_ptr, out_ptr, qsum, inv, head, b, lo, NB, lane_tok, T: gl.constexpr):
-    """Block ``i``'s scores from its product: the high and low halves' columns summed, then ``s (q.Q + z sum q)``."""
+def _halves(x, R: gl.constexpr):
+    """``[M, R]`` products of the fp16 high half (column 0) and the low half scaled by 2^22 (column 1) summed."""
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
+                                                  instr_shape=[16, R, 16])  # fmt: skip
+    c = gl.expand_dims(gl.arange(0, R, gl.SliceLayout(0, mma)), 0)
+    return gl.sum(gl.where(c == 1, x * (1.0 / 4194304.0), x), axis=1)
+
+
+@gluon.jit
+def _k_out(raw, i, scale_ptr, zero_ptr, out_ptr, qsum, inv, head, b, lo, NB, lane_tok, T: gl.constexpr,
+           R: gl.constexpr):  # fmt: skip
+    """Block ``i``'s scores from its product: the halves' columns summed, then ``s (q.Q + z sum q)``."""
     tok = (b * NB + lo + i) * T + lane_tok
     sc = gl.load(scale_ptr + tok).to(gl.float32)
     z = gl.load(zero_ptr + tok).to(gl.float32)
-    gl.store(out_ptr + (head * NB + lo + i) * T + lane_tok, (gl.sum(raw, axis=1) + z * qsum) * sc / inv)
+    gl.store(out_ptr + (head * NB + lo + i) * T + lane_tok, (_halves(raw, R) + z * qsum) * sc / inv)
 
 
 @gluon.jit
@@ -154,16 +168,16 @@ def _k_consumer(q_s, qsum, inv, bufs, ready, empty, scale_ptr, zero_ptr, out_ptr
             raw, prev = warpgroup_mma_wait(num_outstanding=1, deps=(prev, acc))
             if i > 0:
                 mbarrier.arrive(empty.index((i - 1) % STAGES), count=1)
-                _k_out(raw, i - 1, scale_ptr, zero_ptr, out_ptr, qsum, inv, head, b, lo, NB, lane_tok, T)
+                _k_out(raw, i - 1, scale_ptr, zero_ptr, out_ptr, qsum, inv, head, b, lo, NB, lane_tok, T, R)
         else:
             raw = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index(s), count=1)
-            _k_out(raw, i, scale_ptr, zero_ptr, out_ptr, qsum, inv, head, b, lo, NB, lane_tok, T)
+            _k_out(raw, i, scale_ptr, zero_ptr, out_ptr, qsum, inv, head, b, lo, NB, lane_tok, T, R)
     if PIPE:
         if n > 0:
             raw = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
             mbarrier.arrive(empty.index((n - 1) % STAGES), count=1)
-            _k_out(raw, n - 1, scale_ptr, zero_ptr, out_ptr, qsum, inv, head, b, lo, NB, lane_tok, T)
+            _k_out(raw, n - 1, scale_ptr, zero_ptr, out_ptr, qsum, inv, head, b, lo, NB, lane_tok, T, R)
 
 
 @gluon.jit
@@ -205,7 +219,7 @@ def _v_consumer(u_s, bufs, ready, empty, scale_ptr, zero_ptr, w_ptr, part_ptr, h
             un = gl.expand_dims(u * inv, 1)
             u_hi = un.to(gl.float16).to(gl.float32)
             ub = u_s.index(i % 2)  # read by block i - 2's product, which was waited for at block i - 1
-            ub.store(gl.where(col == 0, u_hi, gl.where(col == 1, un - u_hi, 0.0)).to(gl.float16))
+            ub.store(gl.where(col == 0, u_hi, gl.where(col == 1, (un - u_hi) * 4194304.0, 0.0)).to(gl.float16))
             fence_async_shared()
             gl.thread_barrier()
             mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
@@ -230,7 +244,7 @@ def _v_consumer(u_s, bufs, ready, empty, scale_ptr, zero_ptr, w_ptr, part_ptr, h
             un = gl.expand_dims(u * inv, 1)
             u_hi = un.to(gl.float16).to(gl.float32)
             ub = u_s.index(0)
-            ub.store(gl.where(col == 0, u_hi, gl.where(col == 1, un - u_hi, 0.0)).to(gl.float16))
+            ub.store(gl.where(col == 0, u_hi, gl.where(col == 1, (un - u_hi) * 4194304.0, 0.0)).to(gl.float16))
             fence_async_shared()
             gl.thread_barrier()
             mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
@@ -238,7 +252,7 @@ def _v_consumer(u_s, bufs, ready, empty, scale_ptr, zero_ptr, w_ptr, part_ptr, h
             o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index(s), count=1)
     cd = gl.arange(0, D, gl.SliceLayout(1, mma))
-    y = gl.sum(o_t, axis=1) / inv + gl.sum(zsum, axis=0)
+    y = _halves(o_t, R) / inv + gl.sum(zsum, axis=0)
     gl.store(part_ptr + (head * gl.num_programs(1) + split) * D + stage_channel(cd, D), y)
 
 
@@ -275,7 +289,7 @@ def matvec_kernel(x_ptr, out_ptr, pool_ptr, meta_ptr, off_ptr, scale_ptr, zero_p
         qn = q * inv
         q_hi = qn.to(gl.float16).to(gl.float32)
         qsum = gl.sum(gl.sum(gl.where(r == 0, qn, 0.0), axis=1), axis=0)
-        q = _stage_cols(gl.where(r == 0, q_hi, qn - q_hi).to(gl.float16), R, D)
+        q = _stage_cols(gl.where(r == 0, q_hi, (qn - q_hi) * 4194304.0).to(gl.float16), R, D)
         q_s = gl.allocate_shared_memory(gl.float16, [R, D], gl.NVMMASharedLayout.get_default_for([R, D], gl.float16),
                                         value=q)  # fmt: skip
         fence_async_shared()
