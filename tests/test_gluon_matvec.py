@@ -30,26 +30,29 @@ def _layer(cfg: PackKVConfig, dim: int, tokens: int, batch: int = 2, heads: int 
     return fill(cfg, k.to(DEV), v.to(DEV))
 
 
-def _check(got: torch.Tensor, exact: torch.Tensor, folded: torch.Tensor, fp32: torch.Tensor) -> None:
+def _error(got: torch.Tensor, exact: torch.Tensor, folded: torch.Tensor, fp32: torch.Tensor, what: str) -> list[str]:
     """Within a few fp32 roundings of the magnitude of the terms the kernels sum apart (as the Triton pair), or as
-    close as fp32 products on the dequantized cache (``fp32``) come where they need more (one dominant element)."""
+    close as fp32 products on the dequantized cache (``fp32``) come where they need more (one dominant element):
+    ``[]``, or what is off and by how much."""
     exact, folded, fp32 = exact.reshape(got.shape), folded.reshape(got.shape), fp32.reshape(got.shape).double().cpu()
     allowed = max(MATVEC_ROUNDINGS * 2**-24, float(((fp32 - exact).abs() / folded).max()))
-    assert ((got.double().cpu() - exact).abs() / folded).max() <= allowed
+    err = float(((got.double().cpu() - exact).abs() / folded).max())
+    return [] if err <= allowed else [f"{what}: {err * 2**24:.1f} fp32 roundings, {allowed * 2**24:.1f} allowed"]
 
 
 # cfg: the library's default (4-bit K, 3-bit V) and the paper's setting (k_rel 0.1 / v_rel 0.2: 3-bit K, 2-bit V);
 # dim: 128 (Llama-3.1-8B) and 64 (a decoding partition of two warps per pack row); splits: one program per
 # (sequence, head), or runs of blocks shared by 3 programs (one of them with a single block); blocks: all of them or
-# the first ones only; prefetch: the producers' software pipeline over the blocks (on, or each block's loads in its
-# own turn).
+# the first ones only; options: the producers' software pipeline over the blocks and the consumers' products one
+# block deep (the default), or neither (each block's loads in its own turn, each product waited for at once).
 @pytest.mark.parametrize("cfg", [PackKVConfig(), PAPER], ids=["defaults", "paper"])
 @pytest.mark.parametrize("dim", [128, 64])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("first", [None, 3])
-@pytest.mark.parametrize("prefetch", [0, 1])
-def test_gluon_matvec_matches_the_dequantized_cache(cfg, dim, splits, first, prefetch, monkeypatch):
-    monkeypatch.setattr(gluon_matvec, "PREFETCH", prefetch)
+@pytest.mark.parametrize("options", [1, 0], ids=["pipelined", "plain"])
+def test_gluon_matvec_matches_the_dequantized_cache(cfg, dim, splits, first, options, monkeypatch):
+    monkeypatch.setattr(gluon_matvec, "PREFETCH", options)
+    monkeypatch.setattr(gluon_matvec, "PIPE", options)
     st = _layer(cfg, dim, 5 * 64 + 30)
     nb = first or int(st.n_blocks[0])
     assert nb <= int(st.n_blocks[0])
@@ -61,19 +64,25 @@ def test_gluon_matvec_matches_the_dequantized_cache(cfg, dim, splits, first, pre
     q = torch.randn(2, 2, dim, generator=g) * 3
     wide_q = q * 2**-16  # one element 2^16 times the others: theirs below fp16's normal range once normalized
     wide_q[..., 5] = 3.0
-    for qq in (q, q.bfloat16(), q * 1e-6, wide_q):  # fp32: both fp16 halves; tiny: the normalizer; wide: the low half
+    bad = []
+    queries = dict(fp32=q, bf16=q.bfloat16(), tiny=q * 1e-6, wide=wide_q)
+    for name, qq in queries.items():  # fp32: both fp16 halves; tiny: the normalizer; wide: the low half
         got = gluon_matvec.k_matvec(qq.to(DEV), st, nb, splits)
         qd = qq.double()[..., None]
-        _check(got, dk @ qd, ak @ qd.abs() + (zk @ qd).abs(), reference_k_matvec(qq.to(DEV), st, nb))
+        bad += _error(got, dk @ qd, ak @ qd.abs() + (zk @ qd).abs(), reference_k_matvec(qq.to(DEV), st, nb),
+                      f"K, {name} query")  # fmt: skip
     w = torch.softmax(torch.randn(2, 2, nb * 64, generator=g), -1)
     w[0, 1, 70:] *= 1e-30  # weights of very different sizes across the blocks: the running normalizer rescales
     wide = 2**-16 * (1 + torch.rand(w.shape, generator=g))  # beside a weight 2^16 times larger: the low half
     wide[..., 7] = 1.0
-    for ww in (w, w[..., :-5], wide):  # weights missing at the end count as zeros
+    weights = {"softmax": w, "5 missing": w[..., :-5], "wide": wide}  # missing weights at the end count as zeros
+    for name, ww in weights.items():
         full = torch.nn.functional.pad(ww, (0, w.shape[-1] - ww.shape[-1]))
         got = gluon_matvec.v_matvec(ww.to(DEV), st, nb, splits)
         wd = full.double()[..., None, :]
-        _check(got, wd @ dv, wd.abs() @ av + (wd @ zv).abs(), reference_v_matvec(full.to(DEV), st, nb))
+        bad += _error(got, wd @ dv, wd.abs() @ av + (wd @ zv).abs(), reference_v_matvec(full.to(DEV), st, nb),
+                      f"V, {name} weights")  # fmt: skip
+    assert not bad, bad
 
 
 def test_gluon_matvec_over_no_blocks_returns_empty_scores_and_a_zero_sum():
@@ -96,11 +105,12 @@ def test_gluon_matvec_names_what_it_does_not_decode(change, reason):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dim", [128, 64, 256])
-@pytest.mark.parametrize("prefetch", [0, 1])
-def test_real_size_gluon_matvec_matches_the_dequantized_cache(dim, prefetch, monkeypatch):
+@pytest.mark.parametrize("options", [1, 0], ids=["pipelined", "plain"])
+def test_real_size_gluon_matvec_matches_the_dequantized_cache(dim, options, monkeypatch):
     """Llama-3.1-8B-like sizes (8 KV heads, 8K tokens, batch 2) at the paper's setting, the split count the launch
     picks, against fp64 products on the dequantized cache."""
-    monkeypatch.setattr(gluon_matvec, "PREFETCH", prefetch)
+    monkeypatch.setattr(gluon_matvec, "PREFETCH", options)
+    monkeypatch.setattr(gluon_matvec, "PIPE", options)
     st = _layer(PAPER, dim, 8192 + 100, batch=2, heads=8)
     nb = int(st.n_blocks[0])
     q = torch.randn(2, 8, dim, device="cuda").bfloat16()
@@ -108,7 +118,8 @@ def test_real_size_gluon_matvec_matches_the_dequantized_cache(dim, prefetch, mon
     dk, dv = (dequantized_blocks(st, s, nb).double() for s in "kv")
     (ak, zk), (av, zv) = (int_and_zero_terms(st, s, nb) for s in "kv")
     qd, wd = q.double()[..., None], w.double()[..., None, :]
-    _check(gluon_matvec.k_matvec(q, st, nb), (dk @ qd).cpu(), (ak @ qd.abs() + (zk @ qd).abs()).cpu(),
-           reference_k_matvec(q, st, nb))
-    _check(gluon_matvec.v_matvec(w, st, nb), (wd @ dv).cpu(), (wd.abs() @ av + (wd @ zv).abs()).cpu(),
-           reference_v_matvec(w, st, nb))
+    bad = _error(gluon_matvec.k_matvec(q, st, nb), (dk @ qd).cpu(), (ak @ qd.abs() + (zk @ qd).abs()).cpu(),
+                 reference_k_matvec(q, st, nb), "K")
+    bad += _error(gluon_matvec.v_matvec(w, st, nb), (wd @ dv).cpu(), (wd.abs() @ av + (wd @ zv).abs()).cpu(),
+                  reference_v_matvec(w, st, nb), "V")
+    assert not bad, bad

@@ -52,16 +52,21 @@ COLS, STAGES = 8, 2  # COLS: the wgmma's N (two used: the operand's fp16 high an
 # fp16 subnormal: each element keeps ~22 bits, or an absolute 2^-36 of the largest. Unscaled, the low half of an
 # element below ~2^-13 of the largest was a subnormal and lost its bits; the first run on the H200 (2026-12-07i) had
 # 2.3e-4 relative error against the per-value pair at B8/128K, from V's weights.)
-# The producers' software pipeline over the blocks (``_producer``); one stream's registers leave room for it, which
-# the attention's two streams did not (``gluon_attention.PREFETCH``).
-PREFETCH = int(os.environ.get("PACKKV_GLUON_MATVEC_PREFETCH", "0"))
-# The consumers' products pipelined one block deep (``_k_consumer`` / ``_v_consumer``).
-PIPE = int(os.environ.get("PACKKV_GLUON_MATVEC_PIPE", "0"))
-# The register cap per thread of a launch and the decoding warps' share of the pool (setmaxnreg); 0 follows the
-# attention's (80 / 88, 96 at head_dim 256). One stream's decode fits in fewer: at 56 / 64 nothing spills (sm_90
-# build) and an SM holds 3 programs at head_dim 128 instead of 2.
-MAXNREG = int(os.environ.get("PACKKV_GLUON_MATVEC_MAXNREG", "0"))
-PRODUCER_REGS_MV = int(os.environ.get("PACKKV_GLUON_MATVEC_PRODUCER_REGS", "0"))
+# Launch options, timed on an H100 (2026-12-07i, ``scripts/gluon_sm90/packed_matvec.py --gpu``, paper setting, real
+# K/V structure; K / V ms at head_dim 128 B8/32K and B1/128K): the first build (none of them) 0.128 / 0.151 and
+# 0.068 / 0.081; PREFETCH 0.107 / 0.149 and 0.059 / 0.082; PIPE 0.128 / 0.142; both 0.130 / 0.133 and 0.070 /
+# 0.066; both at 56 / 64 registers **0.109 / 0.118 and 0.059 / 0.065** (the default); head_dim 64 B1/128K 0.038 /
+# 0.041 against 0.044 / 0.057.
+# PREFETCH: the producers' software pipeline over the blocks (``_producer``); one stream's registers leave room for
+# it, which the attention's two streams did not (``gluon_attention.PREFETCH``).
+PREFETCH = int(os.environ.get("PACKKV_GLUON_MATVEC_PREFETCH", "1"))
+# PIPE: the consumers' products pipelined one block deep (``_k_consumer`` / ``_v_consumer``).
+PIPE = int(os.environ.get("PACKKV_GLUON_MATVEC_PIPE", "1"))
+# The register cap per thread of a launch and the decoding warps' share of the pool (setmaxnreg) up to head_dim 128:
+# one stream's decode fits in 56 / 64 (no spill in the sm_90 build) and an SM then holds 3 programs at head_dim 128
+# instead of 2 (4 at 64). At 256 the attention's 96 / 88 (56 spills there). 0: the attention's everywhere.
+MAXNREG = int(os.environ.get("PACKKV_GLUON_MATVEC_MAXNREG", "56"))
+PRODUCER_REGS_MV = int(os.environ.get("PACKKV_GLUON_MATVEC_PRODUCER_REGS", "64"))
 
 
 @gluon.jit
@@ -333,7 +338,9 @@ def supported(lay: Layout, stream: str, device: torch.device) -> str | None:
 
 def _regs(head_dim: int) -> tuple[int | None, int]:
     """The launch's register cap and the decoding warps' share (``MAXNREG``, ``PRODUCER_REGS_MV``)."""
-    return (MAXNREG or maxnreg(head_dim)), (PRODUCER_REGS_MV or PRODUCER_REGS)
+    if head_dim > 128 or not MAXNREG:
+        return maxnreg(head_dim), PRODUCER_REGS
+    return MAXNREG, PRODUCER_REGS_MV or PRODUCER_REGS
 
 
 def programs_per_sm_mv(head_dim: int) -> int:
