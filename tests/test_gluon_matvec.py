@@ -30,12 +30,17 @@ def _layer(cfg: PackKVConfig, dim: int, tokens: int, batch: int = 2, heads: int 
     return fill(cfg, k.to(DEV), v.to(DEV))
 
 
-def _error(got: torch.Tensor, exact: torch.Tensor, folded: torch.Tensor, fp32: torch.Tensor, what: str) -> list[str]:
+def _error(got: torch.Tensor, exact: torch.Tensor, folded: torch.Tensor, fp32: torch.Tensor, what: str,
+           steps: int) -> list[str]:  # fmt: skip
     """Within a few fp32 roundings of the magnitude of the terms the kernels sum apart (as the Triton pair), or as
     close as fp32 products on the dequantized cache (``fp32``) come where they need more (one dominant element):
-    ``[]``, or what is off and by how much."""
+    ``[]``, or what is off and by how much. On a GPU the products are wgmma's, whose fp32 sums truncate once per
+    k-step of 16 (``steps`` of them for one output): up to 2 roundings each of the running sum, which one dominant
+    term keeps near the terms' magnitude (with terms of mixed signs it stays far below, hence the 8 elsewhere)."""
     exact, folded, fp32 = exact.reshape(got.shape), folded.reshape(got.shape), fp32.reshape(got.shape).double().cpu()
     allowed = max(MATVEC_ROUNDINGS * 2**-24, float(((fp32 - exact).abs() / folded).max()))
+    if DEV == "cuda":
+        allowed = max(allowed, (MATVEC_ROUNDINGS + 2 * steps) * 2**-24)
     err = float(((got.double().cpu() - exact).abs() / folded).max())
     return [] if err <= allowed else [f"{what}: {err * 2**24:.1f} fp32 roundings, {allowed * 2**24:.1f} allowed"]
 
@@ -70,7 +75,7 @@ def test_gluon_matvec_matches_the_dequantized_cache(cfg, dim, splits, first, opt
         got = gluon_matvec.k_matvec(qq.to(DEV), st, nb, splits)
         qd = qq.double()[..., None]
         bad += _error(got, dk @ qd, ak @ qd.abs() + (zk @ qd).abs(), reference_k_matvec(qq.to(DEV), st, nb),
-                      f"K, {name} query")  # fmt: skip
+                      f"K, {name} query", dim // 16)  # fmt: skip
     w = torch.softmax(torch.randn(2, 2, nb * 64, generator=g), -1)
     w[0, 1, 70:] *= 1e-30  # weights of very different sizes across the blocks: the running normalizer rescales
     wide = 2**-16 * (1 + torch.rand(w.shape, generator=g))  # beside a weight 2^16 times larger: the low half
@@ -81,7 +86,7 @@ def test_gluon_matvec_matches_the_dequantized_cache(cfg, dim, splits, first, opt
         got = gluon_matvec.v_matvec(ww.to(DEV), st, nb, splits)
         wd = full.double()[..., None, :]
         bad += _error(got, wd @ dv, wd.abs() @ av + (wd @ zv).abs(), reference_v_matvec(full.to(DEV), st, nb),
-                      f"V, {name} weights")  # fmt: skip
+                      f"V, {name} weights", 4 * -(-nb // splits))  # fmt: skip
     assert not bad, bad
 
 
@@ -119,7 +124,7 @@ def test_real_size_gluon_matvec_matches_the_dequantized_cache(dim, options, monk
     (ak, zk), (av, zv) = (int_and_zero_terms(st, s, nb) for s in "kv")
     qd, wd = q.double()[..., None], w.double()[..., None, :]
     bad = _error(gluon_matvec.k_matvec(q, st, nb), (dk @ qd).cpu(), (ak @ qd.abs() + (zk @ qd).abs()).cpu(),
-                 reference_k_matvec(q, st, nb), "K")
+                 reference_k_matvec(q, st, nb), "K", dim // 16)
     bad += _error(gluon_matvec.v_matvec(w, st, nb), (wd @ dv).cpu(), (wd.abs() @ av + (wd @ zv).abs()).cpu(),
-                  reference_v_matvec(w, st, nb), "V")
+                  reference_v_matvec(w, st, nb), "V", 4 * -(-nb // gluon_matvec._splits(2, 8, nb, dim, q.device)))
     assert not bad, bad
