@@ -76,9 +76,30 @@ PROGRAMS_PER_SM: int | None = None
 SMEM_PER_SM = 227 * 1024  # sm_90's shared memory for the blocks of one SM
 
 
+# One decoding warpgroup per stream (K's, V's), each decoding every block with the one-stream producer the Gluon
+# mat-vec pair uses (``_stream_producer``: its own pack-start scan, and a prefetch that fits), instead of two
+# warpgroups taking turns over the blocks with both streams (88 registers, no room for a prefetch). With fewer
+# registers an SM holds 3 programs at head_dim 128 instead of 2: what bought the mat-vec pair 15-20 % (H100,
+# 2026-12-07i). Built 2026-12-07i (CPU-checked, sm_90 build counted), not yet timed on a GPU: opt-in.
+# sm_90 builds (head_dim 128, mask, pair step; producer loops K / V, consumer loop, spill bytes): two-stream default
+# 530, 478, 160 at 80 / 88 registers; per stream 303 / 305, 477, 196 at 56 / 56 (3 programs per SM: 12 x 56 x 32
+# registers each); with STREAM_PREFETCH 333 / 319, 470, 252; at 80 / 88 302 / 305, 455, 124 (2 per SM).
+PER_STREAM = bool(int(os.environ.get("PACKKV_GLUON_PER_STREAM", "0")))
+PER_STREAM_MAXNREG = 56  # with PER_STREAM up to head_dim 128: the launch's register cap
+PER_STREAM_PRODUCER_REGS = 56  # and the decoding warps' share
+STREAM_PREFETCH = 0  # the one-stream producers' software pipeline (``_stream_producer``)
+
+
 def maxnreg(head_dim: int) -> int | None:
     """The register cap per thread of a launch for this head_dim."""
+    if PER_STREAM and head_dim <= 128:
+        return PER_STREAM_MAXNREG
     return MAXNREG_256 if head_dim > 128 and MAXNREG else MAXNREG
+
+
+def producer_regs(head_dim: int) -> int:
+    """What setmaxnreg gives the decoding warps."""
+    return PER_STREAM_PRODUCER_REGS if PER_STREAM and head_dim <= 128 else PRODUCER_REGS
 
 
 def programs_per_sm(head_dim: int) -> int:
@@ -420,6 +441,73 @@ def _decode_producer(pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v_meta_ptr, rin
 
 
 @gluon.jit
+def _stream_fields(meta_ptr, off_ptr, chunk, N: gl.constexpr, D: gl.constexpr, MBITS: gl.constexpr, LB: gl.constexpr):
+    """A block's pack fields and payload offset: the loads that depend on the block index only."""
+    return _fields_by_4(meta_ptr + chunk * (N * MBITS // 32), N, D, MBITS, LB), gl.load(off_ptr + chunk)
+
+
+@gluon.jit
+def _stream_bits(pool_ptr, f, off, QBITS: gl.constexpr):
+    """Each pack's 64 bits at the pack starts of one prefix scan of the packs' sizes (width x 16 values)."""
+    size = (f >> QBITS) * 16
+    start = gl.associative_scan(size, 0, _add) - size
+    return _pack_bits(pool_ptr + off, start.to(gl.int32), size.to(gl.int32))
+
+
+@gluon.jit
+def _stream_producer(pool_ptr, off_ptr, meta_ptr, ring_ptr, bufs, ready, empty, b, kvh, lo, hi, r_lo, r_hi, nb, total,
+                     NB, H, S, T: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, QBITS: gl.constexpr, par,
+                     NPAR: gl.constexpr, PREFETCH: gl.constexpr):  # fmt: skip
+    """``_decode_producer`` for one stream: compressed blocks ``lo + par, lo + par + NPAR, ...`` as ``[D, T]`` fp16
+    ints in the stage's row order, then the window's tiles ``r_lo .. r_hi`` from ``ring_ptr`` (none in the mat-vec
+    pair, ``gluon_matvec``). ``PREFETCH``: the next block's pack bits and the one after's fields are loaded while
+    this one decodes (a software pipeline over the blocks; past the last block the index is clamped: harmless loads
+    of a block that exists, never used): one stream's registers leave room for it."""
+    P: gl.constexpr = 16
+    N: gl.constexpr = (T // P) * D
+    L2: gl.constexpr = gl.BlockedLayout([4, 4], [32, 1], [gl.num_warps(), 1], [1, 0])
+    LB: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])
+    LP: gl.constexpr = gl.SliceLayout(1, L2)
+    MBITS: gl.constexpr = QBITS + QBITS.bit_length()
+    last = gl.maximum(hi - 1, 0)
+    base = b * NB
+    if PREFETCH:
+        f, off = _stream_fields(meta_ptr, off_ptr, (base + gl.minimum(lo + par, last)) * H + kvh, N, D, MBITS, LB)
+        w_lo, w_hi = _stream_bits(pool_ptr, f, off, QBITS)
+        nf, noff = _stream_fields(meta_ptr, off_ptr, (base + gl.minimum(lo + par + NPAR, last)) * H + kvh, N, D, MBITS, LB)
+    for i in range(par, hi - lo, NPAR):
+        s = i % STAGES
+        if PREFETCH:
+            nw_lo, nw_hi = _stream_bits(pool_ptr, nf, noff, QBITS)
+            n2f, n2off = _stream_fields(meta_ptr, off_ptr, (base + gl.minimum(lo + i + 2 * NPAR, last)) * H + kvh, N, D,
+                                 MBITS, LB)  # fmt: skip
+        else:
+            f, off = _stream_fields(meta_ptr, off_ptr, (base + lo + i) * H + kvh, N, D, MBITS, LB)
+            w_lo, w_hi = _stream_bits(pool_ptr, f, off, QBITS)
+        x = _pack_values(gl.convert_layout(f, LP), gl.convert_layout(w_lo, LP), gl.convert_layout(w_hi, LP), QBITS,
+                         L2)  # fmt: skip
+        t = _stage_rows(gl.reshape(gl.permute(gl.reshape(x, (T // P, D, P)), (1, 0, 2)), (D, T)), D, T)
+        mbarrier.wait(empty.index(s), phase=((i // STAGES) & 1) ^ 1)
+        bufs.index(s).store(t)
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.arrive(ready.index(s), count=1)
+        if PREFETCH:
+            f, w_lo, w_hi = nf, nw_lo, nw_hi
+            nf, noff = n2f, n2off
+    n_c = hi - lo
+    for j in range((par + NPAR - n_c % NPAR) % NPAR, r_hi - r_lo, NPAR):  # tile i = n_c + j is this partition's
+        i = n_c + j
+        s = i % STAGES
+        t = _stage_rows(_ring_tile(ring_ptr, b, kvh, (nb + r_lo + j) * T, total, H, S, T, D), D, T)
+        mbarrier.wait(empty.index(s), phase=((i // STAGES) & 1) ^ 1)
+        bufs.index(s).store(t)
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.arrive(ready.index(s), count=1)
+
+
+@gluon.jit
 def _butterfly(x, M: gl.constexpr, D: gl.constexpr, H: gl.constexpr):
     """One stage of the fast Walsh-Hadamard transform (``hadamard._butterfly``): ``(a, b) -> (a + b, a - b)`` for
     the index pairs that differ in bit ``H``. ``gl.split`` needs the pair in one thread: an explicit layout."""
@@ -706,7 +794,8 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                             MASK_BRANCH: gl.constexpr = True, SCAN: gl.constexpr = 4,
                             L2_AHEAD: gl.constexpr = 0, SKIP: gl.constexpr = 0,
                             CSKIP: gl.constexpr = 0, APPEND: gl.constexpr = False,
-                            PAIR: gl.constexpr = False):  # fmt: skip
+                            PAIR: gl.constexpr = False, PER_STREAM: gl.constexpr = False,
+                            STREAM_PREFETCH: gl.constexpr = 1):  # fmt: skip
     """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
     rotated, padded to ``R`` with zeros) against the split's share of the sequence's compressed blocks of a
     ``PackedLayer`` (its pool, offsets, metadata, scales and zeros as they are stored) and its share of the exact
@@ -760,11 +849,21 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(ready.index(s), count=2 if PER_STREAM else 1)  # PER_STREAM: K's producer and V's arrive
         mbarrier.init(empty.index(s), count=1)
     fence_async_shared()
     # (The argument lists are written out: a tuple variable would turn the constexprs into tensors.)
-    if PRODUCERS == 1:
+    if PER_STREAM:  # one decoding warpgroup per stream, each over every block (``PER_STREAM``)
+        gl.warp_specialize([
+            (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, p_s1, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
+                         v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
+                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, CSKIP, PAIR)),
+            (_stream_producer, (pool_ptr, k_off_ptr, k_meta_ptr, ring_k_ptr, k_bufs, ready, empty, b, kvh, lo, hi,
+                                r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES, K_QBITS, 0, 1, STREAM_PREFETCH)),
+            (_stream_producer, (pool_ptr, v_off_ptr, v_meta_ptr, ring_v_ptr, v_bufs, ready, empty, b, kvh, lo, hi,
+                                r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES, V_QBITS, 0, 1, STREAM_PREFETCH)),
+        ], [D // 32, D // 32], [PRODUCER_REGS, PRODUCER_REGS])  # fmt: skip
+    elif PRODUCERS == 1:
         gl.warp_specialize([
             (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, p_s1, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
@@ -859,10 +958,11 @@ def partials(
     # The bulk prefetches need 16-byte aligned addresses: a storage whose tensors are views at odd offsets (none
     # that PackKV makes) goes without them.
     ahead = L2_AHEAD if all(t.data_ptr() % 16 == 0 for t in (pool, k_meta, v_meta)) else 0
-    meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, HAS_MASK=mask is not None,
+    meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=producer_regs(D), HAS_MASK=mask is not None,
                 PREFETCH=PREFETCH, PRODUCERS=PRODUCERS, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1,
                 K_QBITS=k_qbits, V_QBITS=v_qbits, MASK_SCAN=MASK_SCAN, MASK_BRANCH=MASK_BRANCH, SCAN=SCAN,
-                L2_AHEAD=ahead, SKIP=SKIP, CSKIP=CSKIP, APPEND=totals is not None, PAIR=PAIR)
+                L2_AHEAD=ahead, SKIP=SKIP, CSKIP=CSKIP, APPEND=totals is not None, PAIR=PAIR, PER_STREAM=PER_STREAM,
+                STREAM_PREFETCH=STREAM_PREFETCH)
     if q.device.type == "cpu":
         from . import gluon_attention, gluon_eager
 

@@ -37,12 +37,8 @@ from .gluon_attention import (
     PRODUCER_REGS,
     SMEM_PER_SM,
     T_BLOCK,
-    _add,
-    _fields_by_4,
-    _pack_bits,
-    _pack_values,
     _stage_cols,
-    _stage_rows,
+    _stream_producer,
     maxnreg,
     stage_channel,
 )
@@ -57,7 +53,7 @@ COLS, STAGES = 8, 2  # COLS: the wgmma's N (two used: the operand's fp16 high an
 # 0.068 / 0.081; PREFETCH 0.107 / 0.149 and 0.059 / 0.082; PIPE 0.128 / 0.142; both 0.130 / 0.133 and 0.070 /
 # 0.066; both at 56 / 64 registers **0.109 / 0.118 and 0.059 / 0.065** (the default); head_dim 64 B1/128K 0.038 /
 # 0.041 against 0.044 / 0.057.
-# PREFETCH: the producers' software pipeline over the blocks (``_producer``); one stream's registers leave room for
+# PREFETCH: the producers' software pipeline over the blocks (``gluon_attention._stream_producer``); one stream's registers leave room for
 # it, which the attention's two streams did not (``gluon_attention.PREFETCH``).
 PREFETCH = int(os.environ.get("PACKKV_GLUON_MATVEC_PREFETCH", "1"))
 # PIPE: the consumers' products pipelined one block deep (``_k_consumer`` / ``_v_consumer``).
@@ -74,62 +70,6 @@ def _pow2_inv(amax):
     """``2^-k`` with ``amax < 2^(k - 1)`` (``attention._pow2_normalizer``): scaling by it is exact."""
     e = gl.minimum(amax.to(gl.int32, bitcast=True) & 0x7F800000, 252 << 23)
     return (0x7E800000 - e).to(gl.float32, bitcast=True)
-
-
-@gluon.jit
-def _fields(meta_ptr, off_ptr, chunk, N: gl.constexpr, D: gl.constexpr, MBITS: gl.constexpr, LB: gl.constexpr):
-    """A block's pack fields and payload offset: the loads that depend on the block index only."""
-    return _fields_by_4(meta_ptr + chunk * (N * MBITS // 32), N, D, MBITS, LB), gl.load(off_ptr + chunk)
-
-
-@gluon.jit
-def _bits(pool_ptr, f, off, QBITS: gl.constexpr):
-    """Each pack's 64 bits at the pack starts of one prefix scan of the packs' sizes (width x 16 values)."""
-    size = (f >> QBITS) * 16
-    start = gl.associative_scan(size, 0, _add) - size
-    return _pack_bits(pool_ptr + off, start.to(gl.int32), size.to(gl.int32))
-
-
-@gluon.jit
-def _producer(pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, NB, H, T: gl.constexpr,
-              D: gl.constexpr, STAGES: gl.constexpr, QBITS: gl.constexpr, par, NPAR: gl.constexpr,
-              PREFETCH: gl.constexpr):  # fmt: skip
-    """Blocks ``lo + par, lo + par + NPAR, ...`` of one stream as ``[D, T]`` fp16 ints in the stage's row order
-    (``gluon_attention._decode_producer`` for one stream). ``PREFETCH``: the next block's pack bits and the one
-    after's fields are loaded while this one decodes (a software pipeline over the blocks; past the last block the
-    index is clamped: harmless loads of a block that exists, never used)."""
-    P: gl.constexpr = 16
-    N: gl.constexpr = (T // P) * D
-    L2: gl.constexpr = gl.BlockedLayout([4, 4], [32, 1], [gl.num_warps(), 1], [1, 0])
-    LB: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])
-    LP: gl.constexpr = gl.SliceLayout(1, L2)
-    MBITS: gl.constexpr = QBITS + QBITS.bit_length()
-    last = gl.maximum(hi - 1, 0)
-    base = b * NB
-    if PREFETCH:
-        f, off = _fields(meta_ptr, off_ptr, (base + gl.minimum(lo + par, last)) * H + kvh, N, D, MBITS, LB)
-        w_lo, w_hi = _bits(pool_ptr, f, off, QBITS)
-        nf, noff = _fields(meta_ptr, off_ptr, (base + gl.minimum(lo + par + NPAR, last)) * H + kvh, N, D, MBITS, LB)
-    for i in range(par, hi - lo, NPAR):
-        s = i % STAGES
-        if PREFETCH:
-            nw_lo, nw_hi = _bits(pool_ptr, nf, noff, QBITS)
-            n2f, n2off = _fields(meta_ptr, off_ptr, (base + gl.minimum(lo + i + 2 * NPAR, last)) * H + kvh, N, D,
-                                 MBITS, LB)  # fmt: skip
-        else:
-            f, off = _fields(meta_ptr, off_ptr, (base + lo + i) * H + kvh, N, D, MBITS, LB)
-            w_lo, w_hi = _bits(pool_ptr, f, off, QBITS)
-        x = _pack_values(gl.convert_layout(f, LP), gl.convert_layout(w_lo, LP), gl.convert_layout(w_hi, LP), QBITS,
-                         L2)  # fmt: skip
-        t = _stage_rows(gl.reshape(gl.permute(gl.reshape(x, (T // P, D, P)), (1, 0, 2)), (D, T)), D, T)
-        mbarrier.wait(empty.index(s), phase=((i // STAGES) & 1) ^ 1)
-        bufs.index(s).store(t)
-        fence_async_shared()
-        gl.thread_barrier()
-        mbarrier.arrive(ready.index(s), count=1)
-        if PREFETCH:
-            f, w_lo, w_hi = nf, nw_lo, nw_hi
-            nf, noff = n2f, n2off
 
 
 @gluon.jit
@@ -301,10 +241,10 @@ def matvec_kernel(x_ptr, out_ptr, pool_ptr, meta_ptr, off_ptr, scale_ptr, zero_p
         gl.warp_specialize([
             (_k_consumer, (q_s, qsum, inv, bufs, ready, empty, scale_ptr, zero_ptr, out_ptr, head, b, lo, hi, NB, T, R,
                            STAGES, PIPE)),
-            (_producer, (pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, NB, H, T, D, STAGES, QBITS,
-                         0, 2, PREFETCH)),
-            (_producer, (pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, NB, H, T, D, STAGES, QBITS,
-                         1, 2, PREFETCH)),
+            (_stream_producer, (pool_ptr, off_ptr, meta_ptr, pool_ptr, bufs, ready, empty, b, kvh, lo, hi, 0, 0, 0, 0,
+                                NB, H, 1, T, D, STAGES, QBITS, 0, 2, PREFETCH)),
+            (_stream_producer, (pool_ptr, off_ptr, meta_ptr, pool_ptr, bufs, ready, empty, b, kvh, lo, hi, 0, 0, 0, 0,
+                                NB, H, 1, T, D, STAGES, QBITS, 1, 2, PREFETCH)),
         ], [D // 32, D // 32], [PRODUCER_REGS, PRODUCER_REGS])  # fmt: skip
     else:
         u_s = gl.allocate_shared_memory(gl.float16, [2, T, R], gl.NVMMASharedLayout.get_default_for([T, R], gl.float16))
@@ -312,10 +252,10 @@ def matvec_kernel(x_ptr, out_ptr, pool_ptr, meta_ptr, off_ptr, scale_ptr, zero_p
         gl.warp_specialize([
             (_v_consumer, (u_s, bufs, ready, empty, scale_ptr, zero_ptr, x_ptr, out_ptr, head, split, b, lo, hi, NB,
                            n_blocks, T, D, R, STAGES, PIPE)),
-            (_producer, (pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, NB, H, T, D, STAGES, QBITS,
-                         0, 2, PREFETCH)),
-            (_producer, (pool_ptr, off_ptr, meta_ptr, bufs, ready, empty, b, kvh, lo, hi, NB, H, T, D, STAGES, QBITS,
-                         1, 2, PREFETCH)),
+            (_stream_producer, (pool_ptr, off_ptr, meta_ptr, pool_ptr, bufs, ready, empty, b, kvh, lo, hi, 0, 0, 0, 0,
+                                NB, H, 1, T, D, STAGES, QBITS, 0, 2, PREFETCH)),
+            (_stream_producer, (pool_ptr, off_ptr, meta_ptr, pool_ptr, bufs, ready, empty, b, kvh, lo, hi, 0, 0, 0, 0,
+                                NB, H, 1, T, D, STAGES, QBITS, 1, 2, PREFETCH)),
         ], [D // 32, D // 32], [PRODUCER_REGS, PRODUCER_REGS])  # fmt: skip
 
 
