@@ -187,18 +187,6 @@ def test_the_producers_launch_options_give_the_same_attention(prefetch, producer
     assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-3
 
 
-# PER_STREAM: one decoding partition per stream (K's, V's), each over every block and then the window's tiles, both
-# arriving on each stage's ready barrier; with or without its prefetch of the next block. The tiles are the same
-# ints, so the attention is the same bit for bit. Mutation-checked: V's producer given K's offsets; one arrival
-# expected per stage (the consumer reads a stage only one producer has filled).
-@pytest.mark.parametrize("prefetch", [0, 1])
-@pytest.mark.parametrize("splits", [1, 4])
-def test_one_decoding_partition_per_stream_gives_the_same_attention(prefetch, splits, monkeypatch):
-    default, got, want = _under_settings(monkeypatch, splits, {}, dict(PER_STREAM=True, STREAM_PREFETCH=prefetch))
-    torch.testing.assert_close(got, default, rtol=0, atol=0)
-    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-3
-
-
 # PAIR: the consumer takes two compressed blocks per turn of its chain (one maximum for both, both P V products on
 # the accumulator), an odd block left alone, then the window's tiles one by one. With splits=1 the first sequence's
 # 3 blocks are a pair and a single, the second's 2 a pair; with splits=2 each split's share is a pair or a single.

@@ -76,30 +76,10 @@ PROGRAMS_PER_SM: int | None = None
 SMEM_PER_SM = 227 * 1024  # sm_90's shared memory for the blocks of one SM
 
 
-# One decoding warpgroup per stream (K's, V's), each decoding every block with the one-stream producer the Gluon
-# mat-vec pair uses (``_stream_producer``: its own pack-start scan, and a prefetch that fits), instead of two
-# warpgroups taking turns over the blocks with both streams (88 registers, no room for a prefetch). With fewer
-# registers an SM holds 3 programs at head_dim 128 instead of 2: what bought the mat-vec pair 15-20 % (H100,
-# 2026-12-07i). Built 2026-12-07i (CPU-checked, sm_90 build counted), not yet timed on a GPU: opt-in.
-# sm_90 builds (head_dim 128, mask, pair step; producer loops K / V, consumer loop, spill bytes): two-stream default
-# 530, 478, 160 at 80 / 88 registers; per stream 303 / 305, 477, 196 at 56 / 56 (3 programs per SM: 12 x 56 x 32
-# registers each); with STREAM_PREFETCH 333 / 319, 470, 252; at 80 / 88 302 / 305, 455, 124 (2 per SM).
-PER_STREAM = bool(int(os.environ.get("PACKKV_GLUON_PER_STREAM", "0")))
-PER_STREAM_MAXNREG = 56  # with PER_STREAM up to head_dim 128: the launch's register cap
-PER_STREAM_PRODUCER_REGS = 56  # and the decoding warps' share
-STREAM_PREFETCH = 0  # the one-stream producers' software pipeline (``_stream_producer``)
-
-
 def maxnreg(head_dim: int) -> int | None:
     """The register cap per thread of a launch for this head_dim."""
-    if PER_STREAM and head_dim <= 128:
-        return PER_STREAM_MAXNREG
     return MAXNREG_256 if head_dim > 128 and MAXNREG else MAXNREG
 
-
-def producer_regs(head_dim: int) -> int:
-    """What setmaxnreg gives the decoding warps."""
-    return PER_STREAM_PRODUCER_REGS if PER_STREAM and head_dim <= 128 else PRODUCER_REGS
 
 
 def programs_per_sm(head_dim: int) -> int:
@@ -794,8 +774,7 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
                             MASK_BRANCH: gl.constexpr = True, SCAN: gl.constexpr = 4,
                             L2_AHEAD: gl.constexpr = 0, SKIP: gl.constexpr = 0,
                             CSKIP: gl.constexpr = 0, APPEND: gl.constexpr = False,
-                            PAIR: gl.constexpr = False, PER_STREAM: gl.constexpr = False,
-                            STREAM_PREFETCH: gl.constexpr = 1):  # fmt: skip
+                            PAIR: gl.constexpr = False):  # fmt: skip
     """Program (sequence x KV head, split): the KV head's ``n_rep`` query rows (``q_ptr``: ``[B, HQ, 1, D]``,
     rotated, padded to ``R`` with zeros) against the split's share of the sequence's compressed blocks of a
     ``PackedLayer`` (its pool, offsets, metadata, scales and zeros as they are stored) and its share of the exact
@@ -849,21 +828,11 @@ def decode_attention_kernel(q_ptr, pool_ptr, k_off_ptr, v_off_ptr, k_meta_ptr, v
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=2 if PER_STREAM else 1)  # PER_STREAM: K's producer and V's arrive
+        mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
     fence_async_shared()
     # (The argument lists are written out: a tuple variable would turn the constexprs into tensors.)
-    if PER_STREAM:  # one decoding warpgroup per stream, each over every block (``PER_STREAM``)
-        gl.warp_specialize([
-            (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, p_s1, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
-                         v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
-                         hi, r_lo, r_hi, nb, total, z_lo, z_hi, NB, qk_scale, T, D, R, STAGES, HAS_MASK, MASK_SCAN, MASK_BRANCH, SCAN, CSKIP, PAIR)),
-            (_stream_producer, (pool_ptr, k_off_ptr, k_meta_ptr, ring_k_ptr, k_bufs, ready, empty, b, kvh, lo, hi,
-                                r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES, K_QBITS, 0, 1, STREAM_PREFETCH)),
-            (_stream_producer, (pool_ptr, v_off_ptr, v_meta_ptr, ring_v_ptr, v_bufs, ready, empty, b, kvh, lo, hi,
-                                r_lo, r_hi, nb, total, NB, H, S, T, D, STAGES, V_QBITS, 0, 1, STREAM_PREFETCH)),
-        ], [D // 32, D // 32], [PRODUCER_REGS, PRODUCER_REGS])  # fmt: skip
-    elif PRODUCERS == 1:
+    if PRODUCERS == 1:
         gl.warp_specialize([
             (_consumer, (q_s, qsum, k_bufs, v_bufs, p_s, p_s1, ready, empty, k_scale_ptr, k_zero_ptr, v_scale_ptr,
                          v_zero_ptr, perm_ptr, mask_ptr, smb, acc_ptr, m_ptr, l_ptr, head * n_rep, n_rep, split, b, lo,
@@ -958,11 +927,10 @@ def partials(
     # The bulk prefetches need 16-byte aligned addresses: a storage whose tensors are views at odd offsets (none
     # that PackKV makes) goes without them.
     ahead = L2_AHEAD if all(t.data_ptr() % 16 == 0 for t in (pool, k_meta, v_meta)) else 0
-    meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=producer_regs(D), HAS_MASK=mask is not None,
+    meta = dict(T=T_BLOCK, D=D, R=ROWS, STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, HAS_MASK=mask is not None,
                 PREFETCH=PREFETCH, PRODUCERS=PRODUCERS, ROTATE=rotate, ROT_SCALE=1.0 / math.sqrt(D), LOG2_D=D.bit_length() - 1,
                 K_QBITS=k_qbits, V_QBITS=v_qbits, MASK_SCAN=MASK_SCAN, MASK_BRANCH=MASK_BRANCH, SCAN=SCAN,
-                L2_AHEAD=ahead, SKIP=SKIP, CSKIP=CSKIP, APPEND=totals is not None, PAIR=PAIR, PER_STREAM=PER_STREAM,
-                STREAM_PREFETCH=STREAM_PREFETCH)
+                L2_AHEAD=ahead, SKIP=SKIP, CSKIP=CSKIP, APPEND=totals is not None, PAIR=PAIR)
     if q.device.type == "cpu":
         from . import gluon_attention, gluon_eager
 
