@@ -48,16 +48,18 @@ def _error(got: torch.Tensor, exact: torch.Tensor, folded: torch.Tensor, fp32: t
 # cfg: the library's default (4-bit K, 3-bit V) and the paper's setting (k_rel 0.1 / v_rel 0.2: 3-bit K, 2-bit V);
 # dim: 128 (Llama-3.1-8B) and 64 (a decoding partition of two warps per pack row); splits: one program per
 # (sequence, head), or runs of blocks shared by 3 programs (one of them with a single block); blocks: all of them or
-# the first ones only; options: the producers' software pipeline over the blocks and the consumers' products one
-# block deep (the default), or neither (each block's loads in its own turn, each product waited for at once).
+# the first ones only; options (PREFETCH, PIPE, BLOCK_SUMS): the producers' software pipeline over the blocks and
+# the consumers' products one block deep (the default), or neither (each block's loads in its own turn, each product
+# waited for at once); either with V's products summed per block in registers.
 @pytest.mark.parametrize("cfg", [PackKVConfig(), PAPER], ids=["defaults", "paper"])
 @pytest.mark.parametrize("dim", [128, 64])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("first", [None, 3])
-@pytest.mark.parametrize("options", [1, 0], ids=["pipelined", "plain"])
+@pytest.mark.parametrize("options", [(1, 1, 0), (0, 0, 0), (1, 1, 1), (0, 0, 1)],
+                         ids=["pipelined", "plain", "pipelined-block-sums", "plain-block-sums"])
 def test_gluon_matvec_matches_the_dequantized_cache(cfg, dim, splits, first, options, monkeypatch):
-    monkeypatch.setattr(gluon_matvec, "PREFETCH", options)
-    monkeypatch.setattr(gluon_matvec, "PIPE", options)
+    for name, value in zip(("PREFETCH", "PIPE", "BLOCK_SUMS"), options):
+        monkeypatch.setattr(gluon_matvec, name, value)
     st = _layer(cfg, dim, 5 * 64 + 30)
     nb = first or int(st.n_blocks[0])
     assert nb <= int(st.n_blocks[0])

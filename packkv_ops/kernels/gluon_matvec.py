@@ -62,6 +62,10 @@ PIPE = int(os.environ.get("PACKKV_GLUON_MATVEC_PIPE", "1"))
 # one stream's decode fits in 56 / 64 (no spill in the sm_90 build) and an SM then holds 3 programs at head_dim 128
 # instead of 2 (4 at 64). At 256 the attention's 96 / 88 (56 spills there). 0: the attention's everywhere.
 MAXNREG = int(os.environ.get("PACKKV_GLUON_MATVEC_MAXNREG", "56"))
+# V's products summed per block in registers (``_v_consumer``): built 2026-12-07i after the timing, CPU-checked, not
+# yet run on a GPU: opt-in. Its sm_90 build at head_dim 128 spills 52 bytes (the consumer's 40 registers of 56 / 64)
+# and the producer loop grows 308 -> 317; 64 and 256 spill nothing.
+BLOCK_SUMS = int(os.environ.get("PACKKV_GLUON_MATVEC_BLOCK_SUMS", "0"))
 PRODUCER_REGS_MV = int(os.environ.get("PACKKV_GLUON_MATVEC_PRODUCER_REGS", "64"))
 
 
@@ -136,10 +140,14 @@ def _v_weights(i, w_ptr, scale_ptr, zero_ptr, head, b, lo, NB, n_blocks, lane_to
 
 @gluon.jit
 def _v_consumer(u_s, bufs, ready, empty, scale_ptr, zero_ptr, w_ptr, part_ptr, head, split, b, lo, hi, NB, n_blocks,
-                T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr, PIPE: gl.constexpr):  # fmt: skip
+                T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr, PIPE: gl.constexpr,
+                BLOCK_SUMS: gl.constexpr):  # fmt: skip
     """``PIPE``: one normalizer for the split (its largest ``|u|``, from a first pass over the weights and scales),
     two buffers for ``U`` and the products chained on the accumulator, each waited for one block later; else a
-    running normalizer (the accumulator rescaled when it grows) and each product waited for before the next."""
+    running normalizer (the accumulator rescaled when it grows) and each product waited for before the next.
+    ``BLOCK_SUMS``: each block's product from a zero accumulator, added to the sum in registers (rounded to
+    nearest), instead of chaining the products on one wgmma accumulator, whose fp32 adds truncate: biased, so the
+    error grows with the blocks of a split (1.4e-4 of the largest output at B8/128K on the H100, 2026-12-07i)."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, R, 16])  # fmt: skip
     toks: gl.constexpr = gl.SliceLayout(1, mma)
@@ -149,6 +157,8 @@ def _v_consumer(u_s, bufs, ready, empty, scale_ptr, zero_ptr, w_ptr, part_ptr, h
     lane_tok = i_t - k8 + (k8 & 1) * 4 + (k8 >> 1)
     col = gl.expand_dims(gl.arange(0, R, cols), 0)
     o_t = gl.zeros([D, R], gl.float32, mma)
+    zero = gl.zeros([D, R], gl.float32, mma)
+    prev = zero
     zsum = gl.zeros([T], gl.float32, toks)
     n = hi - lo
     if PIPE:
@@ -168,11 +178,19 @@ def _v_consumer(u_s, bufs, ready, empty, scale_ptr, zero_ptr, w_ptr, part_ptr, h
             fence_async_shared()
             gl.thread_barrier()
             mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
-            o_t = warpgroup_mma(bufs.index(s), ub, o_t, is_async=True)
-            o_t = warpgroup_mma_wait(num_outstanding=1, deps=(o_t,))
+            if BLOCK_SUMS:  # block i's product from zero, block i - 1's (done) added in registers
+                acc = warpgroup_mma(bufs.index(s), ub, zero, use_acc=False, is_async=True)
+                blk, prev = warpgroup_mma_wait(num_outstanding=1, deps=(prev, acc))
+                o_t = o_t + blk
+            else:
+                o_t = warpgroup_mma(bufs.index(s), ub, o_t, is_async=True)
+                o_t = warpgroup_mma_wait(num_outstanding=1, deps=(o_t,))
             if i > 0:
                 mbarrier.arrive(empty.index((i - 1) % STAGES), count=1)
-        o_t = warpgroup_mma_wait(num_outstanding=0, deps=(o_t,))
+        if BLOCK_SUMS:
+            o_t = o_t + warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
+        else:
+            o_t = warpgroup_mma_wait(num_outstanding=0, deps=(o_t,))
         if n > 0:
             mbarrier.arrive(empty.index((n - 1) % STAGES), count=1)
     else:
@@ -193,8 +211,12 @@ def _v_consumer(u_s, bufs, ready, empty, scale_ptr, zero_ptr, w_ptr, part_ptr, h
             fence_async_shared()
             gl.thread_barrier()
             mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
-            acc = warpgroup_mma(bufs.index(s), ub, o_t, is_async=True)
-            o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            if BLOCK_SUMS:
+                acc = warpgroup_mma(bufs.index(s), ub, zero, use_acc=False, is_async=True)
+                o_t = o_t + warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            else:
+                acc = warpgroup_mma(bufs.index(s), ub, o_t, is_async=True)
+                o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index(s), count=1)
     cd = gl.arange(0, D, gl.SliceLayout(1, mma))
     y = _halves(o_t, R) / inv + gl.sum(zsum, axis=0)
@@ -205,7 +227,7 @@ def _v_consumer(u_s, bufs, ready, empty, scale_ptr, zero_ptr, w_ptr, part_ptr, h
 def matvec_kernel(x_ptr, out_ptr, pool_ptr, meta_ptr, off_ptr, scale_ptr, zero_ptr, NB, H, n_blocks,
                   T: gl.constexpr, D: gl.constexpr, R: gl.constexpr, STAGES: gl.constexpr, QBITS: gl.constexpr,
                   PRODUCER_REGS: gl.constexpr, IS_K: gl.constexpr, PREFETCH: gl.constexpr = 0,
-                  PIPE: gl.constexpr = 0):  # fmt: skip
+                  PIPE: gl.constexpr = 0, BLOCK_SUMS: gl.constexpr = 0):  # fmt: skip
     """Program (sequence x KV head, split) over the split's share of the first ``n_blocks`` compressed blocks of one
     stream. K (``IS_K``): ``x_ptr`` the queries ``[B, H, D]``, ``out_ptr`` the scores ``[B, H, NB * T]`` (storage
     order). V: ``x_ptr`` the weights ``[B, H, n_blocks * T]`` (storage order), ``out_ptr`` the splits' partial
@@ -251,7 +273,7 @@ def matvec_kernel(x_ptr, out_ptr, pool_ptr, meta_ptr, off_ptr, scale_ptr, zero_p
         fence_async_shared()
         gl.warp_specialize([
             (_v_consumer, (u_s, bufs, ready, empty, scale_ptr, zero_ptr, x_ptr, out_ptr, head, split, b, lo, hi, NB,
-                           n_blocks, T, D, R, STAGES, PIPE)),
+                           n_blocks, T, D, R, STAGES, PIPE, BLOCK_SUMS)),
             (_stream_producer, (pool_ptr, off_ptr, meta_ptr, pool_ptr, bufs, ready, empty, b, kvh, lo, hi, 0, 0, 0, 0,
                                 NB, H, 1, T, D, STAGES, QBITS, 0, 2, PREFETCH)),
             (_stream_producer, (pool_ptr, off_ptr, meta_ptr, pool_ptr, bufs, ready, empty, b, kvh, lo, hi, 0, 0, 0, 0,
@@ -305,7 +327,7 @@ def _launch(x: Tensor, out: Tensor, st, stream: str, n_blocks: int, splits: int,
             getattr(st, f"{stream}_scale"), getattr(st, f"{stream}_zero"), st.block_capacity, lay.num_heads, n_blocks)
     cap, producer_regs = _regs(lay.head_dim)
     meta = dict(T=T_BLOCK, D=lay.head_dim, R=COLS, STAGES=STAGES, QBITS=s.qbits, PRODUCER_REGS=producer_regs,
-                IS_K=is_k, PREFETCH=PREFETCH, PIPE=PIPE)  # fmt: skip
+                IS_K=is_k, PREFETCH=PREFETCH, PIPE=PIPE, BLOCK_SUMS=BLOCK_SUMS)  # fmt: skip
     grid = (st.batch * lay.num_heads, splits)
     if x.device.type == "cpu":
         from . import gluon_eager, gluon_matvec

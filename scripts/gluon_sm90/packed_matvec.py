@@ -26,7 +26,7 @@ def build(dim: int, is_k: bool, qbits: int = 3) -> None:
     sig = {"x_ptr": "*bf16" if is_k else "*fp32", "out_ptr": "*fp32", "pool_ptr": "*i32", "meta_ptr": "*i32",
            "off_ptr": "*i32", "scale_ptr": "*bf16", "zero_ptr": "*i16", "NB": "i32", "H": "i32", "n_blocks": "i32"}  # fmt: skip
     consts = dict(T=64, D=dim, R=gluon_matvec.COLS, STAGES=gluon_matvec.STAGES, QBITS=qbits, PREFETCH=gluon_matvec.PREFETCH,
-                  PRODUCER_REGS=gluon_matvec._regs(dim)[1], IS_K=is_k, PIPE=gluon_matvec.PIPE)  # fmt: skip
+                  PRODUCER_REGS=gluon_matvec._regs(dim)[1], IS_K=is_k, PIPE=gluon_matvec.PIPE, BLOCK_SUMS=gluon_matvec.BLOCK_SUMS)  # fmt: skip
     ck = compile_gluon(gluon_matvec.matvec_kernel, sig | dict.fromkeys(consts, "constexpr"), consts,
                        maxnreg=gluon_matvec._regs(dim)[0])  # fmt: skip
     report(f"{'K' if is_k else 'V'}, head_dim {dim}, {qbits}-bit ints", ck, ("HGMMA", "HADD2", "LDL", "STL"))
