@@ -30,7 +30,7 @@ if [[ $what == gluon ]]; then  # the Gluon kernel's first runs: checked and time
     | tee -a "$OUT/gluon.log" | tail -15
 fi
 if [[ $what == tests || $what == all ]]; then
-  timeout 480 python3 -m pytest -q -p no:cacheprovider "${par[@]}" -m "cuda or not cuda" tests/test_cuda.py tests/test_kernels.py tests/test_gluon_attention.py tests/test_rotation.py \
+  timeout 480 python3 -m pytest -q -p no:cacheprovider "${par[@]}" -m "cuda or not cuda" tests/test_cuda.py tests/test_kernels.py tests/test_gluon_attention.py tests/test_gluon_matvec.py tests/test_rotation.py \
     tests/test_compile.py::test_compiled_decode_on_cuda \
     tests/test_compile.py::test_attention_built_by_parallel_compile_workers_keeps_its_register_cap ${PACKKV_EXTRA_TESTS:-} 2>&1 | tee "$OUT/tests.log" | tail -25
 fi
