@@ -47,6 +47,7 @@ SETTINGS = {
     "prefetch": dict(PREFETCH=1, PIPE=0, MAXNREG=0),
     "prefetch+pipe": dict(PREFETCH=1, PIPE=1, MAXNREG=0),
     "pipe, 56/64 regs": dict(PREFETCH=0, PIPE=1),
+    "default + V's products summed per block (BLOCK_SUMS)": dict(BLOCK_SUMS=1),
 }
 
 
