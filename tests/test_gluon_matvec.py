@@ -50,13 +50,15 @@ def _error(got: torch.Tensor, exact: torch.Tensor, folded: torch.Tensor, fp32: t
 # (sequence, head), or runs of blocks shared by 3 programs (one of them with a single block); blocks: all of them or
 # the first ones only; options (PREFETCH, PIPE, BLOCK_SUMS): the producers' software pipeline over the blocks and
 # the consumers' products one block deep (the default), or neither (each block's loads in its own turn, each product
-# waited for at once); either with V's products summed per block in registers.
+# waited for at once); either with V's products summed per block in registers, or per group of 2 blocks (each group's
+# products chained on the accumulator: 5 blocks in one program end a group mid-run and leave one of a single block).
 @pytest.mark.parametrize("cfg", [PackKVConfig(), PAPER], ids=["defaults", "paper"])
 @pytest.mark.parametrize("dim", [128, 64])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("first", [None, 3])
-@pytest.mark.parametrize("options", [(1, 1, 0), (0, 0, 0), (1, 1, 1), (0, 0, 1)],
-                         ids=["pipelined", "plain", "pipelined-block-sums", "plain-block-sums"])
+@pytest.mark.parametrize("options", [(1, 1, 0), (0, 0, 0), (1, 1, 1), (0, 0, 1), (1, 1, 2), (0, 0, 2)],
+                         ids=["pipelined", "plain", "pipelined-block-sums", "plain-block-sums", "pipelined-pair-sums",
+                              "plain-pair-sums"])  # fmt: skip
 def test_gluon_matvec_matches_the_dequantized_cache(cfg, dim, splits, first, options, monkeypatch):
     for name, value in zip(("PREFETCH", "PIPE", "BLOCK_SUMS"), options):
         monkeypatch.setattr(gluon_matvec, name, value)
@@ -129,4 +131,23 @@ def test_real_size_gluon_matvec_matches_the_dequantized_cache(dim, options, monk
                  reference_k_matvec(q, st, nb), "K", dim // 16)
     bad += _error(gluon_matvec.v_matvec(w, st, nb), (wd @ dv).cpu(), (wd.abs() @ av + (wd @ zv).abs()).cpu(),
                   reference_v_matvec(w, st, nb), "V", 4 * -(-nb // gluon_matvec._splits(2, 8, nb, dim, q.device)))
+    assert not bad, bad
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("sums", [0, 1, 16], ids=["one-chain", "per-block", "per-16-blocks"])
+def test_v_matvec_over_one_long_split_stays_within_its_truncated_adds(sums, monkeypatch):
+    """One program over 158 blocks (paper setting, head_dim 128): wgmma's truncating fp32 adds cost up to 2
+    roundings per k-step of the chain the sum runs on, 4 per block; summed in registers every ``sums`` blocks the
+    chain is that group (plus one rounding per group's add), so its bound is ~10x tighter at 16."""
+    monkeypatch.setattr(gluon_matvec, "BLOCK_SUMS", sums)
+    st = _layer(PAPER, 128, 160 * 64 + 10, batch=1, heads=2)
+    nb = int(st.n_blocks[0])
+    w = torch.softmax(torch.randn(1, 2, nb * 64, device="cuda"), -1)
+    dv = dequantized_blocks(st, "v", nb).double()
+    av, zv = int_and_zero_terms(st, "v", nb)
+    wd = w.double()[..., None, :]
+    steps = 4 * nb if sums == 0 else 4 * sums + -(-nb // sums)
+    bad = _error(gluon_matvec.v_matvec(w, st, nb, 1), (wd @ dv).cpu(), (wd.abs() @ av + (wd @ zv).abs()).cpu(),
+                 reference_v_matvec(w, st, nb), "V", steps)
     assert not bad, bad

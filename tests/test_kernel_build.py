@@ -106,3 +106,19 @@ def test_gluon_examples_compile_for_sm90_with_hopper_instructions(script):
     assert done.returncode == 0, done.stderr[-3000:]
     for pattern in GLUON_BUILDS[script]:
         assert re.search(pattern, done.stdout), (pattern, done.stdout)
+
+
+def test_v_sums_in_groups_of_16_blocks_build_without_spilling():
+    """``gluon_matvec.BLOCK_SUMS = 16`` keeps V's consumer in its registers at head_dim 128 (per block, 1, spills
+    52 bytes there): one accumulator more than the chain, and the producer loop the chain's."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PACKKV_GLUON_")}
+    path = Path(__file__).parents[1] / "scripts" / "gluon_sm90" / "packed_matvec.py"
+    out = {}
+    for sums in ("0", "16"):
+        done = subprocess.run([sys.executable, str(path), "--dims", "128"], capture_output=True, text=True,
+                              env=env | {"PACKKV_GLUON_MATVEC_BLOCK_SUMS": sums}, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        m = re.search(r"V, head_dim 128, .*12 warps, (\d+) bytes spill.*\n.*\nproducer loop: (\d+) ", done.stdout)
+        assert m, done.stdout
+        out[sums] = int(m[1]), int(m[2])
+    assert out["16"] == (0, out["0"][1]), out

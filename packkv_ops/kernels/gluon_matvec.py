@@ -62,9 +62,13 @@ PIPE = int(os.environ.get("PACKKV_GLUON_MATVEC_PIPE", "1"))
 # one stream's decode fits in 56 / 64 (no spill in the sm_90 build) and an SM then holds 3 programs at head_dim 128
 # instead of 2 (4 at 64). At 256 the attention's 96 / 88 (56 spills there). 0: the attention's everywhere.
 MAXNREG = int(os.environ.get("PACKKV_GLUON_MATVEC_MAXNREG", "56"))
-# V's products summed per block in registers (``_v_consumer``): built 2026-12-07i after the timing, CPU-checked, not
-# yet run on a GPU: opt-in. Its sm_90 build at head_dim 128 spills 52 bytes (the consumer's 40 registers of 56 / 64)
-# and the producer loop grows 308 -> 317; 64 and 256 spill nothing.
+# V's products summed in registers every BLOCK_SUMS blocks (``_v_consumer``; 0: one chain per split), opt-in until a
+# GPU has timed it. 1 (2026-12-07i): each block's product from zero; its sm_90 build at head_dim 128 spills 52 bytes
+# (the consumer's 40 registers of 56 / 64) and the producer loop grows 308 -> 317. G > 1 (2026-12-07j): the products
+# chained on the accumulator for G blocks, each group's sum added in registers and the next chain restarted over it
+# (``use_acc`` off): one accumulator more than the chain, no spill at 128 / 64 / 256, the producer loop as the chain's
+# (308), the consumer's +8 adds and a wait once per group. At 16 the truncating adds per output fall from ~4 per
+# block of the split (B8/128K: ~1,360) to 64 per group plus one rounding per group.
 BLOCK_SUMS = int(os.environ.get("PACKKV_GLUON_MATVEC_BLOCK_SUMS", "0"))
 PRODUCER_REGS_MV = int(os.environ.get("PACKKV_GLUON_MATVEC_PRODUCER_REGS", "64"))
 
@@ -145,9 +149,10 @@ def _v_consumer(u_s, bufs, ready, empty, scale_ptr, zero_ptr, w_ptr, part_ptr, h
     """``PIPE``: one normalizer for the split (its largest ``|u|``, from a first pass over the weights and scales),
     two buffers for ``U`` and the products chained on the accumulator, each waited for one block later; else a
     running normalizer (the accumulator rescaled when it grows) and each product waited for before the next.
-    ``BLOCK_SUMS``: each block's product from a zero accumulator, added to the sum in registers (rounded to
-    nearest), instead of chaining the products on one wgmma accumulator, whose fp32 adds truncate: biased, so the
-    error grows with the blocks of a split (1.4e-4 of the largest output at B8/128K on the H100, 2026-12-07i)."""
+    ``BLOCK_SUMS``: each block's product (1) or each group of ``BLOCK_SUMS`` blocks' chained products from a zero
+    accumulator, added to the sum in registers (rounded to nearest), instead of chaining all the products on one
+    wgmma accumulator, whose fp32 adds truncate: biased, so the error grows with the blocks of a split (1.4e-4 of the
+    largest output at B8/128K on the H100, 2026-12-07i)."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, R, 16])  # fmt: skip
     toks: gl.constexpr = gl.SliceLayout(1, mma)
@@ -157,6 +162,7 @@ def _v_consumer(u_s, bufs, ready, empty, scale_ptr, zero_ptr, w_ptr, part_ptr, h
     lane_tok = i_t - k8 + (k8 & 1) * 4 + (k8 >> 1)
     col = gl.expand_dims(gl.arange(0, R, cols), 0)
     o_t = gl.zeros([D, R], gl.float32, mma)
+    o_c = gl.zeros([D, R], gl.float32, mma)  # BLOCK_SUMS > 1: the current group's chain
     zero = gl.zeros([D, R], gl.float32, mma)
     prev = zero
     zsum = gl.zeros([T], gl.float32, toks)
@@ -178,17 +184,25 @@ def _v_consumer(u_s, bufs, ready, empty, scale_ptr, zero_ptr, w_ptr, part_ptr, h
             fence_async_shared()
             gl.thread_barrier()
             mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
-            if BLOCK_SUMS:  # block i's product from zero, block i - 1's (done) added in registers
+            if BLOCK_SUMS == 1:  # block i's product from zero, block i - 1's (done) added in registers
                 acc = warpgroup_mma(bufs.index(s), ub, zero, use_acc=False, is_async=True)
                 blk, prev = warpgroup_mma_wait(num_outstanding=1, deps=(prev, acc))
                 o_t = o_t + blk
+            elif BLOCK_SUMS:  # a group's chain (done) added in registers, the next group's chain started over it
+                if i % BLOCK_SUMS == 0:
+                    o_c = warpgroup_mma_wait(num_outstanding=0, deps=(o_c,))
+                    o_t = o_t + o_c
+                o_c = warpgroup_mma(bufs.index(s), ub, o_c, use_acc=i % BLOCK_SUMS != 0, is_async=True)
+                o_c = warpgroup_mma_wait(num_outstanding=1, deps=(o_c,))
             else:
                 o_t = warpgroup_mma(bufs.index(s), ub, o_t, is_async=True)
                 o_t = warpgroup_mma_wait(num_outstanding=1, deps=(o_t,))
             if i > 0:
                 mbarrier.arrive(empty.index((i - 1) % STAGES), count=1)
-        if BLOCK_SUMS:
+        if BLOCK_SUMS == 1:
             o_t = o_t + warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
+        elif BLOCK_SUMS:
+            o_t = o_t + warpgroup_mma_wait(num_outstanding=0, deps=(o_c,))
         else:
             o_t = warpgroup_mma_wait(num_outstanding=0, deps=(o_t,))
         if n > 0:
@@ -203,6 +217,8 @@ def _v_consumer(u_s, bufs, ready, empty, scale_ptr, zero_ptr, w_ptr, part_ptr, h
             top = gl.maximum(top, gl.max(gl.maximum(u, -u), axis=0))
             inv_new = _pow2_inv(top)
             o_t = o_t * (inv_new / inv)  # a power of two <= 1: exact
+            if BLOCK_SUMS > 1:
+                o_c = o_c * (inv_new / inv)
             inv = inv_new
             un = gl.expand_dims(u * inv, 1)
             u_hi = un.to(gl.float16).to(gl.float32)
@@ -211,13 +227,20 @@ def _v_consumer(u_s, bufs, ready, empty, scale_ptr, zero_ptr, w_ptr, part_ptr, h
             fence_async_shared()
             gl.thread_barrier()
             mbarrier.wait(ready.index(s), phase=(i // STAGES) & 1)
-            if BLOCK_SUMS:
+            if BLOCK_SUMS == 1:
                 acc = warpgroup_mma(bufs.index(s), ub, zero, use_acc=False, is_async=True)
                 o_t = o_t + warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            elif BLOCK_SUMS:
+                if i % BLOCK_SUMS == 0:
+                    o_t = o_t + o_c
+                acc = warpgroup_mma(bufs.index(s), ub, o_c, use_acc=i % BLOCK_SUMS != 0, is_async=True)
+                o_c = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             else:
                 acc = warpgroup_mma(bufs.index(s), ub, o_t, is_async=True)
                 o_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index(s), count=1)
+        if BLOCK_SUMS > 1:
+            o_t = o_t + o_c
     cd = gl.arange(0, D, gl.SliceLayout(1, mma))
     y = _halves(o_t, R) / inv + gl.sum(zsum, axis=0)
     gl.store(part_ptr + (head * gl.num_programs(1) + split) * D + stage_channel(cd, D), y)

@@ -47,11 +47,12 @@ SETTINGS = {
     "prefetch": dict(PREFETCH=1, PIPE=0, MAXNREG=0),
     "prefetch+pipe": dict(PREFETCH=1, PIPE=1, MAXNREG=0),
     "pipe, 56/64 regs": dict(PREFETCH=0, PIPE=1),
-    "default + V's products summed per block (BLOCK_SUMS)": dict(BLOCK_SUMS=1),
+    "default + V's products summed per block (BLOCK_SUMS=1)": dict(BLOCK_SUMS=1),
+    "default + V's products summed per 16 blocks (BLOCK_SUMS=16)": dict(BLOCK_SUMS=16),
 }
 
 
-def run_on_gpu(dims: list[int]) -> None:
+def run_on_gpu(dims: list[int], cases: list[tuple[int, int]]) -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -73,7 +74,7 @@ def run_on_gpu(dims: list[int]) -> None:
                 setattr(gluon_matvec, k, v)
 
     for dim in dims:
-        for batch, context in ((8, 32768), (1, 131072)):
+        for batch, context in cases:
             k, v = make_kv(batch, context, 8, dim, "real", "cuda")
             st, _ = compress(cfg, k, v)
             nb = int(st.n_blocks[0])
@@ -106,10 +107,12 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--dims", type=int, nargs="+", default=[128, 64, 256])
+    p.add_argument("--cases", nargs="+", default=["8x32768", "1x131072"],
+                   help="batch x context (--gpu); 8x131072 shows V's error over long splits")
     args = p.parse_args()
     if args.gpu:
-        run_on_gpu(args.dims)
+        run_on_gpu(args.dims, [tuple(int(x) for x in c.split("x")) for c in args.cases])
     else:
-        for d in (128, 64, 256):
+        for d in args.dims:
             for is_k in (True, False):
                 build(d, is_k)
