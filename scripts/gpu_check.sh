@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (no network): install PackKV against the machine's torch/triton/transformers, run the
 # cuda tests (and the kernel tests natively), compute-sanitizer on a subset, then the kernel benchmark.
-# Usage: bash scripts/gpu_check.sh [tests|sanitize|bench|gluon|all] (gluon: not in all); logs and results go to
+# Usage: bash scripts/gpu_check.sh [tests|sanitize|bench|gluon|pair|all] (gluon, pair: not in all); logs and results go to
 # ${OUT:-/tmp/packkv-out}.
 # The sanitizer runs tests/test_kernels.py (103 tests, ~3.5 min under memcheck on the H200, 2026-12-05c) and
 # tests/test_gluon_attention.py (PACKKV_SANITIZE_FILES selects files) once the Triton cache is warm: run `tests`
@@ -28,6 +28,15 @@ if [[ $what == gluon ]]; then  # the Gluon kernel's first runs: checked and time
   python3 scripts/gluon_sm90/packed_decode_attention.py --gpu 2>&1 | tee "$OUT/gluon.log"
   timeout 200 python3 -m pytest -q -x -p no:cacheprovider -m "cuda or not cuda" tests/test_gluon_attention.py 2>&1 \
     | tee -a "$OUT/gluon.log" | tail -15
+fi
+if [[ $what == pair ]]; then  # the paper's Gluon pair in one call (~8 min): its tests, its settings timed, memcheck
+  timeout 150 python3 -m pytest -q -p no:cacheprovider "${par[@]}" -m "cuda or not cuda" tests/test_gluon_matvec.py \
+    2>&1 | tee "$OUT/pair_tests.log" | tail -6
+  timeout 200 python3 scripts/gluon_sm90/packed_matvec.py --gpu --dims 128 --cases 8x32768 8x131072 1x131072 2>&1 \
+    | tee "$OUT/pair_settings.log"
+  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \
+    -m "cuda or not cuda" tests/test_gluon_matvec.py -k "real_size or long_split or no_blocks" 2>&1 \
+    | tee "$OUT/pair_sanitizer.log" | tail -6
 fi
 if [[ $what == tests || $what == all ]]; then
   timeout 480 python3 -m pytest -q -p no:cacheprovider "${par[@]}" -m "cuda or not cuda" tests/test_cuda.py tests/test_kernels.py tests/test_gluon_attention.py tests/test_gluon_matvec.py tests/test_rotation.py \
