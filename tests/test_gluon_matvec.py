@@ -101,6 +101,34 @@ def test_gluon_matvec_over_no_blocks_returns_empty_scores_and_a_zero_sum():
     assert not gluon_matvec.v_matvec(torch.randn(2, 2, 0, device=DEV), st, 0).any()
 
 
+@pytest.mark.parametrize("pair", ["gluon", "triton"])
+def test_both_pairs_refuse_what_they_would_read_out_of_bounds(pair):
+    """Before any launch, with the problem named: no kernel reads past a tensor (host checks only, so a benchmark
+    can still capture the calls in a CUDA graph)."""
+    from packkv.ops.kernels import matvec
+
+    mod = gluon_matvec if pair == "gluon" else matvec
+    st = _layer(PackKVConfig(), 64, 3 * 64 + 130)  # 2 sequences, 2 KV heads, 3 blocks
+    nb = int(st.n_blocks[0])
+    q, w = torch.randn(2, 2, 64, device=DEV), torch.rand(2, 2, nb * 64, device=DEV)
+    cases = [
+        (mod.k_matvec, q[:, :1], nb, r"queries must be shaped \[2, 2, 64\] for this layer, got \[2, 1, 64\]"),
+        (mod.k_matvec, q[..., :32], nb, r"queries must be shaped \[2, 2, 64\].*got \[2, 2, 32\]"),
+        (mod.k_matvec, q[0], nb, r"queries must be shaped"),
+        (mod.k_matvec, q.int(), nb, "queries must be floating point"),
+        (mod.k_matvec, q, st.block_capacity + 1, f"n_blocks={st.block_capacity + 1} is outside"),
+        (mod.v_matvec, w[:1], nb, r"weights must be shaped \[2, 2, tokens\] for this layer, got \[1, 2, "),
+        (mod.v_matvec, w, -1, "n_blocks=-1 is outside"),
+    ]  # fmt: skip
+    for fn, x, n, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fn(x, st, n)
+    if DEV == "cuda":
+        with pytest.raises(ValueError, match="queries are on cpu"):
+            mod.k_matvec(q.cpu(), st, nb)
+    assert mod.k_matvec(q, st, nb).shape == (2, 2, nb * 64)  # and the same call with good inputs goes through
+
+
 @pytest.mark.parametrize("change, reason", [
     (dict(pack_size=32), "packs of 16"),
     (dict(block_size=32, window=32), "64-token blocks"),

@@ -42,6 +42,7 @@ from .gluon_attention import (
     maxnreg,
     stage_channel,
 )
+from .matvec import check_matvec_input
 
 COLS, STAGES = 8, 2  # COLS: the wgmma's N (two used: the operand's fp16 high and low halves)
 # (The low half goes in scaled by 2^22, exact, so that it stays a normal fp16 where the high half is small or an
@@ -363,6 +364,7 @@ def _launch(x: Tensor, out: Tensor, st, stream: str, n_blocks: int, splits: int,
 def k_matvec(q: Tensor, st, n_blocks: int, splits: int | None = None) -> Tensor:
     """Scores ``[B, H, n_blocks * T]`` (fp32) of one query per KV head ``q[B, H, D]`` against the first
     ``n_blocks`` compressed blocks, in storage order (``matvec.k_matvec``)."""
+    check_matvec_input(q, st, n_blocks, "k")
     B, H = st.batch, st.layout.num_heads
     out = torch.empty(B, H, st.block_capacity * T_BLOCK, dtype=torch.float32, device=q.device)
     if n_blocks > 0:
@@ -374,6 +376,7 @@ def k_matvec(q: Tensor, st, n_blocks: int, splits: int | None = None) -> Tensor:
 def v_matvec(w: Tensor, st, n_blocks: int, splits: int | None = None) -> Tensor:
     """``sum_n w[b, h, n] v_hat[b, h, n]`` over the first ``n_blocks`` compressed blocks (weights in storage order;
     missing ones count as zeros): ``[B, H, D]`` fp32 (``matvec.v_matvec``)."""
+    check_matvec_input(w, st, n_blocks, "v")
     B, H, D = st.batch, st.layout.num_heads, st.layout.head_dim
     if n_blocks == 0:
         return torch.zeros(B, H, D, dtype=torch.float32, device=w.device)

@@ -157,8 +157,26 @@ def _args(st: PackedLayer, stream: str):
     return tensors, consts
 
 
+def check_matvec_input(x: torch.Tensor, st: PackedLayer, n_blocks: int, stream: str) -> None:
+    """Refuse what the pairs' kernels would read out of bounds, naming it (host checks only: no device sync, so a
+    benchmark can still capture the call in a CUDA graph). Blocks below the capacity that were never written read
+    as the storage's zeros."""
+    B, H, D = st.batch, st.layout.num_heads, st.layout.head_dim
+    what = "queries" if stream == "k" else "weights"
+    if not x.is_floating_point():
+        raise ValueError(f"{what} must be floating point, got {x.dtype}")
+    if x.device != st.pool.device:
+        raise ValueError(f"{what} are on {x.device}, the packed layer on {st.pool.device}")
+    want = f"[{B}, {H}, {D if stream == 'k' else 'tokens'}]"
+    if x.dim() != 3 or tuple(x.shape[:2]) != (B, H) or (stream == "k" and x.shape[2] != D):
+        raise ValueError(f"{what} must be shaped {want} for this layer, got {list(x.shape)}")
+    if not 0 <= n_blocks <= st.block_capacity:
+        raise ValueError(f"n_blocks={n_blocks} is outside the layer's block capacity 0..{st.block_capacity}")
+
+
 def k_matvec(q: torch.Tensor, st: PackedLayer, n_blocks: int, windows: bool | None = None) -> torch.Tensor:
     """Scores ``[B, H, n_blocks * T]`` of queries ``q[B, H, D]`` against the first ``n_blocks`` blocks."""
+    check_matvec_input(q, st, n_blocks, "k")
     B, H = st.batch, st.layout.num_heads
     out = torch.empty(B, H, st.block_capacity * st.layout.block_size, dtype=torch.float32, device=q.device)
     tensors, consts = _args(st, "k")
@@ -175,6 +193,7 @@ def k_matvec(q: torch.Tensor, st: PackedLayer, n_blocks: int, windows: bool | No
 
 def v_matvec(w: torch.Tensor, st: PackedLayer, n_blocks: int, windows: bool | None = None) -> torch.Tensor:
     """``sum_n w[b, h, n] * v_hat[b, h, n]`` over the first ``n_blocks`` blocks: ``[B, H, D]`` (fp32)."""
+    check_matvec_input(w, st, n_blocks, "v")
     B, H, D, T = st.batch, st.layout.num_heads, st.layout.head_dim, st.layout.block_size
     if (WINDOWS if windows is None else windows) and windows_fit(st.layout, "v") and n_blocks > 0:
         tensors, consts = _args(st, "v")
