@@ -63,8 +63,9 @@ PIPE = int(os.environ.get("PACKKV_GLUON_MATVEC_PIPE", "1"))
 # one stream's decode fits in 56 / 64 (no spill in the sm_90 build) and an SM then holds 3 programs at head_dim 128
 # instead of 2 (4 at 64). At 256 the attention's 96 / 88 (56 spills there). 0: the attention's everywhere.
 MAXNREG = int(os.environ.get("PACKKV_GLUON_MATVEC_MAXNREG", "56"))
-# V's products summed in registers every BLOCK_SUMS blocks (``_v_consumer``; 0: one chain per split), opt-in until a
-# GPU has timed it. 1 (2026-12-07i): each block's product from zero; its sm_90 build at head_dim 128 spills 52 bytes
+# V's products summed in registers every BLOCK_SUMS blocks (``_v_consumer``; 0: one chain per split). Opt-in: timed on
+# an H100 (2026-12-07k, gluon_matvec_settings_h100_2026-12-07k.log) 16 costs V +4-8 % and 1 +9-14 % for an error
+# that is already below bf16's (B8/128K: 1.4e-4 -> 1.6e-6 at 16, 6.6e-7 at 1). 1 (2026-12-07i): each block's product from zero; its sm_90 build at head_dim 128 spills 52 bytes
 # (the consumer's 40 registers of 56 / 64) and the producer loop grows 308 -> 317. G > 1 (2026-12-07j): the products
 # chained on the accumulator for G blocks, each group's sum added in registers and the next chain restarted over it
 # (``use_acc`` off): one accumulator more than the chain, no spill at 128 / 64 / 256, the producer loop as the chain's
