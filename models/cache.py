@@ -442,7 +442,8 @@ class PackKVCache(Cache):
         same storage) may be planned while earlier steps still run on the GPU: it reads no count from the host, so
         the host can queue it ahead (a refusal in an earlier step is then reported one step later)."""
         self.synchronize(wait=False)
-        if self._pending and self._reserve_tokens is None:
+        if self._reserve_tokens is None:  # (also when nothing is pending: a waited loop's plain steps then skip
+            # planning every layer's flush: 3 instead of 16-29 us per step at 32 layers on a CPU, 2026-12-07k)
             cap = self._prepare_plain_step(new_tokens)
             if cap is not None:
                 return cap
