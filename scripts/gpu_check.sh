@@ -29,7 +29,7 @@ if [[ $what == gluon ]]; then  # the Gluon kernel's first runs: checked and time
   timeout 200 python3 -m pytest -q -x -p no:cacheprovider -m "cuda or not cuda" tests/test_gluon_attention.py 2>&1 \
     | tee -a "$OUT/gluon.log" | tail -15
 fi
-if [[ $what == pair ]]; then  # the paper's Gluon pair in one call (~8 min): its tests, its settings timed, memcheck
+if [[ $what == pair ]]; then  # the paper's Gluon pair in one call (136 s on an H100, 2026-12-07k): its tests, its settings timed, memcheck
   timeout 150 python3 -m pytest -q -p no:cacheprovider "${par[@]}" -m "cuda or not cuda" tests/test_gluon_matvec.py \
     2>&1 | tee "$OUT/pair_tests.log" | tail -6
   timeout 200 python3 scripts/gluon_sm90/packed_matvec.py --gpu --dims 128 --cases 8x32768 8x131072 1x131072 2>&1 \
