@@ -94,6 +94,12 @@ GLUON_BUILDS = {
                          r"V, head_dim 128, .*12 warps, 0 bytes spill.*\n.*\nproducer loop: \d+ .*HADD2 32"
                          r"(.|\n)*?consumer loop: \d+ .*HGMMA 8,",
                          r"K, head_dim 64, .*8 warps, 0 bytes spill", r"V, head_dim 256, .*20 warps, 0 bytes spill"],
+    # the register path's floor (NOTES 2026-12-08): one warp, no shared memory, no spill; per 32-token turn 32
+    # mma.sync for S and 32 for P V (36 for S with K's minima folded into a product), every value pair decoded by
+    # one shift and one LOP3 straight into operand registers
+    "register_path.py": [r"32-token turns: .*shared 0 B, 1 warps, 0 bytes spill.*\n   HMMA 64, .*STS 0, LDS 0,"
+                         r"(.|\n)*?loop: \d+ instructions per turn .*LOP3 132",
+                         r"32-token turns, K minima folded: .*shared 0 B, 1 warps, 0 bytes spill.*\n   HMMA 68,"],
 }
 
 

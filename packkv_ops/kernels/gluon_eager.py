@@ -212,7 +212,7 @@ ASM: dict[str, Callable] = {
 
 
 def _inline_asm(asm, constraints, args, dtype, is_pure, pack):
-    fn = ASM[asm]  # a KeyError names an asm string without a twin
+    fn = ASM[getattr(asm, "value", asm)]  # a KeyError names an asm string without a twin (a constexpr: its string)
     if any(isinstance(a, Ptr) for a in args):  # pointer operands: the twin reads them itself
         return T(fn(*args), dtype.name)
     data = torch.broadcast_tensors(*[a.data if isinstance(a, T) else torch.tensor(a) for a in args])
@@ -329,6 +329,11 @@ def _mma(a, b, acc, use_acc=True, is_async=False, **_):
     return T(out + acc.data if use_acc else out, F32)
 
 
+def _mma_v2(a: T, b: T, acc: T, **_) -> T:
+    """``mma.sync`` (``ampere.mma_v2``): both operands in registers, fp16 products summed in fp32."""
+    return T(a.data.half().float() @ b.data.half().float() + acc.data, F32)
+
+
 # --- the gl namespace --------------------------------------------------------------------------------------------
 
 
@@ -413,6 +418,7 @@ def _build_gl(state: dict) -> types.SimpleNamespace:
     ns = dict(
         constexpr=object, float16=Dtype(F16), float32=Dtype(F32), uint32=Dtype(U32), int32=Dtype(I32),
         int64=Dtype("i64"), BlockedLayout=_Layout, SliceLayout=_Layout, NVMMADistributedLayout=_Layout,
+        DotOperandLayout=_Layout,
         NVMMASharedLayout=_Layout, SwizzledSharedLayout=_Layout, num_warps=lambda: 4, arange=arange, full=full, zeros=zeros,
         expand_dims=lambda x, axis: T(x.data.unsqueeze(axis), x.dtype), convert_layout=lambda x, layout: x,
         join=lambda a, b: T(torch.stack(torch.broadcast_tensors(a.data, b.data), -1), _promote(a.dtype, b.dtype)),
@@ -455,7 +461,7 @@ def run(kernel, grid: tuple[int, int], *args, module: types.ModuleType, **conste
         for pid1 in range(grid[1]):
             state: dict = {"pid": (pid0, pid1), "grid": grid, "cv": threading.Condition(), "failed": False}
             ns = _namespace(module)
-            ns.update(gl=_build_gl(state), mbarrier=_MBarrier, fence_async_shared=lambda: None,
+            ns.update(gl=_build_gl(state), mbarrier=_MBarrier, fence_async_shared=lambda: None, mma_v2=_mma_v2,
                       warpgroup_mma=_mma, warpgroup_mma_wait=lambda num_outstanding=0, deps=(): deps[0] if len(deps) == 1 else tuple(deps))  # fmt: skip
             for name, value in list(ns.items()):
                 if hasattr(value, "fn") and hasattr(value.fn, "__code__"):  # gluon.jit functions
