@@ -40,6 +40,8 @@ D, R, M = 128, 4, 16  # head_dim, query heads per KV head (GQA 4), the MMA's row
 STEP = 16  # tokens per step: one k16 slice of P V, two n8 slices of S
 NW = 4  # payload words per lane and step and stream (64 values x 2 bits)
 LOG2E = 1.4426950408889634
+# (steps per softmax update, K's minima as a product, rescale only when a maximum rose)
+VARIANTS = ((2, False, False), (4, False, False), (2, True, False), (4, True, False), (2, True, True), (4, True, True))
 
 
 PAIR_ASM = gl.constexpr("{ .reg .b32 r; shr.b32 r, $1, $3; lop3.b32 r, r, 0x00030003, 0x64006400, 0xea; add.rn.f16x2 $0, r, $5; }")
@@ -179,7 +181,7 @@ def _pv(o, z, p, vw, vm, vs_ptr, vz_ptr, s, t, LA: gl.constexpr, LB: gl.constexp
 @gluon.jit
 def register_path_kernel(q_ptr, kw_ptr, km_ptr, vw_ptr, vm_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, acc_ptr, m_ptr,
                          l_ptr, steps, per_split, NS, qk_scale, R: gl.constexpr, D: gl.constexpr,
-                         TURN: gl.constexpr, FOLD: gl.constexpr):  # fmt: skip
+                         TURN: gl.constexpr, FOLD: gl.constexpr, LAZY: gl.constexpr):  # fmt: skip
     """One warp: the partials of KV head ``pid // NS`` over steps ``[split * per_split, ...)``, ``TURN`` steps (2:
     32 tokens, 4: 64) per softmax update (the host makes ``per_split`` a multiple of ``TURN``)."""
     pid = gl.program_id(0)
@@ -223,8 +225,13 @@ def register_path_kernel(q_ptr, kw_ptr, km_ptr, vw_ptr, vm_ptr, ks_ptr, kz_ptr, 
         p0 = gl.exp2(s0 - gl.expand_dims(m_new, 1))
         p1 = gl.exp2(s1 - gl.expand_dims(m_new, 1))
         l_i = l_i * alpha + gl.sum(p0, 1) + gl.sum(p1, 1)
-        o = o * gl.expand_dims(alpha, 1)
-        z_i = z_i * alpha
+        if LAZY:  # rescale only when a row's maximum rose (alpha is exactly 1 in every row otherwise)
+            if gl.max(m_new - m_i, 0) > 0:
+                o = o * gl.expand_dims(alpha, 1)
+                z_i = z_i * alpha
+        else:
+            o = o * gl.expand_dims(alpha, 1)
+            z_i = z_i * alpha
         o, z_i = _pv(o, z_i, p0, vw, vm, vs_ptr, vz_ptr, s, t, LA, LB)
         o, z_i = _pv(o, z_i, p1, vw, vm, vs_ptr, vz_ptr, s + 1, t + 16, LA, LB)
         if TURN == 4:
@@ -313,8 +320,8 @@ def _pair_twin(x, sh, mn, add: bool = True):
     return torch.where(torch.arange(x.shape[-1]) % 2 == 0, lo, hi)
 
 
-def run_kernel(q: torch.Tensor, data: dict, scale: float, splits: int, turn: int = 2,
-               fold: bool = False) -> tuple[torch.Tensor, ...]:
+def run_kernel(q: torch.Tensor, data: dict, scale: float, splits: int, turn: int = 2, fold: bool = False,
+               lazy: bool = False) -> tuple[torch.Tensor, ...]:
     bh = q.shape[0]
     steps = data["kw"].shape[1]
     if steps % turn:
@@ -332,11 +339,11 @@ def run_kernel(q: torch.Tensor, data: dict, scale: float, splits: int, turn: int
         gluon_eager.ASM[PAIR_RAW_ASM.value] = lambda x, sh: _pair_twin(x, sh, None, add=False)
         gluon_eager.run(register_path_kernel, (bh * ns, 1), q, data["kw"], data["km"], data["vw"], data["vm"],
                         data["ks"], data["kz"], data["vs"], data["vz"], acc, m, l, steps, per, ns, scale * LOG2E,
-                        module=sys.modules[__name__], R=R, D=D, TURN=turn, FOLD=fold)  # fmt: skip
+                        module=sys.modules[__name__], R=R, D=D, TURN=turn, FOLD=fold, LAZY=lazy)  # fmt: skip
         return acc, m, l
     register_path_kernel[(bh * ns,)](q, data["kw"], data["km"], data["vw"], data["vm"], data["ks"], data["kz"],
                                      data["vs"], data["vz"], acc, m, l, steps, per, ns, scale * LOG2E, R, D,
-                                     turn, fold, num_warps=1)  # fmt: skip
+                                     turn, fold, lazy, num_warps=1)  # fmt: skip
     return acc, m, l
 
 
@@ -368,13 +375,15 @@ def on_gpu(cases: list[str]) -> list[dict]:
         q = torch.randn(bh, R, D, device=dev, dtype=torch.bfloat16)
         want = reference(q, data, scale)
         row = dict(batch=batch, context=ctx, bits_per_value=(NW + 1) * 32 / 64 + 8 * 8 / (2 * D))
-        for turn, fold, per_sm in ((2, False, 12), (4, False, 9), (2, True, 12), (4, True, 8)):  # at 168-233 registers
-            name = f"turn{turn}{'_fold' if fold else ''}"
+        for turn, fold, lazy in VARIANTS:
+            name = f"turn{turn}{'_fold' if fold else ''}{'_lazy' if lazy else ''}"
+            per_sm = 12 if turn == 2 else 8  # one-warp programs per SM at 168 / 225-233 registers
             for waves in (0.5, 1, 2, 4):
                 ns = max(1, round(waves * sms * per_sm / bh))
-                got = merge(*run_kernel(q, data, scale, ns, turn, fold))
+                got = merge(*run_kernel(q, data, scale, ns, turn, fold, lazy))
                 row[f"{name}_splits_{ns}_err"] = ((got - want).abs().max() / want.abs().max()).item()
-                row[f"{name}_splits_{ns}_ms"] = bench_ms(lambda ns=ns, t=turn, f=fold: run_kernel(q, data, scale, ns, t, f))
+                row[f"{name}_splits_{ns}_ms"] = bench_ms(
+                    lambda ns=ns, t=turn, f=fold, z=lazy: run_kernel(q, data, scale, ns, t, f, z))
         best = min(v for k, v in row.items() if k.endswith("_ms"))
         del data, want
         k, v = make_kv(batch, ctx, heads, D, "random", dev)
@@ -405,11 +414,13 @@ def build() -> None:
     sig = {"q_ptr": "*bf16", "kw_ptr": "*i32", "km_ptr": "*i32", "vw_ptr": "*i32", "vm_ptr": "*i32", "ks_ptr": "*bf16",
            "kz_ptr": "*i16", "vs_ptr": "*bf16", "vz_ptr": "*i16", "acc_ptr": "*fp32", "m_ptr": "*fp32",
            "l_ptr": "*fp32", "steps": "i32", "per_split": "i32", "NS": "i32", "qk_scale": "fp32", "R": "constexpr",
-           "D": "constexpr", "TURN": "constexpr", "FOLD": "constexpr"}  # fmt: skip
+           "D": "constexpr", "TURN": "constexpr", "FOLD": "constexpr", "LAZY": "constexpr"}  # fmt: skip
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name.endswith("_ptr") or name == "steps"}
-    for turn, fold in ((2, False), (4, False), (2, True), (4, True)):
-        ck = compile_gluon(register_path_kernel, sig, {"R": R, "D": D, "TURN": turn, "FOLD": fold}, aligned, num_warps=1)
-        report(f"register_path_kernel, {16 * turn}-token turns{', K minima folded' if fold else ''}", ck,
+    for turn, fold, lazy in VARIANTS:
+        ck = compile_gluon(register_path_kernel, sig, {"R": R, "D": D, "TURN": turn, "FOLD": fold, "LAZY": lazy},
+                           aligned, num_warps=1)  # fmt: skip
+        report(f"register_path_kernel, {16 * turn}-token turns{', K minima folded' if fold else ''}"
+               f"{', lazy rescale' if lazy else ''}", ck,
                ("HMMA", "LDG", "STS", "LDS", "SHFL", "LOP3", "SHF", "HADD2", "MUFU", "LDL", "STL"))  # fmt: skip
         n, top = innermost_loops(sass_of(ck), "HMMA")[0]
         values = 2 * turn * STEP * D // 32  # per thread and turn: K and V
@@ -425,13 +436,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", nargs="+", default=["8x32768", "1x131072", "8x131072"], help="BATCHxCONTEXT")
     args = p.parse_args(argv)
     if args.device == "cpu":  # dry run: the body eagerly on a tiny cache, each variant against the reference
-        for turn, fold in ((2, False), (4, False), (2, True), (4, True)):
+        for turn, fold, lazy in VARIANTS:
             data = make_data(2, 8, "cpu", seed=1)
             q = torch.randn(2, R, D, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
             want = reference(q, data, 1 / math.sqrt(D))
-            got = merge(*run_kernel(q, data, 1 / math.sqrt(D), 3, turn, fold))
+            got = merge(*run_kernel(q, data, 1 / math.sqrt(D), 3, turn, fold, lazy))
             err = ((got - want).abs().max() / want.abs().max()).item()
-            print(json.dumps(dict(turn=turn, fold=fold, err=err)), flush=True)
+            print(json.dumps(dict(turn=turn, fold=fold, lazy=lazy, err=err)), flush=True)
         return 0
     if not args.gpu:
         build()
