@@ -468,7 +468,7 @@ def merge(acc, m, l) -> torch.Tensor:
     return (acc * w[..., None]).sum(1) / (l * w).sum(1)[..., None]
 
 
-def on_gpu(cases: list[str]) -> list[dict]:
+def on_gpu(cases: list[str], out: Path | None = None) -> list[dict]:
     """Per case: the error against the torch reference, then medians of CUDA-graph replays (L2 flushed) of this
     kernel at a few split counts, of the shipped Gluon kernel's partials on a PackKV cache of random K/V of the same
     shape, and of SDPA on the bf16 cache."""
@@ -523,6 +523,9 @@ def on_gpu(cases: list[str]) -> list[dict]:
         row["shipped_vs_sdpa"] = row["sdpa_ms"] / row["shipped_partials_ms"]
         rows.append(row)
         print(json.dumps({k_: round(v_, 5) if isinstance(v_, float) else v_ for k_, v_ in row.items()}), flush=True)
+        if out:  # after each case: a run cut short keeps what it measured
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "register_path.json").write_text(json.dumps(rows, indent=1))
         del st
         torch.cuda.empty_cache()
     return rows
@@ -570,10 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.gpu:
         build()
         return 0
-    rows = on_gpu(args.cases)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "register_path.json").write_text(json.dumps(rows, indent=1))
+    on_gpu(args.cases, args.out)
     return 0
 
 
