@@ -10,13 +10,18 @@ m16n8k16 (query heads in M, padded to 16), K^T and V as B operands decoded in re
 accumulator as the A operand (no conversion through memory), the online softmax within the warp (a quad's
 shuffles). No barrier, no shared memory.
 
-The format is what makes that possible, and it is synthetic here (fixed width ``W`` = 2 bits): per 16-token step
-and stream, each lane owns 4 words holding exactly the 64 values its B-operand fragment needs, two 16-bit lanes
-per word (the pair of values one fp16x2 register holds: one ``shr`` + one ``lop3`` decode a pair), a per-word
-minimum (8-bit fields of one metadata word per lane and step) and per-token scales and zeros (folded into S and
-P after the products, as the shipped kernels do). It reads 2.5 bits per value (PackKV's real K/V: ~2.25). What
-it leaves out of PackKV's format: widths that vary per pack (the scan and gathers the shipped kernel spends two
-thirds of its decode on), padding masks, the exact window, GQA other than 4, head_dim other than 128.
+The format is what makes that possible, and it is synthetic here (fixed width 2 bits): per 16-token step and
+stream, each lane owns 4 words holding exactly the 64 values its B-operand fragment needs, two 16-bit lanes per
+word (the pair of values one fp16x2 register holds: one ``shr`` + one ``lop3`` decode a pair), a per-word minimum
+(a byte of one metadata word per lane and step) and per-token scales and zeros (applied to S and P after the
+products, as the shipped kernels do): 2.75 bits read per value (PackKV's defaults on real K/V: ~2.3). ``VAR``
+instead reads packs of varying width as the shipped kernel does (each lane's packs at a warp-scanned offset, up to
+three gathered words, two windows and lane joins per pack). Left out: padding masks, the exact window, GQA other
+than 4, head_dim other than 128.
+
+Measured (one H100, 2026-12-08, ``benchmarks/results/kernels/register_path_h100_2026-12-08.json``): the fixed
+format 0.121 ms at B8/32K (2.9x SDPA, 1.6x the shipped kernel), ``VAR`` 0.215 (slower than the shipped 0.194). Not
+issue 4's ~6.8x: NOTES 2026-12-08 says why.
 
     python scripts/gluon_sm90/register_path.py            # sm_90 build on the CPU: SASS counts, registers
     python scripts/gluon_sm90/register_path.py --gpu      # check against a torch reference, time beside SDPA
